@@ -1,0 +1,204 @@
+"""Validating reader for the feature cache (see :mod:`dvml.cache.schema`).
+
+:func:`read_info` checks structure without loading features; :func:`load_split` loads one split into
+memory as float32 and checks values; :func:`validate` does both for every split. Every failure raises
+a :class:`~dvml.cache.errors.CacheError` whose message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dvml.cache import schema as S
+from dvml.cache.errors import (
+    CacheIncompleteError,
+    CacheMissingError,
+    CacheShapeError,
+    CacheSplitError,
+    CacheValueError,
+    CacheVersionError,
+)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    n: int  # images
+    views: int  # P
+    n_classes: int
+    dtype: str
+    has_paths: bool
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """Structural facts of a validated cache file (no feature values loaded)."""
+
+    path: Path
+    schema_version: int
+    dataset: str
+    backbone: str
+    weights: str
+    feature_dim: int
+    views: tuple[str, ...]
+    complete: bool
+    dvml_version: str
+    extra: dict
+    splits: dict[str, SplitInfo]
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split in memory. features: (N, P, D) float32; labels: (N,) int64; paths: (N,) str or None."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray | None = None
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise CacheMissingError(path, "no such file")
+    if path.is_dir():
+        raise CacheMissingError(path, "is a directory, expected an HDF5 feature cache file")
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise CacheMissingError(path, "not an HDF5 file (cannot be opened by h5py)") from None
+
+
+def _decode(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
+    """Check the file's structure and return its facts.
+
+    Raises CacheMissingError, CacheVersionError, CacheIncompleteError (if ``require_complete``),
+    CacheShapeError (missing arrays/attributes, rows/views/feature_dim/dtype disagreeing).
+    """
+    path = Path(path)
+    with _open(path) as f:
+        a = f.attrs
+        if S.ATTR_SCHEMA_VERSION not in a:
+            raise CacheShapeError(path, f"missing root attribute {S.ATTR_SCHEMA_VERSION!r}; "
+                                        "not a dvml feature cache")
+        version = int(a[S.ATTR_SCHEMA_VERSION])
+        if version != S.SCHEMA_VERSION:
+            raise CacheVersionError(path, f"schema_version {version} is not supported "
+                                          f"(this dvml reads version {S.SCHEMA_VERSION})")
+        missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
+        if missing:
+            raise CacheShapeError(path, f"missing root attribute(s): {', '.join(missing)}")
+        complete = bool(a[S.ATTR_COMPLETE])
+        if require_complete and not complete:
+            raise CacheIncompleteError(path, "incomplete: the writer did not finish (complete=false); "
+                                             "rerun the same command to resume it")
+        feature_dim = int(a[S.ATTR_FEATURE_DIM])
+        views_raw = _decode(a[S.ATTR_VIEWS])
+        try:
+            views = tuple(json.loads(views_raw)) if isinstance(views_raw, str) else tuple(map(str, views_raw))
+        except json.JSONDecodeError:
+            views = (views_raw,)
+        splits = {}
+        for split in S.SPLITS:
+            for name in (S.FEATURES, S.LABELS):
+                if S.dataset_path(split, name) not in f:
+                    raise CacheShapeError(path, f"missing array /{S.dataset_path(split, name)}")
+            feats, labels = f[split][S.FEATURES], f[split][S.LABELS]
+            if feats.ndim != 3:
+                raise CacheShapeError(path, f"/{split}/features has shape {feats.shape}, expected (N, P, D)")
+            if feats.shape[2] != feature_dim:
+                raise CacheShapeError(path, f"/{split}/features has D={feats.shape[2]} but "
+                                            f"feature_dim attribute says {feature_dim}")
+            if str(feats.dtype) not in S.FEATURE_DTYPES:
+                raise CacheShapeError(path, f"/{split}/features has dtype {feats.dtype}, "
+                                            f"expected one of {S.FEATURE_DTYPES}")
+            if labels.shape != (feats.shape[0],):
+                raise CacheShapeError(path, f"/{split}/labels has shape {labels.shape} but "
+                                            f"/{split}/features has {feats.shape[0]} rows")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise CacheShapeError(path, f"/{split}/labels has dtype {labels.dtype}, expected integers")
+            has_paths = S.PATHS in f[split]
+            if has_paths and f[split][S.PATHS].shape != (feats.shape[0],):
+                raise CacheShapeError(path, f"/{split}/paths has shape {f[split][S.PATHS].shape} but "
+                                            f"/{split}/features has {feats.shape[0]} rows")
+            if complete and feats.shape[0] == 0:
+                raise CacheShapeError(path, f"/{split} has no rows")
+            n_classes = int(np.unique(labels[()]).size) if labels.shape[0] else 0
+            splits[split] = SplitInfo(int(feats.shape[0]), int(feats.shape[1]), n_classes,
+                                      str(feats.dtype), has_paths)
+        if splits[S.TRAIN].views != len(views):
+            raise CacheShapeError(path, f"/train/features has P={splits[S.TRAIN].views} views but the "
+                                        f"views attribute describes {len(views)}")
+        if complete:
+            overlap = np.intersect1d(f[S.TRAIN][S.LABELS][()], f[S.TEST][S.LABELS][()])
+            if overlap.size:
+                shown = ", ".join(map(str, overlap[:10])) + (" ..." if overlap.size > 10 else "")
+                raise CacheSplitError(path, f"{overlap.size} class id(s) appear in both train and test "
+                                            f"(zero-shot split broken): {shown}")
+        extra_raw = _decode(a.get(S.ATTR_EXTRA, "{}"))
+        try:
+            extra = json.loads(extra_raw)
+        except (TypeError, json.JSONDecodeError):
+            extra = {}
+        return CacheInfo(path=path, schema_version=version, dataset=str(_decode(a[S.ATTR_DATASET])),
+                         backbone=str(_decode(a[S.ATTR_BACKBONE])), weights=str(_decode(a[S.ATTR_WEIGHTS])),
+                         feature_dim=feature_dim, views=views, complete=complete,
+                         dvml_version=str(_decode(a.get(S.ATTR_DVML_VERSION, "unknown"))),
+                         extra=extra, splits=splits, size_bytes=path.stat().st_size)
+
+
+def load_split(path: str | Path, split: str, *, views: slice | list[int] | None = None,
+               dtype=np.float32, chunk_rows: int = 4096) -> Split:
+    """Load one split into memory, validated.
+
+    Args:
+        path: cache file.
+        split: ``"train"`` or ``"test"``.
+        views: subset of views to load (default: all P).
+        dtype: in-memory feature dtype (float32 by default whatever the on-disk dtype).
+    Returns:
+        :class:`Split` with features (N, P', D) of ``dtype``.
+    Raises:
+        CacheError subclasses for structural problems (see :func:`read_info`) and CacheValueError for
+        NaN/inf features (naming the first bad row).
+    """
+    if split not in S.SPLITS:
+        raise ValueError(f"split must be one of {S.SPLITS}, got {split!r}")
+    path = Path(path)
+    info = read_info(path)
+    with _open(path) as f:
+        g = f[split]
+        ds = g[S.FEATURES]
+        n = ds.shape[0]
+        sel = slice(None) if views is None else views
+        p = len(range(*sel.indices(ds.shape[1]))) if isinstance(sel, slice) else len(sel)
+        out = np.empty((n, p, info.feature_dim), dtype=dtype)
+        for i in range(0, n, chunk_rows):  # chunked: bounded temporary memory for float16 -> float32
+            block = ds[i:i + chunk_rows]
+            out[i:i + chunk_rows] = block[:, sel]
+        bad = ~np.isfinite(out).all(axis=(1, 2))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise CacheValueError(path, f"/{split}/features has NaN or infinite values in {rows.size} row(s), "
+                                        f"first at row {rows[0]}")
+        labels = g[S.LABELS][()].astype(np.int64)
+        paths = None
+        if S.PATHS in g:
+            paths = np.array([_decode(p) for p in g[S.PATHS][()]], dtype=object)
+    return Split(features=out, labels=labels, paths=paths)
+
+
+def validate(path: str | Path) -> CacheInfo:
+    """Full check: structure, completeness, class disjointness and finite values of every split."""
+    info = read_info(path)
+    for split in S.SPLITS:
+        load_split(path, split, views=slice(0, None), dtype=np.float16 if
+                   info.splits[split].dtype == "float16" else np.float32)
+    return info

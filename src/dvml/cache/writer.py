@@ -1,0 +1,209 @@
+"""Chunked, resumable writer for the feature cache (see :mod:`dvml.cache.schema`).
+
+Contract:
+
+* Rows are appended per split in chunks; after each chunk the split's ``n_written`` attribute is
+  updated and the file flushed, so a killed writer leaves a file that readers refuse
+  (``complete`` is false) and that :class:`CacheWriter` reopens and continues from ``n_written``.
+* ``complete`` becomes true only in :meth:`CacheWriter.finalize`, after both splits are written.
+* Reopening an incomplete file with a different writer configuration is refused (resuming would mix
+  two different feature sets); an existing *complete* file is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dvml import __version__
+from dvml.cache import schema as S
+from dvml.cache.errors import CacheError, CacheExistsError, CacheShapeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache file will hold; stored as ``writer_config`` and compared on resume.
+
+    ``views`` describes the P training views (``len(views) == train_views``); ``test_views`` is P_test.
+    ``extra`` is free-form provenance (transforms, seeds, parameters) stored as JSON; it takes part in
+    the resume check, so a resumed write is the same job.
+    """
+
+    dataset: str
+    backbone: str
+    weights: str
+    feature_dim: int
+    views: tuple[str, ...]
+    test_views: int = 1
+    dtype: str = "float16"
+    with_paths: bool = False
+    extra: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.feature_dim <= 0:
+            raise ValueError(f"feature_dim must be positive, got {self.feature_dim}")
+        if not self.views:
+            raise ValueError("views must describe at least one training view")
+        if self.test_views < 1:
+            raise ValueError(f"test_views must be >= 1, got {self.test_views}")
+        if self.dtype not in S.FEATURE_DTYPES:
+            raise ValueError(f"dtype must be one of {S.FEATURE_DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "views", tuple(self.views))
+
+    @property
+    def train_views(self) -> int:
+        return len(self.views)
+
+    def views_of(self, split: str) -> int:
+        return self.train_views if split == S.TRAIN else self.test_views
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=list)
+
+
+class CacheWriter:
+    """Append features to a cache file split by split; resumable.
+
+    Example::
+
+        with CacheWriter(path, spec) as w:
+            start = w.n_written("train")          # > 0 when resuming
+            for feats, labels in chunks_from(start):   # feats: (B, P, D), labels: (B,)
+                w.append("train", feats, labels)
+            ...
+            w.finalize()
+    """
+
+    def __init__(self, path: str | Path, spec: CacheSpec, *, overwrite: bool = False,
+                 chunk_rows: int = 256):
+        self.path = Path(path)
+        self.spec = spec
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not overwrite:
+            self._file = self._reopen()
+        else:
+            if self.path.exists():
+                self.path.unlink()
+            self._file = self._create()
+
+    # ------------------------------------------------------------------ open / create
+    def _create(self) -> h5py.File:
+        spec = self.spec
+        f = h5py.File(self.path, "w")
+        f.attrs[S.ATTR_SCHEMA_VERSION] = S.SCHEMA_VERSION
+        f.attrs[S.ATTR_DATASET] = spec.dataset
+        f.attrs[S.ATTR_BACKBONE] = spec.backbone
+        f.attrs[S.ATTR_WEIGHTS] = spec.weights
+        f.attrs[S.ATTR_FEATURE_DIM] = int(spec.feature_dim)
+        f.attrs[S.ATTR_VIEWS] = json.dumps(list(spec.views))
+        f.attrs[S.ATTR_COMPLETE] = False
+        f.attrs[S.ATTR_DVML_VERSION] = __version__
+        f.attrs[S.ATTR_WRITER_CONFIG] = spec.to_json()
+        f.attrs[S.ATTR_EXTRA] = json.dumps(dict(spec.extra), sort_keys=True, default=str)
+        for split in S.SPLITS:
+            g = f.create_group(split)
+            p = spec.views_of(split)
+            g.create_dataset(S.FEATURES, shape=(0, p, spec.feature_dim), maxshape=(None, p, spec.feature_dim),
+                             dtype=spec.dtype, chunks=(min(self.chunk_rows, 64), p, spec.feature_dim))
+            g.create_dataset(S.LABELS, shape=(0,), maxshape=(None,), dtype=S.LABEL_DTYPE, chunks=(4096,))
+            if spec.with_paths:
+                g.create_dataset(S.PATHS, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
+                                 chunks=(4096,))
+            g.attrs[S.ATTR_N_WRITTEN] = 0
+        f.flush()
+        return f
+
+    def _reopen(self) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "a")
+        except OSError as e:
+            raise CacheError(self.path, f"exists but cannot be opened as HDF5 ({e}); "
+                                        "pass overwrite to replace it") from None
+        if bool(f.attrs.get(S.ATTR_COMPLETE, False)):
+            f.close()
+            raise CacheExistsError(self.path, "a complete cache already exists here; "
+                                              "pass --overwrite to replace it")
+        stored = f.attrs.get(S.ATTR_WRITER_CONFIG)
+        if stored is None or json.loads(stored) != json.loads(self.spec.to_json()):
+            f.close()
+            raise CacheError(self.path, "an incomplete cache written with different settings exists here; "
+                                        "rerun with the same settings to resume, or pass --overwrite")
+        for split in S.SPLITS:  # drop rows past the last durable chunk (a crash mid-append)
+            g = f[split]
+            n = int(g.attrs[S.ATTR_N_WRITTEN])
+            for name in (S.FEATURES, S.LABELS, S.PATHS):
+                if name in g and g[name].shape[0] != n:
+                    g[name].resize(n, axis=0)
+        log.info("resuming %s at train=%d test=%d rows", self.path, self.n_written(S.TRAIN),
+                 self.n_written(S.TEST))
+        return f
+
+    # ------------------------------------------------------------------ writing
+    def n_written(self, split: str) -> int:
+        """Rows of ``split`` already durably written (where a resumed job continues)."""
+        return int(self._file[split].attrs[S.ATTR_N_WRITTEN])
+
+    def append(self, split: str, features: np.ndarray, labels: np.ndarray,
+               paths: Sequence[str] | None = None) -> None:
+        """Append rows to ``split``. features: (B, P, D) (or (B, D) when P == 1); labels: (B,)."""
+        if split not in S.SPLITS:
+            raise ValueError(f"split must be one of {S.SPLITS}, got {split!r}")
+        spec = self.spec
+        features = np.asarray(features)
+        if features.ndim == 2 and spec.views_of(split) == 1:
+            features = features[:, None, :]
+        expected = (spec.views_of(split), spec.feature_dim)
+        if features.ndim != 3 or features.shape[1:] != expected:
+            raise CacheShapeError(self.path, f"{split}: appended features have shape {features.shape}, "
+                                             f"expected (B, {expected[0]}, {expected[1]})")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != features.shape[0]:
+            raise CacheShapeError(self.path, f"{split}: {features.shape[0]} feature rows but "
+                                             f"{labels.shape[0]} labels")
+        if spec.with_paths and (paths is None or len(paths) != len(labels)):
+            raise CacheShapeError(self.path, f"{split}: this cache stores paths; give one per row")
+        g = self._file[split]
+        n0, b = self.n_written(split), features.shape[0]
+        for name, values in ((S.FEATURES, features.astype(spec.dtype, copy=False)), (S.LABELS, labels)):
+            g[name].resize(n0 + b, axis=0)
+            g[name][n0:n0 + b] = values
+        if spec.with_paths:
+            g[S.PATHS].resize(n0 + b, axis=0)
+            g[S.PATHS][n0:n0 + b] = [str(p) for p in paths]
+        g.attrs[S.ATTR_N_WRITTEN] = n0 + b
+        self._file.flush()
+
+    def set_extra(self, **items) -> None:
+        """Merge provenance that is only known during writing (e.g. skipped files) into ``extra``."""
+        extra = json.loads(self._file.attrs.get(S.ATTR_EXTRA, "{}"))
+        extra.update(items)
+        self._file.attrs[S.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
+
+    def finalize(self) -> Path:
+        """Mark the file complete. Both splits must have at least one row."""
+        for split in S.SPLITS:
+            if self.n_written(split) == 0:
+                raise CacheShapeError(self.path, f"cannot finalize: split {split!r} has no rows")
+        self._file.attrs[S.ATTR_COMPLETE] = True
+        self._file.flush()
+        self.close()
+        return self.path
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

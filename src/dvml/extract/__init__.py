@@ -1,0 +1,1 @@
+"""Stage one: images (or a generator) -> HDF5 feature cache."""
