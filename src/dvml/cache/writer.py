@@ -143,8 +143,8 @@ class CacheWriter:
             for name in (S.FEATURES, S.LABELS, S.PATHS):
                 if name in g and g[name].shape[0] != n:
                     g[name].resize(n, axis=0)
-        log.info("resuming %s at train=%d test=%d rows", self.path, self.n_written(S.TRAIN),
-                 self.n_written(S.TEST))
+        log.info("resuming %s at train=%d test=%d rows", self.path,
+                 *(int(f[split].attrs[S.ATTR_N_WRITTEN]) for split in S.SPLITS))
         return f
 
     # ------------------------------------------------------------------ writing

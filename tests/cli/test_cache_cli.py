@@ -1,0 +1,62 @@
+"""``dvml cache info|validate``, ``dvml synth``, ``--help``/``--version`` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+from typer.testing import CliRunner
+
+from dvml import __version__
+from dvml.cache import fingerprint
+from dvml.cli import app
+
+runner = CliRunner()
+TINY = ["--classes", "8", "--images-per-class", "6", "--views", "3", "--feature-dim", "32"]
+
+
+def test_help_and_version():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0 and "synth" in r.stdout and "cache" in r.stdout
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.stdout
+
+
+def test_synth_then_info_and_validate(tmp_path):
+    out = tmp_path / "w.h5"
+    r = runner.invoke(app, ["synth", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["cache", "info", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "synth" in r.stdout and "24 images x 3 views, 4 classes" in r.stdout and fingerprint(out) in r.stdout
+    r = runner.invoke(app, ["cache", "validate", str(out)])
+    assert r.exit_code == 0 and "ok" in r.stdout
+
+
+def test_synth_refuses_to_overwrite_complete_file(tmp_path):
+    out = tmp_path / "w.h5"
+    assert runner.invoke(app, ["synth", str(out), *TINY]).exit_code == 0
+    before = fingerprint(out)
+    r = runner.invoke(app, ["synth", str(out), *TINY, "--seed", "3"])
+    assert r.exit_code == 1 and "--overwrite" in r.output and "Traceback" not in r.output
+    assert fingerprint(out) == before  # nothing already written is lost
+    assert runner.invoke(app, ["synth", str(out), *TINY, "--seed", "3", "--overwrite"]).exit_code == 0
+    assert fingerprint(out) != before
+
+
+def test_bad_files_exit_1_with_named_file_and_no_traceback(tmp_path):
+    out = tmp_path / "w.h5"
+    runner.invoke(app, ["synth", str(out), *TINY, "--dtype", "float32"])
+    with h5py.File(out, "a") as f:
+        f["train/features"][0, 0, 0] = np.nan
+    for cmd in (["cache", "validate", str(out)], ["cache", "info", str(tmp_path / "missing.h5")]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 1
+        assert "error:" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["cache", "validate", str(out)])
+    assert str(out) in r.output.replace("\n", "") and "NaN" in r.output
+
+
+def test_synth_bad_option_is_a_clean_error(tmp_path):
+    r = runner.invoke(app, ["synth", str(tmp_path / "w.h5"), "--classes", "3"])
+    assert r.exit_code == 1 and "n_classes must be an even number" in r.output
+    assert not (tmp_path / "w.h5").exists()
