@@ -180,10 +180,11 @@ def load_split(path: str | Path, split: str, *, views: slice | list[int] | None 
         sel = slice(None) if views is None else views
         p = len(range(*sel.indices(ds.shape[1]))) if isinstance(sel, slice) else len(sel)
         out = np.empty((n, p, info.feature_dim), dtype=dtype)
+        bad = np.zeros(n, dtype=bool)
         for i in range(0, n, chunk_rows):  # chunked: bounded temporary memory for float16 -> float32
-            block = ds[i:i + chunk_rows]
-            out[i:i + chunk_rows] = block[:, sel]
-        bad = ~np.isfinite(out).all(axis=(1, 2))
+            block = ds[i:i + chunk_rows][:, sel]
+            bad[i:i + chunk_rows] = ~np.isfinite(block).all(axis=(1, 2))  # on the stored dtype: fewer bytes
+            out[i:i + chunk_rows] = block
         if bad.any():
             rows = np.flatnonzero(bad)
             raise CacheValueError(path, f"/{split}/features has NaN or infinite values in {rows.size} row(s), "
