@@ -1,0 +1,193 @@
+"""Exact nearest-neighbour search and k-means: the one module of dvml that imports faiss.
+
+Everything here is exact (flat indexes, no quantisation). Cosine search is an inner product on
+L2-normalised copies of the vectors; euclidean search is a flat L2 index. Queries are searched in
+batches, and faiss itself blocks the database, so no N x N matrix is ever held: memory is the (N, k)
+result plus one (batch, k) block (60,502 x 512 SOP-sized sets with k = 1000 take well under a GB).
+
+When faiss was built with GPU support and a GPU is visible, the flat index and k-means run on it
+(``use_gpu=None`` decides automatically; ``False`` forces the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import Enum
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# faiss GPU flat search supports k (and nprobe) up to this many neighbours.
+_GPU_MAX_K = 2048
+
+
+class Metric(str, Enum):
+    """Distance used for retrieval and clustering."""
+
+    cosine = "cosine"  # inner product on L2-normalised vectors; distance = 1 - cos
+    euclidean = "euclidean"  # L2; distance = ||q - x||
+
+
+def gpu_available() -> bool:
+    """True when this faiss has GPU support and at least one GPU is visible."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RES = None
+
+
+def _gpu_resources():
+    global _GPU_RES  # one StandardGpuResources per process: it owns scratch memory
+    if _GPU_RES is None:
+        _GPU_RES = faiss.StandardGpuResources()
+    return _GPU_RES
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, E) array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape})")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(f"{name} has NaN or infinite values in {rows.size} row(s), first at row {rows[0]}")
+    return x
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2-normalised float32 copy of ``x`` (N, E). All-zero rows stay zero (cosine 0 to everything).
+
+    >>> l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    x = np.array(x, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def _flat_index(dim: int, metric: Metric, use_gpu: bool):
+    index = faiss.IndexFlatIP(dim) if metric is Metric.cosine else faiss.IndexFlatL2(dim)
+    if use_gpu:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    return index
+
+
+def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
+           metric: Metric | str = Metric.cosine, exclude_self: bool = True, batch_size: int = 8192,
+           use_gpu: bool | None = None,
+           progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of each query.
+
+    Args:
+        queries: (N, E) float array (converted to float32).
+        k: neighbours per query, >= 1.
+        database: (M, E) array to search in; ``None`` searches the queries among themselves.
+        metric: ``"cosine"`` (default) or ``"euclidean"``.
+        exclude_self: only with ``database=None``: query i never appears among its own neighbours. Done by
+            searching k + 1 and dropping index i wherever it appears (not by position, so exact duplicates
+            of a query are kept as legitimate neighbours); if i is not among the k + 1 (more than k exact
+            duplicates tie with it), the (k + 1)-th result is dropped instead.
+        batch_size: queries per faiss call (bounds temporary memory; progress granularity).
+        use_gpu: ``None`` = use a GPU when faiss has GPU support and one is visible.
+        progress: called with the number of queries finished after each batch.
+    Returns:
+        ``(distances, indices)``: (N, k) float32 and (N, k) int64, nearest first. Distances are
+        ``1 - cos`` for cosine and the euclidean distance (not squared) for euclidean. Ties between equal
+        distances are broken by faiss (usually lower index first).
+    Raises:
+        ValueError: bad shapes, NaN/inf values, or ``k`` larger than the number of candidates
+            (M, or N - 1 when excluding self).
+    """
+    metric = Metric(metric)
+    queries = _as_matrix(queries, "queries")
+    self_search = database is None
+    if self_search:
+        db = queries
+    else:
+        db = _as_matrix(database, "database")
+        if db.shape[1] != queries.shape[1]:
+            raise ValueError(f"queries have dimension {queries.shape[1]} but the database has {db.shape[1]}")
+    drop_self = self_search and exclude_self
+    n_candidates = db.shape[0] - (1 if drop_self else 0)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > n_candidates:
+        raise ValueError(f"k={k} is larger than the set: only {n_candidates} candidate neighbours "
+                         f"({db.shape[0]} items{', query itself excluded' if drop_self else ''})")
+    if metric is Metric.cosine:
+        db = l2_normalize(db)
+        queries = db if self_search else l2_normalize(queries)
+    k_search = k + 1 if drop_self else k
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    if use_gpu and k_search > _GPU_MAX_K:
+        log.info("k=%d exceeds the faiss GPU limit (%d); searching on the CPU", k_search, _GPU_MAX_K)
+        use_gpu = False
+    index = _flat_index(db.shape[1], metric, use_gpu)
+    index.add(db)
+
+    n = queries.shape[0]
+    distances = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        d, i = index.search(queries[start:stop], k_search)
+        if drop_self:
+            is_self = i == np.arange(start, stop)[:, None]
+            # exactly one column is dropped per row: the query itself, else the last one
+            no_self = ~is_self.any(axis=1)
+            is_self[no_self, -1] = True
+            keep = ~is_self
+            d = d[keep].reshape(stop - start, k)
+            i = i[keep].reshape(stop - start, k)
+        distances[start:stop] = d
+        indices[start:stop] = i
+        if progress is not None:
+            progress(stop - start)
+    if metric is Metric.cosine:
+        np.subtract(1.0, distances, out=distances)  # inner product of unit vectors -> 1 - cos
+    else:
+        np.sqrt(np.maximum(distances, 0.0, out=distances), out=distances)  # faiss L2 is squared
+    if (indices < 0).any():  # faiss pads with -1 when it finds fewer than k results; cannot happen for flat
+        raise RuntimeError("faiss returned fewer neighbours than requested")
+    return distances, indices
+
+
+def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
+           metric: Metric | str = Metric.cosine, use_gpu: bool | None = None) -> np.ndarray:
+    """Faiss k-means; returns the cluster id of every row.
+
+    Args:
+        x: (N, E) float array.
+        n_clusters: number of clusters, 1 <= n_clusters <= N.
+        seed: seeds faiss' centroid initialisation (same seed, same data, same CPU -> same clustering).
+        niter: Lloyd iterations (20, as in the usual deep-metric-learning evaluation code).
+        metric: ``"cosine"`` clusters the L2-normalised rows (what cosine retrieval sees);
+            ``"euclidean"`` the raw rows.
+        use_gpu: ``None`` = use a GPU when available.
+    Returns:
+        (N,) int64 cluster ids in ``[0, n_clusters)``.
+
+    ``min_points_per_centroid=1`` because SOP has ~5 images per class (the faiss default of 39 only
+    warns, but it documents intent) and ``max_points_per_centroid`` is raised so faiss never subsamples.
+    """
+    metric = Metric(metric)
+    x = _as_matrix(x, "embeddings")
+    if not 1 <= n_clusters <= x.shape[0]:
+        raise ValueError(f"n_clusters must be in [1, {x.shape[0]}] (the number of points), got {n_clusters}")
+    if metric is Metric.cosine:
+        x = l2_normalize(x)
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=int(seed) % (2**31),
+                      min_points_per_centroid=1, max_points_per_centroid=max(256, -(-x.shape[0] // n_clusters)),
+                      verbose=False, gpu=bool(use_gpu))
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64)
