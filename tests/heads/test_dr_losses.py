@@ -35,6 +35,10 @@ def _batch(seed: int, b: int = 12, e: int = 6, classes: int = 4, dtype=torch.flo
 # ---------------------------------------------------------------- plain references
 
 
+def _val(t: torch.Tensor) -> float:
+    return t.detach().item()
+
+
 def _cos(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> float:
     nu, nv = float(u.norm()), float(v.norm())
     if nu <= eps or nv <= eps:
@@ -101,7 +105,7 @@ def test_dr_triplet_against_hand_listed_triplets():
         ref = _loop_dr_triplet(
             x, y, margin, gamma, normalize=False, nonzero=reduction == "nonzero-mean", triplets=listed
         )
-        assert float(loss) == pytest.approx(ref, rel=1e-12, abs=1e-12)
+        assert _val(loss) == pytest.approx(ref, rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -110,7 +114,7 @@ def test_dr_triplet_against_loop_random(seed, reduction):
     x, y = _batch(seed)
     loss = DRTripletLoss(0.278, 0.492, reduction=reduction)(x, y)
     ref = _loop_dr_triplet(x, y, 0.278, 0.492, nonzero=reduction is TripletReduction.nonzero_mean)
-    assert float(loss) == pytest.approx(ref, rel=1e-10)
+    assert _val(loss) == pytest.approx(ref, rel=1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -119,11 +123,11 @@ def test_against_pml_triplet_margin_loss_gamma0(seed, margin):
     x, y = _batch(seed, b=32, e=16, classes=5, dtype=torch.float32)
     ours = DRTripletLoss(margin=margin, gamma=0.0)(x, y)
     ref = losses.TripletMarginLoss(margin=margin)(x, y)  # LpDistance(normalize, p=2, power=1), AvgNonZero
-    assert float(ours) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    assert _val(ours) == pytest.approx(_val(ref), rel=1e-5, abs=1e-6)
     # same distance without normalisation
     ours_raw = DRTripletLoss(margin=margin, gamma=0.0, normalize_embeddings=False)(x, y)
     ref_raw = losses.TripletMarginLoss(margin=margin, distance=distances.LpDistance(normalize_embeddings=False))(x, y)
-    assert float(ours_raw) == pytest.approx(float(ref_raw), rel=1e-5, abs=1e-6)
+    assert _val(ours_raw) == pytest.approx(_val(ref_raw), rel=1e-5, abs=1e-6)
 
 
 def test_against_pml_with_pml_miner_gamma0_and_loop_gamma_nonzero():
@@ -132,10 +136,10 @@ def test_against_pml_with_pml_miner_gamma0_and_loop_gamma_nonzero():
     triplets = miner(x, y)
     assert len(triplets[0]) > 0
     ours = DRTripletLoss(0.2, 0.0, miner=miner)(x, y)
-    assert float(ours) == pytest.approx(float(losses.TripletMarginLoss(0.2)(x, y, triplets)), rel=1e-10)
+    assert _val(ours) == pytest.approx(_val(losses.TripletMarginLoss(0.2)(x, y, triplets)), rel=1e-10)
     listed = list(zip(*[t.tolist() for t in triplets], strict=True))
     ours = DRTripletLoss(0.2, 0.492, miner=miner)(x, y)
-    assert float(ours) == pytest.approx(_loop_dr_triplet(x, y, 0.2, 0.492, triplets=listed), rel=1e-10)
+    assert _val(ours) == pytest.approx(_loop_dr_triplet(x, y, 0.2, 0.492, triplets=listed), rel=1e-10)
 
 
 def test_dr_triplet_no_triplet_is_exact_zero_in_graph():
@@ -199,14 +203,14 @@ def test_dr_triplet_batched_equals_loop_over_t():
         zl = z.clone().requires_grad_(True)
         batched = loss.forward_batched(zb, y)
         looped = torch.stack([loss(zl[t], y) for t in range(5)]).mean()
-        assert float(batched) == pytest.approx(float(looped), rel=1e-12)
+        assert batched.item() == pytest.approx(looped.item(), rel=1e-12)
         batched.backward()
         looped.backward()
         torch.testing.assert_close(zb.grad, zl.grad)
     miner = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all")
     mined = DRTripletLoss(miner=miner)
     looped = torch.stack([mined(z[t], y) for t in range(5)]).mean()
-    assert float(mined.forward_batched(z, y)) == pytest.approx(float(looped), rel=1e-12)
+    assert _val(mined.forward_batched(z, y)) == pytest.approx(_val(looped), rel=1e-12)
 
 
 def test_dr_triplet_dvml_size_memory_and_grad():
@@ -220,7 +224,7 @@ def test_dr_triplet_dvml_size_memory_and_grad():
     out = loss.forward_batched(z, y)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
-    assert float(loss(z[0].detach(), y)) == pytest.approx(float(loss.forward_batched(z[:1].detach(), y)), rel=1e-6)
+    assert _val(loss(z[0].detach(), y)) == pytest.approx(_val(loss.forward_batched(z[:1].detach(), y)), rel=1e-6)
 
 
 def test_dr_triplet_rejects_bad_input():
@@ -248,7 +252,7 @@ def test_dr_proxy_nca_against_pml_proxy_nca_gamma0(scale):
         ours.proxies.copy_(ref.proxies)
     xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     lo, lr = ours(xo, y), ref(xr, y)
-    assert float(lo) == pytest.approx(float(lr), rel=1e-5)
+    assert lo.item() == pytest.approx(lr.item(), rel=1e-5)
     lo.backward()
     lr.backward()
     torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-4, atol=1e-6)
@@ -261,7 +265,7 @@ def test_dr_proxy_nca_against_loop(gamma, scale):
     loss = DRProxyNCALoss(6, 5, gamma=gamma, softmax_scale=scale, generator=torch.Generator().manual_seed(1))
     loss.double()
     ref = _loop_dr_proxy_nca(x, y, loss.proxies.detach(), gamma, scale)
-    assert float(loss(x, y)) == pytest.approx(ref, rel=1e-10)
+    assert _val(loss(x, y)) == pytest.approx(ref, rel=1e-10)
     # the direction term changes the loss (so the comparison above is not vacuous)
     assert ref != pytest.approx(_loop_dr_proxy_nca(x, y, loss.proxies.detach(), 0.0, scale), rel=1e-6)
 
@@ -289,7 +293,7 @@ def test_proxy_nca_pp_against_cross_entropy(temperature, smoothing):
     pn = loss.proxies.detach() / loss.proxies.detach().norm(dim=1, keepdim=True)
     d2 = ((xn[:, None, :] - pn[None, :, :]) ** 2).sum(-1)
     ref = F.cross_entropy(-d2 / temperature, y, label_smoothing=smoothing)
-    assert float(loss(x, y)) == pytest.approx(float(ref), rel=1e-10)
+    assert _val(loss(x, y)) == pytest.approx(_val(ref), rel=1e-10)
 
 
 def test_proxy_nca_pp_is_scaled_proxy_nca_without_smoothing():
@@ -298,7 +302,7 @@ def test_proxy_nca_pp_is_scaled_proxy_nca_without_smoothing():
     nca = DRProxyNCALoss(5, 8, gamma=0.0, softmax_scale=9.0).double()
     with torch.no_grad():
         nca.proxies.copy_(pp.proxies)
-    assert float(pp(x, y)) == pytest.approx(float(nca(x, y)), rel=1e-10)
+    assert _val(pp(x, y)) == pytest.approx(_val(nca(x, y)), rel=1e-10)
 
 
 # ---------------------------------------------------------------- shared proxy behaviour
@@ -320,7 +324,7 @@ def test_proxy_losses_batched_equals_loop_over_t(idx):
     loss.proxies.grad = None
     looped = torch.stack([loss(z[t], y) for t in range(4)]).mean()
     looped.backward()
-    assert float(batched) == pytest.approx(float(looped), rel=1e-12)
+    assert batched.item() == pytest.approx(looped.item(), rel=1e-12)
     torch.testing.assert_close(grad_b, loss.proxies.grad)
 
 
@@ -337,7 +341,7 @@ def test_proxies_survive_state_dict_save_load(idx):
     fresh.load_state_dict(state["loss"])
     torch.testing.assert_close(fresh.proxies, loss.proxies, rtol=0, atol=0)
     x, y = torch.randn(5, 6), torch.tensor([0, 3, 3, 8, 1])
-    assert float(fresh(x, y)) == float(loss(x, y))
+    assert _val(fresh(x, y)) == _val(loss(x, y))
 
 
 def test_proxy_init_seeded_and_lr_multiplier():
