@@ -30,13 +30,16 @@ normalised embeddings ``x̂_i`` and proxies ``p̂_c`` (``c = 0..C−1``), square
 ``D_ic = ‖x̂_i − p̂_c‖²``, and a softmax over *all* proxies (the positive included, unlike the
 paper's denominator)::
 
-    ℓ_i = −log softmax_c( −s · D'_ic )[y_i],        s = softmax_scale (pml default 1)
+    ℓ_i = −log softmax_c( −s · D'_ic )[y_i],        s = softmax_scale (default 9; pml's default is 1)
     D'_ic = D_ic + γ · cos(p̂_{y_i} − x̂_i, p̂_c − x̂_i)    for c ≠ y_i,      D'_{i y_i} = D_{i y_i}
 
 i.e. the direction term between ``x → own proxy`` and ``x → proxy c`` is added to the negative proxy's
 squared distance before the softmax: negative proxies in the direction of the own proxy repel less.
-Batch loss: mean of ``ℓ_i``. At γ = 0, ``D' = D`` and this is pml's ``ProxyNCALoss(softmax_scale=s)``
-(pml drops samples whose softmax probability underflows to exactly 0; the log-softmax here never does).
+Batch loss: mean of ``ℓ_i``. At γ = 0, ``D' = D`` and this is pml's ``ProxyNCALoss(softmax_scale=s)``.
+The default s = 9 (embeddings and proxies of norm 3, as in the ProxyNCA reference implementations) is the
+scale dvml's ``proxy-nca`` loss uses, so ``dr-proxy-nca`` differs from it only by the direction term; with
+s = 1 the softmax over squared distances in [0, 4] is almost flat. (pml drops samples whose softmax
+probability underflows to exactly 0; the log-softmax here never does.)
 
 **ProxyNCA++** (Teh et al., ECCV 2020): the same normalised squared distances, a temperature ``τ``
 (default 1/9, the paper's low temperature) and optional label smoothing ``ε``::
@@ -67,6 +70,8 @@ PROXY_LR_MULTIPLIER = 100.0
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = 0.278
 DR_TRIPLET_GAMMA = 0.492
+#: DR-ProxyNCA default softmax scale (= dvml's proxy-nca; norm-3 embeddings and proxies).
+PROXY_NCA_SCALE = 9.0
 #: ProxyNCA++ default temperature (Teh et al.: 1/9).
 PROXY_NCA_PP_TEMPERATURE = 1.0 / 9.0
 
@@ -284,7 +289,8 @@ class DRProxyNCALoss(_ProxyLoss):
         embedding_size: E.
         gamma: weight γ of the direction term; 0 gives pml's ProxyNCA. No tuned value exists in the
             seed for proxies; the default borrows the DR-Triplet one.
-        softmax_scale: s (pml ``NCALoss`` default 1); it multiplies the whole of ``D'``.
+        softmax_scale: s (default 9, dvml's ``proxy-nca`` scale; pml ``NCALoss`` default 1); it multiplies
+            the whole of ``D'``, the direction term included.
         eps: norms ≤ eps make the cosine 0.
         proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
@@ -295,7 +301,7 @@ class DRProxyNCALoss(_ProxyLoss):
         num_classes: int,
         embedding_size: int,
         gamma: float = DR_TRIPLET_GAMMA,
-        softmax_scale: float = 1.0,
+        softmax_scale: float = PROXY_NCA_SCALE,
         *,
         eps: float = 1e-6,
         proxy_lr_multiplier: float | None = None,
