@@ -188,6 +188,10 @@ class CacheWriter:
         extra.update(items)
         self._file.attrs[S.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
 
+    def extra(self) -> dict:
+        """The current ``extra`` provenance, including items merged by :meth:`set_extra` (e.g. on resume)."""
+        return json.loads(self._file.attrs.get(S.ATTR_EXTRA, "{}"))
+
     def finalize(self) -> Path:
         """Mark the file complete. Both splits must have at least one row."""
         for split in S.SPLITS:

@@ -1,3 +1,71 @@
-"""Commands of this stage are registered here (see dvml.cli.app)."""
+"""``dvml extract cub|cars196|sop|folder --root DIR --out FILE.h5`` (see :mod:`dvml.extract`)."""
 
-from dvml.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.extract.datasets import DatasetName
+from dvml.extract.extractor import ExtractConfig, run
+
+_D = ExtractConfig(dataset=DatasetName.folder, root=Path("."), out=Path("out.h5"))
+
+
+@app.command("extract")
+@handle_errors
+def extract_cmd(
+    dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
+    root: Path = typer.Option(..., "--root", help="Dataset directory (CUB_200_2011, the Cars196 directory with "
+                              "cars_annos.mat, Stanford_Online_Products, or a <class>/<image> folder)."),
+    out: Path = typer.Option(..., "--out", help="Output HDF5 feature cache."),
+    weights: str = typer.Option(_D.weights, help="'imagenet' (torchvision IMAGENET1K_V1), 'none' (seeded "
+                                "random init, for tests) or a path to a GoogLeNet state dict."),
+    views: int = typer.Option(_D.views, help="Views per training image: view 0 = centre crop, the rest "
+                              "seeded random crop + horizontal flip."),
+    test_flip: bool = typer.Option(_D.test_flip, help="Also store the flipped centre view of test images."),
+    seed: int = typer.Option(_D.seed, help="Seed of the random views."),
+    batch_size: int = typer.Option(_D.batch_size, help="Images per batch (each with all its views)."),
+    workers: int = typer.Option(_D.workers, help="DataLoader worker processes decoding images (0 = main)."),
+    device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
+    amp: bool = typer.Option(_D.amp, help="float16 autocast on CUDA."),
+    resize: int = typer.Option(None, help="Shorter side after resizing [default: the weights' own, 256]."),
+    crop: int = typer.Option(None, help="Crop size [default: the weights' own, 224]."),
+    dtype: str = typer.Option(_D.dtype, help="On-disk feature dtype: float16 or float32."),
+    train_classes: int = typer.Option(None, help="folder only: number of (sorted) classes in the train split "
+                                      "[default: half]."),
+    transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
+                                         help="torchvision GoogLeNet input re-normalisation [default: on for "
+                                         "imagenet and files, off for none]."),
+    skip_bad: bool = typer.Option(_D.skip_bad, help="Skip unreadable images (listed in the cache's extra) "
+                                  "instead of stopping."),
+    overwrite: bool = typer.Option(_D.overwrite, help="Replace an existing complete output."),
+):
+    """Run GoogLeNet once over a dataset and write P views of 1024-D features per image to a cache.
+
+    Interrupted (Ctrl-C, kill)? Rerun the same command: it resumes where it stopped.
+    """
+    cfg = ExtractConfig(dataset=dataset, root=root, out=out, weights=weights, views=views, test_flip=test_flip,
+                        seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp, resize=resize,
+                        crop=crop, dtype=dtype, train_classes=train_classes, transform_input=transform_input,
+                        skip_bad=skip_bad, overwrite=overwrite)
+    tasks: dict[str, int] = {}
+    with make_progress("img") as progress:
+        def on_progress(split: str, done: int, total: int) -> None:
+            if split not in tasks:
+                tasks[split] = progress.add_task(split, total=total, completed=done, rate="")
+            else:
+                progress.update(tasks[split], completed=done)
+
+        result = run(cfg, progress=on_progress)
+    table = Table(title=str(result.path), show_header=False)
+    table.add_row("train", f"{result.n_train} images x {cfg.views} views")
+    table.add_row("test", f"{result.n_test} images x {1 + int(cfg.test_flip)} views")
+    table.add_row("skipped", str(len(result.skipped)))
+    for s in result.skipped[:10]:
+        table.add_row("", f"{s['split']}: {s['path']}")
+    table.add_row("time", f"{result.seconds:.1f} s ({result.images_processed / max(result.seconds, 1e-9):.1f} "
+                          "img/s this run)")
+    console.print(table)

@@ -1,1 +1,48 @@
-"""Stage one: images (or a generator) -> HDF5 feature cache."""
+"""Stage one: images (or a generator) -> HDF5 feature cache.
+
+Public API (also for end-to-end fine-tuning, which trains from the same images):
+
+* datasets: :class:`DatasetName`, :class:`Sample`, :class:`DatasetIndex`, :func:`read_dataset`
+  (and :func:`read_cub`, :func:`read_cars196`, :func:`read_sop`, :func:`read_folder`);
+* backbone: :func:`build_backbone` -> :class:`Backbone` (GoogLeNet, fc = Identity, eval(), with its
+  :class:`Preprocess`), :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
+* views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
+  :func:`collate_views`, :class:`BadImageError`;
+* the stage: :class:`ExtractConfig`, :func:`run` -> :class:`ExtractResult`.
+"""
+
+from dvml.extract.backbone import (
+    BACKBONE_NAME,
+    FEATURE_DIM,
+    Backbone,
+    Preprocess,
+    build_backbone,
+    imagenet_checkpoint_path,
+    imagenet_preprocess,
+)
+from dvml.extract.datasets import (
+    DatasetIndex,
+    DatasetName,
+    Sample,
+    read_cars196,
+    read_cub,
+    read_dataset,
+    read_folder,
+    read_sop,
+)
+from dvml.extract.extractor import ExtractConfig, ExtractResult, FeatureModel, run
+from dvml.extract.transforms import (
+    BadImageError,
+    ViewDataset,
+    ViewSpec,
+    collate_views,
+    load_rgb,
+    resize_shorter,
+)
+
+__all__ = [
+    "BACKBONE_NAME", "FEATURE_DIM", "Backbone", "Preprocess", "build_backbone", "imagenet_checkpoint_path",
+    "imagenet_preprocess", "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset",
+    "read_folder", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
+    "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",
+]

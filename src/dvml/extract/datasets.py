@@ -1,0 +1,283 @@
+"""Image datasets in their official on-disk formats, with the paper's zero-shot splits.
+
+Every reader returns a :class:`DatasetIndex`: two lists of :class:`Sample` (image path relative to the
+dataset root, integer class id), train and test, whose classes are disjoint. The order is the order of the
+official index file (or sorted, for folders), so it is deterministic: an extraction can resume at a row
+index. Nothing is decoded here; a missing image is found when it is loaded.
+
+===========  ==============================================================  ===============================
+dataset      files under ``--root``                                          split (paper, section 4.1)
+===========  ==============================================================  ===============================
+``cub``      ``images.txt`` (id, path under ``images/``),                    classes 1-100 train,
+             ``image_class_labels.txt`` (id, class 1..200), ``images/``      101-200 test
+``cars196``  ``cars_annos.mat`` (struct ``annotations``: relative_im_path,   classes 1-98 train,
+             class, test, bbox_*) and ``car_ims/``                           99-196 test
+``sop``      ``Ebay_train.txt`` / ``Ebay_test.txt`` (header ``image_id        the two files (11,318 / 11,316
+             class_id super_class_id path``)                                 classes)
+``folder``   ``<root>/<class>/<image>``                                      first half of the sorted class
+                                                                             names train (or ``train_classes``)
+===========  ==============================================================  ===============================
+
+Class ids are the dataset's own (CUB 1..200, Cars196 1..196, SOP 1..22634); for ``folder`` they are
+0-based positions in the sorted list of class directories. The split rule is a class-id threshold, so a
+tiny CUB with classes 1..4 and 101..104 splits 4 / 4 exactly like the real one. CUB's
+``train_test_split.txt`` and Cars196's ``test`` flag describe a different (non-zero-shot) protocol and
+are not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple
+
+from dvml.errors import DvmlError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+CUB_TRAIN_CLASSES = 100  # classes 1..100 train, 101..200 test
+CARS196_TRAIN_CLASSES = 98  # classes 1..98 train, 99..196 test
+
+
+class DatasetName(str, Enum):
+    """Datasets ``dvml extract`` reads (the CLI's first argument)."""
+
+    cub = "cub"
+    cars196 = "cars196"
+    sop = "sop"
+    folder = "folder"
+
+
+class Sample(NamedTuple):
+    """One image: ``path`` relative to the dataset root (``/``-separated), ``label`` its class id."""
+
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """The images of a dataset split zero-shot into train and test classes.
+
+    Invariants: both splits are non-empty and their label sets are disjoint; ``root / sample.path`` is
+    where an image should be (it may still be missing or unreadable).
+    """
+
+    name: str
+    root: Path
+    train: list[Sample]
+    test: list[Sample]
+    split_rule: str  # human-readable, stored in the cache provenance
+    class_names: dict[int, str] = field(default_factory=dict)  # label -> name where the dataset has names
+
+    def split(self, name: str) -> list[Sample]:
+        """``"train"`` or ``"test"`` samples."""
+        if name not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {name!r}")
+        return self.train if name == "train" else self.test
+
+    def digest(self) -> str:
+        """Hash of both sample lists (paths and labels, in order): identifies the job for resuming."""
+        h = hashlib.blake2b(digest_size=12)
+        for split in (self.train, self.test):
+            for s in split:
+                h.update(f"{s.path}\t{s.label}\n".encode())
+            h.update(b"--split--\n")
+        return h.hexdigest()
+
+    def __post_init__(self):
+        for name in ("train", "test"):
+            if not self.split(name):
+                raise DvmlError(f"{self.root}: the {name} split of {self.name} is empty ({self.split_rule})")
+        overlap = {s.label for s in self.train} & {s.label for s in self.test}
+        if overlap:
+            shown = ", ".join(map(str, sorted(overlap)[:10]))
+            raise DvmlError(f"{self.root}: {len(overlap)} class id(s) are in both train and test "
+                            f"(zero-shot split broken): {shown}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _require_dir(root: Path, hint: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DvmlError(f"{root}: not found — {hint}")
+    if not root.is_dir():
+        raise DvmlError(f"{root}: not a directory — {hint}")
+    return root
+
+
+def _require_file(path: Path, hint: str) -> Path:
+    if not path.is_file():
+        raise DvmlError(f"{path}: not found — {hint}")
+    return path
+
+
+def _read_table(path: Path, n_fields: int, *, header: Sequence[str] | None = None) -> list[tuple[int, list[str]]]:
+    """Whitespace-separated rows of ``path`` as (line number, fields); the last field may hold spaces."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = iter(enumerate(f, start=1))
+        if header is not None:
+            first = next(lines, None)
+            if first is None or first[1].split() != list(header):
+                raise DvmlError(f"{path}: line 1 should be the header {' '.join(header)!r}")
+        for lineno, line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(maxsplit=n_fields - 1)
+            if len(parts) != n_fields:
+                raise DvmlError(f"{path}:{lineno}: expected {n_fields} fields, got {line!r}")
+            rows.append((lineno, parts))
+    if not rows:
+        raise DvmlError(f"{path}: no entries")
+    return rows
+
+
+def _int(path: Path, lineno: int | str, value, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DvmlError(f"{path}:{lineno}: {what} must be an integer, got {value!r}") from None
+
+
+def _threshold_split(name: str, root: Path, samples: list[Sample], n_train: int, total: int,
+                     class_names: dict[int, str] | None = None) -> DatasetIndex:
+    rule = f"classes 1-{n_train} train, {n_train + 1}-{total} test"
+    return DatasetIndex(name=name, root=root, train=[s for s in samples if s.label <= n_train],
+                        test=[s for s in samples if s.label > n_train], split_rule=rule,
+                        class_names=class_names or {})
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def read_cub(root: str | Path) -> DatasetIndex:
+    """CUB-200-2011: ``images.txt`` + ``image_class_labels.txt`` (+ ``classes.txt`` for names).
+
+    Paths are ``images/<class dir>/<file>``; classes 1-100 train, 101-200 test.
+    """
+    hint = "is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)?"
+    root = _require_dir(root, hint)
+    images_txt = _require_file(root / "images.txt", hint)
+    labels_txt = _require_file(root / "image_class_labels.txt", hint)
+    _require_dir(root / "images", hint)
+    paths = {}
+    for lineno, (img_id, rel) in _read_table(images_txt, 2):
+        paths[_int(images_txt, lineno, img_id, "image id")] = rel
+    labels = {}
+    for lineno, (img_id, cls) in _read_table(labels_txt, 2):
+        labels[_int(labels_txt, lineno, img_id, "image id")] = _int(labels_txt, lineno, cls, "class id")
+    if paths.keys() != labels.keys():
+        missing = sorted(paths.keys() - labels.keys())[:5] or sorted(labels.keys() - paths.keys())[:5]
+        raise DvmlError(f"{root}: images.txt and image_class_labels.txt list different image ids "
+                        f"(e.g. {missing})")
+    names = {}
+    if (root / "classes.txt").is_file():
+        for lineno, (cls, name) in _read_table(root / "classes.txt", 2):
+            names[_int(root / "classes.txt", lineno, cls, "class id")] = name
+    samples = [Sample(f"images/{paths[i]}", labels[i]) for i in sorted(paths)]
+    return _threshold_split("cub", root, samples, CUB_TRAIN_CLASSES, 200, names)
+
+
+def read_cars196(root: str | Path) -> DatasetIndex:
+    """Cars196 ("all images" release): ``cars_annos.mat`` + ``car_ims/``; classes 1-98 / 99-196.
+
+    The struct array ``annotations`` has fields ``relative_im_path`` (e.g. ``car_ims/000001.jpg``),
+    ``bbox_x1..bbox_y2``, ``class`` (1..196) and ``test``; bounding boxes and the ``test`` flag are not
+    used (the zero-shot protocol uses whole images and splits by class).
+    """
+    import numpy as np
+    import scipy.io
+
+    hint = "is --root the Cars196 directory with cars_annos.mat and car_ims/ (the 'all images' release)?"
+    root = _require_dir(root, hint)
+    mat_path = _require_file(root / "cars_annos.mat", hint)
+    _require_dir(root / "car_ims", hint)
+    try:
+        mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=True)
+    except Exception as e:  # scipy raises several types for a damaged file
+        raise DvmlError(f"{mat_path}: cannot be read as a MATLAB file ({e})") from None
+    if "annotations" not in mat:
+        raise DvmlError(f"{mat_path}: no 'annotations' struct array")
+    ann = np.atleast_1d(mat["annotations"])
+    fields = ann.dtype.names or ()
+    for needed in ("relative_im_path", "class"):
+        if needed not in fields:
+            raise DvmlError(f"{mat_path}: 'annotations' has no field {needed!r} (fields: {', '.join(fields)})")
+    samples = [Sample(str(rel).strip().replace("\\", "/"), _int(mat_path, f"annotations[{i}]", cls, "class"))
+               for i, (rel, cls) in enumerate(zip(ann["relative_im_path"], ann["class"], strict=True))]
+    names = {}
+    if "class_names" in mat:
+        names = {i + 1: str(n) for i, n in enumerate(np.atleast_1d(mat["class_names"]))}
+    return _threshold_split("cars196", root, samples, CARS196_TRAIN_CLASSES, 196, names)
+
+
+SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
+
+
+def read_sop(root: str | Path) -> DatasetIndex:
+    """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``; paths relative to the root."""
+    hint = "is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)?"
+    root = _require_dir(root, hint)
+    splits = {}
+    for split in ("train", "test"):
+        path = _require_file(root / f"Ebay_{split}.txt", hint)
+        splits[split] = [Sample(rel.replace("\\", "/"), _int(path, lineno, cls, "class_id"))
+                         for lineno, (_, cls, _, rel) in _read_table(path, 4, header=SOP_HEADER)]
+    return DatasetIndex("sop", root, splits["train"], splits["test"],
+                        split_rule="Ebay_train.txt train, Ebay_test.txt test")
+
+
+def read_folder(root: str | Path, *, train_classes: int | None = None) -> DatasetIndex:
+    """``<root>/<class>/<image>``: labels are positions in the sorted class names (0-based).
+
+    The first ``train_classes`` classes (default: half, rounded down) are train, the rest test. Class
+    directories without images are ignored (logged); files directly under the root are ignored.
+    """
+    hint = "expected --root/<class name>/<image files>"
+    root = _require_dir(root, hint)
+    classes = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f.relative_to(root).as_posix() for f in d.rglob("*")
+                       if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        if files:
+            classes.append((d.name, files))
+        else:
+            log.warning("%s: no images, ignored", d)
+    if len(classes) < 2:
+        raise DvmlError(f"{root}: found {len(classes)} class director{'y' if len(classes) == 1 else 'ies'} "
+                        f"with images; need at least 2 ({hint})")
+    n_train = len(classes) // 2 if train_classes is None else train_classes
+    if not 1 <= n_train < len(classes):
+        raise DvmlError(f"--train-classes {n_train}: must be between 1 and {len(classes) - 1} "
+                        f"({root} has {len(classes)} classes)")
+    samples = [[Sample(f, label) for f in files] for label, (_, files) in enumerate(classes)]
+    return DatasetIndex(
+        name="folder", root=root,
+        train=[s for per_class in samples[:n_train] for s in per_class],
+        test=[s for per_class in samples[n_train:] for s in per_class],
+        split_rule=f"sorted class directories 0-{n_train - 1} train, {n_train}-{len(classes) - 1} test",
+        class_names={label: name for label, (name, _) in enumerate(classes)})
+
+
+READERS: dict[DatasetName, Callable[..., DatasetIndex]] = {
+    DatasetName.cub: read_cub,
+    DatasetName.cars196: read_cars196,
+    DatasetName.sop: read_sop,
+    DatasetName.folder: read_folder,
+}
+
+
+def read_dataset(name: DatasetName | str, root: str | Path, *, train_classes: int | None = None) -> DatasetIndex:
+    """Read any supported dataset. ``train_classes`` applies to ``folder`` only."""
+    name = DatasetName(name)
+    if name is DatasetName.folder:
+        return read_folder(root, train_classes=train_classes)
+    if train_classes is not None:
+        raise DvmlError(f"--train-classes applies to the folder dataset only; {name.value} has a fixed split")
+    return READERS[name](root)

@@ -1,0 +1,270 @@
+"""The extraction loop: dataset -> P views per image -> GoogLeNet -> streaming HDF5 cache.
+
+``run(ExtractConfig(...))`` writes train then test through :class:`~dvml.cache.CacheWriter`, one batch
+at a time (memory does not grow with the dataset). DataLoader workers decode, resize and cut the views;
+the main process normalises on the device and runs the model under ``torch.inference_mode`` (on CUDA
+also channels-last and float16 autocast); features are stored as ``dtype`` (float16 by default).
+
+Resuming: the dataset order is deterministic, so after a kill or Ctrl-C the same command reopens the
+file and continues at the first unwritten image. With ``skip_bad`` the skipped images are listed in the
+cache's ``extra["skipped"]`` (split, index, path, error) *before* the batch that skipped them is
+appended, and the resume point is the smallest dataset position p with
+``p - #skipped(index < p) == n_written`` -- correct whether or not the last batch reached the disk.
+
+Options that change the features (weights, sizes, views, seed, test flip, dtype, the image list) are
+part of the writer's configuration: resuming with different ones is refused. Batch size, workers,
+device and ``skip_bad`` are not (``--skip-bad`` may be added to continue past a bad image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dvml.cache import CacheExistsError, CacheSpec, CacheWriter
+from dvml.cache import schema as S
+from dvml.errors import DvmlError
+from dvml.extract.backbone import Backbone, Preprocess, build_backbone
+from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
+from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views, worker_init
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(split, done, total)``: images of ``split`` processed so far (written or skipped) of ``total``.
+Called once when a split starts (``done`` > 0 when resuming) and after every written batch. It may raise
+(e.g. KeyboardInterrupt) to stop: the file stays resumable."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction job. ``resize``/``crop`` ``None`` take the weights' preprocessing (256 / 224)."""
+
+    dataset: DatasetName
+    root: Path
+    out: Path
+    weights: str = "imagenet"
+    views: int = 10
+    test_flip: bool = False
+    seed: int = 0
+    batch_size: int = 32  # images per batch (each with P views)
+    workers: int = DEFAULT_WORKERS
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # float16 autocast on CUDA (ignored on CPU)
+    resize: int | None = None
+    crop: int | None = None
+    dtype: str = "float16"
+    train_classes: int | None = None  # folder only
+    transform_input: bool | None = None  # None: the weights' convention
+    skip_bad: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "dataset", DatasetName(self.dataset))
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.views < 1:
+            raise ValueError(f"--views must be >= 1, got {self.views}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.dtype not in S.FEATURE_DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(S.FEATURE_DTYPES)}, got {self.dtype!r}")
+        for name in ("resize", "crop"):
+            v = getattr(self, name)
+            if v is not None and v < 8:
+                raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise ValueError(f"--crop {self.crop} must not exceed --resize {self.resize}")
+        if self.train_classes is not None and self.dataset is not DatasetName.folder:
+            raise ValueError("--train-classes applies to the folder dataset only")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DvmlError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
+        return dev
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    path: Path
+    n_train: int  # rows written
+    n_test: int
+    skipped: list[dict]
+    seconds: float  # wall time of this call
+    images_processed: int  # images decoded in this call (resume excludes earlier ones)
+
+
+def make_spec(index: DatasetIndex, backbone: Backbone, views: ViewSpec, dtype: str, seed: int) -> CacheSpec:
+    """The cache description of a job; everything in it must match for a resume."""
+    pre = backbone.preprocess
+    extra = {
+        **backbone.describe(),
+        "seed": seed,
+        "test_views": list(views.describe("test", pre)),
+        "split_rule": index.split_rule,
+        "n_images": {"train": len(index.train), "test": len(index.test)},
+        "index_digest": index.digest(),
+    }
+    if index.name == DatasetName.folder.value:
+        extra["class_names"] = {str(k): v for k, v in index.class_names.items()}
+    return CacheSpec(dataset=index.name, backbone=backbone.name, weights=backbone.weights,
+                     feature_dim=backbone.feature_dim, views=views.describe("train", pre),
+                     test_views=views.n_views("test"), dtype=dtype, with_paths=True, extra=extra)
+
+
+def preprocess_for(default: Preprocess, resize: int | None, crop: int | None) -> Preprocess:
+    """``default`` with sizes overridden; one size given alone keeps the default crop/resize ratio."""
+    if resize is None and crop is None:
+        return default
+    ratio = default.crop / default.resize
+    resize = resize if resize is not None else round(crop / ratio)
+    crop = crop if crop is not None else round(resize * ratio)
+    return default.with_sizes(resize, crop)
+
+
+def resume_position(n_written: int, skipped_indices: list[int]) -> int:
+    """Smallest dataset position p with ``p - #(skipped < p) == n_written`` (see the module docstring)."""
+    p = n_written
+    for i in sorted(skipped_indices):
+        if i < p:
+            p += 1
+        else:
+            break
+    return p
+
+
+class FeatureModel:
+    """Backbone on a device: uint8 views (B, P, 3, c, c) -> float32 numpy features (B, P, D)."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, amp: bool = True):
+        self.backbone = backbone
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.amp = amp and self.cuda
+        model = backbone.model.to(device).eval()
+        if self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, views: torch.Tensor) -> np.ndarray:
+        b, p = views.shape[:2]
+        x = views.to(self.device, non_blocking=True).flatten(0, 1)
+        x = self.backbone.preprocess.normalize(x)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            feats = self.model(x)
+        return feats.float().reshape(b, p, -1).cpu().numpy()
+
+
+def _refuse_complete(out: Path) -> None:
+    if not out.is_file():
+        return
+    try:
+        with h5py.File(out, "r") as f:
+            complete = bool(f.attrs.get(S.ATTR_COMPLETE, False))
+    except OSError:
+        return  # not HDF5: CacheWriter reports it
+    if complete:
+        raise CacheExistsError(out, "a complete cache already exists here; pass --overwrite to replace it")
+
+
+def _read_skipped(writer: CacheWriter) -> list[dict]:
+    return list(writer.extra().get("skipped", []))
+
+
+def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: DatasetIndex | None = None,
+        backbone: Backbone | None = None) -> ExtractResult:
+    """Extract features of ``cfg.dataset`` into ``cfg.out`` (resuming an incomplete file); return a summary.
+
+    ``index``/``backbone`` may be passed prebuilt (tests, benchmarks); by default they come from ``cfg``.
+    Raises DvmlError for a bad root, bad weights, a bad image (unless ``skip_bad``), an existing complete
+    output (unless ``overwrite``) or an incomplete one written with other settings.
+    """
+    t0 = time.perf_counter()
+    if not cfg.overwrite:
+        _refuse_complete(cfg.out)  # before the slow part (model build); CacheWriter checks again
+    index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
+    backbone = backbone or build_backbone(cfg.weights, transform_input=cfg.transform_input)
+    pre = preprocess_for(backbone.preprocess, cfg.resize, cfg.crop)
+    backbone = replace(backbone, preprocess=pre)
+    view_spec = ViewSpec(crop=pre.crop, train_views=cfg.views, test_flip=cfg.test_flip, seed=cfg.seed)
+    device = cfg.torch_device()
+    spec = make_spec(index, backbone, view_spec, cfg.dtype, cfg.seed)
+    model = FeatureModel(backbone, device, cfg.amp)
+    log.info("extracting %s (%d train / %d test images, %s) with %d view(s) at %d/%d on %s into %s",
+             index.name, len(index.train), len(index.test), index.split_rule, cfg.views, pre.resize, pre.crop,
+             device, cfg.out)
+    processed = 0
+    with CacheWriter(cfg.out, spec, overwrite=cfg.overwrite) as writer:
+        writer.set_extra(root=str(index.root.resolve()), device=str(device), amp=model.amp)
+        skipped = _read_skipped(writer)
+        for split in S.SPLITS:
+            samples = index.split(split)
+            mine = [s for s in skipped if s["split"] == split]
+            start = resume_position(writer.n_written(split), [s["index"] for s in mine])
+            stale = [s for s in mine if s["index"] >= start]  # listed, but their batch never landed
+            if stale:
+                skipped = [s for s in skipped if s not in stale]
+                writer.set_extra(skipped=skipped)
+            if start:
+                log.info("%s: resuming at image %d of %d", split, start, len(samples))
+            if progress is not None:
+                progress(split, start, len(samples))
+            if start >= len(samples):
+                continue
+            dataset = ViewDataset(index.root, samples, split, pre, view_spec)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=range(start, len(samples)),
+                                num_workers=cfg.workers, collate_fn=collate_views, pin_memory=model.cuda,
+                                worker_init_fn=worker_init if cfg.workers else None,
+                                prefetch_factor=4 if cfg.workers else None)
+            for batch in loader:
+                ok = np.array([not e for e in batch["errors"]])
+                if not ok.all():
+                    bad = [(int(i), err) for i, err, good in zip(batch["index"], batch["errors"], ok, strict=True)
+                           if not good]
+                    if not cfg.skip_bad:
+                        raise DvmlError(f"{bad[0][1]} (pass --skip-bad to skip unreadable images; "
+                                        "rerun to resume)")
+                    for i, err in bad:
+                        log.warning("skipped: %s", err)
+                        skipped.append({"split": split, "index": i, "path": samples[i].path, "error": err})
+                    writer.set_extra(skipped=skipped)  # before the append: see the module docstring
+                views = batch["views"][torch.from_numpy(ok)] if not ok.all() else batch["views"]
+                if len(views):
+                    feats = model(views)
+                    if not np.isfinite(feats).all():
+                        raise DvmlError(f"{split}: the backbone produced NaN/inf features for images "
+                                        f"{samples[int(batch['index'][0])].path} ...; check --weights")
+                    idx = batch["index"].numpy()[ok]
+                    writer.append(split, feats, batch["labels"].numpy()[ok], [samples[i].path for i in idx])
+                processed += len(ok)
+                if progress is not None:
+                    progress(split, int(batch["index"][-1]) + 1, len(samples))
+        writer.set_extra(skipped=skipped)
+        n_train, n_test = writer.n_written(S.TRAIN), writer.n_written(S.TEST)
+        path = writer.finalize()
+    seconds = time.perf_counter() - t0
+    log.info("wrote %s: %d train x %d views, %d test x %d views, %d skipped, %.1f s",
+             path, n_train, cfg.views, n_test, view_spec.n_views("test"), len(skipped), seconds)
+    return ExtractResult(path=path, n_train=n_train, n_test=n_test, skipped=skipped, seconds=seconds,
+                         images_processed=processed)

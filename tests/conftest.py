@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny image datasets written in their OFFICIAL on-disk formats into ``tmp_path``.
+
+Each fixture returns the dataset root. Images are small seeded noise-and-gradient JPEGs (a few PNGs in
+the folder set) of varying sizes (64x80 landscape, 80x64 portrait), so resize and crop paths are
+exercised. Class ids follow the real datasets' split rules, so the split code runs unchanged:
+
+* ``tiny_cub``: classes 1, 2, 3 (train) and 101, 102, 103 (test), 3 images each; ``images.txt``,
+  ``image_class_labels.txt``, ``classes.txt``, ``train_test_split.txt``, ``images/<NNN.Name>/<file>.jpg``.
+* ``tiny_cars196``: classes 1, 2, 3 and 99, 100, 101, 3 images each; ``cars_annos.mat`` written by
+  ``scipy.io.savemat`` with the real struct fields (``relative_im_path``, ``bbox_x1..bbox_y2``, ``class``,
+  ``test``) and ``class_names``; images under ``car_ims/``.
+* ``tiny_sop``: ``Ebay_train.txt`` (classes 1-3) / ``Ebay_test.txt`` (classes 4-6) with the real header,
+  2 images per class under ``<super>_final/``.
+* ``tiny_folder``: ``<root>/<class>/<image>`` with 4 classes x 3 images (first 2 classes train).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SIZES = ((80, 64), (64, 80), (72, 72))  # (width, height)
+
+
+def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (80, 64)) -> Path:
+    """A seeded image (smooth gradient + noise, so crops differ) at ``path``; format from the suffix."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.uniform(0, 255, 3)[None, None, :] * (0.5 + 0.5 * np.sin(xx / rng.uniform(3, 9))[..., None])
+    noisy = base + rng.normal(0, 40, (h, w, 3)) + (yy[..., None] * rng.uniform(-1, 1, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def _images_per_class(rng, n: int):
+    return [SIZES[int(rng.integers(len(SIZES)))] for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_cub(tmp_path) -> Path:
+    root = tmp_path / "CUB_200_2011"
+    rng = np.random.default_rng(1)
+    images, labels, classes, split = [], [], [], []
+    img_id = 0
+    for cls in (1, 2, 3, 101, 102, 103):
+        name = f"{cls:03d}.Bird_{cls}"
+        classes.append(f"{cls} {name}")
+        for k, size in enumerate(_images_per_class(rng, 3)):
+            img_id += 1
+            rel = f"{name}/Bird_{cls}_{k:04d}.jpg"
+            write_image(root / "images" / rel, rng, size)
+            images.append(f"{img_id} {rel}")
+            labels.append(f"{img_id} {cls}")
+            split.append(f"{img_id} {int(k % 2 == 0)}")
+    for fname, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("classes.txt", classes),
+                         ("train_test_split.txt", split)):
+        (root / fname).write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_cars196(tmp_path) -> Path:
+    import scipy.io
+
+    root = tmp_path / "cars196"
+    rng = np.random.default_rng(2)
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    records = []
+    n = 0
+    for cls in (1, 2, 3, 99, 100, 101):
+        for size in _images_per_class(rng, 3):
+            n += 1
+            rel = f"car_ims/{n:06d}.jpg"
+            write_image(root / rel, rng, size)
+            records.append((rel, 1.0, 2.0, float(size[0] - 2), float(size[1] - 1), float(cls), float(n % 2)))
+    ann = np.zeros((1, len(records)), dtype=[(f, object) for f in fields])  # MATLAB 1xN struct array
+    for i, rec in enumerate(records):
+        for f, v in zip(fields, rec, strict=True):
+            ann[0, i][f] = np.array([[v]]) if isinstance(v, float) else v
+    class_names = np.empty((1, 196), dtype=object)
+    class_names[0, :] = [f"Make Model {i + 1} 2012" for i in range(196)]
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": ann, "class_names": class_names})
+    return root
+
+
+@pytest.fixture
+def tiny_sop(tmp_path) -> Path:
+    root = tmp_path / "Stanford_Online_Products"
+    rng = np.random.default_rng(3)
+    header = "image_id class_id super_class_id path"
+    img_id = 0
+    for split, class_ids in (("train", (1, 2, 3)), ("test", (4, 5, 6))):
+        lines = [header]
+        for cls in class_ids:
+            sup = 1 + cls % 2
+            for k, size in enumerate(_images_per_class(rng, 2)):
+                img_id += 1
+                rel = f"{('bicycle', 'chair')[sup - 1]}_final/{111085122870 + cls}_{k}.JPG"
+                write_image(root / rel, rng, size)
+                lines.append(f"{img_id} {cls} {sup} {rel}")
+        (root / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(4)
+    for c, name in enumerate(("ant", "bee", "cat", "dog")):
+        for k, size in enumerate(_images_per_class(rng, 3)):
+            write_image(root / name / f"{k}.{'png' if (c + k) % 4 == 3 else 'jpg'}", rng, size)
+    return root
+
+
+@pytest.fixture
+def image_writer():
+    """The seeded image writer ``write_image(path, rng, size=(w, h)) -> path`` for tests that need one image."""
+    return write_image
