@@ -1,3 +1,112 @@
-"""Commands of this stage are registered here (see dvml.cli.app)."""
+"""``dvml fit-heads CACHE.h5 --out RUN_DIR``: train the DVML heads on cached features (see :mod:`dvml.heads`)."""
 
-from dvml.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import TextColumn
+
+from dvml.cli.app import app, console, err_console, handle_errors, make_progress
+from dvml.heads.config import DeviceChoice, FitConfig, LossName, Reduction
+
+
+def _lambdas(text: str, option: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} must be four comma-separated numbers (KL, recon, Lm(z_hat), Lm(z_I)), "
+                         f"got {text!r}") from None
+    if len(values) != 4:
+        raise ValueError(f"{option} must be four comma-separated numbers (KL, recon, Lm(z_hat), Lm(z_I)), "
+                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _fmt(lams) -> str:
+    return ",".join(f"{v:g}" for v in lams)
+
+
+def _terms(record: dict) -> str:
+    keys = (("total", "L"), ("kl", "kl"), ("recon", "rec"), ("metric_invariant", "Lm(zI)"),
+            ("metric_synthetic", "Lm(ẑ)"))
+    text = " ".join(f"{short} {record[k]:.4g}" for k, short in keys if k in record)
+    for k in ("test_recall@1", "val_recall@1"):
+        if k in record:
+            text += f" {k.replace('_recall@1', ' R@1')} {record[k]:.3f}"
+    return text
+
+
+@app.command("fit-heads")
+@handle_errors
+def fit_heads_cmd(
+    cache: Path = typer.Argument(..., help="HDF5 feature cache (dvml extract / dvml synth)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (heads.pt, config.json, log.jsonl)."),
+    loss: LossName = typer.Option(FitConfig.loss, help="Metric loss Lm."),
+    dvml: bool = typer.Option(FitConfig.dvml, "--dvml/--no-dvml",
+                              help="--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."),
+    embedding_size: int = typer.Option(FitConfig.embedding_size, help="Embedding size E (z_I, mu, log sigma^2)."),
+    decoder_hidden: int = typer.Option(FitConfig.decoder_hidden, help="Decoder hidden width."),
+    samples: int = typer.Option(FitConfig.samples, "--samples", "-T", help="T: z_V draws per image and step."),
+    epochs: int = typer.Option(FitConfig.epochs, help="Training epochs (N_train // batch-size batches each)."),
+    phase2_epoch: int = typer.Option(FitConfig.phase2_epoch,
+                                     help="First (0-based) epoch of phase 2 (decoder gradient reaches z_I); "
+                                          ">= --epochs keeps phase 1."),
+    kl_warmup_epochs: int = typer.Option(FitConfig.kl_warmup_epochs,
+                                         help="KL weight rises linearly from 0 over this many epochs (0 = off)."),
+    lambdas_phase1: str = typer.Option(_fmt(FitConfig.lambdas_phase1),
+                                       help="Phase-1 weights: KL, recon, Lm(z_hat), Lm(z_I)."),
+    lambdas_phase2: str = typer.Option(_fmt(FitConfig.lambdas_phase2),
+                                       help="Phase-2 weights: KL, recon, Lm(z_hat), Lm(z_I)."),
+    reduction: Reduction = typer.Option(FitConfig.reduction,
+                                        help="KL over E and recon over D: sum (the paper's eqs. 8-9) or mean."),
+    lr: float = typer.Option(FitConfig.lr, help="Adam learning rate of the heads."),
+    proxy_lr: float = typer.Option(None, help="Learning rate of a proxy loss's proxies [default: 100 x --lr]."),
+    weight_decay: float = typer.Option(FitConfig.weight_decay, help="Adam weight decay on the heads."),
+    batch_size: int = typer.Option(None, help="Images per batch [default: 120 for triplet, 128 otherwise]."),
+    per_class: int = typer.Option(None, help="Images per class in a batch [default: 2 for npair, 4 otherwise]."),
+    seed: int = typer.Option(FitConfig.seed, help="Seed (initialisation, batches, views, z_V noise)."),
+    device: DeviceChoice = typer.Option(FitConfig.device, help="auto = CUDA when available."),
+    eval_every: int = typer.Option(FitConfig.eval_every,
+                                   help="Log test Recall@1 (watch only) every N epochs and at the end; 0 = never."),
+    val_classes: int = typer.Option(FitConfig.val_classes,
+                                    help="Hold out K training classes; report the epoch best on them "
+                                         "(default: the last epoch)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+):
+    """Train the DVML heads (z_I, mu, log sigma^2, decoder) on cached features with the four-term loss."""
+    from dvml.heads import fit  # lazily: torch is heavy and other commands do not need it
+
+    cfg = FitConfig(cache=cache, out=out, loss=loss, dvml=dvml, embedding_size=embedding_size,
+                    decoder_hidden=decoder_hidden, samples=samples, epochs=epochs, phase2_epoch=phase2_epoch,
+                    kl_warmup_epochs=kl_warmup_epochs,
+                    lambdas_phase1=_lambdas(lambdas_phase1, "--lambdas-phase1"),
+                    lambdas_phase2=_lambdas(lambdas_phase2, "--lambdas-phase2"),
+                    reduction=reduction, lr=lr, proxy_lr=proxy_lr, weight_decay=weight_decay,
+                    batch_size=batch_size, per_class=per_class, seed=seed, device=device, eval_every=eval_every,
+                    val_classes=val_classes, resume=resume, overwrite=overwrite)
+    state = {"last": None, "epoch": 0}
+    with make_progress("step", TextColumn("{task.fields[terms]}")) as progress:
+        task = progress.add_task("fit-heads", total=None, rate="", terms="")
+
+        def callback(ev):
+            if ev.kind == "start":
+                progress.update(task, total=ev.epochs * ev.steps, completed=ev.epoch * ev.steps,
+                                description=f"epoch {ev.epoch + 1}/{ev.epochs}")
+            elif ev.kind == "step":
+                progress.advance(task, 1)
+            elif ev.kind == "epoch":
+                state["last"], state["epoch"] = ev.record, ev.epoch
+                progress.update(task, description=f"epoch {min(ev.epoch + 1, ev.epochs)}/{ev.epochs}",
+                                terms=_terms(ev.record))
+
+        try:
+            run_dir = fit(cfg, callback=callback)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]interrupted[/] after epoch {state['epoch']}: rerun the same command with "
+                              "--resume to continue")
+            raise typer.Exit(130) from None
+    if state["last"] is not None:
+        console.print(f"epoch {state['epoch']}: {_terms(state['last'])}", highlight=False)
+    console.print(f"wrote {run_dir}")

@@ -1,0 +1,238 @@
+"""Configuration of a heads fit: :class:`FitConfig` (frozen, validated once) and the λ/phase schedule.
+
+The paper's settings (section 3.5) are the defaults: embedding size 512, T = 20 synthetic draws, Adam with
+lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, batch 120 for the triplet loss
+("triplet input") and 128 for every other loss. What the paper leaves open has a documented default here:
+when phase 2 starts (``phase2_epoch``), the KL warm-up (λ1 ramped linearly from 0 over the first
+``kl_warmup_epochs`` epochs, as in the implementation summary ``000_…``), the number of epochs, the
+images per class in a batch, and the proxies' learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple
+
+
+class LossName(str, Enum):
+    """Metric losses selectable by name (see :mod:`dvml.heads.metric_losses`)."""
+
+    triplet = "triplet"  # paper eq. 2: squared euclidean distance, margin
+    npair = "npair"  # paper eq. 3: N-pair, dot-product logits, 2 images per class
+    triplet_dws = "triplet-dws"  # paper eq. 4: non-squared distance, distance-weighted sampling
+    contrastive = "contrastive"
+    lifted = "lifted"
+    angular = "angular"
+    proxy_nca = "proxy-nca"
+    multi_similarity = "multi-similarity"
+    proxy_anchor = "proxy-anchor"
+    dr_triplet = "dr-triplet"  # direction-regularised triplet (dvml.heads.dr_losses)
+    dr_proxy_nca = "dr-proxy-nca"  # direction-regularised Proxy-NCA (dvml.heads.dr_losses)
+    proxy_nca_pp = "proxy-nca-pp"  # Proxy-NCA++ (dvml.heads.dr_losses)
+
+
+PROXY_LOSSES = frozenset({LossName.proxy_nca, LossName.proxy_anchor, LossName.dr_proxy_nca,
+                          LossName.proxy_nca_pp})
+
+
+class Reduction(str, Enum):
+    """How the two variational terms are reduced over their vector dimension (KL over E, recon over D)."""
+
+    sum = "sum"  # the paper's eqs. 8-9: KL summed over E, ‖x − x̂‖² summed over D
+    mean = "mean"  # both divided by their dimension: per-dimension KL and mean squared error
+
+
+class DeviceChoice(str, Enum):
+    """Where the features live and the heads train: ``auto`` = CUDA when available, else CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Lambdas(NamedTuple):
+    """Weights of the four DVML terms at one step, and whether the decoder's gradient is stopped.
+
+    kl: λ1 (KL, after warm-up), recon: λ2, synthetic: λ3 (Lm(ẑ)), invariant: λ4 (Lm(z_I)).
+    stop_recon_grad: phase 1 — the reconstruction gradient does not reach the embedding layer.
+    """
+
+    kl: float
+    recon: float
+    synthetic: float
+    invariant: float
+    stop_recon_grad: bool
+    phase: int
+
+
+PHASE1_LAMBDAS = (1.0, 1.0, 0.1, 1.0)
+PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
+
+# Fields that control how a run is executed, not what is trained: they may differ on --resume and are
+# not part of the recorded model config.
+CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs"})
+
+
+def default_batch_size(loss: LossName) -> int:
+    """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
+    return 120 if loss is LossName.triplet else 128
+
+
+def default_per_class(loss: LossName) -> int:
+    """Images per class in a batch: N-pair needs exactly its pairs (2); 4 otherwise."""
+    return 2 if loss is LossName.npair else 4
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything a heads fit depends on. Validated in ``__post_init__``; ``None`` fields get resolved.
+
+    Attributes:
+        cache: HDF5 feature cache (train split for fitting, test split for the watch-only Recall@1).
+        out: run directory (created).
+        loss: metric loss Lm.
+        dvml: False = the baseline: the same embedding layer trained with Lm(z_I) alone (``--no-dvml``).
+        embedding_size: E, size of z_I, μ and log σ².
+        decoder_hidden: hidden width of the two-layer decoder (the paper: 512).
+        samples: T, reparameterised draws of z_V per image and step.
+        epochs: training epochs; one epoch = ``N_train // batch_size`` class-balanced batches.
+        phase2_epoch: first (0-based) epoch of phase 2 (decoder gradient released); ``>= epochs``
+            keeps phase 1 throughout.
+        kl_warmup_epochs: λ1 rises linearly from 0 to its phase value over this many epochs (0 = off).
+        lambdas_phase1 / lambdas_phase2: (λ1 KL, λ2 recon, λ3 Lm(ẑ), λ4 Lm(z_I)).
+        reduction: ``mean`` (default) = KL averaged over E and ‖x − x̂‖² over D; ``sum`` = both summed (the
+            letter of the paper's eqs. 8-9). Why ``mean`` is the default: with sums the reconstruction term is
+            O(100) (‖x‖² of 1024-D pooled features) against O(0.1-1) metric terms, and once phase 2 lets it
+            reach z_I it swamps the metric loss — on a synth world test Recall@1 fell from 0.64 to 0.09 within
+            a few phase-2 epochs, while ``mean`` kept 0.63. Per-dimension means keep the ratio of the two
+            variational terms within a factor E/D of the paper's and make all four terms commensurate.
+        lr: Adam learning rate of the heads (the paper: 1e-4).
+        proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
+            proxies start random and must move far faster than the heads).
+        weight_decay: Adam weight decay (L2) on the heads (not on proxies).
+        batch_size: images per batch; ``None`` = 120 for triplet, 128 otherwise (the paper).
+        per_class: images per class in a batch; ``None`` = 2 for npair, 4 otherwise.
+        seed: seeds initialisation, batches, views and the z_V noise.
+        device: auto | cpu | cuda.
+        eval_every: every this many epochs (and at the last), log test Recall@1 (watch only) and, with
+            ``val_classes``, validation Recall@1; 0 = never.
+        val_classes: carve this many classes out of the *training* classes as a validation split; the
+            reported model is then the epoch with the best validation Recall@1 (otherwise the last epoch).
+            Never selects on test classes.
+        resume: continue an interrupted run in ``out``.
+        overwrite: replace a run already in ``out``.
+    """
+
+    cache: Path
+    out: Path
+    loss: LossName = LossName.triplet
+    dvml: bool = True
+    embedding_size: int = 512
+    decoder_hidden: int = 512
+    samples: int = 20
+    epochs: int = 60
+    phase2_epoch: int = 30
+    kl_warmup_epochs: int = 30
+    lambdas_phase1: tuple[float, float, float, float] = PHASE1_LAMBDAS
+    lambdas_phase2: tuple[float, float, float, float] = PHASE2_LAMBDAS
+    reduction: Reduction = Reduction.mean
+    lr: float = 1e-4
+    proxy_lr: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int | None = None
+    per_class: int | None = None
+    seed: int = 0
+    device: DeviceChoice = DeviceChoice.auto
+    eval_every: int = 5
+    val_classes: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        s = object.__setattr__
+        s(self, "cache", Path(self.cache))
+        s(self, "out", Path(self.out))
+        try:
+            s(self, "loss", LossName(self.loss))
+        except ValueError:
+            raise ValueError(f"--loss must be one of {', '.join(m.value for m in LossName)}, "
+                             f"got {self.loss!r}") from None
+        try:
+            s(self, "reduction", Reduction(self.reduction))
+        except ValueError:
+            raise ValueError(f"--reduction must be sum or mean, got {self.reduction!r}") from None
+        try:
+            s(self, "device", DeviceChoice(self.device))
+        except ValueError:
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}") from None
+        for name in ("embedding_size", "decoder_hidden", "samples", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("phase2_epoch", "kl_warmup_epochs", "eval_every", "val_classes"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lambdas_phase1", "lambdas_phase2"):
+            lam = tuple(float(v) for v in getattr(self, name))
+            if len(lam) != 4 or any(v < 0 for v in lam):
+                raise ValueError(f"{name} must be four non-negative weights (KL, recon, Lm(z_hat), Lm(z_I)), "
+                                 f"got {getattr(self, name)}")
+            s(self, name, lam)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        s(self, "proxy_lr", float(self.proxy_lr) if self.proxy_lr is not None else 100.0 * self.lr)
+        if not self.proxy_lr > 0:
+            raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
+        s(self, "batch_size", int(self.batch_size) if self.batch_size is not None
+          else default_batch_size(self.loss))
+        s(self, "per_class", int(self.per_class) if self.per_class is not None else default_per_class(self.loss))
+        if self.per_class < 2:
+            raise ValueError(f"per_class must be >= 2 (a batch needs positives), got {self.per_class}")
+        if self.loss is LossName.npair and self.per_class != 2:
+            raise ValueError(f"the npair loss takes exactly 2 images per class (its pairs), got per_class="
+                             f"{self.per_class}")
+        if self.batch_size < 2 * self.per_class or self.batch_size % self.per_class:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
+                             "covering at least 2 classes")
+        if self.val_classes and not self.eval_every:
+            raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
+
+    # -- derived -----------------------------------------------------------------------------------------
+    @property
+    def classes_per_batch(self) -> int:
+        return self.batch_size // self.per_class
+
+    def lambdas(self, epoch: float) -> Lambdas:
+        """The weights at (fractional, 0-based) training time ``epoch`` = epoch index + fraction done.
+
+        Phase 2 from ``phase2_epoch`` on; λ1 multiplied by ``min(1, epoch / kl_warmup_epochs)``.
+        """
+        phase = 2 if epoch >= self.phase2_epoch else 1
+        k, r, syn, inv = self.lambdas_phase2 if phase == 2 else self.lambdas_phase1
+        warm = 1.0 if self.kl_warmup_epochs == 0 else min(1.0, max(0.0, epoch) / self.kl_warmup_epochs)
+        return Lambdas(k * warm, r, syn, inv, stop_recon_grad=phase == 1, phase=phase)
+
+    # -- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain-python dict (paths and enums as strings) of every field but the private ones."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, Enum):
+                d[k] = v.value
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def model_dict(self) -> dict:
+        """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""
+        return {k: v for k, v in self.to_dict().items() if k not in CONTROL_FIELDS and k not in ("cache", "out")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FitConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})

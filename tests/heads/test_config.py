@@ -1,0 +1,68 @@
+"""FitConfig validation, defaults from the paper, and the phase/λ schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from dvml.heads.config import PHASE1_LAMBDAS, PHASE2_LAMBDAS, FitConfig, LossName
+
+
+def cfg(**kw):
+    return FitConfig(cache="c.h5", out="run", **kw)
+
+
+def test_paper_defaults():
+    c = cfg()
+    assert (c.embedding_size, c.samples, c.lr) == (512, 20, 1e-4)
+    assert c.lambdas_phase1 == (1.0, 1.0, 0.1, 1.0) and c.lambdas_phase2 == (0.8, 1.0, 0.2, 0.8)
+    assert c.batch_size == 120 and cfg(loss="npair").batch_size == 128 and cfg(loss="proxy-nca").batch_size == 128
+    assert cfg(loss="npair").per_class == 2 and c.per_class == 4
+    assert c.proxy_lr == pytest.approx(100 * c.lr)
+    assert c.loss is LossName.triplet
+
+
+def test_phase2_lambdas_differ_from_phase1():
+    """Deviation 4 of public reimplementations: phase-2 λs left at the phase-1 values."""
+    c = cfg(phase2_epoch=10, kl_warmup_epochs=0)
+    p1, p2 = c.lambdas(9.99), c.lambdas(10.0)
+    assert (p1.kl, p1.recon, p1.synthetic, p1.invariant) == PHASE1_LAMBDAS and p1.phase == 1 and p1.stop_recon_grad
+    assert (p2.kl, p2.recon, p2.synthetic, p2.invariant) == PHASE2_LAMBDAS and p2.phase == 2
+    assert not p2.stop_recon_grad
+    assert PHASE1_LAMBDAS != PHASE2_LAMBDAS
+
+
+def test_kl_warmup_is_linear_then_flat():
+    c = cfg(kl_warmup_epochs=30, phase2_epoch=100)
+    assert c.lambdas(0).kl == 0.0
+    assert c.lambdas(15).kl == pytest.approx(0.5)
+    assert c.lambdas(30).kl == pytest.approx(1.0) and c.lambdas(80).kl == pytest.approx(1.0)
+    assert c.lambdas(15).recon == 1.0  # only λ1 is annealed
+    c2 = cfg(kl_warmup_epochs=30, phase2_epoch=20)
+    assert c2.lambdas(25).kl == pytest.approx(0.8 * 25 / 30)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss="nope"), "--loss"),
+    (dict(loss="npair", per_class=4), "npair"),
+    (dict(batch_size=30, per_class=4), "multiple of per_class"),
+    (dict(per_class=1), "per_class"),
+    (dict(samples=0), "samples"),
+    (dict(lr=0), "lr"),
+    (dict(lambdas_phase1=(1, 1, 1)), "lambdas_phase1"),
+    (dict(lambdas_phase2=(1, 1, -1, 1)), "lambdas_phase2"),
+    (dict(device="tpu"), "--device"),
+    (dict(val_classes=5, eval_every=0), "val_classes"),
+    (dict(reduction="max"), "--reduction"),
+])
+def test_invalid_options_name_the_option(kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(**kw)
+
+
+def test_dict_round_trip_and_model_dict():
+    c = cfg(loss="proxy-anchor", epochs=7, val_classes=3)
+    d = c.to_dict()
+    assert d["loss"] == "proxy-anchor" and d["cache"] == "c.h5" and isinstance(d["lambdas_phase1"], list)
+    assert FitConfig.from_dict(d) == c
+    md = c.model_dict()
+    assert "epochs" not in md and "resume" not in md and "cache" not in md and md["val_classes"] == 3

@@ -1,0 +1,51 @@
+"""`dvml fit-heads` end to end through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dvml.cli import app
+
+runner = CliRunner()
+FAST = ["--embedding-size", "16", "--decoder-hidden", "16", "-T", "3", "--batch-size", "16", "--lr", "3e-3",
+        "--phase2-epoch", "1", "--kl-warmup-epochs", "1", "--eval-every", "1"]
+
+
+def test_fit_heads_end_to_end(tmp_path):
+    cache = tmp_path / "w.h5"
+    r = runner.invoke(app, ["synth", str(cache), "--classes", "16", "--images-per-class", "8", "--views", "2",
+                            "--feature-dim", "32", "--class-dim", "16"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--epochs", "2", "--loss", "npair",
+                            "--batch-size", "8", *FAST[:6], *FAST[8:]])
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.output and "test R@1" in r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["loss"] == "npair" and cfg["config"]["per_class"] == 2 and cfg["status"] == "finished"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    again = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--epochs", "2"])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+    base = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "base"), "--no-dvml", "--epochs",
+                               "1", *FAST, "--lambdas-phase2", "0.5,1,0.3,0.5"])
+    assert base.exit_code == 0, base.output
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert cfg["config"]["dvml"] is False and cfg["config"]["lambdas_phase2"] == [0.5, 1.0, 0.3, 0.5]
+
+
+def test_fit_heads_errors_are_one_line(tmp_path):
+    r = runner.invoke(app, ["fit-heads", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "error:" in r.output and "missing.h5" in r.output
+    r = runner.invoke(app, ["fit-heads", "x.h5", "--out", str(tmp_path / "r"), "--lambdas-phase1", "1,2"])
+    assert r.exit_code == 1 and "--lambdas-phase1" in r.output
+
+
+def test_help_shows_the_paper_defaults():
+    r = runner.invoke(app, ["fit-heads", "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    for text in ("--no-dvml", "--resume", "--overwrite", "--val-classes", "1,1,0.1,1", "0.8,1,0.2,0.8", "0.0001"):
+        assert text in r.output, text

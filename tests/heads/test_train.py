@@ -1,0 +1,189 @@
+"""fit(): learning on a synth world, determinism, resume, NaN handling, the run directory, embed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dvml.cache import Split, fingerprint, load_split
+from dvml.errors import DvmlError
+from dvml.evaluate import evaluate_embeddings
+from dvml.heads import FitConfig, embed, fit, load_checkpoint, load_run
+from dvml.heads import loss as loss_module
+from dvml.heads.run import read_log
+
+FAST = dict(embedding_size=16, decoder_hidden=16, samples=3, batch_size=16, per_class=4, lr=3e-3,
+            kl_warmup_epochs=1, phase2_epoch=1, eval_every=0)
+
+
+def _cfg(cache, out, **kw):
+    return FitConfig(cache=cache, out=out, **{**FAST, **kw})
+
+
+def _r1(emb, labels):
+    return evaluate_embeddings(emb, labels, ks=(1,), clustering=False)["recall@1"]
+
+
+@pytest.mark.parametrize("dvml", [False, True])
+def test_short_fit_raises_test_recall_well_above_raw_features(small_cache, tmp_path, dvml):
+    test = load_split(small_cache, "test", views=[0])
+    raw = _r1(test.features[:, 0], test.labels)
+    cfg = FitConfig(cache=small_cache, out=tmp_path / "run", dvml=dvml, embedding_size=32, decoder_hidden=32,
+                    samples=4, batch_size=32, lr=3e-3, epochs=6, phase2_epoch=3, kl_warmup_epochs=2, eval_every=3)
+    run_dir = fit(cfg)
+    learned = _r1(embed(run_dir, test.features[:, 0]), test.labels)
+    assert learned > raw + 0.1, (raw, learned)
+    logged = [r["test_recall@1"] for r in read_log(run_dir) if "test_recall@1" in r]
+    assert len(logged) == 2 and logged[-1] == pytest.approx(learned, abs=1e-6)
+
+
+def test_same_seed_gives_identical_runs_and_another_seed_does_not(tiny_cache, tmp_path):
+    runs = [fit(_cfg(tiny_cache, tmp_path / name, epochs=2, seed=seed)) for name, seed in
+            (("a", 0), ("b", 0), ("c", 1))]
+    a, b, c = (load_checkpoint(r)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embedding.weight"], c["embedding.weight"])
+    assert [r["total"] for r in read_log(runs[0])] == [r["total"] for r in read_log(runs[1])]
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_cache, tmp_path):
+    full = fit(_cfg(tiny_cache, tmp_path / "full", epochs=4, loss="triplet-dws"))
+
+    def stop_after_2(ev):
+        if ev.kind == "epoch" and ev.epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(_cfg(tiny_cache, tmp_path / "cut", epochs=4, loss="triplet-dws"), callback=stop_after_2)
+    ck = load_checkpoint(tmp_path / "cut")
+    assert ck["epochs_done"] == 2 and not ck["finished"] and load_run(tmp_path / "cut").status == "running"
+    with pytest.raises(DvmlError, match="--resume"):
+        fit(_cfg(tiny_cache, tmp_path / "cut", epochs=4, loss="triplet-dws"))
+    resumed = fit(_cfg(tiny_cache, tmp_path / "cut", epochs=4, loss="triplet-dws", resume=True))
+    a, b = load_checkpoint(full), load_checkpoint(resumed)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["epoch"] for r in read_log(resumed)] == [1, 2, 3, 4]
+    assert [r["total"] for r in read_log(resumed)] == [r["total"] for r in read_log(full)]
+    assert b["finished"] and load_run(resumed).status == "finished"
+
+
+def test_resume_with_another_config_is_refused(tiny_cache, tmp_path):
+    fit(_cfg(tiny_cache, tmp_path / "r", epochs=1))
+    with pytest.raises(DvmlError, match="samples"):
+        fit(_cfg(tiny_cache, tmp_path / "r", epochs=2, samples=5, resume=True))
+    more = fit(_cfg(tiny_cache, tmp_path / "r", epochs=2, resume=True))  # more epochs is allowed
+    assert load_checkpoint(more)["epochs_done"] == 2
+
+
+def test_finished_run_needs_overwrite(tiny_cache, tmp_path):
+    fit(_cfg(tiny_cache, tmp_path / "r", epochs=1))
+    with pytest.raises(DvmlError, match="--overwrite"):
+        fit(_cfg(tiny_cache, tmp_path / "r", epochs=1))
+    (tmp_path / "r" / "metrics.json").write_text("{}")
+    fit(_cfg(tiny_cache, tmp_path / "r", epochs=1, seed=3, overwrite=True))
+    assert load_checkpoint(tmp_path / "r")["seed"] == 3
+    assert not (tmp_path / "r" / "metrics.json").exists()  # stale metrics of the replaced run are gone
+
+
+def test_nan_features_stop_with_an_error_naming_epoch_and_step(tiny_cache, tmp_path):
+    train = load_split(tiny_cache, "train")
+    bad = Split(features=np.full_like(train.features, np.nan), labels=train.labels)
+    with pytest.raises(DvmlError, match=r"non-finite loss at epoch 1, step 1 of"):
+        fit(_cfg(tiny_cache, tmp_path / "nan", epochs=2), train=bad)
+    assert not (tmp_path / "nan" / "heads.pt").exists()
+
+
+def test_nan_loss_later_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = loss_module.DVMLLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == steps + 3:  # epoch 2, step 3
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    steps = len(load_split(tiny_cache, "train").labels) // FAST["batch_size"]
+    monkeypatch.setattr(loss_module.DVMLLoss, "forward", poisoned)
+    with pytest.raises(DvmlError, match=rf"epoch 2, step 3 of {steps}") as e:
+        fit(_cfg(tiny_cache, tmp_path / "nan", epochs=3))
+    assert "last good checkpoint (epoch 1)" in str(e.value)
+    ck = load_checkpoint(tmp_path / "nan")
+    assert ck["epochs_done"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert [r["epoch"] for r in read_log(tmp_path / "nan")] == [1]
+
+
+def test_run_directory_contract(tiny_cache, tmp_path):
+    run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=2, eval_every=1))
+    ck = torch.load(run_dir / "heads.pt", weights_only=True)
+    for key in ("model", "loss", "config", "cache_fingerprint", "epoch", "versions", "seed", "resume"):
+        assert key in ck
+    assert ck["cache_fingerprint"] == fingerprint(tiny_cache) and ck["epoch"] == 2 and ck["selection"] == "last"
+    assert "state" in ck["resume"]["optimizer"] and set(ck["resume"]["rng"]) >= {"sampler", "noise", "torch"}
+    cj = json.loads((run_dir / "config.json").read_text())
+    assert cj["kind"] == "heads" and cj["cache"] == str(tiny_cache.resolve()) and cj["seed"] == 0
+    assert cj["config"]["samples"] == 3 and cj["cache_fingerprint"] == ck["cache_fingerprint"]
+    info = load_run(run_dir)
+    assert info.kind == "heads" and info.cache == tiny_cache.resolve() and info.config["embedding_size"] == 16
+    log = read_log(run_dir)
+    assert len(log) == 2
+    for r in log:
+        assert {"kl", "recon", "metric_invariant", "metric_synthetic", "total", "test_recall@1", "phase"} <= set(r)
+    assert [r["phase"] for r in log] == [1, 2]
+
+
+def test_embed_uses_z_i_only(tiny_cache, tmp_path):
+    """Deviation 3 of public reimplementations: z_I + z_V used at test time."""
+    run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=1))
+    x = load_split(tiny_cache, "test", views=[0]).features[:, 0]
+    sd = load_checkpoint(run_dir)["model"]
+    expected = x @ sd["embedding.weight"].numpy().T + sd["embedding.bias"].numpy()
+    got = embed(run_dir, x)
+    assert got.dtype == np.float32 and got.shape == (len(x), 16)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DvmlError, match="features must be"):
+        embed(run_dir, x[:, :10])
+
+
+def test_validation_classes_select_the_reported_epoch(tiny_cache, tmp_path):
+    run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=3, eval_every=1, val_classes=3))
+    ck = load_checkpoint(run_dir)
+    log = read_log(run_dir)
+    vals = [r["val_recall@1"] for r in log]
+    assert ck["selection"] == "val" and ck["epoch"] == 1 + int(np.argmax(vals))
+    assert len(ck["train_classes"]) == 12 - 3
+
+
+def test_proxy_loss_trains_its_proxies_in_their_own_group(tiny_cache, tmp_path):
+    run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=1, loss="proxy-nca", proxy_lr=0.05))
+    ck = load_checkpoint(run_dir)
+    proxies = ck["loss"]["metric.loss.proxies"]
+    assert proxies.shape == (12, 16)
+    groups = ck["resume"]["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == 0.05 and groups[0]["lr"] == FAST["lr"]
+    # same seed, proxies (almost) frozen: the trained proxies moved away from their seeded initialisation
+    frozen = fit(_cfg(tiny_cache, tmp_path / "r0", epochs=1, loss="proxy-nca", proxy_lr=1e-12))
+    assert not torch.allclose(load_checkpoint(frozen)["loss"]["metric.loss.proxies"], proxies, atol=1e-3)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tiny_cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(DvmlError, match="--device cuda"):
+        fit(_cfg(tiny_cache, tmp_path / "r", epochs=1, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_matches_the_contract(tiny_cache, tmp_path):
+    run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=2, device="cuda", loss="triplet-dws"))
+    ck = torch.load(run_dir / "heads.pt", weights_only=True, map_location="cpu")
+    assert ck["model"]["embedding.weight"].device.type == "cpu" and ck["finished"]
