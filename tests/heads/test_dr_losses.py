@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 
 from dvml.heads.dr_losses import (
+    COS_EPS,
     PROXY_LR_MULTIPLIER,
     DRProxyNCALoss,
     DRTripletLoss,
@@ -39,7 +40,7 @@ def _val(t: torch.Tensor) -> float:
     return t.detach().item()
 
 
-def _cos(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> float:
+def _cos(u: torch.Tensor, v: torch.Tensor, eps: float = COS_EPS) -> float:
     nu, nv = float(u.norm()), float(v.norm())
     if nu <= eps or nv <= eps:
         return 0.0
@@ -130,6 +131,31 @@ def test_against_pml_triplet_margin_loss_gamma0(seed, margin):
     assert _val(ours_raw) == pytest.approx(_val(ref_raw), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.492])
+@pytest.mark.parametrize("reduction", list(TripletReduction))
+def test_balanced_dense_path_against_gather_path_and_loop(gamma, reduction):
+    """Class-balanced batches (shuffled, 3 classes x 4) take the dense block path; it must equal the
+    gathered listed-triplet path (values and gradients) and the plain loop."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.arange(3).repeat_interleave(4)[torch.randperm(12, generator=g)]
+    z = torch.randn(3, 12, 5, generator=g, dtype=torch.float64)
+    loss = DRTripletLoss(0.278, gamma, reduction=reduction)
+    a, p, n = all_triplet_indices(y)
+    zd, zg = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    dense = loss.forward_batched(zd, y)
+    gather = loss._reduce(loss.triplet_losses(zg, a, p, n), len(a), zg)
+    assert dense.item() == pytest.approx(gather.item(), rel=1e-12)
+    dense.backward()
+    gather.backward()
+    torch.testing.assert_close(zd.grad, zg.grad)
+    nonzero = reduction is TripletReduction.nonzero_mean
+    ref = sum(_loop_dr_triplet(z[t], y, 0.278, gamma, nonzero=nonzero) for t in range(3)) / 3
+    assert dense.item() == pytest.approx(ref, rel=1e-10)
+    if gamma == 0.0 and nonzero:
+        pml = sum(_val(losses.TripletMarginLoss(0.278)(z[t], y)) for t in range(3)) / 3
+        assert dense.item() == pytest.approx(pml, rel=1e-10)
+
+
 def test_against_pml_with_pml_miner_gamma0_and_loop_gamma_nonzero():
     x, y = _batch(3, b=24, e=8, classes=4, dtype=torch.float64)
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
@@ -178,19 +204,20 @@ def test_gradient_moves_on_line_negative_less(n_on, n_off):
 
 
 def test_dr_triplet_degenerate_identical_points_finite_gradients():
-    base = torch.randn(2, 5)
+    base = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
     # identical anchor/positive, negatives identical to anchors, all points identical
     cases = [base[[0, 0, 1, 1]], base[[0, 0, 0, 1]], base[[0, 0, 0, 0]], torch.zeros(4, 5)]
-    y = torch.tensor([0, 0, 1, 1])
-    for pts in cases:
-        for normalize in (True, False):
-            x = pts.clone().requires_grad_(True)
-            loss = DRTripletLoss(normalize_embeddings=normalize)(x, y)
-            loss.backward()
-            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-            xs = pts.expand(3, 4, 5).clone().requires_grad_(True)
-            DRTripletLoss(normalize_embeddings=normalize).forward_batched(xs, y).backward()
-            assert torch.isfinite(xs.grad).all()
+    # balanced labels take the dense path, unbalanced ones the gather path
+    for y, pts, normalize in itertools.product(
+        (torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1])), cases, (True, False)
+    ):
+        x = pts.clone().requires_grad_(True)
+        loss = DRTripletLoss(normalize_embeddings=normalize)(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        xs = pts.expand(3, 4, 5).clone().requires_grad_(True)
+        DRTripletLoss(normalize_embeddings=normalize).forward_batched(xs, y).backward()
+        assert torch.isfinite(xs.grad).all()
 
 
 def test_dr_triplet_batched_equals_loop_over_t():
@@ -215,8 +242,8 @@ def test_dr_triplet_batched_equals_loop_over_t():
 
 def test_dr_triplet_dvml_size_memory_and_grad():
     """T = 20 synthetic batches of 128 with 512-D embeddings (DVML's shapes), 8 classes x 16: 215,040
-    triplets per batch, 4.3M in all; the loss runs on gathered (T, K) tensors and agrees with the
-    per-batch loss on one batch."""
+    triplets per batch, 4.3M in all (the dense class-block path: (20, 8, 16, 16, 128) floats); finite
+    gradients, and the batched loss of one batch agrees with the per-batch loss."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(20, 128, 512, generator=g, requires_grad=True)
     y = torch.arange(8).repeat_interleave(16)

@@ -10,7 +10,9 @@ Every loss here is an ``nn.Module`` with
 Notation: ``x̂ = x / ‖x‖₂`` (``torch.nn.functional.normalize``), ``d(u, v) = ‖u − v‖₂`` (not squared),
 ``cos(u, v) = ⟨u, v⟩ / (‖u‖ ‖v‖)`` with the convention ``cos := 0`` when ``‖u‖ ≤ eps`` or
 ``‖v‖ ≤ eps`` (a zero-length direction has no direction; the term then contributes neither value nor
-gradient, so identical points never give NaN).
+gradient, so identical points never give NaN). Default eps = 1e-3: distances come from one matmul,
+``‖u‖² + ‖v‖² − 2⟨u, v⟩`` (as pml's ``LpDistance`` via ``torch.cdist`` computes them), whose float32
+noise between coincident unit vectors is about √1e-7 ≈ 3e-4; below 1e-3 a direction is noise.
 
 **DR-Triplet** (Mohan et al., "Moving in the Right Direction", CVPR 2020). With ``x`` the (by default
 L2-normalised) embeddings, for each triplet ``(a, p, n)`` (``y_a = y_p``, ``a ≠ p``, ``y_n ≠ y_a``)::
@@ -22,7 +24,8 @@ pushes negatives away perpendicular to the anchor–positive line. The batch los
 over the triplets with ``ℓ > 0`` (``TripletReduction.nonzero_mean``, the reduction of
 pytorch-metric-learning's ``TripletMarginLoss``: its default ``AvgNonZeroReducer``), 0 when there is
 none; ``TripletReduction.mean`` averages over all triplets instead. With γ = 0 and the defaults this is
-exactly pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised embeddings, p = 2, power 1).
+pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised embeddings, p = 2, power 1), up to
+float rounding.
 Triplets are all valid triplets of the batch, or those a pml-style miner returns.
 
 **DR-ProxyNCA**. ProxyNCA (Movshovitz-Attias et al., ICCV 2017) as pml's ``ProxyNCALoss`` computes it:
@@ -70,15 +73,14 @@ PROXY_LR_MULTIPLIER = 100.0
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = 0.278
 DR_TRIPLET_GAMMA = 0.492
+#: Norms at or below this give cos := 0 (see the module docstring).
+COS_EPS = 1e-3
 #: DR-ProxyNCA default softmax scale (= dvml's proxy-nca; norm-3 embeddings and proxies).
 PROXY_NCA_SCALE = 9.0
 #: ProxyNCA++ default temperature (Teh et al.: 1/9).
 PROXY_NCA_PP_TEMPERATURE = 1.0 / 9.0
 
 Miner = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
-
-# Exact pairwise distances (no ‖u‖² + ‖v‖² − 2⟨u, v⟩ shortcut), so identical points are at distance 0.
-_CDIST_MODE = "donot_use_mm_for_euclid_dist"
 
 
 class TripletReduction(str, Enum):
@@ -97,16 +99,43 @@ def _check_batch(embeddings: Tensor, labels: Tensor, batched: bool) -> None:
         raise ValueError(f"labels must have shape (B,) = ({embeddings.shape[-2]},), got {tuple(labels.shape)}")
 
 
-def safe_cosine(dot: Tensor, norm_u: Tensor, norm_v: Tensor, eps: float) -> Tensor:
-    """``cos = dot / (norm_u · norm_v)`` clamped to [−1, 1]; 0 (with zero gradient) where a norm ≤ eps.
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """``‖x_i − y_j‖²`` as ``‖x_i‖² + ‖y_j‖² − 2⟨x_i, y_j⟩`` clamped at 0 (one matmul, as torch.cdist's
+    matmul path and so pml's ``LpDistance`` compute it); x (..., N, E), y (..., M, E) -> (..., N, M)."""
+    d2 = x.pow(2).sum(-1)[..., :, None] + y.pow(2).sum(-1)[..., None, :] - 2.0 * (x @ y.transpose(-1, -2))
+    return d2.clamp_min(0.0)
 
-    The double ``where`` keeps the masked branch out of the backward pass, so zero-length vectors give
-    neither NaN nor infinite gradients. All arguments broadcast together.
+
+def safe_sqrt(d2: Tensor) -> Tensor:
+    """``sqrt(d2)`` with value and gradient 0 where ``d2 == 0`` (no infinite gradient at identical points)."""
+    pos = d2 > 0
+    return torch.where(pos, torch.where(pos, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
+
+
+def safe_inverse(d: Tensor, eps: float) -> Tensor:
+    """``1 / d`` where ``d > eps``, else 0 — value and gradient (the double ``where`` keeps the masked
+    branch out of the backward pass, so zero lengths give neither NaN nor infinite gradients)."""
+    valid = d > eps
+    return torch.where(valid, 1.0 / torch.where(valid, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def safe_cosine(dot: Tensor, norm_u: Tensor, norm_v: Tensor, eps: float) -> Tensor:
+    """``cos = dot / (norm_u · norm_v)``, and 0 (with zero gradient) where a norm ≤ eps.
+
+    Not clamped: rounding can put it a few ulps outside [−1, 1]. Arguments broadcast together.
     """
-    valid = (norm_u > eps) & (norm_v > eps)
-    denom = torch.where(valid, norm_u * norm_v, torch.ones_like(norm_u * norm_v))
-    cos = torch.where(valid, dot / denom, torch.zeros_like(denom))
-    return cos.clamp(-1.0, 1.0)
+    return dot * safe_inverse(norm_u, eps) * safe_inverse(norm_v, eps)
+
+
+def balanced_blocks(labels: Tensor) -> tuple[Tensor, int] | None:
+    """``(order, m)`` when every class of the batch occurs exactly ``m ≥ 2`` times and there are ≥ 2
+    classes (a class-balanced batch): ``labels[order]`` is then blocks of ``m`` equal labels. Else None."""
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    m = int(counts[0])
+    if len(counts) < 2 or m < 2 or not bool((counts == m).all()):
+        return None
+    return order, m
 
 
 def all_triplet_indices(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,6 +162,10 @@ class DRTripletLoss(nn.Module):
         normalize_embeddings: L2-normalise embeddings first (pml ``LpDistance`` default).
         reduction: :class:`TripletReduction` (default: pml's mean over non-zero losses).
         eps: norms ≤ eps make the cosine 0 (see :func:`safe_cosine`).
+
+    All valid triplets are computed without a python loop: class-balanced batches (every class m ≥ 2
+    times, what dvml's sampler draws) as a dense (T, B/m, m, m, B) tensor of broadcast views
+    (:meth:`balanced_triplet_losses`), other batches by gathering listed triplets (:meth:`triplet_losses`).
     """
 
     def __init__(
@@ -143,7 +176,7 @@ class DRTripletLoss(nn.Module):
         *,
         normalize_embeddings: bool = True,
         reduction: TripletReduction | str = TripletReduction.nonzero_mean,
-        eps: float = 1e-6,
+        eps: float = COS_EPS,
     ) -> None:
         super().__init__()
         if margin < 0:
@@ -160,36 +193,90 @@ class DRTripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"margin={self.margin}, gamma={self.gamma}, reduction={self.reduction.value}"
 
+    def _prepare(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, B, E) -> (squared distances D2, distances D), both (T, B, B)."""
+        x = F.normalize(embeddings, p=2, dim=-1) if self.normalize_embeddings else embeddings
+        d2 = squared_distances(x, x)
+        return d2, safe_sqrt(d2)
+
     def triplet_losses(self, embeddings: Tensor, a: Tensor, p: Tensor, n: Tensor) -> Tensor:
-        """Per-triplet losses ℓ(a, p, n) (before reduction).
+        """Per-triplet losses ℓ(a, p, n) of listed triplets (before reduction).
 
         Args:
             embeddings: (T, B, E), T batches sharing the triplet indices.
             a, p, n: (K,) int64 indices into the B axis.
 
         Returns:
-            (T, K) losses ≥ 0. Memory is O(T·B² + T·K), never O(T·B³) floats: distances and the
-            cosine's numerator ``⟨x_p − x_a, x_n − x_a⟩ = G_pn − G_ap − G_an + G_aa`` (G the Gram
-            matrix) are gathered from (T, B, B) matrices.
+            (T, K) losses ≥ 0. Memory is O(T·B² + T·K), never O(T·B³) floats: one (T, B, B) distance
+            matrix (a batched matmul), from which ``d_ap``, ``d_an`` and ``d_pn`` are gathered; the
+            cosine's numerator is the law of cosines ``⟨x_p − x_a, x_n − x_a⟩ = (d_ap² + d_an² − d_pn²) / 2``.
         """
-        x = F.normalize(embeddings, p=2, dim=-1) if self.normalize_embeddings else embeddings
-        dist = torch.cdist(x, x, compute_mode=_CDIST_MODE)  # (T, B, B)
-        d_ap, d_an = dist[:, a, p], dist[:, a, n]  # (T, K)
+        d2, dist = self._prepare(embeddings)
+        t, b, _ = dist.shape
+        dist = dist.reshape(t, b * b)
+        d_ap = dist.index_select(1, a * b + p)  # (T, K); index_select's backward is one index_add
+        d_an = dist.index_select(1, a * b + n)
         violation = d_ap - d_an + self.margin
         if self.gamma != 0.0:
-            gram = x @ x.transpose(1, 2)  # (T, B, B)
-            dot = gram[:, p, n] - gram[:, a, p] - gram[:, a, n] + gram[:, a, a]
+            d2 = d2.reshape(t, b * b)
+            dot = 0.5 * (d2.index_select(1, a * b + p) + d2.index_select(1, a * b + n) - d2.index_select(1, p * b + n))
             violation = violation - self.gamma * safe_cosine(dot, d_ap, d_an, self.eps)
         return F.relu(violation)
 
-    def _reduce(self, losses: Tensor, embeddings: Tensor) -> Tensor:
-        """(T, K) losses -> mean over t of the per-batch reduction; exact 0 (kept in the graph) if K = 0."""
-        if losses.shape[1] == 0:
+    def balanced_triplet_losses(self, embeddings: Tensor, order: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """All-triplet losses of class-balanced batches as one dense, gather-free tensor.
+
+        With the batch sorted into ``k = B / m`` blocks of one class each, anchor (c, u), positive (c, v) and
+        negative n index a (T, k, m, m, B) tensor whose every operand is a broadcast view of a (T, B, B)
+        matrix: ``d_ap = D[(c,u), (c,v)]``, ``d_an = D[(c,u), n]``, ``d_pn = D[(c,v), n]``. Entries with
+        ``u = v`` or ``n`` in class c are not triplets and are zeroed by the returned mask.
+
+        Args:
+            embeddings: (T, B, E); order, m: from :func:`balanced_blocks` of the labels.
+
+        Returns:
+            (losses (T, k, m, m, B) ≥ 0 and 0 off the mask, mask (k, m, m, B) bool), with
+            ``mask.sum() = B·(m − 1)·(B − m)`` triplets.
+        """
+        d2, dist = self._prepare(embeddings[:, order])
+        t, b, _ = dist.shape
+        k = b // m
+
+        def ap(mat: Tensor) -> Tensor:  # (T, B, B) -> (T, k, m, m, 1): within-class blocks
+            return mat.view(t, k, m, k, m).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)[..., None]
+
+        d_an = dist.view(t, k, m, 1, b)
+        violation = ap(dist) - d_an + self.margin
+        if self.gamma != 0.0:
+            inv = safe_inverse(dist, self.eps)
+            dot = ap(d2) + d2.view(t, k, m, 1, b) - d2.view(t, k, 1, m, b)  # 2 ⟨x_p − x_a, x_n − x_a⟩
+            violation = violation - dot * ((0.5 * self.gamma) * ap(inv)) * inv.view(t, k, m, 1, b)
+        block = torch.arange(b, device=dist.device) // m
+        off_diag = ~torch.eye(m, dtype=torch.bool, device=dist.device)
+        mask = off_diag[None, :, :, None] & (
+            block[None, None, None, :] != torch.arange(k, device=dist.device)[:, None, None, None]
+        )
+        return F.relu(violation).masked_fill(~mask, 0.0), mask
+
+    def _reduce(self, losses: Tensor, n_triplets: int, embeddings: Tensor) -> Tensor:
+        """(T, ...) losses (0 off the triplets) -> mean over t of the per-batch reduction; exact 0 (kept in
+        the graph) if there is no triplet."""
+        if n_triplets == 0:
             return (embeddings * 0).sum()
+        losses = losses.flatten(1)
         if self.reduction is TripletReduction.mean:
-            return losses.mean()
+            return losses.sum(dim=1).mean() / n_triplets
         count = (losses > 0).sum(dim=1).clamp_min(1)  # rows without a positive loss sum to 0 -> 0
         return (losses.sum(dim=1) / count).mean()
+
+    def _all_triplets(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Reduced loss over all valid triplets of (T, B, E) batches sharing ``labels``."""
+        blocks = balanced_blocks(labels)
+        if blocks is not None:
+            losses, mask = self.balanced_triplet_losses(embeddings, *blocks)
+            return self._reduce(losses, int(mask.sum()), embeddings)
+        a, p, n = all_triplet_indices(labels)
+        return self._reduce(self.triplet_losses(embeddings, a, p, n), len(a), embeddings)
 
     def _indices(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> tuple[Tensor, Tensor, Tensor]:
         if indices_tuple is None and self.miner is not None:
@@ -203,20 +290,22 @@ class DRTripletLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None) -> Tensor:
         """Loss of one batch: embeddings (B, E), labels (B,), optional triplets ``(a, p, n)`` -> scalar."""
         _check_batch(embeddings, labels, batched=False)
+        if indices_tuple is None and self.miner is None:
+            return self._all_triplets(embeddings[None], labels)
         a, p, n = self._indices(embeddings, labels, indices_tuple)
-        return self._reduce(self.triplet_losses(embeddings[None], a, p, n), embeddings)
+        return self._reduce(self.triplet_losses(embeddings[None], a, p, n), len(a), embeddings)
 
     def forward_batched(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean over t of ``forward(embeddings[t], labels)``; embeddings (T, B, E), labels (B,) -> scalar.
 
         Without a miner all T batches share the triplets of ``labels`` and the losses are computed as
-        one (T, K) tensor; with a miner each batch is mined on its own (a loop over T, not triplets).
+        one tensor (dense per class block for class-balanced batches, gathered (T, K) otherwise); with a
+        miner each batch is mined on its own (a loop over T, not triplets).
         """
         _check_batch(embeddings, labels, batched=True)
         if self.miner is not None:
             return torch.stack([self.forward(e, labels) for e in embeddings]).mean()
-        a, p, n = all_triplet_indices(labels)
-        return self._reduce(self.triplet_losses(embeddings, a, p, n), embeddings)
+        return self._all_triplets(embeddings, labels)
 
 
 class _ProxyLoss(nn.Module):
@@ -258,10 +347,10 @@ class _ProxyLoss(nn.Module):
             )
 
     def _normalised(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(x̂ (N, E), p̂ (C, E), d(x̂_i, p̂_c) (N, C), not squared)."""
+        """(x̂ (N, E), p̂ (C, E), D_ic = ‖x̂_i − p̂_c‖² (N, C))."""
         x = F.normalize(embeddings, p=2, dim=-1)
         p = F.normalize(self.proxies.to(embeddings.dtype), p=2, dim=-1)
-        return x, p, torch.cdist(x, p, compute_mode=_CDIST_MODE)
+        return x, p, squared_distances(x, p)
 
     def per_sample(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Per-sample losses ℓ_i, (N,)."""
@@ -303,7 +392,7 @@ class DRProxyNCALoss(_ProxyLoss):
         gamma: float = DR_TRIPLET_GAMMA,
         softmax_scale: float = PROXY_NCA_SCALE,
         *,
-        eps: float = 1e-6,
+        eps: float = COS_EPS,
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -318,14 +407,13 @@ class DRProxyNCALoss(_ProxyLoss):
         return f"{super().extra_repr()}, gamma={self.gamma}, softmax_scale={self.softmax_scale}"
 
     def per_sample(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, p, dist = self._normalised(embeddings)  # (N, E), (C, E), (N, C)
-        d2 = dist.pow(2)
+        x, p, d2 = self._normalised(embeddings)  # (N, E), (C, E), (N, C)
         if self.gamma != 0.0:
             u = p[labels] - x  # x -> own proxy, (N, E)
             # ⟨p̂_y − x̂, p̂_c − x̂⟩ = ⟨u, p̂_c⟩ − ⟨u, x̂⟩, (N, C)
             dot = u @ p.T - (u * x).sum(dim=1, keepdim=True)
-            norm_u = dist.gather(1, labels[:, None])  # ‖p̂_y − x̂‖, (N, 1)
-            cos = safe_cosine(dot, norm_u, dist, self.eps)
+            norm_u = safe_sqrt(u.square().sum(dim=1, keepdim=True))  # ‖p̂_y − x̂‖, (N, 1), exact
+            cos = safe_cosine(dot, norm_u, safe_sqrt(d2), self.eps)
             negative = torch.ones_like(d2).scatter_(1, labels[:, None], 0.0)
             d2 = d2 + self.gamma * cos * negative
         logp = torch.log_softmax(-self.softmax_scale * d2, dim=1)
@@ -366,8 +454,8 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         return f"{super().extra_repr()}, temperature={self.temperature}, label_smoothing={self.label_smoothing}"
 
     def per_sample(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        _, _, dist = self._normalised(embeddings)
-        logq = torch.log_softmax(-dist.pow(2) / self.temperature, dim=1)  # (N, C)
+        _, _, d2 = self._normalised(embeddings)
+        logq = torch.log_softmax(-d2 / self.temperature, dim=1)  # (N, C)
         eps = self.label_smoothing
         nll = -logq.gather(1, labels[:, None]).squeeze(1)
         return (1.0 - eps) * nll - (eps / self.num_classes) * logq.sum(dim=1)
