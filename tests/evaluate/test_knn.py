@@ -133,3 +133,16 @@ def test_gpu_search_matches_cpu():
     d_gpu, i_gpu = knn.search(x, 10, use_gpu=True)
     np.testing.assert_array_equal(i_cpu, i_gpu)
     np.testing.assert_allclose(d_cpu, d_gpu, atol=1e-4)
+
+
+def test_small_problems_run_single_threaded_with_identical_results(monkeypatch):
+    x = _data(400, 16)
+    threads = knn.faiss.omp_get_max_threads()
+    monkeypatch.setattr(knn, "_SMALL_WORK", float("inf"))  # everything counts as small: 1 thread
+    single = knn.search(x, 5), knn.kmeans(x, 20, seed=1)
+    assert knn.faiss.omp_get_max_threads() == threads  # restored
+    monkeypatch.setattr(knn, "_SMALL_WORK", 0.0)  # nothing is small: all threads
+    multi = knn.search(x, 5), knn.kmeans(x, 20, seed=1)
+    np.testing.assert_array_equal(single[0][1], multi[0][1])
+    np.testing.assert_allclose(single[0][0], multi[0][0], atol=1e-6)
+    np.testing.assert_array_equal(single[1], multi[1])

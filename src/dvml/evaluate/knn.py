@@ -12,7 +12,8 @@ When faiss was built with GPU support and a GPU is visible, the flat index and k
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import faiss
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # faiss GPU flat search supports k (and nprobe) up to this many neighbours.
 _GPU_MAX_K = 2048
+# Below this many multiply-adds (rows x columns x dim) faiss runs single-threaded: OpenMP start-up and
+# spin-waiting barriers then cost more than they save, and far more when the cores are shared (e.g. with
+# torch's spinning worker threads right after a training step): a k-means of 600 points measured 20x slower.
+_SMALL_WORK = 5e8
 
 
 class Metric(str, Enum):
@@ -69,6 +74,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
+
+
+@contextmanager
+def _threads_for(work: float) -> Iterator[None]:
+    """Run faiss single-threaded inside the block when ``work`` multiply-adds is small (results unchanged)."""
+    prev = faiss.omp_get_max_threads()
+    if work >= _SMALL_WORK or prev == 1:
+        yield
+        return
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
 
 
 def _flat_index(dim: int, metric: Metric, use_gpu: bool):
@@ -135,21 +154,22 @@ def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
     n = queries.shape[0]
     distances = np.empty((n, k), dtype=np.float32)
     indices = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        d, i = index.search(queries[start:stop], k_search)
-        if drop_self:
-            is_self = i == np.arange(start, stop)[:, None]
-            # exactly one column is dropped per row: the query itself, else the last one
-            no_self = ~is_self.any(axis=1)
-            is_self[no_self, -1] = True
-            keep = ~is_self
-            d = d[keep].reshape(stop - start, k)
-            i = i[keep].reshape(stop - start, k)
-        distances[start:stop] = d
-        indices[start:stop] = i
-        if progress is not None:
-            progress(stop - start)
+    with _threads_for(0 if use_gpu else float(n) * db.shape[0] * db.shape[1]):
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            d, i = index.search(queries[start:stop], k_search)
+            if drop_self:
+                is_self = i == np.arange(start, stop)[:, None]
+                # exactly one column is dropped per row: the query itself, else the last one
+                no_self = ~is_self.any(axis=1)
+                is_self[no_self, -1] = True
+                keep = ~is_self
+                d = d[keep].reshape(stop - start, k)
+                i = i[keep].reshape(stop - start, k)
+            distances[start:stop] = d
+            indices[start:stop] = i
+            if progress is not None:
+                progress(stop - start)
     if metric is Metric.cosine:
         np.subtract(1.0, distances, out=distances)  # inner product of unit vectors -> 1 - cos
     else:
@@ -188,6 +208,7 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
     km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=int(seed) % (2**31),
                       min_points_per_centroid=1, max_points_per_centroid=max(256, -(-x.shape[0] // n_clusters)),
                       verbose=False, gpu=bool(use_gpu))
-    km.train(x)
-    _, assign = km.index.search(x, 1)
+    with _threads_for(0 if use_gpu else float(x.shape[0]) * n_clusters * x.shape[1]):
+        km.train(x)
+        _, assign = km.index.search(x, 1)
     return assign[:, 0].astype(np.int64)
