@@ -27,6 +27,7 @@ NMI/F1 differ by the k-means run), and ratios ours/sklearn.
     python bench/evaluate.py --quick              # both sizes scaled down ~10x, seconds
     python bench/evaluate.py --sizes cub --reps 5
     python bench/evaluate.py --sizes sop --sklearn-kmeans-max-iter 5   # sklearn k-means time extrapolated
+    python bench/evaluate.py --sizes sop --sides sklearn --sklearn-init k-means++   # sklearn's default init
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="cub,sop", help="comma-separated subset of: " + ", ".join(SIZES))
     ap.add_argument("--quick", action="store_true", help=f"scale every size down {QUICK_SCALE}x (n and classes)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default: 5 for cub, 1 for sop)")
-    ap.add_argument("--no-sklearn", action="store_true", help="measure dvml only")
+    ap.add_argument("--sides", default="ours,sklearn", help="which sides to measure (ours, sklearn)")
     ap.add_argument("--sklearn-init", default="random", choices=("random", "k-means++"))
     ap.add_argument("--sklearn-kmeans-max-iter", type=int, default=20,
                     help="cap sklearn's Lloyd iterations (< 20: its k-means time is extrapolated to 20 and "
@@ -216,7 +217,7 @@ def main() -> None:
             np.savez(data, x=x, y=y)
             reps = args.reps if args.reps is not None else (5 if name == "cub" else 1)
             print(f"\n== {name}: {n:,} x {dim}, {n_classes:,} classes, Ks {ks}, {reps} rep(s) per side")
-            sides = ["ours"] + ([] if args.no_sklearn else ["sklearn"])
+            sides = [s for s in ("ours", "sklearn") if s in args.sides.split(",")]
             res: dict[str, list[dict]] = {s: [] for s in sides}
             for rep in range(reps):
                 for side in sides:
@@ -237,7 +238,7 @@ def main() -> None:
                       f"k-means {med[s]['kmeans_s']:.2f} s), peak RSS {peak[s]:,.0f} MB "
                       f"(+{extra_mb[s]:,.0f} MB for the evaluation)")
                 print(f"  metrics {s:7s}: {_fmt_metrics(res[s][0]['metrics'])}")
-            if "sklearn" in sides:
+            if sides == ["ours", "sklearn"]:
                 agree = all(abs(res["ours"][0]["metrics"][k] - res["sklearn"][0]["metrics"][k]) < 1e-3
                             for k in res["ours"][0]["metrics"] if k.startswith("recall@") or k in ("map@r",
                                                                                                    "r_precision"))

@@ -62,7 +62,8 @@ def evaluate_cmd(
     console.print(results_table(result, title=title))
     if result["clustering"]:
         console.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
-    console.print(f"cache fingerprint {result.get('cache_fingerprint')}")
+    if result.get("cache_fingerprint"):
+        console.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
     written = [p for p in ((target / "metrics.json") if target.is_dir() else None, json_path) if p is not None]
     for path in written:
         console.print(f"wrote {path}")
