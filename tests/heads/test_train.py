@@ -187,3 +187,13 @@ def test_fit_on_cuda_matches_the_contract(tiny_cache, tmp_path):
     run_dir = fit(_cfg(tiny_cache, tmp_path / "r", epochs=2, device="cuda", loss="triplet-dws"))
     ck = torch.load(run_dir / "heads.pt", weights_only=True, map_location="cpu")
     assert ck["model"]["embedding.weight"].device.type == "cpu" and ck["finished"]
+
+
+def test_each_epoch_draws_views_beyond_the_centre_one(tiny_cache, tmp_path):
+    """Only view 1 is poisoned: a fit that touched view 0 alone would finish; drawing views hits it."""
+    train = load_split(tiny_cache, "train")
+    feats = train.features.copy()
+    feats[:, 1] = np.nan
+    fit(_cfg(tiny_cache, tmp_path / "centre", epochs=1), train=Split(features=feats[:, :1], labels=train.labels))
+    with pytest.raises(DvmlError, match="non-finite loss at epoch 1"):
+        fit(_cfg(tiny_cache, tmp_path / "views", epochs=1), train=Split(features=feats, labels=train.labels))
