@@ -91,3 +91,66 @@ def test_analyze_embeddings_normalizes_for_cosine():
     raw = analyze_embeddings(scaled, y, normalize=False)
     assert raw["relative_deviation"]["mean"] > a["relative_deviation"]["mean"]
     assert a["n"] == 80 and a["dim"] == 8 and a["n_classes"] == 4 and set(a["ks"]["per_class"]) == {"0", "1", "2", "3"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage on real run directories
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from dvml.extract.synth import SynthConfig, generate
+    from dvml.heads import FitConfig, fit
+
+    root = tmp_path_factory.mktemp("analyze")
+    cache = generate(SynthConfig(n_classes=12, images_per_class=8, views=2, feature_dim=32, class_dim=8,
+                                 variation_dim=4, hidden_dim=16), root / "w.h5")
+    common = dict(cache=cache, loss="triplet", epochs=1, embedding_size=16, decoder_hidden=16, samples=2,
+                  batch_size=12, eval_every=0, device="cpu")
+    dvml_run = fit(FitConfig(out=root / "dvml", dvml=True, **common))
+    base_run = fit(FitConfig(out=root / "base", dvml=False, **common))
+    return cache, dvml_run, base_run
+
+
+def test_run_writes_analysis_and_plots(runs, tmp_path):
+    import json
+
+    from dvml.evaluate.analyze import ANALYSIS_FILE, AnalyzeConfig, run
+    from dvml.heads import embed
+
+    cache, dvml_run, base_run = runs
+    steps = []
+    result = run(AnalyzeConfig(target=dvml_run, baseline=base_run, out=tmp_path / "a", plot_points=40,
+                               plot_classes=4, tsne_iter=250, splits=("test",)), progress=steps.append)
+    saved = json.loads((tmp_path / "a" / ANALYSIS_FILE).read_text())
+    assert set(saved["splits"]) == {"test"}
+    assert set(saved["splits"]["test"]) == {"run", "baseline", "raw"}
+    assert saved["sources"]["run"]["dvml"] is True and saved["sources"]["baseline"]["dvml"] is False
+    # the numbers are those of the pure functions on the run's own embeddings of the test split (view 0)
+    from dvml.cache import load_split
+
+    te = load_split(cache, "test", views=[0])
+    expect = analyze_embeddings(embed(dvml_run, te.features[:, 0]), te.labels)
+    got = saved["splits"]["test"]["run"]
+    assert got["ks"]["mean"] == pytest.approx(expect["ks"]["mean"])
+    assert got["relative_deviation"]["mean"] == pytest.approx(expect["relative_deviation"]["mean"])
+    assert got["ks"]["n_classes"] == 6 and got["dim"] == 16 and saved["splits"]["test"]["raw"]["dim"] == 32
+    for name in ("run", "baseline", "raw"):
+        for kind in ("pca", "tsne", "central_tsne"):
+            png = tmp_path / "a" / f"test_{name}_{kind}.png"
+            assert png.read_bytes()[:4] == b"\x89PNG", png
+    assert (tmp_path / "a" / "test_ks_pvalues.png").exists() and len(result["plots"]) == 10
+    assert steps  # progress was reported
+
+
+def test_run_on_a_cache_and_refusals(runs, tmp_path):
+    from dvml.evaluate.analyze import AnalyzeConfig, run
+
+    cache, dvml_run, _ = runs
+    result = run(AnalyzeConfig(target=cache, plots=False, out=tmp_path / "c"))
+    assert set(result["splits"]) == {"train", "test"} and result["plots"] == []
+    assert set(result["splits"]["train"]) == {"raw"} and result["splits"]["train"]["raw"]["n"] == 48
+    with pytest.raises(DvmlError, match="not a run directory"):
+        run(AnalyzeConfig(target=dvml_run, baseline=cache, plots=False, out=tmp_path / "d"))
+    with pytest.raises(ValueError, match="splits"):
+        AnalyzeConfig(target=cache, splits=("val",))

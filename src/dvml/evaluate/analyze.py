@@ -193,8 +193,9 @@ class AnalyzeConfig:
     raw: also analyse the cache's raw backbone features (the reference without any learned embedding).
     splits: which cache splits to analyse (view 0, the centre view, of each image).
     out: output directory (default ``<run dir>/analysis`` or ``<cache stem>-analysis`` beside the cache).
-    plots: write PNG plots; plot_classes/plot_points bound the t-SNE/PCA subsample (t-SNE is O(N log N)
-    but slow in absolute terms on a CPU).
+    plots: write PNG plots; tsne: include the t-SNE plots (the slow part: about 10-20 s of CPU per plot
+    of 500 points at 500 iterations); plot_classes/plot_points bound the plotted subsample; tsne_iter:
+    t-SNE iterations (>= 250).
     """
 
     target: Path
@@ -205,8 +206,10 @@ class AnalyzeConfig:
     normalize: bool = True
     min_class_size: int = 5
     plots: bool = True
+    tsne: bool = True
     plot_classes: int = 20
-    plot_points: int = 1000
+    plot_points: int = 500
+    tsne_iter: int = 500
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -220,6 +223,8 @@ class AnalyzeConfig:
             raise ValueError(f"min_class_size must be >= 3 (KS with fitted mean/std), got {self.min_class_size}")
         if self.plot_classes < 1 or self.plot_points < 10:
             raise ValueError("plot_classes must be >= 1 and plot_points >= 10")
+        if self.tsne_iter < 250:
+            raise ValueError(f"tsne_iter must be >= 250 (sklearn's minimum), got {self.tsne_iter}")
 
     def out_dir(self) -> Path:
         if self.out is not None:
@@ -303,18 +308,18 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
                 idx = plots.subsample_classes(labels, max_classes=cfg.plot_classes, max_points=cfg.plot_points,
                                               seed=cfg.seed)
                 x = l2_normalize(emb[idx]) if cfg.normalize else emb[idx]
-                for method in ("pca", "tsne"):
-                    step(f"{split}: {name} {method}")
-                    p = plots.projection_plot(x, labels[idx], out / f"{split}_{name}_{method}.png", method=method,
-                                              title=f"{name} embeddings, {split} split", seed=cfg.seed)
-                    result["plots"].append(p.name)
-                # the central latent space over the plotted classes only: centres from all their members
+                # the central latent space (Fig. 1): centres from all members of each plotted class
                 central, _, _ = central_features(l2_normalize(emb) if cfg.normalize else emb, labels)
-                step(f"{split}: {name} central t-SNE")
-                p = plots.projection_plot(central[idx], labels[idx], out / f"{split}_{name}_central_tsne.png",
-                                          method="tsne", title=f"{name}: central latent space, {split}",
-                                          seed=cfg.seed)
-                result["plots"].append(p.name)
+                jobs = [(x, "pca", f"{split}_{name}_pca.png", f"{name} embeddings, {split} split")]
+                if cfg.tsne:
+                    jobs += [(x, "tsne", f"{split}_{name}_tsne.png", f"{name} embeddings, {split} split"),
+                             (central[idx], "tsne", f"{split}_{name}_central_tsne.png",
+                              f"{name}: central latent space, {split}")]
+                for points, method, fname, title in jobs:
+                    step(f"{split}: {fname}")
+                    p = plots.projection_plot(points, labels[idx], out / fname, method=method, title=title,
+                                              seed=cfg.seed, tsne_iter=cfg.tsne_iter)
+                    result["plots"].append(p.name)
         if cfg.plots:
             p = plots.pvalue_histogram(pvals, out / f"{split}_ks_pvalues.png",
                                        title=f"KS p-values of central features per class ({split})")
