@@ -181,3 +181,17 @@ def test_default_sizes_are_the_weights_own_256_224(tiny_folder, tmp_path):
     assert (pre["resize"], pre["crop"], pre["interpolation"]) == (256, 224, "bilinear")
     assert json.loads(json.dumps(info.extra["class_names"])) == {"0": "ant", "1": "bee", "2": "cat", "3": "dog"}
     assert (info.splits["train"].n, info.splits["test"].n) == (3, 9)
+
+
+@pytest.mark.gpu
+def test_cuda_with_autocast_matches_cpu(tiny_folder, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu = run(small_cfg(tiny_folder, tmp_path / "cpu.h5", device="cpu")).path
+    gpu = run(small_cfg(tiny_folder, tmp_path / "gpu.h5", device="cuda", workers=2)).path
+    assert read_info(gpu).extra["amp"] is True
+    for split in ("train", "test"):
+        a, b = load_split(cpu, split).features, load_split(gpu, split).features
+        np.testing.assert_allclose(b, a, rtol=5e-2, atol=5e-2 * float(np.abs(a).mean()))

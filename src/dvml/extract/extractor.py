@@ -2,8 +2,8 @@
 
 ``run(ExtractConfig(...))`` writes train then test through :class:`~dvml.cache.CacheWriter`, one batch
 at a time (memory does not grow with the dataset). DataLoader workers decode, resize and cut the views;
-the main process normalises on the device and runs the model under ``torch.inference_mode`` (on CUDA
-also channels-last and float16 autocast); features are stored as ``dtype`` (float16 by default).
+the main process normalises on the device and runs the model channels-last under ``torch.inference_mode``
+(on CUDA also with float16 autocast); features are stored as ``dtype`` (float16 by default).
 
 Resuming: the dataset order is deterministic, so after a kill or Ctrl-C the same command reopens the
 file and continues at the first unwritten image. With ``skip_bad`` the skipped images are listed in the
@@ -159,18 +159,15 @@ class FeatureModel:
         self.device = device
         self.cuda = device.type == "cuda"
         self.amp = amp and self.cuda
-        model = backbone.model.to(device).eval()
-        if self.cuda:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        # channels-last: faster on GPUs (tensor cores) and on CPUs too (oneDNN convolutions, vectorised
+        # max-pooling: 1.7x for GoogLeNet on one core here)
+        self.model = backbone.model.to(device).eval().to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor) -> np.ndarray:
         b, p = views.shape[:2]
         x = views.to(self.device, non_blocking=True).flatten(0, 1)
-        x = self.backbone.preprocess.normalize(x)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             feats = self.model(x)
         return feats.float().reshape(b, p, -1).cpu().numpy()
