@@ -55,6 +55,19 @@ def test_against_torchvision_googlenet_for_a_state_dict_file(tmp_path):
     assert build_backbone(tmp_path / "h.pth").weights.split(":")[-1] == ours.weights.split(":")[-1]
 
 
+def test_a_file_carrying_transform_input_sets_the_default(tmp_path):
+    """dvml finetune's backbone.pt layout: {"backbone": state dict, "transform_input": bool, ...}."""
+    none = build_backbone("none")
+    torch.save({"backbone": none.model.state_dict(), "transform_input": False, "global_step": 3},
+               tmp_path / "backbone.pt")
+    loaded = build_backbone(tmp_path / "backbone.pt")
+    assert loaded.transform_input is False
+    assert build_backbone(tmp_path / "backbone.pt", transform_input=True).transform_input is True
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(x), none.model(x), rtol=0, atol=0)
+
+
 def test_bad_weights_files_are_named(tmp_path):
     with pytest.raises(DvmlError, match="no such file"):
         build_backbone(tmp_path / "missing.pth")

@@ -14,8 +14,9 @@ uses its running statistics; dropout is off).
   (``<torch hub dir>/checkpoints/googlenet-1378be20.pth``). Offline, put that file there or pass its path.
 * a path to a state dict in torchvision's GoogLeNet layout (the IMAGENET1K_V1 file itself, or a fine-tuned
   copy; a dict holding it under ``state_dict``/``model``/``backbone`` and ``module.`` prefixes are
-  accepted; ``fc.*`` and ``aux*`` entries are dropped). ``transform_input`` defaults to True, as for the
-  ImageNet weights.
+  accepted; ``fc.*`` and ``aux*`` entries are dropped). ``transform_input`` defaults to a boolean
+  ``transform_input`` entry stored beside the state dict (as ``dvml finetune``'s ``backbone.pt`` has), else
+  to True, as for the ImageNet weights.
 * ``"none"``: random initialisation, seeded (``init_seed``), for tests and plumbing checks. Convolutions get
   He-normal weights so activations keep unit scale: torchvision's own init (truncated normal, std 0.01)
   shrinks the pooled features to ~1e-11, which float16 stores as zeros. ``transform_input`` defaults to
@@ -124,13 +125,14 @@ def _strip_head(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _load_state_dict_file(path: Path) -> tuple[dict, str]:
+def _load_state_dict_file(path: Path) -> tuple[dict, str, bool | None]:
     if not path.is_file():
         raise DvmlError(f"--weights {path}: no such file (expected 'imagenet', 'none' or a state dict path)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a non-checkpoint
         raise DvmlError(f"--weights {path}: cannot be loaded as a torch state dict ({e})") from None
+    stored_ti = obj.get("transform_input") if isinstance(obj, dict) else None
     for key in ("state_dict", "model", "backbone"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -143,7 +145,7 @@ def _load_state_dict_file(path: Path) -> tuple[dict, str]:
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return state, h.hexdigest()
+    return state, h.hexdigest(), stored_ti if isinstance(stored_ti, bool) else None
 
 
 def build_backbone(weights: str | Path = "imagenet", *, transform_input: bool | None = None,
@@ -153,7 +155,7 @@ def build_backbone(weights: str | Path = "imagenet", *, transform_input: bool | 
     Args:
         weights: ``"imagenet"``, ``"none"`` or a path to a state dict (see the module docstring).
         transform_input: torchvision's input re-normalisation; ``None`` = the weights' own convention
-            (True for ``imagenet`` and files, False for ``none``).
+            (True for ``imagenet``, False for ``none``, for files the value stored in them, else True).
         init_seed: seed of the random initialisation for ``weights="none"``.
     Raises:
         DvmlError: the ImageNet file cannot be downloaded (offline; the message names the path to put it
@@ -188,8 +190,8 @@ def build_backbone(weights: str | Path = "imagenet", *, transform_input: bool | 
         desc = f"none(random he-normal init, seed={init_seed})"
     else:
         path = Path(weights).expanduser()
-        state, digest = _load_state_dict_file(path)
-        ti = True if transform_input is None else transform_input
+        state, digest, stored_ti = _load_state_dict_file(path)
+        ti = transform_input if transform_input is not None else (True if stored_ti is None else stored_ti)
         model = _googlenet(aux_logits=False, transform_input=ti)
         model.fc = nn.Identity()
         try:
