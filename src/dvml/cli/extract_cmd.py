@@ -31,14 +31,14 @@ def extract_cmd(
     workers: int = typer.Option(_D.workers, help="DataLoader worker processes decoding images (0 = main)."),
     device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(_D.amp, help="float16 autocast on CUDA."),
-    resize: int = typer.Option(None, help="Shorter side after resizing [default: the weights' own, 256]."),
-    crop: int = typer.Option(None, help="Crop size [default: the weights' own, 224]."),
+    resize: int = typer.Option(None, help="Shorter side after resizing (default: the weights' own, 256)."),
+    crop: int = typer.Option(None, help="Crop size (default: the weights' own, 224)."),
     dtype: str = typer.Option(_D.dtype, help="On-disk feature dtype: float16 or float32."),
     train_classes: int = typer.Option(None, help="folder only: number of (sorted) classes in the train split "
-                                      "[default: half]."),
+                                      "(default: half)."),
     transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
-                                         help="torchvision GoogLeNet input re-normalisation [default: on for "
-                                         "imagenet and files, off for none]."),
+                                         help="torchvision GoogLeNet input re-normalisation (default: on for "
+                                         "imagenet, off for none, for a file its stored value or on)."),
     skip_bad: bool = typer.Option(_D.skip_bad, help="Skip unreadable images (listed in the cache's extra) "
                                   "instead of stopping."),
     overwrite: bool = typer.Option(_D.overwrite, help="Replace an existing complete output."),
