@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,45 +12,31 @@ import torch
 import torch.multiprocessing as mp
 
 from dvml.errors import DvmlError
-from dvml.heads.distributed import (
-    DistributedClassBalancedSampler,
-    class_balanced_batches,
-    gather_no_grad,
-    gather_with_grad,
-)
+from dvml.heads.distributed import DistributedClassBalancedSampler, epoch_seed, gather_no_grad, gather_with_grad
+from dvml.heads.sampler import ClassBalancedSampler
 
 
 def _labels(n_classes=6, sizes=(5, 3, 8, 4, 6, 2)):
     return np.concatenate([np.full(s, c) for c, s in zip(range(n_classes), sizes, strict=True)])
 
 
-def test_batches_are_class_balanced_and_cover_every_image():
+def test_against_fit_heads_sampler():
+    """The global order is fit-heads' ClassBalancedSampler with a generator seeded from (seed, epoch)."""
     labels = _labels()
-    rng = np.random.default_rng(0)
-    batches = class_balanced_batches(labels, batch_size=8, samples_per_class=2, rng=rng, num_batches=40)
-    assert batches.shape == (40, 8)
-    for b in batches:
+    s = DistributedClassBalancedSampler(labels, batch_size=8, samples_per_class=2, seed=5, num_batches=7)
+    for epoch in (0, 3):
+        ref = ClassBalancedSampler(torch.from_numpy(labels), 8, 2, torch.Generator().manual_seed(epoch_seed(5, epoch)))
+        ref.n_batches = 7
+        np.testing.assert_array_equal(s.global_batches(epoch), ref.epoch().numpy())
+    for b in s.global_batches(1):
         per_class = [labels[b[i:i + 2]] for i in range(0, 8, 2)]
         assert all(len(set(pc)) == 1 for pc in per_class)  # laid out class by class
         assert len({int(pc[0]) for pc in per_class}) == 4  # distinct classes
-        for pc_idx in range(0, 8, 2):  # no image twice in a class slot (every class here has >= 2 images)
-            assert b[pc_idx] != b[pc_idx + 1]
-    assert set(batches.ravel()) == set(range(labels.size))  # every image seen
-    uses = Counter(int(labels[b[i]]) for b in batches for i in range(0, 8, 2))
-    assert max(uses.values()) - min(uses.values()) <= 2  # classes used about equally (reshuffled rounds)
 
 
-def test_small_class_repeats_and_too_few_classes_is_an_error():
-    labels = np.array([0, 1, 1, 1, 2, 2, 2])
-    b = class_balanced_batches(labels, batch_size=9, samples_per_class=3, rng=np.random.default_rng(1),
-                               num_batches=3)
-    for row in b:
-        for i in range(0, 9, 3):
-            assert len(set(labels[row[i:i + 3]])) == 1
-    with pytest.raises(DvmlError, match="needs 4 classes"):
-        class_balanced_batches(labels, batch_size=8, samples_per_class=2, rng=np.random.default_rng(0))
-    with pytest.raises(DvmlError, match="multiple of samples per class"):
-        class_balanced_batches(labels, batch_size=7, samples_per_class=2, rng=np.random.default_rng(0))
+def test_too_few_classes_is_an_error():
+    with pytest.raises(DvmlError, match="needs 4 training classes"):
+        DistributedClassBalancedSampler(np.array([0, 0, 1, 1, 2, 2]), batch_size=8, samples_per_class=2)
 
 
 def test_shards_are_disjoint_and_form_the_global_batch():
@@ -129,8 +114,12 @@ def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tens
     b = x.shape[0] // world
     xs, ys = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
     emb = ddp(xs)
-    # a per-sample term (mean over the local shard; DDP averages it) + the batch term on the gathered batch
-    loss = emb.pow(2).mean() + _contrastive(gather_with_grad(emb), gather_no_grad(ys))
+    # a per-sample term (mean over the local shard; DDP averages it) + batch terms on the gathered batch, one
+    # of them on T stacked batches (T, B, E) gathered along dim 1 (strided gradients, see _ContiguousGrad)
+    z3 = torch.stack([emb, emb.flip(1) * 2.0])
+    y_all = gather_no_grad(ys)
+    g3 = gather_with_grad(z3, dim=1)
+    loss = emb.pow(2).mean() + _contrastive(gather_with_grad(emb), y_all) + _contrastive(g3[1], y_all)
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
@@ -145,7 +134,7 @@ def test_against_single_process_full_batch_gradient(tmp_path: Path):
     model = torch.nn.Linear(5, 4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     emb = model(x)
-    (emb.pow(2).mean() + _contrastive(emb, y)).backward()
+    (emb.pow(2).mean() + _contrastive(emb, y) + _contrastive(emb.flip(1) * 2.0, y)).backward()
     out = str(tmp_path / "grads.pt")
     mp.start_processes(_ddp_worker, args=(2, free_port(), x, y, state, out), nprocs=2, join=True,
                        start_method="spawn")

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from dvml.errors import DvmlError
+from dvml.heads.sampler import ClassBalancedSampler
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,28 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B_local, ...) from every rank along dim 0 -> (world_size · B_local, ...), rank order.
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch.distributed.nn.functional.all_gather``'s gloo backward (``_AlltoAll`` built on ``dist.scatter``)
+    allocates its buffers with ``empty_like(grad)``, which keeps a strided gradient's layout, and gloo's scatter
+    fills non-contiguous tensors wrongly (pytorch/pytorch#24836, #192920): a gradient that reaches the gather
+    through a transpose came back scrambled (about 70% error on the (T, B, E) synthetic batch; caught by
+    ``test_against_single_process_full_batch_gradient``). Slicing a contiguous gradient along dim 0 (the
+    backward of ``cat``) keeps it contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def gather_with_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along ``dim`` (rank order): (..., B_local, ...) -> (..., W·B_local, ...).
 
     Gradients flow back to every rank's slice (summed over the ranks that used it). All ranks must pass
     tensors of the same shape. Identity in a single process.
@@ -135,7 +156,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    moved = x.movedim(dim, 0).contiguous()
+    out = _ContiguousGrad.apply(torch.cat(all_gather(moved), dim=0))
+    return out.movedim(0, dim)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -181,72 +204,17 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def class_balanced_batches(labels: np.ndarray, *, batch_size: int, samples_per_class: int,
-                           rng: np.random.Generator, num_batches: int | None = None) -> np.ndarray:
-    """A class-balanced batch order: ``num_batches`` batches of ``batch_size // samples_per_class`` distinct
-    classes with ``samples_per_class`` images each, laid out class by class.
-
-    Classes are visited in reshuffled rounds (every class is used about equally often) and each class's images
-    in reshuffled rounds (every image is seen before any repeats); a class with fewer images than
-    ``samples_per_class`` repeats images within the batch.
-
-    Args:
-        labels: (N,) class ids.
-        batch_size: images per batch; a multiple of ``samples_per_class``.
-        samples_per_class: images per class in a batch (>= 2 so every anchor has a positive).
-        rng: the only source of randomness.
-        num_batches: default ``N // batch_size`` (at least 1).
-
-    Returns:
-        (num_batches, batch_size) int64 indices into ``labels``.
-    """
-    labels = np.asarray(labels)
-    if samples_per_class < 1 or batch_size % samples_per_class:
-        raise DvmlError(f"batch size {batch_size} must be a positive multiple of samples per class "
-                        f"{samples_per_class}")
-    classes, inverse = np.unique(labels, return_inverse=True)
-    m = batch_size // samples_per_class
-    if m > classes.size:
-        raise DvmlError(f"a batch of {batch_size} with {samples_per_class} per class needs {m} classes but the "
-                        f"training split has only {classes.size}; lower --batch-size or raise --samples-per-class")
-    if num_batches is None:
-        num_batches = max(1, labels.size // batch_size)
-    members = [np.flatnonzero(inverse == c) for c in range(classes.size)]
-    queues: list[list[int]] = [[] for _ in members]
-
-    def take(c: int, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if not queues[c]:
-                queues[c] = rng.permutation(members[c]).tolist()
-            # within one batch never take the same image twice unless the class is too small
-            fresh = [i for i in queues[c] if i not in out] if len(members[c]) >= k else queues[c]
-            i = fresh[0]
-            queues[c].remove(i)
-            out.append(i)
-        return out
-
-    class_queue: list[int] = []
-    batches = np.empty((num_batches, batch_size), dtype=np.int64)
-    for b in range(num_batches):
-        chosen: list[int] = []
-        while len(chosen) < m:
-            if not class_queue:
-                class_queue = rng.permutation(classes.size).tolist()
-            c = next((c for c in class_queue if c not in chosen), None)
-            if c is None:  # the rest of this round is already in the batch: start a new round
-                class_queue = []
-                continue
-            class_queue.remove(c)
-            chosen.append(c)
-        batches[b] = np.concatenate([take(c, samples_per_class) for c in chosen])
-    return batches
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s batch order (a 63-bit integer derived from ``(seed, epoch)``)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class DistributedClassBalancedSampler:
     """Batch sampler for ``DataLoader(batch_sampler=...)``: this rank's shard of each global class-balanced batch.
 
-    Every rank draws the same global batch order from ``(seed, epoch)`` (:func:`class_balanced_batches`) and
+    Every rank draws the same global batch order — fit-heads' :class:`~dvml.heads.sampler.ClassBalancedSampler`
+    (``batch_size / samples_per_class`` distinct classes, ``samples_per_class`` images each, laid out class by
+    class) with a generator seeded from ``(seed, epoch)`` (:func:`epoch_seed`) — and
     takes the contiguous slice ``[rank·b, (rank+1)·b)`` of each batch, ``b = batch_size / world_size``; the
     shards of one step are disjoint and together form the global batch. When ``classes per batch`` is a
     multiple of ``world_size`` every shard holds whole classes. Call :meth:`set_epoch` before each epoch;
@@ -257,7 +225,7 @@ class DistributedClassBalancedSampler:
         batch_size: the *global* batch size (all ranks together); a multiple of ``world_size`` and of
             ``samples_per_class``.
         samples_per_class: images per class in a global batch.
-        seed: seeds the order; epoch e uses ``numpy.random.default_rng([seed, e])``.
+        seed: seeds the order; epoch e uses ``torch.Generator().manual_seed(epoch_seed(seed, e))``.
         rank, world_size: this process's place.
         num_batches: global batches per epoch (default ``N // batch_size``).
     """
@@ -278,9 +246,10 @@ class DistributedClassBalancedSampler:
         self.num_batches = num_batches if num_batches is not None else max(1, self.labels.size // batch_size)
         self.epoch = 0
         self.start = 0
-        # validate now (raises DvmlError on too few classes) rather than at the first iteration
-        class_balanced_batches(self.labels, batch_size=batch_size, samples_per_class=samples_per_class,
-                               rng=np.random.default_rng(0), num_batches=1)
+        # raises DvmlError on too few classes, ValueError on a batch that is not a multiple of samples_per_class
+        self._base = ClassBalancedSampler(torch.from_numpy(self.labels), batch_size, samples_per_class,
+                                          torch.Generator())
+        self._base.n_batches = self.num_batches
 
     @property
     def local_batch_size(self) -> int:
@@ -295,9 +264,8 @@ class DistributedClassBalancedSampler:
     def global_batches(self, epoch: int | None = None) -> np.ndarray:
         """(num_batches, batch_size) indices of ``epoch`` (default: the current one); identical on every rank."""
         e = self.epoch if epoch is None else epoch
-        return class_balanced_batches(self.labels, batch_size=self.batch_size,
-                                      samples_per_class=self.samples_per_class,
-                                      rng=np.random.default_rng([self.seed, e]), num_batches=self.num_batches)
+        self._base.generator = torch.Generator().manual_seed(epoch_seed(self.seed, e))
+        return self._base.epoch().numpy()
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.local_batch_size
