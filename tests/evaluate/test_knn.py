@@ -146,3 +146,33 @@ def test_small_problems_run_single_threaded_with_identical_results(monkeypatch):
     np.testing.assert_array_equal(single[0][1], multi[0][1])
     np.testing.assert_allclose(single[0][0], multi[0][0], atol=1e-6)
     np.testing.assert_array_equal(single[1], multi[1])
+
+
+def _native_faiss_kmeans(x, n_clusters, seed, niter=20):
+    km = knn.faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=max(256, -(-x.shape[0] // n_clusters)), verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    _, assign = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return assign[:, 0], km
+
+
+@pytest.mark.parametrize("case", ["blobs", "many_small_clusters", "empty_cluster_splits"])
+def test_kmeans_against_native_faiss_20_iterations(case):
+    rng = np.random.default_rng(11)
+    if case == "blobs":
+        x, k = (rng.normal(size=(400, 8)) + 3 * rng.normal(size=(8, 8))[rng.integers(0, 8, 400)]), 8
+    elif case == "many_small_clusters":  # SOP-like: ~5 points per cluster
+        y = np.repeat(np.arange(80), 5)
+        x, k = rng.normal(size=(400, 16)) + 1.5 * rng.normal(size=(80, 16))[y], 80
+    else:  # every point 4 times: random init picks duplicate centroids, so clusters empty and get split
+        x, k = np.repeat(rng.normal(size=(50, 6)), 4, axis=0), 60
+    x = x.astype(np.float32)
+    ref, native = _native_faiss_kmeans(x, k, seed=5)
+    stats: dict = {}
+    got = knn.kmeans(x, k, seed=5, metric="euclidean", stats=stats)
+    np.testing.assert_array_equal(got, ref)
+    assert 1 <= stats["iterations"] <= 20
+    if case == "empty_cluster_splits":
+        assert sum(s["nsplit"] for s in native.iteration_stats) > 0  # the split path was exercised
+    if case == "many_small_clusters":
+        assert stats["converged"] and stats["iterations"] < 20  # the early stop did happen

@@ -115,7 +115,8 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks: Seque
         use_gpu: ``None`` = faiss GPU when available.
         progress: optional ``progress(stage, advance, total)`` callback.
         where: prefix of error messages (e.g. the target's path).
-        timings: if given, filled with ``knn_s`` (search + retrieval metrics) and ``kmeans_s`` seconds.
+        timings: if given, filled with ``knn_s`` (search + retrieval metrics) and ``kmeans_s`` seconds, and
+            ``kmeans_iterations`` (Lloyd steps per run; fewer than 20 when a fixed point came first).
     Returns:
         ``{"recall@K": ..., ["nmi", "f1", "precision", "recall",] "map@r", "r_precision"}``, fractions in
         [0, 1] (python floats), recall@K in increasing K.
@@ -145,9 +146,12 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks: Seque
     if clustering:
         t0 = time.perf_counter()
         runs = []
+        iterations = []
         n_classes = counts.size
         for i in range(kmeans_runs):
-            assign = knn.kmeans(emb, n_classes, seed=seed + i, metric=metric, use_gpu=use_gpu)
+            km_stats: dict = {}
+            assign = knn.kmeans(emb, n_classes, seed=seed + i, metric=metric, use_gpu=use_gpu, stats=km_stats)
+            iterations.append(km_stats["iterations"])
             runs.append({"nmi": M.nmi(assign, codes), **M.pairwise_f1(assign, codes)})
             if progress is not None:
                 progress("k-means", 1, kmeans_runs)
@@ -157,6 +161,7 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks: Seque
         log.debug("k-means (%d clusters) x %d: %.2fs", n_classes, kmeans_runs, t_kmeans)
         if timings is not None:
             timings["kmeans_s"] = t_kmeans
+            timings["kmeans_iterations"] = iterations
     out["map@r"] = map_r
     out["r_precision"] = r_prec
     return out
@@ -294,7 +299,9 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         "kmeans_runs": cfg.kmeans_runs if cfg.clustering else 0,
         "seed": cfg.seed,
         "faiss_gpu": bool(knn.gpu_available() if cfg.use_gpu is None else cfg.use_gpu),
-        "seconds": {"load_embed": round(t_load, 3), **{k: round(v, 3) for k, v in timings.items()}},
+        "seconds": {"load_embed": round(t_load, 3),
+                    **{k: round(v, 3) for k, v in timings.items() if k.endswith("_s")}},
+        "kmeans_iterations": timings.get("kmeans_iterations", []),
         "versions": versions(),
         **cfg.extra,
     })
