@@ -83,3 +83,15 @@ def test_tune_writes_a_config_fit_heads_accepts(cache, tmp_path):
     assert summary["search_space"] == ["lr", "samples"] and len(summary["trials"]) == 2
     assert best["samples"] == summary["best"]["params"]["samples"] and best["decoder_hidden"] == 16
     FitConfig.from_dict({**best, "cache": str(cache), "out": str(tmp_path / "run")})  # a valid fit config
+    # fit-heads --config trains the winner; an option on the command line overrides the file
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(run), "--config", str(out / tune.BEST_CONFIG_FILE),
+                            "--seed", "5"])
+    assert r.exit_code == 0, r.output
+    used = json.loads((run / "config.json").read_text())["config"]
+    assert used["lr"] == pytest.approx(best["lr"]) and used["samples"] == best["samples"]
+    assert used["epochs"] == 1 and used["decoder_hidden"] == 16 and used["seed"] == 5
+    (tmp_path / "bad.json").write_text('{"epochz": 3}')
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "r2"), "--config",
+                            str(tmp_path / "bad.json")])
+    assert r.exit_code == 1 and "epochz" in r.output

@@ -37,9 +37,35 @@ def _terms(record: dict) -> str:
     return text
 
 
+def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
+    """Fit options from a JSON file (e.g. ``dvml tune``'s best_config.json: FitConfig fields without cache/out)
+    for every option not given on the command line; options given on the command line win."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of fit options")
+    unknown = sorted(set(data) - set(kw) - {"cache", "out"})
+    if unknown:
+        raise ValueError(f"--config {path}: unknown fit option(s) {', '.join(unknown)}")
+    merged = dict(kw)
+    for key, value in data.items():
+        source = ctx.get_parameter_source(key)  # click's ParameterSource (vendored by recent typer)
+        if key in ("cache", "out") or getattr(source, "name", None) == "COMMANDLINE":
+            continue
+        merged[key] = tuple(value) if isinstance(value, list) else value
+    return merged
+
+
 @app.command("fit-heads")
 @handle_errors
 def fit_heads_cmd(
+    ctx: typer.Context,
     cache: Path = typer.Argument(..., help="HDF5 feature cache (dvml extract / dvml synth)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (heads.pt, config.json, log.jsonl)."),
     loss: LossName = typer.Option(FitConfig.loss, help="Metric loss Lm."),
@@ -74,18 +100,24 @@ def fit_heads_cmd(
                                          "(default: the last epoch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    config: Path = typer.Option(None, "--config",
+                                help="JSON file of fit options (e.g. dvml tune's best_config.json); options given "
+                                     "on the command line override it."),
 ):
     """Train the DVML heads (z_I, mu, log sigma^2, decoder) on cached features with the four-term loss."""
     from dvml.heads import fit  # lazily: torch is heavy and other commands do not need it
 
-    cfg = FitConfig(cache=cache, out=out, loss=loss, dvml=dvml, embedding_size=embedding_size,
-                    decoder_hidden=decoder_hidden, samples=samples, epochs=epochs, phase2_epoch=phase2_epoch,
-                    kl_warmup_epochs=kl_warmup_epochs,
-                    lambdas_phase1=_lambdas(lambdas_phase1, "--lambdas-phase1"),
-                    lambdas_phase2=_lambdas(lambdas_phase2, "--lambdas-phase2"),
-                    reduction=reduction, lr=lr, proxy_lr=proxy_lr, weight_decay=weight_decay,
-                    batch_size=batch_size, per_class=per_class, seed=seed, device=device, eval_every=eval_every,
-                    val_classes=val_classes, resume=resume, overwrite=overwrite)
+    kw = dict(loss=loss, dvml=dvml, embedding_size=embedding_size,
+              decoder_hidden=decoder_hidden, samples=samples, epochs=epochs, phase2_epoch=phase2_epoch,
+              kl_warmup_epochs=kl_warmup_epochs,
+              lambdas_phase1=_lambdas(lambdas_phase1, "--lambdas-phase1"),
+              lambdas_phase2=_lambdas(lambdas_phase2, "--lambdas-phase2"),
+              reduction=reduction, lr=lr, proxy_lr=proxy_lr, weight_decay=weight_decay,
+              batch_size=batch_size, per_class=per_class, seed=seed, device=device, eval_every=eval_every,
+              val_classes=val_classes, resume=resume, overwrite=overwrite)
+    if config is not None:
+        kw = _merge_config_file(ctx, kw, config)
+    cfg = FitConfig(cache=cache, out=out, **kw)
     state = {"last": None, "epoch": 0}
     with make_progress("step", TextColumn("{task.fields[terms]}")) as progress:
         task = progress.add_task("fit-heads", total=None, rate="", terms="")
