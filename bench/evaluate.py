@@ -8,17 +8,21 @@ Sizes (clustered embeddings generated here, float32, L2-normalised for cosine re
 What is measured, per size, each in a fresh subprocess (so ``ru_maxrss`` is that measurement's own peak):
 
 * ``ours``: :func:`dvml.evaluate.evaluate_embeddings` (exact faiss kNN with the query excluded, Recall@K,
-  MAP@R, R-precision; faiss k-means with as many clusters as classes, 20 iterations, NMI and pairwise F1);
+  MAP@R, R-precision; faiss k-means with as many clusters as classes, 20 iterations or an earlier exact
+  fixed point, NMI and pairwise F1);
 * ``sklearn``: the same metrics with scikit-learn doing the heavy parts: ``NearestNeighbors(algorithm=
   "brute", metric=cosine)`` for the k + 1 neighbours (self dropped), ``KMeans(n_clusters=#classes,
-  n_init=1, max_iter=20, tol=0, init="random")`` (the same Lloyd schedule as faiss; ``--sklearn-init
+  n_init=1, max_iter=20, tol=0, init="random")`` (the same Lloyd schedule as faiss, which also stops when
+  the labels stop changing; ``--sklearn-init
   k-means++`` for sklearn's default seeding), ``normalized_mutual_info_score`` and ``pair_confusion_matrix``
   for NMI/F1; Recall@K / MAP@R / R-precision from the neighbour labels with dvml's numpy functions (scikit-
   learn has none; they cost well under a second).
 
 The load average printed with each measurement shows whether other work shared the cores (a 2-core
 machine with load > 2 gives both sides less than the full machine; compare sides within a size).
-Wall time is the evaluation only (data already in memory, libraries imported); peak memory is the
+Wall time is the evaluation only (data already in memory, libraries imported), CPU time the worker's
+user + system seconds over the same span (less sensitive to other load, though OpenMP spin-waiting
+under contention inflates it too); peak memory is the
 subprocess' maximum RSS, also shown above the RSS it had before evaluating (data + libraries).
 Prints per-repetition figures, medians, the metric values of both sides (retrieval metrics must agree;
 NMI/F1 differ by the k-means run), and ratios ours/sklearn.
@@ -78,6 +82,11 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
@@ -90,8 +99,8 @@ def _worker_ours(x, y, ks, seed, args) -> dict:
     t0 = time.perf_counter()
     res = evaluate_embeddings(x, y, ks=ks, seed=seed, metric="cosine", timings=timings)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "knn_s": timings["knn_s"], "kmeans_s": timings["kmeans_s"], "kmeans_iters_run": 20,
-            "metrics": res}
+    return {"wall_s": wall, "knn_s": timings["knn_s"], "kmeans_s": timings["kmeans_s"],
+            "kmeans_iters_run": timings["kmeans_iterations"][0], "metrics": res}
 
 
 def _worker_sklearn(x, y, ks, seed, args) -> dict:
@@ -155,9 +164,9 @@ def worker(args) -> None:
     else:
         import sklearn.cluster  # noqa: F401
         import sklearn.neighbors  # noqa: F401
-    base = _rss_mb()
+    base, cpu0 = _rss_mb(), _cpu_s()
     out = fn(x, y, ks, args.seed, args)
-    out.update({"rss_before_mb": base, "peak_rss_mb": _peak_mb()})
+    out.update({"rss_before_mb": base, "peak_rss_mb": _peak_mb(), "cpu_s": _cpu_s() - cpu0})
     print("RESULT " + json.dumps(out))
 
 
@@ -228,23 +237,24 @@ def main() -> None:
                     print(f"  rep {rep} {side:7s}: {r['wall_s']:8.2f} s (kNN+retrieval {r['knn_s']:.2f} s, "
                           f"k-means {r['kmeans_s']:.2f} s){extra}; peak RSS {r['peak_rss_mb']:,.0f} MB "
                           f"({r['peak_rss_mb'] - r['rss_before_mb']:+,.0f} MB over {r['rss_before_mb']:,.0f}); "
-                          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
-            med = {s: {key: statistics.median(r[key] for r in res[s]) for key in ("wall_s", "knn_s", "kmeans_s")}
-                   for s in sides}
+                          f"CPU {r['cpu_s']:.1f} s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+            med = {s: {key: statistics.median(r[key] for r in res[s])
+                       for key in ("wall_s", "knn_s", "kmeans_s", "cpu_s")} for s in sides}
             peak = {s: max(r["peak_rss_mb"] for r in res[s]) for s in sides}
             extra_mb = {s: max(r["peak_rss_mb"] - r["rss_before_mb"] for r in res[s]) for s in sides}
             for s in sides:
                 print(f"  median {s:7s}: {med[s]['wall_s']:.2f} s (kNN+retrieval {med[s]['knn_s']:.2f} s, "
-                      f"k-means {med[s]['kmeans_s']:.2f} s), peak RSS {peak[s]:,.0f} MB "
+                      f"k-means {med[s]['kmeans_s']:.2f} s; CPU {med[s]['cpu_s']:.1f} s), peak RSS {peak[s]:,.0f} MB "
                       f"(+{extra_mb[s]:,.0f} MB for the evaluation)")
                 print(f"  metrics {s:7s}: {_fmt_metrics(res[s][0]['metrics'])}")
             if sides == ["ours", "sklearn"]:
                 agree = all(abs(res["ours"][0]["metrics"][k] - res["sklearn"][0]["metrics"][k]) < 1e-3
                             for k in res["ours"][0]["metrics"] if k.startswith("recall@") or k in ("map@r",
                                                                                                    "r_precision"))
-                ratio = {k: med["ours"][k] / med["sklearn"][k] for k in ("wall_s", "knn_s", "kmeans_s")}
+                ratio = {k: med["ours"][k] / med["sklearn"][k] for k in ("wall_s", "knn_s", "kmeans_s", "cpu_s")}
                 print(f"  ratio ours/sklearn: wall {ratio['wall_s']:.3f} (speed-up {1 / ratio['wall_s']:.1f}x), "
-                      f"kNN {ratio['knn_s']:.3f}, k-means {ratio['kmeans_s']:.3f}; peak RSS "
+                      f"kNN {ratio['knn_s']:.3f}, k-means {ratio['kmeans_s']:.3f}, CPU time {ratio['cpu_s']:.3f}; "
+                      f"peak RSS "
                       f"{peak['ours'] / peak['sklearn']:.3f}, evaluation memory "
                       f"{extra_mb['ours'] / max(extra_mb['sklearn'], 1):.3f}; retrieval metrics agree: {agree}")
                 summary.append((name, med, peak, ratio))
