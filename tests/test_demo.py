@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end_through_the_cli(quick_demo):
     assert r.exit_code == 0, r.output
     # the printed table: both losses, baseline and DVML, and the paired difference
     for text in ("triplet", "npair", "baseline (n=2)", "DVML (n=2)", "Δ DVML−base [95% CI]", "R@1", "MAP@R",
-                 "demo finished"):
+                 "demo finished", "raw features without training: R@1"):
         assert text in r.stdout, text
     assert (out / demo.WORLD_FILE).exists()
     rows = ablate.read_results_csv(out / demo.ABLATION_DIR / ablate.RESULTS_FILE)
@@ -48,7 +48,7 @@ def test_demo_rerun_reuses_world_and_cells(quick_demo, monkeypatch):
     calls = []
     monkeypatch.setattr(ablate, "fit", lambda *a, **k: calls.append(a))
     result = demo.run(demo.DemoConfig(out=out, quick=True, fit={"device": "cpu"}))
-    assert calls == [] and len(result["rows"]) == 8
+    assert calls == [] and len(result["rows"]) == 8 and 0 < result["raw"]["recall@1"] < 1
     assert (out / demo.WORLD_FILE).stat().st_mtime_ns == world_mtime
     # the default size would need another world: refused rather than mixed into this directory
     with pytest.raises(DvmlError, match="different synth world"):

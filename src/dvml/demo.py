@@ -114,8 +114,11 @@ def _complete(path: Path) -> bool:
 
 
 def run(cfg: DemoConfig, *, callback: Callable[[ablate.AblateEvent], None] | None = None) -> dict:
-    """Build the world, run the ablation; return its summary (see :func:`dvml.heads.ablate.run`)."""
-    world(cfg)
+    """Build the world, run the ablation; return its summary (see :func:`dvml.heads.ablate.run`) with
+    ``"raw"`` added: the metrics of the raw test features (no training), the floor both methods start from."""
+    from dvml.evaluate import evaluate_target
+
+    path = world(cfg)
     ab = cfg.ablation()
     if (ab.out / ablate.PROVENANCE_FILE).exists():
         import json
@@ -123,4 +126,6 @@ def run(cfg: DemoConfig, *, callback: Callable[[ablate.AblateEvent], None] | Non
         old = json.loads((ab.out / ablate.PROVENANCE_FILE).read_text()).get("fit")
         if old != ablate._jsonable(ab.fit):
             raise DvmlError(f"{ab.out} holds a demo ablation of another size or options; use another --out")
-    return ablate.run(ab, callback=callback)
+    result = ablate.run(ab, callback=callback)
+    result["raw"] = evaluate_target(path, clustering=False)
+    return result

@@ -240,6 +240,9 @@ def demo_cmd(
     t0 = time.perf_counter()
     result = _run_ablation(demo.run, cfg)
     _print_ablation_result(result, title="dvml demo (unseen test classes)")
+    raw = result["raw"]
+    console.print(f"for reference, the raw features without training: R@1 {100 * raw['recall@1']:.1f}, "
+                  f"MAP@R {100 * raw['map@r']:.1f}")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; everything is in {out}")
 
 

@@ -441,7 +441,7 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
     write_results_csv(rows, cfg.out / RESULTS_FILE)
     summary = summarize(rows, confidence=cfg.confidence)
-    title = f"{info.dataset}: {', '.join(cfg.losses)}; {len(cfg.seeds)} seed(s)"
+    title = f"{info.dataset}: {', '.join(cfg.losses)}; {len(cfg.seeds)} seed(s), error bars ±1 std over seeds"
     (cfg.out / SUMMARY_JSON).write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
     (cfg.out / SUMMARY_MD).write_text(summary_markdown(summary, title=f"Ablation on {cfg.cache.name} ({title})"))
     write_chart(summary, cfg.out / CHART_FILE, title=title)
