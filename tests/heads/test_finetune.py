@@ -259,3 +259,14 @@ def test_init_heads_incompatible_runs_are_clear_errors(wide_cache: Path, tiny_ca
     cfg = small_cfg(tmp_path, tmp_path / "o", init_heads=base)
     with pytest.raises(DvmlError, match="no-dvml"):
         load_init_heads(base, init_model(cfg, 3), cfg, np.arange(3), "cub")
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_precision_steps_and_evaluate(tiny_cub: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    cfg = small_cfg(tiny_cub, out, epochs=1, steps_per_epoch=3, device="cuda", amp=True)
+    finetune(cfg)
+    rec = R.read_log(out)[-1]
+    assert all(np.isfinite(rec[k]) for k in ("total", "kl", "recon", "metric_invariant", "metric_synthetic"))
+    emb, labels = embed_test_split(out, device="cuda")
+    assert emb.shape == (9, cfg.embedding_size) and np.isfinite(emb).all() and len(labels) == 9
