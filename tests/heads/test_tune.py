@@ -115,6 +115,13 @@ def test_best_config_feeds_fit_heads_and_study_continues(cache, tmp_path):
     assert more["study_name"] == first["study_name"]
     assert sum(t["state"] == "COMPLETE" for t in more["trials"]) == 3
     assert [t["number"] for t in more["trials"]][:2] == [t["number"] for t in first["trials"]]
+    # the continuation does not replay the first process's random start-up trials
+    assert more["trials"][2]["params"] not in [t["params"] for t in first["trials"]]
+    assert more["sampler_seed"] != first["sampler_seed"] == 1
+    # a study may not silently mix validation splits
+    with pytest.raises(DvmlError, match="other classes"):
+        tune.run(tune.TuneConfig(cache=cache, loss="triplet", trials=4, out=out, fit=FIT, seed=2,
+                                 study_name=first["study_name"]))
 
 
 def test_baseline_study_searches_no_dvml_parameters(cache, tmp_path):

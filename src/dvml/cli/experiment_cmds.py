@@ -301,7 +301,7 @@ def tune_cmd(
     out: Path = typer.Option(Path("dvml-tune"), "--out", "-o", help="Output directory."),
     storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///OUT/optuna.db); give "
                                                   "several machines the same RDB URL to share one study."),
-    study_name: str | None = typer.Option(None, help="Study name (default dvml-<loss>-<dvml|base>-<cache>)."),
+    study_name: str | None = typer.Option(None, help="Study name (default dvml-<loss>-<dvml|base>-<cache>-s<seed>)."),
     no_dvml: bool = typer.Option(False, "--no-dvml", help="Tune the baseline (no λ/T to search)."),
     objective: str = typer.Option("recall@1", help="recall@1 or map@r on the held-out validation classes."),
     val_fraction: float = typer.Option(0.25, help="Share of TRAINING classes held out for validation."),

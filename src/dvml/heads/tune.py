@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ class TuneConfig:
     cache: feature cache (only its training split is read). loss: metric loss name. dvml: tune the DVML
     model (False: the --no-dvml baseline, no λ/T). trials: finished trials the study should reach.
     out: output directory. storage: Optuna storage URL (default ``sqlite:///OUT/optuna.db``).
-    study_name: default ``dvml-<loss>-<dvml|base>-<cache fingerprint[:8]>``.
+    study_name: default ``dvml-<loss>-<dvml|base>-<cache fingerprint[:8]>-s<seed>``.
     val_fraction: share of the training classes held out for validation (at least 2 classes each side).
     objective: ``recall@1`` or ``map@r`` on the validation classes. fit: fixed FitConfig fields for every
     trial (epochs, batch_size, device, ...). search: names of the parameters to search (default: all that
@@ -183,7 +184,7 @@ def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _study_name(cfg: TuneConfig, fp: str) -> str:
-    return cfg.study_name or f"dvml-{cfg.loss}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}"
+    return cfg.study_name or f"dvml-{cfg.loss}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
 
 
 def fit_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> FitConfig:
@@ -234,9 +235,25 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
              cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
 
     study = optuna.create_study(storage=cfg.storage_url(), study_name=_study_name(cfg, fp), direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+                                load_if_exists=True)
+    old_fp = study.user_attrs.get("cache_fingerprint")
+    if old_fp not in (None, fp):
+        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
+                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
+    old_val = study.user_attrs.get("val_classes")
+    if old_val not in (None, [int(c) for c in val_classes]):
+        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
+                        "--val-fraction); its trials would not be comparable: use another --study-name")
     study.set_user_attr("cache_fingerprint", fp)
     study.set_user_attr("val_classes", [int(c) for c in val_classes])
+    # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared
+    # study mixes in the trial count and its pid: the same seed would replay the same random start-up
+    # trials as the process before it (or beside it), wasting them on duplicates.
+    n_existing = len(study.get_trials(deepcopy=False))
+    sampler_seed = cfg.seed
+    if n_existing or cfg.storage is not None:
+        sampler_seed = int(np.random.SeedSequence([cfg.seed, n_existing, os.getpid()]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
 
     def objective(trial) -> float:
         params = suggest(trial, space)
@@ -281,8 +298,8 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
         "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss, "dvml": cfg.dvml,
         "objective": cfg.objective, "objective_split": "validation classes held out from the training split",
         "fit_classes": [int(c) for c in fit_classes], "val_classes": [int(c) for c in val_classes],
-        "search_space": space, "fixed_fit_options": {k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in cfg.fit.items()},
+        "search_space": space, "sampler_seed": sampler_seed,
+        "fixed_fit_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.fit.items()},
         "best": {"number": best.number, "value": best.value, "params": best.params,
                  "metrics": best.user_attrs.get("metrics")},
         "best_config_file": str(cfg.out / BEST_CONFIG_FILE),
