@@ -170,13 +170,32 @@ def _print_ablation_result(result: dict, title: str) -> None:
 
 
 def _run_ablation(fn, *args, **kwargs) -> dict:
-    view = _AblationView()
-    with Live(view.table(), console=err_console, refresh_per_second=4, transient=False) as live:
-        def cb(event):
-            view(event)
-            live.update(view.table())
+    import logging
 
-        return fn(*args, callback=cb, **kwargs)
+    # the live table shows each cell; the per-fit/per-evaluation INFO lines would only scroll it (kept with -v).
+    # Levels are restored afterwards: the process (e.g. a test session) may go on to other commands.
+    quiet = [logging.getLogger(n) for n in ("dvml.heads.train", "dvml.evaluate.core")]
+    saved = [q.level for q in quiet]
+    if logging.getLogger().level > logging.DEBUG:
+        for q in quiet:
+            q.setLevel(logging.WARNING)
+    view = _AblationView()
+    try:
+        with Live(view.table(), console=err_console, refresh_per_second=4, transient=False) as live:
+            last = [0.0]
+
+            def cb(event):
+                view(event)
+                now = time.perf_counter()
+                # per-step events can come thousands of times a second on a GPU: redraw at most 10 times a second
+                if event.kind != "epoch" or now - last[0] > 0.1:
+                    last[0] = now
+                    live.update(view.table())
+
+            return fn(*args, callback=cb, **kwargs)
+    finally:
+        for q, level in zip(quiet, saved, strict=True):
+            q.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------------
