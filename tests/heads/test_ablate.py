@@ -133,6 +133,9 @@ def test_refuses_bad_options_before_fitting(tiny_cache, tmp_path, finished):
     with pytest.raises(DvmlError, match="unknown fit option"):
         ablate.run(ablate.AblateConfig(cache=tiny_cache, out=tmp_path / "a", fit={"epochz": 3}))
     assert not (tmp_path / "a" / "runs").exists()
+    with pytest.raises(DvmlError, match="triplett"):  # the second loss is checked before the first one fits
+        ablate.run(ablate.AblateConfig(cache=tiny_cache, out=tmp_path / "c", losses=("triplet", "triplett"), fit=FIT))
+    assert not (tmp_path / "c" / "runs").exists()
     cfg, _, _ = finished
     with pytest.raises(DvmlError, match="other fit options"):
         ablate.run(ablate.AblateConfig(cache=tiny_cache, out=cfg.out, losses=("triplet",), seeds=(0, 1),

@@ -406,8 +406,11 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
             raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}); resuming "
                             f"with {_jsonable(cfg.fit)} would mix them in one table; use another --out")
     cells = cfg.cells()
-    for cell in cells[:1]:
-        _fit_config(cfg, cell, run_dir(cfg, cell))  # unknown options fail now, not after the first fit
+    for cell in cells:  # an unknown loss or option fails now, not after hours of other cells
+        try:
+            _fit_config(cfg, cell, run_dir(cfg, cell))
+        except ValueError as e:
+            raise DvmlError(f"{cell.name}: {e}") from None
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
             "backbone": info.backbone, "feature_dim": info.feature_dim,
