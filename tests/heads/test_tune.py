@@ -126,7 +126,11 @@ def test_best_config_feeds_fit_heads_and_study_continues(cache, tmp_path):
 
 def test_baseline_study_searches_no_dvml_parameters(cache, tmp_path):
     cfg = tune.TuneConfig(cache=cache, loss="triplet", dvml=False, trials=1, out=tmp_path, fit=FIT)
-    assert tune.search_space(cfg) == ["lr", "embedding_size"]
+    assert tune.search_space(cfg) == ["lr", "margin", "embedding_size"]
+    npair = tune.TuneConfig(cache=cache, loss="npair", dvml=False, trials=1, out=tmp_path, fit=FIT)
+    assert tune.search_space(npair) == ["lr", "embedding_size"]  # npair has no margin
+    dr = tune.TuneConfig(cache=cache, loss="dr-triplet", trials=1, out=tmp_path, fit={**FIT, "margin": 0.3})
+    assert tune.search_space(dr) == ["lr", "gamma", *tune.LAMBDA_NAMES, "samples", "embedding_size"]
     fixed = tune.TuneConfig(cache=cache, loss="triplet", trials=1, out=tmp_path, fit={**FIT, "samples": 4},
                             search=("lr", "lambda3"))
     assert tune.search_space(fixed) == ["lr", "lambda3"]

@@ -221,7 +221,9 @@ def ablate_cmd(
     eval_every: int | None = typer.Option(None, help=_FIT_HELP.format(_FD["eval_every"])),
     device: str | None = typer.Option(None, help="Fit option: auto, cpu or cuda (default auto)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Any other fit option as KEY=VALUE (repeatable), "
-                                                               "e.g. --set lambdas_phase2=0.8,1,0.2,0.8."),
+                                                               "e.g. --set lambdas_phase2=0.8,1,0.2,0.8 or --set "
+                                                               "gamma=0.3 (a loss parameter must apply to every "
+                                                               "loss of --losses)."),
     no_clustering: bool = typer.Option(False, "--no-clustering", help="Skip NMI/F1 (k-means)."),
 ):
     """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table."""
@@ -324,8 +326,8 @@ def tune_cmd(
     no_dvml: bool = typer.Option(False, "--no-dvml", help="Tune the baseline (no λ/T to search)."),
     objective: str = typer.Option("recall@1", help="recall@1 or map@r on the held-out validation classes."),
     val_fraction: float = typer.Option(0.25, help="Share of TRAINING classes held out for validation."),
-    search: str | None = typer.Option(None, help="Comma-separated subset of: lr, lambda1..lambda4, samples, "
-                                                 "embedding_size (default all that apply)."),
+    search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
+                                                 "samples, embedding_size (default all that apply)."),
     epochs: int | None = typer.Option(None, help=_FIT_HELP.format(_FD["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default: 120 for triplet, 128 otherwise)."),
     device: str | None = typer.Option(None, help="Fit device: auto, cpu or cuda."),

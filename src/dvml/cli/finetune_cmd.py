@@ -10,6 +10,7 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
+from dvml.cli.heads_cmd import LOSS_OPTS, format_lambdas, format_terms, parse_lambdas
 from dvml.extract.datasets import DatasetName
 from dvml.heads.config import LossName, Reduction
 from dvml.heads.finetune import FinetuneConfig
@@ -17,27 +18,6 @@ from dvml.heads.finetune import FinetuneConfig
 _F = FinetuneConfig  # option defaults are the config dataclass defaults
 
 TORCHRUN = "torchrun --standalone --nproc_per_node=N --no-python dvml finetune ..."
-
-
-def _lambdas(text: str, option: str) -> tuple[float, float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ValueError(f"{option} must be four comma-separated numbers (KL, recon, Lm(z_hat), Lm(z_I)), "
-                         f"got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _fmt(lams) -> str:
-    return ",".join(f"{v:g}" for v in lams)
-
-
-def _terms(record: dict) -> str:
-    keys = (("total", "L"), ("kl", "kl"), ("recon", "rec"), ("metric_invariant", "Lm(zI)"),
-            ("metric_synthetic", "Lm(ẑ)"))
-    return " ".join(f"{short} {record[k]:.4g}" for k, short in keys if k in record)
 
 
 @app.command("finetune", epilog=f"Multi-GPU (one process per GPU, DDP over NCCL; gloo on CPU): {TORCHRUN} "
@@ -63,9 +43,9 @@ def finetune_cmd(
     steps_per_epoch: int = typer.Option(None, help="Global batches per epoch (default: N_train // batch-size)."),
     phase2_epoch: int = typer.Option(_F.phase2_epoch, help="First (0-based) epoch of phase 2."),
     kl_warmup_epochs: int = typer.Option(_F.kl_warmup_epochs, help="KL weight ramps up over this many epochs."),
-    lambdas_phase1: str = typer.Option(_fmt(_F.lambdas_phase1), help="Phase-1 weights: KL, recon, Lm(z_hat), "
+    lambdas_phase1: str = typer.Option(format_lambdas(_F.lambdas_phase1), help="Phase-1 weights: KL, recon, Lm(z_hat), "
                                        "Lm(z_I)."),
-    lambdas_phase2: str = typer.Option(_fmt(_F.lambdas_phase2), help="Phase-2 weights: KL, recon, Lm(z_hat), "
+    lambdas_phase2: str = typer.Option(format_lambdas(_F.lambdas_phase2), help="Phase-2 weights: KL, recon, Lm(z_hat), "
                                        "Lm(z_I)."),
     reduction: Reduction = typer.Option(_F.reduction, help="KL over E / recon over D: sum (paper) or mean."),
     embedding_size: int = typer.Option(_F.embedding_size, help="Embedding size E."),
@@ -73,6 +53,10 @@ def finetune_cmd(
     samples: int = typer.Option(_F.samples, "--samples", "-T", help="T: z_V draws per image and step."),
     batch_size: int = typer.Option(None, help="Global images per batch (default: 120 for triplet, 128 otherwise)."),
     per_class: int = typer.Option(None, help="Images per class in a batch (default: 2 for npair, 4 otherwise)."),
+    margin: float = LOSS_OPTS["margin"],
+    gamma: float = LOSS_OPTS["gamma"],
+    temperature: float = LOSS_OPTS["temperature"],
+    label_smoothing: float = LOSS_OPTS["label_smoothing"],
     freeze_bn: bool = typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
                                    help="Keep BatchNorm in eval mode with frozen affine parameters."),
     amp: bool = typer.Option(_F.amp, help="Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."),
@@ -102,11 +86,12 @@ def finetune_cmd(
                          init_heads=init_heads, backbone_lr=backbone_lr, lr=lr, proxy_lr=proxy_lr,
                          weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
                          phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
-                         lambdas_phase1=_lambdas(lambdas_phase1, "--lambdas-phase1"),
-                         lambdas_phase2=_lambdas(lambdas_phase2, "--lambdas-phase2"), reduction=reduction,
+                         lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
+                         lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"), reduction=reduction,
                          embedding_size=embedding_size, decoder_hidden=decoder_hidden, samples=samples,
-                         batch_size=batch_size, per_class=per_class, freeze_bn=freeze_bn, amp=amp, resize=resize,
-                         crop=crop, train_classes=train_classes, transform_input=transform_input,
+                         batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
+                         temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
+                         resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
                          checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
                          overwrite=overwrite, workers=workers)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
@@ -125,7 +110,7 @@ def finetune_cmd(
                                 terms=f"L {ev.record['total']:.4g}")
             elif ev.kind == "epoch":
                 state["last"], state["epoch"] = ev.record, ev.epoch
-                progress.update(task, terms=_terms(ev.record))
+                progress.update(task, terms=format_terms(ev.record))
 
         try:
             run_dir = finetune(cfg, callback=callback)
@@ -136,5 +121,5 @@ def finetune_cmd(
             raise typer.Exit(130) from None
     if main:
         if state["last"] is not None:
-            console.print(f"epoch {state['epoch']}: {_terms(state['last'])}", highlight=False)
+            console.print(f"epoch {state['epoch']}: {format_terms(state['last'])}", highlight=False)
         console.print(f"wrote {run_dir}  (evaluate: dvml evaluate {run_dir})")

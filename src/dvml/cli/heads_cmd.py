@@ -8,10 +8,24 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.heads.config import DeviceChoice, FitConfig, LossName, Reduction
+from dvml.heads.config import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, DeviceChoice, FitConfig, LossName, Reduction
 
 
-def _lambdas(text: str, option: str) -> tuple[float, float, float, float]:
+def loss_param_help(name: str) -> str:
+    """Help text of a loss-parameter option: which losses take it and their defaults."""
+    uses = ", ".join(f"{loss.value} {p[name]:.4g}" for loss, p in LOSS_PARAM_DEFAULTS.items() if name in p)
+    return f"Loss parameter, only for: {uses} (the defaults)."
+
+
+def loss_param_options() -> dict:
+    """The typer options ``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing`` (fit-heads, finetune)."""
+    return {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+
+
+LOSS_OPTS = loss_param_options()
+
+
+def parse_lambdas(text: str, option: str) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -23,11 +37,11 @@ def _lambdas(text: str, option: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _fmt(lams) -> str:
+def format_lambdas(lams) -> str:
     return ",".join(f"{v:g}" for v in lams)
 
 
-def _terms(record: dict) -> str:
+def format_terms(record: dict) -> str:
     keys = (("total", "L"), ("kl", "kl"), ("recon", "rec"), ("metric_invariant", "Lm(zI)"),
             ("metric_synthetic", "Lm(ẑ)"))
     text = " ".join(f"{short} {record[k]:.4g}" for k, short in keys if k in record)
@@ -80,9 +94,9 @@ def fit_heads_cmd(
                                           ">= --epochs keeps phase 1."),
     kl_warmup_epochs: int = typer.Option(FitConfig.kl_warmup_epochs,
                                          help="KL weight rises linearly from 0 over this many epochs (0 = off)."),
-    lambdas_phase1: str = typer.Option(_fmt(FitConfig.lambdas_phase1),
+    lambdas_phase1: str = typer.Option(format_lambdas(FitConfig.lambdas_phase1),
                                        help="Phase-1 weights: KL, recon, Lm(z_hat), Lm(z_I)."),
-    lambdas_phase2: str = typer.Option(_fmt(FitConfig.lambdas_phase2),
+    lambdas_phase2: str = typer.Option(format_lambdas(FitConfig.lambdas_phase2),
                                        help="Phase-2 weights: KL, recon, Lm(z_hat), Lm(z_I)."),
     reduction: Reduction = typer.Option(FitConfig.reduction,
                                         help="KL over E and recon over D: sum (the paper's eqs. 8-9) or mean."),
@@ -91,6 +105,10 @@ def fit_heads_cmd(
     weight_decay: float = typer.Option(FitConfig.weight_decay, help="Adam weight decay on the heads."),
     batch_size: int = typer.Option(None, help="Images per batch [default: 120 for triplet, 128 otherwise]."),
     per_class: int = typer.Option(None, help="Images per class in a batch [default: 2 for npair, 4 otherwise]."),
+    margin: float = LOSS_OPTS["margin"],
+    gamma: float = LOSS_OPTS["gamma"],
+    temperature: float = LOSS_OPTS["temperature"],
+    label_smoothing: float = LOSS_OPTS["label_smoothing"],
     seed: int = typer.Option(FitConfig.seed, help="Seed (initialisation, batches, views, z_V noise)."),
     device: DeviceChoice = typer.Option(FitConfig.device, help="auto = CUDA when available."),
     eval_every: int = typer.Option(FitConfig.eval_every,
@@ -110,10 +128,11 @@ def fit_heads_cmd(
     kw = dict(loss=loss, dvml=dvml, embedding_size=embedding_size,
               decoder_hidden=decoder_hidden, samples=samples, epochs=epochs, phase2_epoch=phase2_epoch,
               kl_warmup_epochs=kl_warmup_epochs,
-              lambdas_phase1=_lambdas(lambdas_phase1, "--lambdas-phase1"),
-              lambdas_phase2=_lambdas(lambdas_phase2, "--lambdas-phase2"),
+              lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
+              lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
               reduction=reduction, lr=lr, proxy_lr=proxy_lr, weight_decay=weight_decay,
-              batch_size=batch_size, per_class=per_class, seed=seed, device=device, eval_every=eval_every,
+              batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma, temperature=temperature,
+              label_smoothing=label_smoothing, seed=seed, device=device, eval_every=eval_every,
               val_classes=val_classes, resume=resume, overwrite=overwrite)
     if config is not None:
         kw = _merge_config_file(ctx, kw, config)
@@ -131,7 +150,7 @@ def fit_heads_cmd(
             elif ev.kind == "epoch":
                 state["last"], state["epoch"] = ev.record, ev.epoch
                 progress.update(task, description=f"epoch {min(ev.epoch + 1, ev.epochs)}/{ev.epochs}",
-                                terms=_terms(ev.record))
+                                terms=format_terms(ev.record))
 
         try:
             run_dir = fit(cfg, callback=callback)
@@ -140,5 +159,5 @@ def fit_heads_cmd(
                               "--resume to continue")
             raise typer.Exit(130) from None
     if state["last"] is not None:
-        console.print(f"epoch {state['epoch']}: {_terms(state['last'])}", highlight=False)
+        console.print(f"epoch {state['epoch']}: {format_terms(state['last'])}", highlight=False)
     console.print(f"wrote {run_dir}")

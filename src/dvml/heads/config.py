@@ -37,6 +37,22 @@ PROXY_LOSSES = frozenset({LossName.proxy_nca, LossName.proxy_anchor, LossName.dr
                           LossName.proxy_nca_pp})
 
 
+#: Loss parameters a fit can set (``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing``), per loss,
+#: with the default each takes when the option is not given (sources: :mod:`dvml.heads.metric_losses`). A loss
+#: takes exactly the parameters listed for it; one not listed here takes none.
+LOSS_PARAM_DEFAULTS: dict[LossName, dict[str, float]] = {
+    LossName.triplet: {"margin": 0.2},
+    LossName.triplet_dws: {"margin": 0.2},
+    LossName.contrastive: {"margin": 1.0},  # the negative margin (the positive margin is 0)
+    LossName.lifted: {"margin": 1.0},  # the negative margin
+    LossName.proxy_anchor: {"margin": 0.1},
+    LossName.dr_triplet: {"margin": 0.278, "gamma": 0.492},  # seed 003's Optuna-tuned values
+    LossName.dr_proxy_nca: {"gamma": 0.492},
+    LossName.proxy_nca_pp: {"temperature": 1.0 / 9.0, "label_smoothing": 0.1},  # Teh et al. 2020
+}
+LOSS_PARAM_NAMES = ("margin", "gamma", "temperature", "label_smoothing")
+
+
 class Reduction(str, Enum):
     """How the two variational terms are reduced over their vector dimension (KL over E, recon over D)."""
 
@@ -114,6 +130,10 @@ class FitConfig:
         weight_decay: Adam weight decay (L2) on the heads (not on proxies).
         batch_size: images per batch; ``None`` = 120 for triplet, 128 otherwise (the paper).
         per_class: images per class in a batch; ``None`` = 2 for npair, 4 otherwise.
+        margin, gamma, temperature, label_smoothing: parameters of the metric loss, each only for the losses
+            that have it (:data:`LOSS_PARAM_DEFAULTS`; giving one to another loss is an error); ``None`` = that
+            loss's default. Resolved in ``__post_init__``: the recorded config holds the value used (``None``
+            where the loss has no such parameter).
         seed: seeds initialisation, batches, views and the z_V noise.
         device: auto | cpu | cuda.
         eval_every: every this many epochs (and at the last), log test Recall@1 (watch only) and, with
@@ -143,6 +163,10 @@ class FitConfig:
     weight_decay: float = 0.0
     batch_size: int | None = None
     per_class: int | None = None
+    margin: float | None = None
+    gamma: float | None = None
+    temperature: float | None = None
+    label_smoothing: float | None = None
     seed: int = 0
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
@@ -197,8 +221,33 @@ class FitConfig:
         if self.batch_size < 2 * self.per_class or self.batch_size % self.per_class:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
                              "covering at least 2 classes")
+        self._resolve_loss_params()
         if self.val_classes and not self.eval_every:
             raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
+
+    def _resolve_loss_params(self) -> None:
+        takes = LOSS_PARAM_DEFAULTS.get(self.loss, {})
+        for name in LOSS_PARAM_NAMES:
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, takes.get(name))
+                continue
+            if name not in takes:
+                has = ", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none"
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to --loss {self.loss.value} "
+                                 f"(its parameters: {has})")
+            value = float(value)
+            if name == "temperature" and not value > 0:
+                raise ValueError(f"temperature must be > 0, got {value}")
+            if name == "label_smoothing" and not 0.0 <= value < 1.0:
+                raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
+            if name in ("margin", "gamma") and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            object.__setattr__(self, name, value)
+
+    def loss_params(self) -> dict[str, float]:
+        """The metric loss's parameters (resolved): keyword arguments of ``make_metric_loss``."""
+        return {k: getattr(self, k) for k in LOSS_PARAM_DEFAULTS.get(self.loss, {})}
 
     # -- derived -----------------------------------------------------------------------------------------
     @property

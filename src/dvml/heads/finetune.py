@@ -126,7 +126,8 @@ Callback = Callable[[FitEvent], None]
 #: same λ/phase schedule.
 HEAD_FIELDS = ("loss", "dvml", "embedding_size", "decoder_hidden", "samples", "epochs", "phase2_epoch",
                "kl_warmup_epochs", "lambdas_phase1", "lambdas_phase2", "reduction", "lr", "proxy_lr",
-               "weight_decay", "batch_size", "per_class", "seed")
+               "weight_decay", "batch_size", "per_class", "margin", "gamma", "temperature", "label_smoothing",
+               "seed")
 
 #: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
 #: dataset's index digest is checked instead.
@@ -183,6 +184,10 @@ class FinetuneConfig:
     weight_decay: float = _FIT_DEFAULTS["weight_decay"]
     batch_size: int | None = None
     per_class: int | None = None
+    margin: float | None = None
+    gamma: float | None = None
+    temperature: float | None = None
+    label_smoothing: float | None = None
     seed: int = 0
     weights: str = "imagenet"
     transform_input: bool | None = None
@@ -233,6 +238,10 @@ class FinetuneConfig:
             raise ValueError("checkpoint_every and workers must be >= 0")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def loss_params(self) -> dict[str, float]:
+        """The metric loss's parameters, resolved (:meth:`FitConfig.loss_params`)."""
+        return self._fit.loss_params()
 
     def lambdas(self, epoch: float) -> Lambdas:
         """The fit-heads schedule (:meth:`FitConfig.lambdas`) at fractional epoch ``epoch``."""
@@ -393,7 +402,8 @@ def init_model(cfg: FinetuneConfig, n_classes: int, *, backbone: Backbone | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = DVMLHeads(backbone.feature_dim, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml)
-        metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size)
+        metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size,
+                                  **cfg.loss_params())
     loss = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value)
     return Model(backbone, FinetuneNet(model, heads), metric, loss)
 

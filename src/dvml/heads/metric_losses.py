@@ -34,9 +34,13 @@ proxy-nca               pml ProxyNCALoss with softmax scale 9 (= proxies and emb
 multi-similarity        pml MultiSimilarityLoss (alpha 2, beta 50, base 0.5) + MultiSimilarityMiner (eps 0.1)
 proxy-anchor            pml ProxyAnchorLoss (margin 0.1, alpha 32)
 dr-triplet              DRTripletLoss(margin=0.278, gamma=0.492) (dvml.heads.dr_losses; 003_ tuned values)
-dr-proxy-nca            DRProxyNCALoss(num_classes, embedding_size)
-proxy-nca-pp            ProxyNCAPlusPlusLoss(num_classes, embedding_size)
+dr-proxy-nca            DRProxyNCALoss(num_classes, embedding_size, gamma=0.492)
+proxy-nca-pp            ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=1/9, label_smoothing=0.1)
 ======================  =======================================================================================
+
+Every margin, γ, temperature and label smoothing above is the default of a fit option (``--margin``,
+``--gamma``, ``--temperature``, ``--label-smoothing``; :data:`dvml.heads.config.LOSS_PARAM_DEFAULTS` says which
+loss takes which): the contrastive and lifted ``--margin`` is their negative margin, proxy-anchor's its margin.
 
 Proxy losses hold their proxies as ``nn.Parameter`` s (in ``parameters()`` of the returned module); labels must
 be 0..C-1 (the trainer maps them).
@@ -48,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import LossName
+from dvml.heads.config import LOSS_PARAM_DEFAULTS, LossName
 
-TRIPLET_MARGIN = 0.2
+TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
 DWS_CUTOFF = 0.5
 DWS_NONZERO_LOSS_CUTOFF = 1.4
 NPAIR_L2_REG = 0.002
@@ -307,28 +311,41 @@ class BatchedNPairLoss(MetricLoss):
         return F.cross_entropy(logits.reshape(t * n, n), target) + reg
 
 
-def pml_reference(name: LossName | str, *, num_classes: int, embedding_size: int) -> tuple[nn.Module, nn.Module | None]:
+def _params(name: LossName, params: dict[str, float]) -> dict[str, float]:
+    """``params`` over the loss's defaults (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`); unknown ones refused."""
+    defaults = LOSS_PARAM_DEFAULTS.get(name, {})
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"loss {name.value} takes no parameter(s) {sorted(unknown)} (it takes: "
+                         f"{', '.join(defaults) or 'none'})")
+    return {**defaults, **{k: float(v) for k, v in params.items() if v is not None}}
+
+
+def pml_reference(name: LossName | str, *, num_classes: int, embedding_size: int,
+                  **params: float) -> tuple[nn.Module, nn.Module | None]:
     """The pytorch-metric-learning (loss, miner) behind a name, with the settings in the module docstring.
 
     For the batched losses this is the *reference* they are tested against (for ``triplet-dws`` without the
-    miner, whose draws are random: tests pass the sampled triplets as an ``indices_tuple``).
+    miner, whose draws are random: tests pass the sampled triplets as an ``indices_tuple``). ``params``: the
+    loss's ``margin`` (as for :func:`make_metric_loss`).
     """
     from pytorch_metric_learning import distances, losses, miners, regularizers
 
     name = LossName(name)
+    p = _params(name, params)
     if name is LossName.triplet:
-        return losses.TripletMarginLoss(margin=TRIPLET_MARGIN, distance=distances.LpDistance(power=2)), None
+        return losses.TripletMarginLoss(margin=p["margin"], distance=distances.LpDistance(power=2)), None
     if name is LossName.triplet_dws:
-        return (losses.TripletMarginLoss(margin=TRIPLET_MARGIN, distance=distances.LpDistance(power=1)),
+        return (losses.TripletMarginLoss(margin=p["margin"], distance=distances.LpDistance(power=1)),
                 miners.DistanceWeightedMiner(cutoff=DWS_CUTOFF, nonzero_loss_cutoff=DWS_NONZERO_LOSS_CUTOFF))
     if name is LossName.npair:
         return losses.NPairsLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False),
                                  embedding_regularizer=regularizers.LpRegularizer(power=2),
                                  embedding_reg_weight=NPAIR_L2_REG), None
     if name is LossName.contrastive:
-        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0), None
+        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=p["margin"]), None
     if name is LossName.lifted:
-        return losses.LiftedStructureLoss(neg_margin=1.0, pos_margin=0.0), None
+        return losses.LiftedStructureLoss(neg_margin=p["margin"], pos_margin=0.0), None
     if name is LossName.angular:
         return losses.AngularLoss(alpha=40), None
     if name is LossName.proxy_nca:
@@ -336,34 +353,40 @@ def pml_reference(name: LossName | str, *, num_classes: int, embedding_size: int
     if name is LossName.multi_similarity:
         return (losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1))
     if name is LossName.proxy_anchor:
-        return losses.ProxyAnchorLoss(num_classes, embedding_size, margin=0.1, alpha=32), None
+        return losses.ProxyAnchorLoss(num_classes, embedding_size, margin=p["margin"], alpha=32), None
     raise ValueError(f"{name.value} is not a pytorch-metric-learning loss")
 
 
-def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: int) -> MetricLoss:
+def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: int,
+                     **params: float) -> MetricLoss:
     """The :class:`MetricLoss` for ``name`` (settings in the module docstring).
 
     Args:
         name: a :class:`~dvml.heads.config.LossName` or its value.
         num_classes: training classes C (proxy losses; labels must be 0..C-1).
         embedding_size: E (proxy losses).
+        params: the loss's parameters (``margin``, ``gamma``, ``temperature``, ``label_smoothing``: those
+            :data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS` lists for it, e.g. ``FitConfig.loss_params()``);
+            missing or ``None`` ones take the defaults; one the loss does not take raises ``ValueError``.
     """
     name = LossName(name)
+    p = _params(name, params)
     if name is LossName.triplet:
-        return BatchedTripletLoss(margin=TRIPLET_MARGIN, squared=True)
+        return BatchedTripletLoss(margin=p["margin"], squared=True)
     if name is LossName.triplet_dws:
-        return BatchedTripletLoss(margin=TRIPLET_MARGIN, squared=False, dws=True)
+        return BatchedTripletLoss(margin=p["margin"], squared=False, dws=True)
     if name is LossName.npair:
         return BatchedNPairLoss(NPAIR_L2_REG)
     if name in (LossName.dr_triplet, LossName.dr_proxy_nca, LossName.proxy_nca_pp):
-        from dvml.heads import dr_losses  # lazily: written by another module owner
+        from dvml.heads import dr_losses
 
         if name is LossName.dr_triplet:
-            return ForwardBatched(dr_losses.DRTripletLoss(margin=0.278, gamma=0.492))
+            return ForwardBatched(dr_losses.DRTripletLoss(margin=p["margin"], gamma=p["gamma"]))
         if name is LossName.dr_proxy_nca:
-            return ForwardBatched(dr_losses.DRProxyNCALoss(num_classes, embedding_size))
-        return ForwardBatched(dr_losses.ProxyNCAPlusPlusLoss(num_classes, embedding_size))
-    loss, miner = pml_reference(name, num_classes=num_classes, embedding_size=embedding_size)
+            return ForwardBatched(dr_losses.DRProxyNCALoss(num_classes, embedding_size, gamma=p["gamma"]))
+        return ForwardBatched(dr_losses.ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=p["temperature"],
+                                                             label_smoothing=p["label_smoothing"]))
+    loss, miner = pml_reference(name, num_classes=num_classes, embedding_size=embedding_size, **p)
     if name is LossName.proxy_nca:
         return FlattenT(loss)
     return LoopOverT(loss, miner)

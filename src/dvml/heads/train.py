@@ -195,7 +195,8 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
 
     seed_everything(cfg.seed)
     model = DVMLHeads(d, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml).to(device)
-    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size)
+    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size,
+                              **cfg.loss_params())
     loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     loss_params = list(loss_fn.parameters())

@@ -6,9 +6,9 @@ the remaining training classes (the validation split is what fit sees as its "te
 scored by ``objective`` (Recall@1 or MAP@R) on the validation classes. The cache's test split is never
 loaded, so no test label can reach a fit or the objective (asserted by ``tests/heads/test_tune.py``).
 
-Search space (each only where it applies): ``lr`` (log-uniform), the loss ``margin``, the four λ of
-DVML's loss, the number of draws ``T`` and the embedding size. ``trials`` is the number of *finished*
-trials the study should hold: running the command again continues the study up to that number.
+Search space (each only where it applies): ``lr`` (log-uniform), the loss's ``margin`` and (DR losses)
+``gamma``, the four λ of DVML's loss, the number of draws ``T`` and the embedding size. ``trials`` is the
+number of *finished* trials the study should hold: running the command again continues the study up to that number.
 
 Several machines can work on one study: give each the same ``--storage`` URL of a shared relational
 database (any SQLAlchemy URL Optuna accepts, e.g. ``postgresql://user@host/db`` or
@@ -44,7 +44,7 @@ from dvml.cache import CacheError, Split, fingerprint, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
 from dvml.heads import FitConfig, embed, fit
-from dvml.heads.config import PHASE2_LAMBDAS
+from dvml.heads.config import LOSS_PARAM_DEFAULTS, PHASE2_LAMBDAS, LossName
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,11 @@ def search_space(cfg: TuneConfig) -> list[str]:
     """Names of the parameters searched for this config (restricted by ``cfg.search`` if given).
 
     λ1-λ4 are the phase-2 weights (``lambdas_phase2``, the phase a default run ends in); phase 1 keeps
-    the paper's values. ``margin`` is searched only if FitConfig has such a field.
+    the paper's values. ``margin`` and the direction weight ``gamma`` are searched for the losses that take
+    them (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
     """
-    names = _fit_fields()
     space = ["lr"]
-    if "margin" in names:
-        space.append("margin")
+    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(LossName(cfg.loss), {})]
     if cfg.dvml:
         if "lambdas_phase2" not in cfg.fit:
             space += list(LAMBDA_NAMES)
@@ -162,6 +161,8 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
             p[name] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
         elif name == "margin":
             p[name] = trial.suggest_float("margin", 0.02, 0.5)
+        elif name == "gamma":
+            p[name] = trial.suggest_float("gamma", 0.0, 1.0)
         elif name in LAMBDA_NAMES:
             lam[LAMBDA_NAMES.index(name)] = trial.suggest_float(name, 0.05, 2.0, log=True)
         elif name == "samples":
