@@ -6,11 +6,11 @@ DVML, two seeds, everything evaluated on the world's unseen test classes. Output
 (default ``./dvml-demo``): the world, ``ablation/results.csv``, ``ablation/summary.md``,
 ``ablation/ablation.png`` and one run directory per cell. Running it again reuses what is finished.
 
-Size: the default world and schedule take about a minute on an idle 2-core CPU (measured: 68 s wall for
-``dvml demo`` from a cold start, 57 s of it the demo itself). On a *busy* machine torch's OpenMP threads
-spin-wait and it can be an order of magnitude slower (measured with ~4 other processes on the 2 cores:
-15 min; the same with ``OMP_WAIT_POLICY=PASSIVE`` in the environment: 2 min, at 81 s instead of 68 s when
-idle). ``quick`` is a seconds-long smoke run (used by the tests) whose numbers mean little. The fits are
+Size: the default world and schedule take about a minute on an idle 2-core CPU (measured: 66-68 s wall
+for ``dvml demo`` from a cold start, 57-60 s of it the demo itself). On a *busy* machine torch's OpenMP
+threads spin-wait and it can be an order of magnitude slower (measured with ~4 other processes on the 2
+cores: 15 min; the same with ``OMP_WAIT_POLICY=PASSIVE`` in the environment: 2 min). PASSIVE is not set by
+dvml because it costs time on an idle machine (measured 81 s and, another day, 114 s vs 66 s). ``quick`` is a seconds-long smoke run (used by the tests) whose numbers mean little. The fits are
 deterministic: every run of the demo prints the same table. The synth world follows
 DVML's own assumption (class centre + class-independent variation), so the demo shows the machinery and
 how the methods compare *under that assumption*, not how they rank on CUB.
