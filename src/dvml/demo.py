@@ -10,10 +10,11 @@ Size: the default world and schedule take about a minute on an idle 2-core CPU (
 for ``dvml demo`` from a cold start, 57-60 s of it the demo itself). On a *busy* machine torch's OpenMP
 threads spin-wait and it can be an order of magnitude slower (measured with ~4 other processes on the 2
 cores: 15 min; the same with ``OMP_WAIT_POLICY=PASSIVE`` in the environment: 2 min). PASSIVE is not set by
-dvml because it costs time on an idle machine (measured 81 s and, another day, 114 s vs 66 s). ``quick`` is a seconds-long smoke run (used by the tests) whose numbers mean little. The fits are
-deterministic: every run of the demo prints the same table. The synth world follows
-DVML's own assumption (class centre + class-independent variation), so the demo shows the machinery and
-how the methods compare *under that assumption*, not how they rank on CUB.
+dvml because it costs time on an idle machine (measured 81 s and, another day, 114 s vs 66 s). ``quick`` is
+a seconds-long smoke run (used by the tests) whose numbers mean little. The fits are deterministic: every run
+of the demo prints the same table. The synth world follows DVML's own assumption (class centre +
+class-independent variation), so the demo shows the machinery and how the methods compare *under that
+assumption*, not how they rank on CUB.
 """
 
 from __future__ import annotations
