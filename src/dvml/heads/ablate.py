@@ -395,6 +395,12 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
         fp = fingerprint(cfg.cache)
     except CacheError as e:
         raise DvmlError(str(e)) from None
+    cells = cfg.cells()
+    for cell in cells:  # an unknown loss or option fails now (and writes nothing), not after hours of other cells
+        try:
+            _fit_config(cfg, cell, run_dir(cfg, cell))
+        except ValueError as e:
+            raise DvmlError(f"{cell.name}: {e}") from None
     cfg.out.mkdir(parents=True, exist_ok=True)
     prov_path = cfg.out / PROVENANCE_FILE
     if prov_path.exists():
@@ -405,12 +411,6 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
         if old.get("fit") not in (None, _jsonable(cfg.fit)):
             raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}); resuming "
                             f"with {_jsonable(cfg.fit)} would mix them in one table; use another --out")
-    cells = cfg.cells()
-    for cell in cells:  # an unknown loss or option fails now, not after hours of other cells
-        try:
-            _fit_config(cfg, cell, run_dir(cfg, cell))
-        except ValueError as e:
-            raise DvmlError(f"{cell.name}: {e}") from None
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
             "backbone": info.backbone, "feature_dim": info.feature_dim,
