@@ -37,8 +37,9 @@ import torch
 from PIL import Image
 
 from dvml.extract.synth import SynthConfig, generate
-from dvml.heads import FitConfig, fit
+from dvml.heads import FitConfig
 from dvml.heads.finetune import FinetuneConfig, finetune
+from fit_heads import time_fit  # bench/fit_heads.py (this script's directory is on sys.path)
 
 TRAIN_CLASSES, PER_CLASS_IMAGES, TEST_CLASSES = 30, 4, 2
 SYNTH = SynthConfig(n_classes=120, images_per_class=40, views=4)
@@ -82,20 +83,9 @@ def time_finetune(root: Path, out: Path, device: str, steps: int, dvml: bool) ->
 
 
 def time_fit_heads(cache: Path, out: Path, device: str, epochs: int, dvml: bool) -> tuple[list[float], int, int]:
-    """Seconds of each fit-heads epoch, steps per epoch, batch size."""
-    stamps: list[float] = []
-    steps = {"n": 0}
-
-    def cb(ev):
-        if ev.kind == "start":
-            steps["n"] = ev.steps
-            stamps.append(time.perf_counter())
-        elif ev.kind == "epoch":
-            stamps.append(time.perf_counter())
-
-    cfg = FitConfig(cache=cache, out=out, device=device, epochs=epochs, eval_every=0, overwrite=True, dvml=dvml)
-    fit(cfg, callback=cb)
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], steps["n"], cfg.batch_size
+    """Seconds of each fit-heads epoch, steps per epoch, batch size (fit-heads' default schedule: phase 1)."""
+    return time_fit(cache, out, device, epochs, dvml=dvml, phase2_epoch=FitConfig.phase2_epoch,
+                    kl_warmup_epochs=FitConfig.kl_warmup_epochs)
 
 
 def main() -> None:

@@ -71,8 +71,8 @@ def time_fit(cache: Path, out: Path, device: str, epochs: int, **kw) -> tuple[li
         elif ev.kind == "epoch":
             stamps.append(time.perf_counter())
 
-    cfg = FitConfig(cache=cache, out=out, device=device, epochs=epochs, eval_every=0, overwrite=True,
-                    phase2_epoch=max(1, epochs // 2), kl_warmup_epochs=1, **kw)
+    kw = {"phase2_epoch": max(1, epochs // 2), "kl_warmup_epochs": 1, **kw}  # phase 2 timed too, by default
+    cfg = FitConfig(cache=cache, out=out, device=device, epochs=epochs, eval_every=0, overwrite=True, **kw)
     fit(cfg, callback=cb)
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], steps["n"], cfg.batch_size
 

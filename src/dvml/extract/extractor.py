@@ -47,6 +47,21 @@ Called once when a split starts (``done`` > 0 when resuming) and after every wri
 (e.g. KeyboardInterrupt) to stop: the file stays resumable."""
 
 
+def check_image_options(cfg) -> None:
+    """Validate the image options extract and finetune share: ``resize``, ``crop`` (None or >= 8 pixels, crop
+    <= resize), ``train_classes`` (folder datasets only) and ``device``. Raises ValueError naming the option."""
+    for name in ("resize", "crop"):
+        v = getattr(cfg, name)
+        if v is not None and v < 8:
+            raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
+    if cfg.resize is not None and cfg.crop is not None and cfg.crop > cfg.resize:
+        raise ValueError(f"--crop {cfg.crop} must not exceed --resize {cfg.resize}")
+    if cfg.train_classes is not None and cfg.dataset is not DatasetName.folder:
+        raise ValueError("--train-classes applies to the folder dataset only")
+    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """One extraction job. ``resize``/``crop`` ``None`` take the weights' preprocessing (256 / 224)."""
@@ -82,16 +97,7 @@ class ExtractConfig:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.dtype not in S.FEATURE_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(S.FEATURE_DTYPES)}, got {self.dtype!r}")
-        for name in ("resize", "crop"):
-            v = getattr(self, name)
-            if v is not None and v < 8:
-                raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
-        if self.resize is not None and self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"--crop {self.crop} must not exceed --resize {self.resize}")
-        if self.train_classes is not None and self.dataset is not DatasetName.folder:
-            raise ValueError("--train-classes applies to the folder dataset only")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_image_options(self)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

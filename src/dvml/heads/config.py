@@ -91,6 +91,19 @@ PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
 CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs"})
 
 
+def plain_dict(config) -> dict:
+    """A config dataclass as JSON-ready python: ``asdict`` with paths and enums as strings, tuples as lists."""
+    d = asdict(config)
+    for k, v in d.items():
+        if isinstance(v, Path):
+            d[k] = str(v)
+        elif isinstance(v, Enum):
+            d[k] = v.value
+        elif isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
 def default_batch_size(loss: LossName) -> int:
     """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
     return 120 if loss is LossName.triplet else 128
@@ -267,15 +280,7 @@ class FitConfig:
     # -- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain-python dict (paths and enums as strings) of every field but the private ones."""
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, Enum):
-                d[k] = v.value
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return plain_dict(self)
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""

@@ -90,8 +90,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
-from enum import Enum
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +101,12 @@ from torch.utils.data import DataLoader, Dataset
 from dvml.errors import DvmlError
 from dvml.extract.backbone import Backbone, build_backbone
 from dvml.extract.datasets import DatasetIndex, DatasetName, Sample, read_dataset
-from dvml.extract.extractor import DEFAULT_WORKERS, FeatureModel, preprocess_for
+from dvml.extract.extractor import DEFAULT_WORKERS, FeatureModel, check_image_options, preprocess_for
 from dvml.extract.transforms import BadImageError, ViewDataset, ViewSpec, collate_views, load_rgb, resize_shorter
 from dvml.extract.transforms import worker_init as _extract_worker_init
 from dvml.heads import distributed as D
 from dvml.heads import run as R
-from dvml.heads.config import PROXY_LOSSES, FitConfig, Lambdas, LossName, Reduction
+from dvml.heads.config import PROXY_LOSSES, FitConfig, Lambdas, LossName, Reduction, plain_dict
 from dvml.heads.loss import TERMS, DVMLLoss
 from dvml.heads.metric_losses import MetricLoss, make_metric_loss
 from dvml.heads.model import DVMLHeads, HeadsOutput
@@ -224,20 +223,11 @@ class FinetuneConfig:
         s(self, "_fit", fit)
         if not self.backbone_lr > 0:
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
-        for name in ("resize", "crop"):
-            v = getattr(self, name)
-            if v is not None and v < 8:
-                raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
-        if self.resize is not None and self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"--crop {self.crop} must not exceed --resize {self.resize}")
-        if self.train_classes is not None and self.dataset is not DatasetName.folder:
-            raise ValueError("--train-classes applies to the folder dataset only")
+        check_image_options(self)
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.checkpoint_every < 0 or self.workers < 0:
             raise ValueError("checkpoint_every and workers must be >= 0")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def loss_params(self) -> dict[str, float]:
         """The metric loss's parameters, resolved (:meth:`FitConfig.loss_params`)."""
@@ -248,15 +238,8 @@ class FinetuneConfig:
         return self._fit.lambdas(epoch)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, Enum):
-                d[k] = v.value
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        """Plain-python dict (paths and enums as strings) of every field."""
+        return plain_dict(self)
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on resume)."""
