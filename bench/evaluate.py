@@ -109,7 +109,7 @@ def _worker_sklearn(x, y, ks, seed, args) -> dict:
     from sklearn.metrics.cluster import pair_confusion_matrix
     from sklearn.neighbors import NearestNeighbors
 
-    from dvml.evaluate import metrics as M
+    from dvml.retrieval import metrics as M
 
     t0 = time.perf_counter()
     _, codes, counts = np.unique(y, return_inverse=True, return_counts=True)

@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 
 from dvml.extract.synth import SynthConfig, generate
+from dvml.finetune import FinetuneConfig, finetune
 from dvml.heads import FitConfig
-from dvml.heads.finetune import FinetuneConfig, finetune
 from fit_heads import time_fit  # bench/fit_heads.py (this script's directory is on sys.path)
 
 TRAIN_CLASSES, PER_CLASS_IMAGES, TEST_CLASSES = 30, 4, 2

@@ -33,8 +33,9 @@ import torch
 
 from dvml.cache import load_split, read_info
 from dvml.extract.synth import SynthConfig, generate
-from dvml.heads import DVMLHeads, DVMLLoss, FitConfig, fit, make_metric_loss
+from dvml.heads import DVMLHeads, DVMLLoss, FitConfig, fit
 from dvml.heads.train import resolve_device
+from dvml.losses import make_metric_loss
 
 SYNTH = SynthConfig(n_classes=200, images_per_class=59, views=10)
 

@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 from sklearn.neighbors import NearestNeighbors
 
-from dvml.evaluate import EvaluationError, evaluate_embeddings, knn, metrics
+from dvml.evaluate import EvaluationError, evaluate_embeddings
+from dvml.retrieval import knn, metrics
 
 
 def _clustered(n_classes=15, per_class=8, dim=12, spread=1.0, seed=0):

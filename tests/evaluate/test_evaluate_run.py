@@ -98,7 +98,7 @@ def test_changed_cache_fingerprint_is_an_error(own_run):
 
 def test_finetune_runs_dispatch_to_embed_test_split(tmp_path, monkeypatch):
     # the finetune stage embeds its own test split (images through the backbone); evaluate only dispatches
-    import dvml.heads as heads
+    from dvml import runs
 
     run_dir = tmp_path / "ft"
     run_dir.mkdir()
@@ -107,11 +107,10 @@ def test_finetune_runs_dispatch_to_embed_test_split(tmp_path, monkeypatch):
     labels = np.repeat(np.arange(5), 4)
     emb = (rng.normal(size=(20, 8)) + 3 * rng.normal(size=(5, 8))[labels]).astype(np.float32)
     calls = []
-    fake = types.ModuleType("dvml.heads.finetune")
+    fake = types.ModuleType("dvml.finetune")
     fake.embed_test_split = lambda rd: calls.append(Path(rd)) or (emb, labels)
-    monkeypatch.setitem(sys.modules, "dvml.heads.finetune", fake)
-    monkeypatch.setattr(heads, "finetune", fake, raising=False)
-    monkeypatch.setattr(heads, "load_run", lambda rd: heads.RunInfo(
+    monkeypatch.setitem(sys.modules, "dvml.finetune", fake)
+    monkeypatch.setattr(runs, "load_run", lambda rd: runs.RunInfo(
         run_dir=Path(rd), kind="finetune", config={"dataset": "cub"}, cache=None, cache_fingerprint=None))
     res = evaluate_target(run_dir, seed=2)
     assert calls == [run_dir]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dvml.heads.config import PHASE1_LAMBDAS, PHASE2_LAMBDAS, FitConfig, LossName
+from dvml.heads.config import PHASE1_LAMBDAS, PHASE2_LAMBDAS, FitConfig
+from dvml.losses import LossName
 
 
 def cfg(**kw):

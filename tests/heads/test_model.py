@@ -7,7 +7,7 @@ import torch
 
 from dvml.heads.config import FitConfig
 from dvml.heads.model import DVMLHeads
-from dvml.heads.terms import recon_term
+from dvml.heads.objective import recon_term
 
 D, E, H, T, B = 12, 6, 8, 5, 4
 

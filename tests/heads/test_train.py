@@ -11,9 +11,9 @@ import torch
 from dvml.cache import Split, fingerprint, load_split
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
-from dvml.heads import FitConfig, embed, fit, load_checkpoint, load_run
-from dvml.heads import loss as loss_module
-from dvml.heads.run import read_log
+from dvml.heads import FitConfig, embed, fit
+from dvml.heads import objective as loss_module
+from dvml.runs import load_checkpoint, load_run, read_log
 
 FAST = dict(embedding_size=16, decoder_hidden=16, samples=3, batch_size=16, per_class=4, lr=3e-3,
             kl_warmup_epochs=1, phase2_epoch=1, eval_every=0)

@@ -1,13 +1,20 @@
-"""Command-line interface: ``dvml <command>``. One module per stage registers its commands on ``app``."""
+"""Command-line interface: ``dvml <command>``. One thin module per command registers it on ``app``.
 
-from dvml.cli import (  # noqa: F401  (register commands)  # noqa: F401
-    cache_cmds,
-    evaluate_cmd,
-    experiment_cmds,
-    extract_cmd,
-    finetune_cmd,
-    heads_cmd,
-    synth_cmd,
+Shared pieces: :mod:`dvml.cli.app` (the typer app, error handling, progress bars), :mod:`dvml.cli.options`
+(options used by several commands), :mod:`dvml.cli.render` (tables and lines several commands print).
+"""
+
+from dvml.cli import (  # noqa: F401  (register the commands, in the order of the pipeline)
+    ablate,
+    analyze,
+    cache,
+    demo,
+    evaluate,
+    extract,
+    finetune,
+    fit_heads,
+    synth,
+    tune,
 )
 from dvml.cli.app import app
 

@@ -1,14 +1,12 @@
-"""Stage three: exact retrieval and clustering metrics of test embeddings.
+"""Stage three: embed a target (a feature cache, a heads run, a finetune run) and score it.
 
-* :mod:`dvml.evaluate.knn`      exact faiss kNN and k-means (the only faiss importer).
-* :mod:`dvml.evaluate.metrics`  pure numpy Recall@K, NMI, pairwise F1, MAP@R, R-precision.
-* :mod:`dvml.evaluate.core`     :func:`evaluate_embeddings` (in memory), :func:`evaluate_target` / :func:`run`
+* :mod:`dvml.evaluate.core`   :func:`evaluate_embeddings` (in memory), :func:`evaluate_target` / :func:`run`
   (a run directory or a cache file -> metrics + provenance, ``metrics.json``).
+* :mod:`dvml.evaluate.plots`  t-SNE / PCA scatter and bar charts.
 """
 
 from dvml.evaluate.core import (
     DEFAULT_KS,
-    METRICS_FILE,
     SOP_KS,
     EvalConfig,
     EvaluationError,
@@ -18,7 +16,8 @@ from dvml.evaluate.core import (
     parse_ks,
     run,
 )
-from dvml.evaluate.knn import Metric
+from dvml.retrieval.knn import Metric
+from dvml.runs import METRICS_FILE
 
 __all__ = [
     "DEFAULT_KS", "METRICS_FILE", "SOP_KS", "EvalConfig", "EvaluationError", "Metric", "default_ks",

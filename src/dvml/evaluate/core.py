@@ -8,30 +8,24 @@ excluded from its own neighbours; clustering is faiss k-means with as many clust
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from dvml import __version__
+from dvml import runs as R
 from dvml.errors import DvmlError
-from dvml.evaluate import knn
-from dvml.evaluate import metrics as M
-from dvml.evaluate.knn import Metric
+from dvml.retrieval import knn
+from dvml.retrieval import metrics as M
+from dvml.retrieval.knn import Metric
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)  # CUB-200-2011, Cars196 (the paper's tables)
 SOP_KS: tuple[int, ...] = (1, 10, 100, 1000)  # Stanford Online Products
-METRICS_FILE = "metrics.json"
-RUN_CONFIG_FILE = "config.json"
 
 # progress(stage, advance, total): stage is "kNN" (queries) or "k-means" (runs)
 ProgressFn = Callable[[str, int, int], None]
@@ -197,17 +191,6 @@ class EvalConfig:
             object.__setattr__(self, "json_path", Path(self.json_path))
 
 
-def versions() -> dict[str, str]:
-    """Versions of the software that produced a result (recorded in metrics.json)."""
-    out = {"dvml": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "faiss-cpu", "faiss-gpu", "torch", "h5py"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _load_cache_test(cache: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Raw test features (view 0, flattened) of a cache file -> (embeddings (N, D), labels (N,), dataset)."""
     from dvml.cache import load_split, read_info
@@ -220,16 +203,14 @@ def _load_cache_test(cache: Path) -> tuple[np.ndarray, np.ndarray, str]:
 
 def _resolve_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Test embeddings of a run directory, after checking its cache. Returns (emb, labels, provenance)."""
-    if not (run_dir / RUN_CONFIG_FILE).is_file():
-        raise EvaluationError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE}); pass a run directory "
+    if not (run_dir / R.CONFIG_FILE).is_file():
+        raise EvaluationError(f"{run_dir}: not a run directory (no {R.CONFIG_FILE}); pass a run directory "
                               "written by `dvml fit-heads` or an HDF5 feature cache")
-    import dvml.heads as heads  # lazily: heavy (torch), and evaluating a cache never needs it
-
-    info = heads.load_run(run_dir)
+    info = R.load_run(run_dir)
     prov: dict = {"target_kind": "run", "run_kind": info.kind, "cache": str(info.cache) if info.cache else None,
                   "cache_fingerprint": info.cache_fingerprint, "run_config": info.config}
-    if info.kind == "finetune":
-        from dvml.heads.finetune import embed_test_split
+    if info.kind == R.FINETUNE_KIND:
+        from dvml.finetune import embed_test_split  # lazily: heavy (torch), evaluating a cache never needs it
 
         emb, labels = embed_test_split(run_dir)
         prov["dataset"] = info.config.get("dataset")
@@ -240,25 +221,20 @@ def _resolve_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     cache = Path(info.cache)
     if not cache.exists():
         raise EvaluationError(f"{run_dir}: its feature cache {cache} no longer exists (recorded in "
-                              f"{run_dir / RUN_CONFIG_FILE}); restore it or re-fit the heads")
+                              f"{run_dir / R.CONFIG_FILE}); restore it or re-fit the heads")
     current = fingerprint(cache)
     if current != info.cache_fingerprint:
         raise EvaluationError(f"{run_dir}: feature cache {cache} changed since the heads were fit "
                               f"(fingerprint {current} != recorded {info.cache_fingerprint}); "
                               "re-fit the heads on the current cache or restore the original file")
     feats, labels, dataset = _load_cache_test(cache)
-    emb = heads.embed(run_dir, feats)
+    from dvml.heads import embed  # lazily, as above
+
+    emb = embed(run_dir, feats)
     prov["dataset"] = dataset
     prov["cache"] = str(cache)
     prov["feature_dim"] = int(read_info(cache).feature_dim)
     return np.asarray(emb), labels, prov
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
@@ -302,14 +278,14 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         "seconds": {"load_embed": round(t_load, 3),
                     **{k: round(v, 3) for k, v in timings.items() if k.endswith("_s")}},
         "kmeans_iterations": timings.get("kmeans_iterations", []),
-        "versions": versions(),
+        "versions": R.versions(),
         **cfg.extra,
     })
     if target.is_dir() and cfg.write_metrics:
-        _write_json(target / METRICS_FILE, result)
-        log.info("wrote %s", target / METRICS_FILE)
+        R.atomic_write_json(result, target / R.METRICS_FILE, default=str)
+        log.info("wrote %s", target / R.METRICS_FILE)
     if cfg.json_path is not None:
-        _write_json(cfg.json_path, result)
+        R.atomic_write_json(result, cfg.json_path, default=str)
         log.info("wrote %s", cfg.json_path)
     return result
 

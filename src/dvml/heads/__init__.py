@@ -1,24 +1,18 @@
-"""Stage two: the DVML heads, decoder and four-term loss, trained in memory on cached features.
+"""Stage two: the DVML heads, decoder and four-term objective, trained in memory on cached features.
 
-* :mod:`dvml.heads.config`         :class:`FitConfig` (frozen, validated) and the phase/λ schedule
-* :mod:`dvml.heads.model`          :class:`DVMLHeads` (z_I, μ, log σ², reparameterised z_V, decoder)
-* :mod:`dvml.heads.terms`          KL and reconstruction terms (pure functions)
-* :mod:`dvml.heads.metric_losses`  metric losses by name, over T synthetic batches at once
-* :mod:`dvml.heads.loss`           :class:`DVMLLoss` returning the named terms
-* :mod:`dvml.heads.sampler`        seeded class-balanced batches
-* :mod:`dvml.heads.train`          :func:`fit`
-* :mod:`dvml.heads.run`            the run directory: :func:`load_run`, :func:`embed`, :class:`RunInfo`
+* :mod:`dvml.heads.config`     :class:`FitConfig` (frozen, validated) and the phase/λ schedule
+* :mod:`dvml.heads.model`      :class:`DVMLHeads` (z_I, μ, log σ², reparameterised z_V, decoder)
+* :mod:`dvml.heads.objective`  KL and reconstruction terms and :class:`DVMLLoss` returning the named terms
+* :mod:`dvml.heads.sampler`    seeded class-balanced batches
+* :mod:`dvml.heads.train`      :func:`fit` (writes a run directory, :mod:`dvml.runs`)
+* :mod:`dvml.heads.embed`      :func:`embed`: z_I of features with a run's heads
 """
 
-from dvml.heads.config import DeviceChoice, FitConfig, Lambdas, LossName
-from dvml.heads.loss import DVMLLoss
-from dvml.heads.metric_losses import MetricLoss, make_metric_loss
+from dvml.heads.config import DeviceChoice, FitConfig, Lambdas
+from dvml.heads.core import FitEvent
+from dvml.heads.embed import embed
 from dvml.heads.model import DVMLHeads, HeadsOutput
-from dvml.heads.run import RunError, RunInfo, embed, load_checkpoint, load_run
-from dvml.heads.train import FitEvent, fit, seed_everything
+from dvml.heads.objective import DVMLLoss
+from dvml.heads.train import fit
 
-__all__ = [
-    "DVMLHeads", "DVMLLoss", "DeviceChoice", "FitConfig", "FitEvent", "HeadsOutput", "Lambdas", "LossName",
-    "MetricLoss", "RunError", "RunInfo", "embed", "fit", "load_checkpoint", "load_run", "make_metric_loss",
-    "seed_everything",
-]
+__all__ = ["DVMLHeads", "DVMLLoss", "DeviceChoice", "FitConfig", "FitEvent", "HeadsOutput", "Lambdas", "embed", "fit"]

@@ -15,42 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
-
-class LossName(str, Enum):
-    """Metric losses selectable by name (see :mod:`dvml.heads.metric_losses`)."""
-
-    triplet = "triplet"  # paper eq. 2: squared euclidean distance, margin
-    npair = "npair"  # paper eq. 3: N-pair, dot-product logits, 2 images per class
-    triplet_dws = "triplet-dws"  # paper eq. 4: non-squared distance, distance-weighted sampling
-    contrastive = "contrastive"
-    lifted = "lifted"
-    angular = "angular"
-    proxy_nca = "proxy-nca"
-    multi_similarity = "multi-similarity"
-    proxy_anchor = "proxy-anchor"
-    dr_triplet = "dr-triplet"  # direction-regularised triplet (dvml.heads.dr_losses)
-    dr_proxy_nca = "dr-proxy-nca"  # direction-regularised Proxy-NCA (dvml.heads.dr_losses)
-    proxy_nca_pp = "proxy-nca-pp"  # Proxy-NCA++ (dvml.heads.dr_losses)
-
-
-PROXY_LOSSES = frozenset({LossName.proxy_nca, LossName.proxy_anchor, LossName.dr_proxy_nca,
-                          LossName.proxy_nca_pp})
-
-
-#: Loss parameters a fit can set (``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing``), per loss,
-#: with the default each takes when the option is not given (sources: :mod:`dvml.heads.metric_losses`). A loss
-#: takes exactly the parameters listed for it; one not listed here takes none.
-LOSS_PARAM_DEFAULTS: dict[LossName, dict[str, float]] = {
-    LossName.triplet: {"margin": 0.2},
-    LossName.triplet_dws: {"margin": 0.2},
-    LossName.contrastive: {"margin": 1.0},  # the negative margin (the positive margin is 0)
-    LossName.lifted: {"margin": 1.0},  # the negative margin
-    LossName.proxy_anchor: {"margin": 0.1},
-    LossName.dr_triplet: {"margin": 0.278, "gamma": 0.492},  # seed 003's Optuna-tuned values
-    LossName.dr_proxy_nca: {"gamma": 0.492},
-    LossName.proxy_nca_pp: {"temperature": 1.0 / 9.0, "label_smoothing": 0.1},  # Teh et al. 2020
-}
-LOSS_PARAM_NAMES = ("margin", "gamma", "temperature", "label_smoothing")
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName
 
 
 class Reduction(str, Enum):

@@ -14,54 +14,34 @@ where the interrupted run would have gone.
 
 from __future__ import annotations
 
-import copy
 import logging
-import random
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_split, read_info
 from dvml.errors import DvmlError
-from dvml.heads import run as R
-from dvml.heads.config import PROXY_LOSSES, DeviceChoice, FitConfig
-from dvml.heads.loss import TERMS, DVMLLoss
-from dvml.heads.metric_losses import make_metric_loss
+from dvml.heads.config import DeviceChoice, FitConfig
+from dvml.heads.core import (
+    Callback,
+    FitEvent,
+    check_out_dir,
+    check_resume_config,
+    epoch_record,
+    non_finite_error,
+    optimizer,
+    start_log,
+)
 from dvml.heads.model import DVMLHeads
+from dvml.heads.objective import TERMS, DVMLLoss
 from dvml.heads.sampler import ClassBalancedSampler
+from dvml.losses import make_metric_loss
+from dvml.seeding import hold_out_classes, noise_seed, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitEvent:
-    """Progress report handed to ``fit``'s callback.
-
-    kind: "start" (epoch = first epoch to run, 0-based), "step" (step steps of epoch done), "epoch" (record =
-    the epoch's log record), "end".
-    """
-
-    kind: str
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    record: dict | None = None
-
-
-Callback = Callable[[FitEvent], None]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:
@@ -74,20 +54,9 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_state(sd: dict) -> dict:
-    """Deep copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(sd, torch.Tensor):
-        return sd.detach().to("cpu", copy=True)
-    if isinstance(sd, dict):
-        return {k: _cpu_state(v) for k, v in sd.items()}
-    if isinstance(sd, list | tuple):
-        return type(sd)(_cpu_state(v) for v in sd)
-    return copy.deepcopy(sd)
-
-
 def _recall_at_1(emb: torch.Tensor, labels: np.ndarray) -> float:
-    from dvml.evaluate import knn
-    from dvml.evaluate.metrics import recall_at_k
+    from dvml.retrieval import knn
+    from dvml.retrieval.metrics import recall_at_k
 
     _, idx = knn.search(emb.detach().float().cpu().numpy(), 1, metric="cosine")
     return recall_at_k(labels[idx], labels, (1,))["recall@1"]
@@ -104,17 +73,16 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
     """Check the run directory against resume/overwrite; return the checkpoint to resume from (or None)."""
     out = cfg.out
     heads = out / R.HEADS_FILE
-    if out.exists() and not out.is_dir():
-        raise DvmlError(f"--out {out}: exists and is not a directory")
+    check_out_dir(out)
     if not heads.exists():
         if (out / R.CONFIG_FILE).exists() and not cfg.overwrite and not cfg.resume:
             raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
                             "--overwrite")
         if cfg.overwrite:
-            _clear(out)
+            R.clear_run(out)
         return None
     if cfg.overwrite:
-        _clear(out)
+        R.clear_run(out)
         return None
     ckpt = R.load_checkpoint(out)
     done, finished = int(ckpt.get("epochs_done", 0)), bool(ckpt.get("finished", False))
@@ -124,32 +92,18 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
                             "choose another --out)")
         raise DvmlError(f"{out}: holds an unfinished run (epoch {done} of {ckpt['config'].get('epochs')}); pass "
                         "--resume to continue it or --overwrite to start again")
-    old = FitConfig.from_dict(ckpt["config"]).model_dict()
-    new = cfg.model_dict()
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
-    if diff:
-        raise DvmlError(f"{out}: --resume with a different config ({'; '.join(diff)}); rerun with the original "
-                        "options or use --overwrite")
+    check_resume_config(out, FitConfig.from_dict(ckpt["config"]).model_dict(), cfg.model_dict())
     return ckpt
 
 
-def _clear(out: Path) -> None:
-    for name in (R.HEADS_FILE, R.CONFIG_FILE, R.LOG_FILE, "metrics.json"):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def _carve_validation(train: Split, k: int, seed: int, min_train_classes: int, where: Path):
-    """Split K whole classes (seeded choice) off the training split → (train', val features (M, D), val labels)."""
-    classes = np.unique(train.labels)
-    if k + min_train_classes > len(classes):
-        raise DvmlError(f"{where}: --val-classes {k} leaves {len(classes) - k} training classes, fewer than the "
+def _hold_out_validation(train: Split, k: int, seed: int, min_train_classes: int, where: Path):
+    """Split K whole classes (:func:`~dvml.seeding.hold_out_classes`) off the training split →
+    (train', val features (M, D) of view 0, val labels (M,))."""
+    n_classes = len(np.unique(train.labels))
+    if k + min_train_classes > n_classes:
+        raise DvmlError(f"{where}: --val-classes {k} leaves {n_classes - k} training classes, fewer than the "
                         f"{min_train_classes} a batch needs")
-    g = torch.Generator().manual_seed(seed + 7919)
-    val_cls = np.sort(classes[torch.randperm(len(classes), generator=g)[:k].numpy()])
+    _, val_cls = hold_out_classes(train.labels, k, seed)
     is_val = np.isin(train.labels, val_cls)
     rest = Split(features=train.features[~is_val], labels=train.labels[~is_val])
     return rest, train.features[is_val, 0], train.labels[is_val]
@@ -168,121 +122,146 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
         DvmlError: bad cache/run directory/options, non-finite loss (naming epoch and step).
     """
     t_start = time.perf_counter()
-    out = cfg.out
-    ckpt = _prepare_dir(cfg)
-    info = read_info(cfg.cache)
-    fp = fingerprint(cfg.cache)
-    if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
-        raise DvmlError(f"{out}: --resume on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
-                        f"on {ckpt.get('cache_fingerprint')}); use --overwrite to start again")
-    device = resolve_device(cfg.device)
-    if train is None:
-        train = load_split(cfg.cache, "train")
-    _check_split(train, "train", cfg.cache, info.feature_dim)
-    val_x = val_y = None
-    if cfg.val_classes:
-        train, val_x, val_y = _carve_validation(train, cfg.val_classes, cfg.seed, cfg.classes_per_batch, cfg.cache)
-    test_x = test_y = None
-    if cfg.eval_every:
-        if test is None:
-            test = load_split(cfg.cache, "test", views=[0])
-        _check_split(test, "test", cfg.cache, info.feature_dim)
-        test_x, test_y = test.features[:, 0], np.asarray(test.labels)
+    run = _HeadsFit(cfg, train, test)
+    run.train(callback)
+    log.info("fit-heads done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
+    return cfg.out
 
-    n, p, d = train.features.shape
-    train_classes, y_mapped = np.unique(train.labels, return_inverse=True)
-    n_classes = len(train_classes)
 
-    seed_everything(cfg.seed)
-    model = DVMLHeads(d, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml).to(device)
-    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size,
-                              **cfg.loss_params())
-    loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value).to(device)
-    groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    loss_params = list(loss_fn.parameters())
-    if loss_params:
-        groups.append({"params": loss_params, "lr": cfg.proxy_lr, "weight_decay": 0.0})
-    elif cfg.loss in PROXY_LOSSES:
-        raise DvmlError(f"--loss {cfg.loss.value}: the loss module has no proxies to train")
-    try:  # one fused kernel per step instead of ~10 elementwise passes per parameter
-        optimizer = torch.optim.Adam(groups, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.Adam(groups)
-    gen_cpu = torch.Generator().manual_seed(cfg.seed)
-    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    if hasattr(metric, "generator"):
-        metric.generator = gen_dev
-    sampler = ClassBalancedSampler(torch.from_numpy(y_mapped), cfg.batch_size, cfg.per_class, gen_cpu)
-    steps = len(sampler)
+class _HeadsFit:
+    """One heads fit: the data on the device, the model, loss, optimiser and generators, resumed if asked."""
 
-    start_epoch, best = 0, None  # best: {"epoch", "val_recall@1", "model", "loss"}
-    if ckpt is not None:
+    def __init__(self, cfg: FitConfig, train: Split | None, test: Split | None):
+        self.cfg, out = cfg, cfg.out
+        self.ckpt = ckpt = _prepare_dir(cfg)
+        self.info = read_info(cfg.cache)
+        fp = fingerprint(cfg.cache)
+        if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
+            raise DvmlError(f"{out}: --resume on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
+                            f"on {ckpt.get('cache_fingerprint')}); use --overwrite to start again")
+        self.device = device = resolve_device(cfg.device)
+        self._load_data(train, test)
+        seed_everything(cfg.seed)
+        d = self.dims[2]
+        self.model = DVMLHeads(d, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml).to(device)
+        metric = make_metric_loss(cfg.loss, num_classes=len(self.train_classes), embedding_size=cfg.embedding_size,
+                                  **cfg.loss_params())
+        self.loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value).to(device)
+        self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
+        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
+        self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
+        if hasattr(metric, "generator"):
+            metric.generator = self.gen_dev
+        self.sampler = ClassBalancedSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, cfg.per_class,
+                                            self.gen_cpu)
+        self.steps = len(self.sampler)
+        self.start_epoch, self.best = 0, None  # best: {"epoch", "val_recall@1", "model", "loss"}
+        if ckpt is not None:
+            self._restore(ckpt)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        start_log(out, self.start_epoch if ckpt is not None else None)
+        self.header = {"kind": R.HEADS_KIND, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": fp,
+                       "seed": cfg.seed, "versions": R.versions()}
+
+    def _load_data(self, train: Split | None, test: Split | None) -> None:
+        cfg, info, device = self.cfg, self.info, self.device
+        if train is None:
+            train = load_split(cfg.cache, "train")
+        _check_split(train, "train", cfg.cache, info.feature_dim)
+        val_x = val_y = None
+        if cfg.val_classes:
+            train, val_x, val_y = _hold_out_validation(train, cfg.val_classes, cfg.seed, cfg.classes_per_batch,
+                                                       cfg.cache)
+        test_x = self.test_y = None
+        if cfg.eval_every:
+            if test is None:
+                test = load_split(cfg.cache, "test", views=[0])
+            _check_split(test, "test", cfg.cache, info.feature_dim)
+            test_x, self.test_y = test.features[:, 0], np.asarray(test.labels)
+        self.dims = train.features.shape  # (N, P, D)
+        self.train_classes, self.y_mapped = np.unique(train.labels, return_inverse=True)
+        self.feats = torch.from_numpy(np.ascontiguousarray(train.features)).to(device)
+        self.labels = torch.from_numpy(self.y_mapped.astype(np.int64)).to(device)
+
+        def to_t(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+        self.test_t = to_t(test_x) if test_x is not None else None
+        self.val_t, self.val_y = (to_t(val_x) if val_x is not None else None), val_y
+
+    def _restore(self, ckpt: dict) -> None:
         rs = ckpt["resume"]
-        model.load_state_dict(rs["model"])
-        loss_fn.load_state_dict(rs["loss"])
-        optimizer.load_state_dict(rs["optimizer"])
-        gen_cpu.set_state(rs["rng"]["sampler"])
-        gen_dev.set_state(rs["rng"]["noise"])
+        self.model.load_state_dict(rs["model"])
+        self.loss_fn.load_state_dict(rs["loss"])
+        self.optimizer.load_state_dict(rs["optimizer"])
+        self.gen_cpu.set_state(rs["rng"]["sampler"])
+        self.gen_dev.set_state(rs["rng"]["noise"])
         torch.set_rng_state(rs["rng"]["torch"])
-        if device.type == "cuda" and rs["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(rs["rng"]["cuda"], device)
-        start_epoch = int(ckpt["epochs_done"])
+        if self.device.type == "cuda" and rs["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(rs["rng"]["cuda"], self.device)
+        self.start_epoch = int(ckpt["epochs_done"])
         if rs.get("best") is not None:
-            best = {"epoch": rs["best"]["epoch"], "val_recall@1": rs["best"]["val_recall@1"],
-                    "model": ckpt["model"], "loss": ckpt["loss"]}
-        R.write_log(out, [r for r in R.read_log(out) if r.get("epoch", 0) <= start_epoch])
-        log.info("resuming %s after epoch %d of %d", out, start_epoch, cfg.epochs)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        R.write_log(out, [])
+            self.best = {"epoch": rs["best"]["epoch"], "val_recall@1": rs["best"]["val_recall@1"],
+                         "model": ckpt["model"], "loss": ckpt["loss"]}
+        log.info("resuming %s after epoch %d of %d", self.cfg.out, self.start_epoch, self.cfg.epochs)
 
-    header = {"kind": "heads", "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": fp, "seed": cfg.seed,
-              "versions": R.versions()}
-    static = {**header, "config": cfg.to_dict(), "in_dim": d, "embedding_size": cfg.embedding_size,
-              "train_classes": [int(c) for c in train_classes], "format": R.CHECKPOINT_FORMAT,
-              "dataset": info.dataset}
+    def write_config(self, status: str, done: int) -> None:
+        R.write_config(self.cfg.out, {**self.header, "config": self.cfg.to_dict(), "status": status,
+                                      "epochs_done": done, "dataset": self.info.dataset})
 
-    def write_config(status: str, done: int) -> None:
-        R.atomic_write_json({**header, "config": cfg.to_dict(), "status": status, "epochs_done": done,
-                             "dataset": info.dataset}, out / R.CONFIG_FILE)
-
-    def save(done: int, finished: bool) -> None:
-        latest_model, latest_loss = _cpu_state(model.state_dict()), _cpu_state(loss_fn.state_dict())
+    def save(self, done: int, finished: bool) -> None:
+        cfg, device, best = self.cfg, self.device, self.best
+        latest_model, latest_loss = R.cpu_state(self.model.state_dict()), R.cpu_state(self.loss_fn.state_dict())
         reported = best if (cfg.val_classes and best is not None) else None
-        rng = {"sampler": gen_cpu.get_state(), "noise": gen_dev.get_state(), "torch": torch.get_rng_state(),
+        rng = {"sampler": self.gen_cpu.get_state(), "noise": self.gen_dev.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        R.atomic_torch_save({
-            **static,
-            "model": reported["model"] if reported else latest_model,
-            "loss": reported["loss"] if reported else latest_loss,
-            "epoch": reported["epoch"] if reported else done,
-            "selection": "val" if cfg.val_classes else "last",
-            "epochs_done": done,
-            "finished": finished,
-            "resume": {"model": latest_model, "loss": latest_loss, "optimizer": _cpu_state(optimizer.state_dict()),
-                       "rng": rng,
-                       "best": None if best is None else {"epoch": best["epoch"],
-                                                          "val_recall@1": best["val_recall@1"]}},
-        }, out / R.HEADS_FILE)
+        R.save_heads(
+            cfg.out, **self.header, config=cfg.to_dict(), in_dim=self.dims[2], embedding_size=cfg.embedding_size,
+            train_classes=[int(c) for c in self.train_classes], dataset=self.info.dataset,
+            model=reported["model"] if reported else latest_model,
+            loss=reported["loss"] if reported else latest_loss,
+            epoch=reported["epoch"] if reported else done,
+            selection="val" if cfg.val_classes else "last", epochs_done=done, finished=finished,
+            resume={"model": latest_model, "loss": latest_loss, "optimizer": R.cpu_state(self.optimizer.state_dict()),
+                    "rng": rng,
+                    "best": None if best is None else {"epoch": best["epoch"], "val_recall@1": best["val_recall@1"]}})
 
-    write_config("running", start_epoch)
-    feats = torch.from_numpy(np.ascontiguousarray(train.features)).to(device)
-    labels_dev = torch.from_numpy(y_mapped.astype(np.int64)).to(device)
+    def train(self, callback: Callback | None) -> None:
+        cfg, steps, start = self.cfg, self.steps, self.start_epoch
+        self.write_config("running", start)
+        if callback:
+            callback(FitEvent("start", start, cfg.epochs, 0, steps))
+        n, p, d = self.dims
+        log.info("fit-heads: %d train images x %d views x %d-D, %d classes, %s loss%s, %d epochs x %d steps on %s",
+                 n, p, d, len(self.train_classes), cfg.loss.value, "" if cfg.dvml else " (no DVML)", cfg.epochs,
+                 steps, self.device)
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            means = self._epoch(epoch, callback)
+            dt = time.perf_counter() - t0
+            record = epoch_record(cfg, epoch, means, dt, steps * cfg.batch_size / dt)
+            last = epoch + 1 == cfg.epochs
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+                self._evaluate(epoch, record)
+            R.append_log(cfg.out, record)
+            self.save(epoch + 1, finished=last)
+            if callback:
+                callback(FitEvent("epoch", epoch + 1, cfg.epochs, steps, steps, record))
+        if start >= cfg.epochs:
+            log.info("%s: already trained for %d epochs", cfg.out, start)
+            if self.ckpt is not None and not self.ckpt.get("finished"):
+                self.save(start, finished=True)
+        self.write_config("finished", max(start, cfg.epochs))
+        if callback:
+            callback(FitEvent("end", cfg.epochs, cfg.epochs, steps, steps))
 
-    def to_t(a):
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-
-    test_t = to_t(test_x) if test_x is not None else None
-    val_t = to_t(val_x) if val_x is not None else None
-    if callback:
-        callback(FitEvent("start", start_epoch, cfg.epochs, 0, steps))
-    log.info("fit-heads: %d train images x %d views x %d-D, %d classes, %s loss%s, %d epochs x %d steps on %s",
-             n, p, d, n_classes, cfg.loss.value, "" if cfg.dvml else " (no DVML)", cfg.epochs, steps, device)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        views = torch.randint(p, (n,), generator=gen_cpu).to(device)
-        batches = sampler.epoch().to(device)
+    def _epoch(self, epoch: int, callback: Callback | None) -> list[float]:
+        """One epoch of steps; returns the mean of every term. Raises at the first non-finite loss."""
+        cfg, steps, device, model = self.cfg, self.steps, self.device, self.model
+        n, p = self.dims[:2]
+        views = torch.randint(p, (n,), generator=self.gen_cpu).to(device)
+        batches = self.sampler.epoch().to(device)
         sums = torch.zeros(len(TERMS), device=device)
         finite = torch.ones(steps, dtype=torch.bool, device=device)
         model.train()
@@ -290,14 +269,13 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
         try:
             for step in range(steps):
                 idx = batches[step]
-                x = feats[idx, views[idx]].float()
-                y = labels_dev[idx]
+                x = self.feats[idx, views[idx]].float()
                 lam = cfg.lambdas(epoch + step / steps)
-                heads_out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=gen_dev)
-                terms = loss_fn(heads_out, x, y, lam)
-                optimizer.zero_grad(set_to_none=True)
+                heads_out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=self.gen_dev)
+                terms = self.loss_fn(heads_out, x, self.labels[idx], lam)
+                self.optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()
-                optimizer.step()
+                self.optimizer.step()
                 values = torch.stack([terms[k].detach() for k in TERMS])
                 finite[step] = torch.isfinite(values).all()
                 sums += values
@@ -308,38 +286,20 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
                 raise
         bad = torch.nonzero(~finite[:step + 1]).flatten()
         if bad.numel():
-            first = int(bad[0]) + 1
-            raise DvmlError(f"non-finite loss at epoch {epoch + 1}, step {first} of {steps} ({cfg.loss.value}, "
-                            f"lr {cfg.lr}); the last good checkpoint (epoch {epoch}) is kept in {out / R.HEADS_FILE}"
-                            "; check the features for NaN/inf or lower --lr")
-        means = (sums / steps).tolist()
-        lam = cfg.lambdas(epoch)
-        dt = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "phase": lam.phase if cfg.dvml else 0,
-                  **{k: float(v) for k, v in zip(TERMS, means, strict=True)},
-                  "lambda_kl": lam.kl if cfg.dvml else 0.0, "seconds": round(dt, 4),
-                  "samples_per_s": round(steps * cfg.batch_size / dt, 1)}
-        last = epoch + 1 == cfg.epochs
-        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
-            model.eval()
-            with torch.no_grad():
-                record["test_recall@1"] = _recall_at_1(model.embed(test_t), test_y)
-                if val_t is not None:
-                    r1 = _recall_at_1(model.embed(val_t), val_y)
-                    record["val_recall@1"] = r1
-                    if best is None or r1 > best["val_recall@1"]:
-                        best = {"epoch": epoch + 1, "val_recall@1": r1, "model": _cpu_state(model.state_dict()),
-                                "loss": _cpu_state(loss_fn.state_dict())}
-        R.append_log(out, record)
-        save(epoch + 1, finished=last)
-        if callback:
-            callback(FitEvent("epoch", epoch + 1, cfg.epochs, steps, steps, record))
-    if start_epoch >= cfg.epochs:
-        log.info("%s: already trained for %d epochs", out, start_epoch)
-        if ckpt is not None and not ckpt.get("finished"):
-            save(start_epoch, finished=True)
-    write_config("finished", max(start_epoch, cfg.epochs))
-    if callback:
-        callback(FitEvent("end", cfg.epochs, cfg.epochs, steps, steps))
-    log.info("fit-heads done in %.1fs: %s", time.perf_counter() - t_start, out)
-    return out
+            raise non_finite_error(epoch + 1, int(bad[0]) + 1, steps, f"{cfg.loss.value}, lr {cfg.lr}",
+                                   f"good checkpoint (epoch {epoch}) is kept in {cfg.out / R.HEADS_FILE}",
+                                   "check the features for NaN/inf or lower --lr")
+        return (sums / steps).tolist()
+
+    def _evaluate(self, epoch: int, record: dict) -> None:
+        """Watch-only test Recall@1 and validation Recall@1 (keeping the best epoch's state) into ``record``."""
+        self.model.eval()
+        with torch.no_grad():
+            record["test_recall@1"] = _recall_at_1(self.model.embed(self.test_t), self.test_y)
+            if self.val_t is not None:
+                r1 = _recall_at_1(self.model.embed(self.val_t), self.val_y)
+                record["val_recall@1"] = r1
+                if self.best is None or r1 > self.best["val_recall@1"]:
+                    self.best = {"epoch": epoch + 1, "val_recall@1": r1,
+                                 "model": R.cpu_state(self.model.state_dict()),
+                                 "loss": R.cpu_state(self.loss_fn.state_dict())}

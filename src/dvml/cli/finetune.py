@@ -1,0 +1,127 @@
+"""``dvml finetune cub|cars196|sop|folder --root DIR --out RUN_DIR``: backbone + DVML heads end to end (see
+:mod:`dvml.finetune`). Multi-GPU: ``torchrun --standalone --nproc_per_node=N --no-python dvml finetune ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import TextColumn
+
+from dvml.cli.app import app, console, err_console, handle_errors, make_progress
+from dvml.cli.options import LOSS_OPTS, format_lambdas, parse_lambdas
+from dvml.cli.render import format_terms
+from dvml.extract.datasets import DatasetName
+from dvml.finetune import FinetuneConfig
+from dvml.heads.config import Reduction
+from dvml.losses import LossName
+
+_F = FinetuneConfig  # option defaults are the config dataclass defaults
+
+TORCHRUN = "torchrun --standalone --nproc_per_node=N --no-python dvml finetune ..."
+
+
+@app.command("finetune", epilog=f"Multi-GPU (one process per GPU, DDP over NCCL; gloo on CPU): {TORCHRUN} "
+                                "--batch-size is the global batch and must be divisible by N.")
+@handle_errors
+def finetune_cmd(
+    dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
+    root: Path = typer.Option(..., "--root", help="Dataset directory (as for dvml extract)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory (heads.pt, backbone.pt, checkpoint.pt, "
+                             "config.json, log.jsonl)."),
+    loss: LossName = typer.Option(_F.loss, help="Metric loss Lm."),
+    dvml: bool = typer.Option(_F.dvml, "--dvml/--no-dvml", help="--no-dvml: the baseline, Lm(z_I) alone."),
+    weights: str = typer.Option(_F.weights, help="Backbone start: 'imagenet', 'none' (seeded random, tests) or a "
+                                "GoogLeNet state-dict path."),
+    init_heads: Path = typer.Option(None, "--init-heads", help="Start the heads from this fit-heads run "
+                                    "(cached-feature warm start)."),
+    backbone_lr: float = typer.Option(_F.backbone_lr, help="Adam learning rate of the backbone (the paper: 1e-4 "
+                                      "for the whole network; 1e-5 is gentler after --init-heads)."),
+    lr: float = typer.Option(_F.lr, help="Adam learning rate of the heads."),
+    proxy_lr: float = typer.Option(None, help="Learning rate of a proxy loss's proxies (default: 100 x --lr)."),
+    weight_decay: float = typer.Option(_F.weight_decay, help="Adam weight decay (backbone and heads)."),
+    epochs: int = typer.Option(_F.epochs, help="Training epochs."),
+    steps_per_epoch: int = typer.Option(None, help="Global batches per epoch (default: N_train // batch-size)."),
+    phase2_epoch: int = typer.Option(_F.phase2_epoch, help="First (0-based) epoch of phase 2."),
+    kl_warmup_epochs: int = typer.Option(_F.kl_warmup_epochs, help="KL weight ramps up over this many epochs."),
+    lambdas_phase1: str = typer.Option(format_lambdas(_F.lambdas_phase1), help="Phase-1 weights: KL, recon, Lm(z_hat), "
+                                       "Lm(z_I)."),
+    lambdas_phase2: str = typer.Option(format_lambdas(_F.lambdas_phase2), help="Phase-2 weights: KL, recon, Lm(z_hat), "
+                                       "Lm(z_I)."),
+    reduction: Reduction = typer.Option(_F.reduction, help="KL over E / recon over D: sum (paper) or mean."),
+    embedding_size: int = typer.Option(_F.embedding_size, help="Embedding size E."),
+    decoder_hidden: int = typer.Option(_F.decoder_hidden, help="Decoder hidden width."),
+    samples: int = typer.Option(_F.samples, "--samples", "-T", help="T: z_V draws per image and step."),
+    batch_size: int = typer.Option(None, help="Global images per batch (default: 120 for triplet, 128 otherwise)."),
+    per_class: int = typer.Option(None, help="Images per class in a batch (default: 2 for npair, 4 otherwise)."),
+    margin: float = LOSS_OPTS["margin"],
+    gamma: float = LOSS_OPTS["gamma"],
+    temperature: float = LOSS_OPTS["temperature"],
+    label_smoothing: float = LOSS_OPTS["label_smoothing"],
+    freeze_bn: bool = typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
+                                   help="Keep BatchNorm in eval mode with frozen affine parameters."),
+    amp: bool = typer.Option(_F.amp, help="Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."),
+    resize: int = typer.Option(None, help="Shorter side after resizing (default: 256)."),
+    crop: int = typer.Option(None, help="Random-crop size (default: 224)."),
+    train_classes: int = typer.Option(None, help="folder only: number of (sorted) training classes."),
+    transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
+                                         help="torchvision GoogLeNet input re-normalisation (default: the weights' "
+                                         "convention)."),
+    checkpoint_every: int = typer.Option(_F.checkpoint_every,
+                                         help="Also checkpoint every N steps (0 = epoch ends only)."),
+    workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
+    seed: int = typer.Option(_F.seed, help="Seed (heads init, batches, augmentation, z_V noise)."),
+    device: str = typer.Option(_F.device, help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+):
+    """Train the GoogLeNet backbone and the DVML heads together from images (the paper's end-to-end setting).
+
+    Augmentation: resize, random crop, horizontal flip. Two phases and loss weights as in fit-heads. Evaluate
+    the result with `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
+    """
+    from dvml.finetune import distributed as D
+    from dvml.finetune import finetune
+
+    cfg = FinetuneConfig(dataset=dataset, root=root, out=out, loss=loss, dvml=dvml, weights=weights,
+                         init_heads=init_heads, backbone_lr=backbone_lr, lr=lr, proxy_lr=proxy_lr,
+                         weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
+                         lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
+                         lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"), reduction=reduction,
+                         embedding_size=embedding_size, decoder_hidden=decoder_hidden, samples=samples,
+                         batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
+                         temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
+                         resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
+                         checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
+                         overwrite=overwrite, workers=workers)
+    main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
+    state = {"last": None, "epoch": 0}
+    progress = make_progress("step", TextColumn("{task.fields[terms]}"))
+    progress.disable = not main
+    with progress:
+        task = progress.add_task("finetune", total=None, rate="", terms="")
+
+        def callback(ev):
+            if ev.kind == "start":
+                progress.update(task, total=ev.epochs * ev.steps, completed=ev.epoch * ev.steps + ev.step,
+                                description=f"epoch {ev.epoch + 1}/{ev.epochs}")
+            elif ev.kind == "step":
+                progress.update(task, advance=1, description=f"epoch {ev.epoch + 1}/{ev.epochs}",
+                                terms=f"L {ev.record['total']:.4g}")
+            elif ev.kind == "epoch":
+                state["last"], state["epoch"] = ev.record, ev.epoch
+                progress.update(task, terms=format_terms(ev.record))
+
+        try:
+            run_dir = finetune(cfg, callback=callback)
+        except KeyboardInterrupt:
+            if main:
+                err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from "
+                                  "the last checkpoint")
+            raise typer.Exit(130) from None
+    if main:
+        if state["last"] is not None:
+            console.print(f"epoch {state['epoch']}: {format_terms(state['last'])}", highlight=False)
+        console.print(f"wrote {run_dir}  (evaluate: dvml evaluate {run_dir})")

@@ -1,0 +1,87 @@
+"""Options and option parsing shared by several commands (one definition, one name, one form everywhere)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import typer
+
+from dvml.heads.config import FitConfig
+from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
+
+
+def loss_param_help(name: str) -> str:
+    """Help text of a loss-parameter option: which losses take it and their defaults."""
+    uses = ", ".join(f"{loss.value} {p[name]:.4g}" for loss, p in LOSS_PARAM_DEFAULTS.items() if name in p)
+    return f"Loss parameter, only for: {uses} (the defaults)."
+
+
+def loss_param_options() -> dict:
+    """The typer options ``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing`` (fit-heads, finetune)."""
+    return {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+
+
+LOSS_OPTS = loss_param_options()
+
+
+def parse_lambdas(text: str, option: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} must be four comma-separated numbers (KL, recon, Lm(z_hat), Lm(z_I)), "
+                         f"got {text!r}") from None
+    if len(values) != 4:
+        raise ValueError(f"{option} must be four comma-separated numbers (KL, recon, Lm(z_hat), Lm(z_I)), "
+                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def format_lambdas(lams) -> str:
+    return ",".join(f"{v:g}" for v in lams)
+
+
+def fit_defaults() -> dict:
+    """FitConfig's field defaults by name (the help texts of the experiments' fit options)."""
+    return {f.name: f.default for f in dataclasses.fields(FitConfig)}
+
+
+FIT_DEFAULTS = fit_defaults()
+
+FIT_HELP = "Fit option shared by every run (default: fit-heads' default {})."
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``--set key=value`` pairs -> FitConfig overrides; values parsed as JSON when they parse
+    (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else kept as strings."""
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in names:
+            raise ValueError(f"--set {key}: not a fit option; known: {', '.join(sorted(names))}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            if "," in value:
+                try:
+                    parsed = [float(v) for v in value.split(",")]
+                except ValueError:
+                    parsed = value
+            else:
+                parsed = value
+        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def fit_overrides(**opts) -> dict:
+    """Options left at None are not passed (fit-heads' defaults apply)."""
+    out = {}
+    for k, v in opts.items():
+        if v is None:
+            continue
+        out[k] = v.value if hasattr(v, "value") and not isinstance(v, int | float | str) else v
+    return out

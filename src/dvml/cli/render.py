@@ -1,0 +1,159 @@
+"""Rendering shared by several commands: result tables, loss-term lines, the live ablation table."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from rich.live import Live
+from rich.table import Table
+
+from dvml.cli.app import console, err_console
+
+
+def results_table(result: dict, title: str | None = None) -> Table:
+    """One-row rich table of a result dict, in percent like the paper's tables (NMI, F1, R@K, MAP@R, RP)."""
+    table = Table(title=title, title_justify="left")
+    cols: list[tuple[str, str]] = []
+    if "nmi" in result:
+        cols += [("NMI", "nmi"), ("F1", "f1")]
+    cols += [(f"R@{k[len('recall@'):]}", k) for k in result if k.startswith("recall@")]
+    cols += [("MAP@R", "map@r"), ("RP", "r_precision")]
+    for name, _ in cols:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{100 * result[key]:.2f}" for _, key in cols))
+    return table
+
+
+def format_terms(record: dict) -> str:
+    keys = (("total", "L"), ("kl", "kl"), ("recon", "rec"), ("metric_invariant", "Lm(zI)"),
+            ("metric_synthetic", "Lm(ẑ)"))
+    text = " ".join(f"{short} {record[k]:.4g}" for k, short in keys if k in record)
+    for k in ("test_recall@1", "val_recall@1"):
+        if k in record:
+            text += f" {k.replace('_recall@1', ' R@1')} {record[k]:.3f}"
+    return text
+
+
+def _pct(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+class _AblationView:
+    """State of a running ablation rendered as a rich table (one row per cell)."""
+
+    def __init__(self):
+        self.cells: list = []
+        self.status: dict = {}
+        self.rows: dict = {}
+        self.started: dict = {}
+        self.last_record: dict = {}
+
+    def __call__(self, event) -> None:
+        name = event.cell.name if event.cell is not None else None
+        if event.kind == "start":
+            self.cells = list(event.cells)
+            self.status = {c.name: "[dim]queued[/]" for c in self.cells}
+        elif event.kind == "cell_start":
+            self.status[name] = "[yellow]fitting[/]"
+            self.started[name] = time.perf_counter()
+        elif event.kind == "epoch":
+            info = event.info or {}
+            ep, total = info.get("epoch"), info.get("epochs")
+            text = "[yellow]fitting[/]"
+            if ep is not None:
+                text = f"[yellow]epoch {int(ep)}{f'/{total}' if total else ''}[/]"
+            if info.get("kind") == "epoch":
+                self.last_record[name] = info
+            rec = self.last_record.get(name, {})
+            if isinstance(rec.get("total"), int | float):
+                text += f" loss {rec['total']:.3g}"
+            if isinstance(rec.get("test_recall@1"), int | float):
+                text += f" (watch: test R@1 {100 * rec['test_recall@1']:.1f})"
+            self.status[name] = text
+        elif event.kind in ("cell_done", "cell_skipped"):
+            self.status[name] = "[green]done[/]" if event.kind == "cell_done" else "[cyan]done before[/]"
+            self.rows[name] = event.row
+
+    def table(self) -> Table:
+        t = Table(title="ablation", title_justify="left")
+        for col in ("run", "status", "R@1", "NMI", "MAP@R", "fit s"):
+            t.add_column(col, justify="left" if col in ("run", "status") else "right")
+        for c in self.cells:
+            r = self.rows.get(c.name) or {}
+            secs = r.get("fit_seconds")
+            if secs is None and c.name in self.started and c.name not in self.rows:
+                secs = time.perf_counter() - self.started[c.name]
+            t.add_row(c.name, self.status.get(c.name, ""), _pct(r.get("recall@1")), _pct(r.get("nmi")),
+                      _pct(r.get("map@r")), "" if secs is None else f"{secs:.1f}")
+        return t
+
+
+def summary_tables(summary: dict, *, title: str) -> list[Table]:
+    """One table per loss: metric rows; baseline and DVML as mean ± std (%) over seeds, and
+    Δ = DVML − baseline paired by seed with its t-interval (green/red when the interval excludes 0)."""
+    metrics = [m for m in summary["metrics"] if m not in ("precision", "recall")]
+    from dvml.experiments.stats import MeanStd, PairedDiff  # lazily: scipy is slow to import
+
+    c = int(round(summary["confidence"] * 100))
+    tables = []
+    for loss, e in summary["losses"].items():
+        n = e["n_seeds"]
+        t = Table(title=f"{title}: {loss}", title_justify="left")
+        t.add_column("metric (%)")
+        t.add_column(f"baseline (n={n['baseline']})", justify="right")
+        t.add_column(f"DVML (n={n['DVML']})", justify="right")
+        t.add_column(f"Δ DVML−base [{c}% CI]", justify="right")
+        for m in metrics:
+            row = e["metrics"][m]
+            cells = [MeanStd(**row[k]).format() if row[k] else "—" for k in ("baseline", "DVML")]
+            d = row["diff"]
+            if d is None:
+                diff = "—"
+            else:
+                pd = PairedDiff(**d)
+                style = ("green" if pd.mean > 0 else "red") if pd.significant else ""
+                diff = f"[{style}]{pd.format()}[/]" if style else pd.format()
+            name = m.replace("recall@", "R@").replace("r_precision", "R-prec").replace("map@r", "MAP@R")
+            t.add_row(name.upper() if name in ("nmi", "f1") else name, *cells, diff)
+        tables.append(t)
+    return tables
+
+
+def print_ablation_result(result: dict, title: str) -> None:
+    for table in summary_tables(result, title=title):
+        console.print(table)
+    from dvml.experiments.ablate import CHART_FILE, RESULTS_FILE, SUMMARY_MD
+
+    out = Path(result["out"])
+    console.print(f"results: {out / RESULTS_FILE}  summary: {out / SUMMARY_MD}  chart: {out / CHART_FILE}")
+
+
+def run_ablation(fn, *args, **kwargs) -> dict:
+    # the live table shows each cell; the per-fit/per-evaluation INFO lines would only scroll it (kept with -v):
+    # the root logger's handlers show warnings only while it runs, then get their levels back.
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    saved = [h.level for h in handlers]
+    if root.level > logging.DEBUG:
+        for h in handlers:
+            h.setLevel(max(h.level, logging.WARNING))
+    view = _AblationView()
+    try:
+        with Live(view.table(), console=err_console, refresh_per_second=4, transient=False) as live:
+            last = [0.0]
+
+            def cb(event):
+                view(event)
+                now = time.perf_counter()
+                # per-step events can come thousands of times a second on a GPU: redraw at most 10 times a second
+                if event.kind != "epoch" or now - last[0] > 0.1:
+                    last[0] = now
+                    live.update(view.table())
+
+            return fn(*args, callback=cb, **kwargs)
+    finally:
+        for h, level in zip(handlers, saved, strict=True):
+            h.setLevel(level)

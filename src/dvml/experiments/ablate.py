@@ -1,0 +1,441 @@
+"""``dvml ablate``: the paper's comparison table (loss × {baseline, DVML} × seeds), with error bars.
+
+One **cell** is one fit: a metric loss, with or without DVML, one seed. Cells live in
+``OUT/runs/<loss>-<dvml|base>-s<seed>/`` (ordinary run directories, evaluated with :mod:`dvml.evaluate`,
+so ``metrics.json`` sits beside ``heads.pt``). The cache's features are loaded **once** and handed to every
+fit. A cell counts as finished when its ``metrics.json`` is complete (every metric present; it is written
+last and atomically by evaluate), so an interrupted ablation resumes by running the same command: finished
+cells are read back, an unfinished cell's directory is cleared and the cell refit from scratch.
+
+Outputs in ``OUT``:
+
+* ``results.csv``  one row per finished cell: loss, dvml, seed, every metric, run_dir, fit/eval seconds;
+* ``summary.json`` / ``summary.md``  per loss and metric: mean ± std over seeds for baseline and DVML, and
+  the paired DVML − baseline difference over the seeds both have, with a 95% t-interval
+  (:mod:`dvml.experiments.stats`);
+* ``ablation.png``  bar chart (Recall@1, NMI, MAP@R) with ±1 std error bars;
+* ``ablation.json`` provenance: cache path and fingerprint, the config, the fit options, versions, cells.
+
+Nothing here prints; progress goes to ``callback(event)`` (see :class:`AblateEvent`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dvml import runs as R
+from dvml.cache import CacheError, fingerprint, load_split, read_info
+from dvml.errors import DvmlError
+from dvml.evaluate import evaluate_target
+from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
+from dvml.heads.config import FitConfig
+from dvml.heads.train import fit
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.csv"
+SUMMARY_MD = "summary.md"
+SUMMARY_JSON = "summary.json"
+PROVENANCE_FILE = "ablation.json"
+CHART_FILE = "ablation.png"
+CHART_METRICS = ("recall@1", "nmi", "map@r")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fit of the grid."""
+
+    loss: str
+    dvml: bool
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.loss}-{'dvml' if self.dvml else 'base'}-s{self.seed}"
+
+    @property
+    def method(self) -> str:
+        return "DVML" if self.dvml else "baseline"
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    """An ablation grid.
+
+    cache: HDF5 feature cache. out: output directory (created; reused to resume).
+    losses: metric-loss names understood by fit-heads (e.g. ``triplet``, ``npair``, ``triplet-dws``, any
+        regulariser variant the loss factory knows). seeds: the seeds of every (loss, method) pair.
+    dvml_modes: which methods to run: ``(False, True)`` = baseline and DVML.
+    fit: extra :class:`dvml.heads.FitConfig` fields shared by every cell (epochs, lr, batch_size, device,
+        ...); ``loss``, ``seed``, the DVML switch and the output directory are set per cell.
+    ks / clustering / kmeans_runs: evaluation options (``ks=None``: the paper's K for the dataset).
+    confidence: coverage of the paired interval.
+    """
+
+    cache: Path
+    out: Path
+    losses: tuple[str, ...] = ("triplet", "npair")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dvml_modes: tuple[bool, ...] = (False, True)
+    fit: dict[str, Any] = field(default_factory=dict)
+    ks: tuple[int, ...] | None = None
+    clustering: bool = True
+    kmeans_runs: int = 1
+    confidence: float = 0.95
+
+    def __post_init__(self):
+        object.__setattr__(self, "cache", Path(self.cache))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "losses", tuple(dict.fromkeys(s.strip() for s in self.losses if s.strip())))
+        object.__setattr__(self, "seeds", tuple(dict.fromkeys(int(s) for s in self.seeds)))
+        object.__setattr__(self, "dvml_modes", tuple(dict.fromkeys(bool(m) for m in self.dvml_modes)))
+        if not self.losses:
+            raise ValueError("losses must name at least one metric loss")
+        if not self.seeds:
+            raise ValueError("seeds must contain at least one seed")
+        if not self.dvml_modes:
+            raise ValueError("dvml_modes must contain True and/or False")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        reserved = {"cache", "out", "loss", "seed", "dvml", "resume", "overwrite"} & set(self.fit)
+        if reserved:
+            raise ValueError(f"fit options {sorted(reserved)} are set per cell by the ablation; remove them")
+
+    def cells(self) -> list[Cell]:
+        """Grid order: per loss, per seed, baseline then DVML (so pairs complete early)."""
+        return [Cell(loss, mode, seed) for loss in self.losses for seed in self.seeds for mode in self.dvml_modes]
+
+
+@dataclass(frozen=True)
+class AblateEvent:
+    """What the ablation reports to its callback.
+
+    kind: ``"start"`` (grid known; ``cells`` lists every cell), ``"cell_start"``, ``"epoch"`` (fit progress;
+    ``info`` is what fit reported), ``"cell_done"`` (``row`` holds metrics and seconds), ``"cell_skipped"``
+    (already finished; ``row`` read back), ``"done"`` (``summary`` set).
+    """
+
+    kind: str
+    cell: Cell | None = None
+    cells: tuple[Cell, ...] = ()
+    row: dict | None = None
+    info: dict | None = None
+    summary: dict | None = None
+
+
+AblateCallback = Callable[[AblateEvent], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# cells
+
+
+def run_dir(cfg: AblateConfig, cell: Cell) -> Path:
+    return cfg.out / "runs" / cell.name
+
+
+def read_finished(run: Path) -> dict | None:
+    """The metrics of a finished cell, or None if ``run/metrics.json`` is absent or incomplete."""
+    path = run / R.METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(metrics, dict) or "ablate" not in metrics:
+        return None
+    if not any(k.startswith("recall@") for k in metrics) or "map@r" not in metrics:
+        return None
+    return metrics
+
+
+def metric_names(metrics: dict) -> list[str]:
+    """The metric keys of a metrics.json in display order (recall@K by K, then the rest)."""
+    recalls = sorted((k for k in metrics if k.startswith("recall@") and k[7:].isdigit()), key=lambda k: int(k[7:]))
+    rest = [k for k in ("nmi", "f1", "precision", "recall", "map@r", "r_precision") if k in metrics]
+    return recalls + rest
+
+
+def _row(cell: Cell, metrics: dict, run: Path) -> dict:
+    ab = metrics["ablate"]
+    row = {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed}
+    row.update({k: float(metrics[k]) for k in metric_names(metrics)})
+    row.update({"run_dir": str(run), "fit_seconds": ab.get("fit_seconds"), "eval_seconds": ab.get("eval_seconds")})
+    return row
+
+
+def _fit_config(cfg: AblateConfig, cell: Cell, run: Path) -> FitConfig:
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = set(cfg.fit) - names
+    if unknown:
+        raise DvmlError(f"unknown fit option(s) {sorted(unknown)}; FitConfig has {sorted(names)}")
+    kw = dict(cfg.fit)
+    kw.update(cache=cfg.cache, out=run, loss=cell.loss, seed=cell.seed, dvml=cell.dvml)
+    return FitConfig(**kw)
+
+
+def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallback) -> dict:
+    run = run_dir(cfg, cell)
+    if run.exists():  # an unfinished cell: start it over (resuming a half-written fit would mix configs)
+        log.info("%s: unfinished, refitting from scratch", cell.name)
+        shutil.rmtree(run)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    fit_cfg = _fit_config(cfg, cell, run)
+
+    def on_fit(ev) -> None:  # dvml.heads.FitEvent: forwarded as a plain dict
+        if ev.kind in ("step", "epoch"):
+            # epoch: 1-based number of the epoch running (step) or just finished (epoch)
+            info = {"epoch": ev.epoch + 1 if ev.kind == "step" else ev.epoch, "epochs": ev.epochs,
+                    "step": ev.step, "steps": ev.steps, "kind": ev.kind}
+            if ev.record:
+                info.update(ev.record)
+            callback(AblateEvent("epoch", cell=cell, info=info))
+
+    t0 = time.perf_counter()
+    fit(fit_cfg, train=train, test=test, callback=on_fit)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # metrics.json is written last (atomically): its presence marks the cell finished
+    evaluate_target(run, ks=cfg.ks, clustering=cfg.clustering, kmeans_runs=cfg.kmeans_runs,
+                    extra={"ablate": {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed,
+                                      "fit_seconds": round(fit_s, 3), "eval_seconds": None}})
+    eval_s = time.perf_counter() - t0
+    metrics = json.loads((run / R.METRICS_FILE).read_text())
+    metrics["ablate"]["eval_seconds"] = round(eval_s, 3)
+    R.atomic_write_json(metrics, run / R.METRICS_FILE)
+    return _row(cell, metrics, run)
+
+
+# --------------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(rows: Sequence[dict], *, confidence: float = 0.95) -> dict:
+    """Per loss and metric: baseline / DVML mean ± std over seeds and the paired difference.
+
+    Returns:
+        ``{"losses": {loss: {"n_seeds": {"baseline": n, "DVML": n}, "paired_seeds": [..],
+        "metrics": {metric: {"baseline": {mean, std, n}, "DVML": {...}, "diff": {mean, std, low, high,
+        p_value, n, confidence}}}}}, "metrics": [metric names], "confidence": c}``; a method with no runs
+        has ``None`` in its place, and ``diff`` is ``None`` unless both methods share a seed.
+    """
+    metrics: list[str] = []
+    for r in rows:
+        for k in metric_names(r):
+            if k not in metrics:
+                metrics.append(k)
+    metrics = metric_names(dict.fromkeys(metrics))
+    out: dict = {"losses": {}, "metrics": metrics, "confidence": confidence}
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        by = {m: {int(r["seed"]): r for r in rows if r["loss"] == loss and bool(r["dvml"]) == m} for m in (False, True)}
+        paired = sorted(set(by[False]) & set(by[True]))
+        entry: dict = {"n_seeds": {"baseline": len(by[False]), "DVML": len(by[True])}, "paired_seeds": paired,
+                       "metrics": {}}
+        for k in metrics:
+            e = {}
+            for mode, name in ((False, "baseline"), (True, "DVML")):
+                vals = [r[k] for _, r in sorted(by[mode].items()) if k in r and r[k] is not None]
+                e[name] = dataclasses.asdict(mean_std(vals)) if vals else None
+            ok = [s for s in paired if by[True][s].get(k) is not None and by[False][s].get(k) is not None]
+            e["diff"] = dataclasses.asdict(paired_difference([by[True][s][k] for s in ok],
+                                                             [by[False][s][k] for s in ok],
+                                                             confidence=confidence)) if ok else None
+            entry["metrics"][k] = e
+        out["losses"][loss] = entry
+    return out
+
+
+def _fmt_ms(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    return MeanStd(**d).format()
+
+
+def _fmt_diff(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    return PairedDiff(**d).format()
+
+
+def _fmt_p(d: dict | None) -> str:
+    if d is None or d["p_value"] is None or math.isnan(d["p_value"]):
+        return "—"
+    return f"{d['p_value']:.3f}"
+
+
+def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
+    """``summary.md``: one table per loss, metrics as rows, values in percent."""
+    c = int(round(summary["confidence"] * 100))
+    lines = [f"# {title}", "",
+             "Values in %: mean ± std over seeds (sample std). Δ = DVML − baseline, paired by seed, with its "
+             f"{c}% t-interval across seeds and the paired t-test p-value.", ""]
+    for loss, e in summary["losses"].items():
+        n = e["n_seeds"]
+        lines += [f"## {loss}", "",
+                  f"seeds: baseline {n['baseline']}, DVML {n['DVML']}, paired {len(e['paired_seeds'])}", "",
+                  f"| metric | baseline | DVML | Δ [{c}% CI] | p |", "|---|---|---|---|---|"]
+        for k, m in e["metrics"].items():
+            lines.append(f"| {k} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} | {_fmt_diff(m['diff'])} "
+                         f"| {_fmt_p(m['diff'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results_csv(rows: Sequence[dict], path: Path) -> None:
+    metrics = summarize(rows)["metrics"] if rows else []
+    cols = ["loss", "dvml", "seed", *metrics, "run_dir", "fit_seconds", "eval_seconds"]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in cols})
+    os.replace(tmp, path)
+
+
+def read_results_csv(path: Path) -> list[dict]:
+    """Rows of a ``results.csv`` with numbers parsed (dvml as bool, seed as int, metrics as float)."""
+    rows = []
+    with Path(path).open(newline="") as f:
+        for r in csv.DictReader(f):
+            out: dict = {}
+            for k, v in r.items():
+                if k == "loss" or k == "run_dir":
+                    out[k] = v
+                elif k == "dvml":
+                    out[k] = v == "True"
+                elif k == "seed":
+                    out[k] = int(v)
+                else:
+                    out[k] = float(v) if v not in ("", "None") else None
+            rows.append(out)
+    return rows
+
+
+def write_chart(summary: dict, path: Path, *, title: str) -> Path:
+    from dvml.evaluate import plots
+
+    losses = list(summary["losses"])
+    panels = {}
+    for k in CHART_METRICS:
+        if k not in summary["metrics"]:
+            continue
+        series = {}
+        for name in ("baseline", "DVML"):
+            ms = [summary["losses"][loss]["metrics"][k][name] for loss in losses]
+            if all(m is None for m in ms):
+                continue
+            series[name] = ([m["mean"] if m else math.nan for m in ms], [m["std"] if m else math.nan for m in ms])
+        panels[k] = series
+    return plots.grouped_bars(losses, panels, path, title=title)
+
+
+def _nan_to_none(o):
+    """NaN (undefined std/interval) as JSON null: strict JSON readers reject NaN."""
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
+def _jsonable(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple | list):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if hasattr(o, "value") and not isinstance(o, int | float | str | bool):
+        return o.value  # enums
+    return o
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
+    """Run (or resume) the grid; write results.csv, summary.md/json, ablation.png, ablation.json.
+
+    Returns the summary dict (see :func:`summarize`) with ``"rows"`` (one per finished cell) and
+    ``"out"`` added. Raises DvmlError for a bad cache or an unknown fit option before any fit runs.
+    """
+    cb = callback or (lambda _e: None)
+    try:
+        info = read_info(cfg.cache)
+        fp = fingerprint(cfg.cache)
+    except CacheError as e:
+        raise DvmlError(str(e)) from None
+    cells = cfg.cells()
+    for cell in cells:  # an unknown loss or option fails now (and writes nothing), not after hours of other cells
+        try:
+            _fit_config(cfg, cell, run_dir(cfg, cell))
+        except ValueError as e:
+            raise DvmlError(f"{cell.name}: {e}") from None
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    prov_path = cfg.out / PROVENANCE_FILE
+    if prov_path.exists():
+        old = json.loads(prov_path.read_text())
+        if old.get("cache_fingerprint") not in (None, fp):
+            raise DvmlError(f"{cfg.out} holds an ablation of a different cache (fingerprint "
+                            f"{old['cache_fingerprint']}, now {fp}); use another --out")
+        if old.get("fit") not in (None, _jsonable(cfg.fit)):
+            raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}); resuming "
+                            f"with {_jsonable(cfg.fit)} would mix them in one table; use another --out")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
+            "backbone": info.backbone, "feature_dim": info.feature_dim,
+            "config": _jsonable(dataclasses.asdict(cfg)), "fit": _jsonable(cfg.fit),
+            "cells": [c.name for c in cells], "versions": R.versions(), "started": started, "finished": None}
+    prov_path.write_text(json.dumps(prov, indent=2) + "\n")
+    cb(AblateEvent("start", cells=tuple(cells)))
+
+    rows: list[dict] = []
+    todo = []
+    for cell in cells:
+        done = read_finished(run_dir(cfg, cell))
+        if done is not None:
+            row = _row(cell, done, run_dir(cfg, cell))
+            rows.append(row)
+            cb(AblateEvent("cell_skipped", cell=cell, row=row))
+        else:
+            todo.append(cell)
+    if todo:
+        t0 = time.perf_counter()
+        train, test = load_split(cfg.cache, "train"), load_split(cfg.cache, "test")
+        log.info("loaded %s once (%.1fs): %d train, %d test images; %d of %d cells to run", cfg.cache,
+                 time.perf_counter() - t0, len(train.labels), len(test.labels), len(todo), len(cells))
+        for cell in todo:
+            cb(AblateEvent("cell_start", cell=cell))
+            row = _run_cell(cfg, cell, train, test, cb)
+            rows.append(row)
+            rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
+            write_results_csv(rows, cfg.out / RESULTS_FILE)  # after every cell: partial results are usable
+            cb(AblateEvent("cell_done", cell=cell, row=row))
+    rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
+    write_results_csv(rows, cfg.out / RESULTS_FILE)
+    summary = summarize(rows, confidence=cfg.confidence)
+    title = f"{info.dataset}: {', '.join(cfg.losses)}; {len(cfg.seeds)} seed(s), error bars ±1 std over seeds"
+    (cfg.out / SUMMARY_JSON).write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
+    (cfg.out / SUMMARY_MD).write_text(summary_markdown(summary, title=f"Ablation on {cfg.cache.name} ({title})"))
+    write_chart(summary, cfg.out / CHART_FILE, title=title)
+    prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    prov["fit_seconds_total"] = round(sum(r["fit_seconds"] or 0.0 for r in rows), 3)
+    prov_path.write_text(json.dumps(prov, indent=2) + "\n")
+    result = {**summary, "rows": rows, "out": str(cfg.out)}
+    cb(AblateEvent("done", summary=result))
+    return result

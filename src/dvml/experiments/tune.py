@@ -1,0 +1,320 @@
+"""``dvml tune``: Optuna search of fit-heads hyper-parameters, validated on held-out TRAINING classes.
+
+The test classes are never touched. The cache's training split is divided by class: a seeded
+``val_fraction`` of the training classes becomes the validation set, the rest trains. Every trial fits on
+the remaining training classes (the validation split is what fit sees as its "test" for watching) and is
+scored by ``objective`` (Recall@1 or MAP@R) on the validation classes. The cache's test split is never
+loaded, so no test label can reach a fit or the objective (asserted by ``tests/heads/test_tune.py``).
+
+Search space (each only where it applies): ``lr`` (log-uniform), the loss's ``margin`` and (DR losses)
+``gamma``, the four λ of DVML's loss, the number of draws ``T`` and the embedding size. ``trials`` is the
+number of *finished* trials the study should hold: running the command again continues the study up to that number.
+
+Several machines can work on one study: give each the same ``--storage`` URL of a shared relational
+database (any SQLAlchemy URL Optuna accepts, e.g. ``postgresql://user@host/db`` or
+``mysql+pymysql://user@host/db``) and the same ``--study-name``; each process asks the storage for the
+next trial, so they cooperate rather than repeat. Without ``--storage`` the study lives in SQLite,
+``OUT/optuna.db`` (fine for one machine; SQLite on a network file system is not safe for concurrent
+writers).
+
+Outputs in ``OUT``: ``best_config.json`` (a fit-heads config: ``dvml fit-heads CACHE --config
+OUT/best_config.json`` trains the winner on the full training split), ``tune.json`` (the study summary: best
+value and parameters, validation classes, every trial), and ``trials/<number>/`` run dirs (deleted after
+scoring unless ``keep_runs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvml import __version__
+from dvml.cache import CacheError, Split, fingerprint, load_split, read_info
+from dvml.errors import DvmlError
+from dvml.evaluate import evaluate_embeddings
+from dvml.heads import FitConfig, embed, fit
+from dvml.heads.config import PHASE2_LAMBDAS
+from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
+from dvml.seeding import hold_out_classes
+
+log = logging.getLogger(__name__)
+
+BEST_CONFIG_FILE = "best_config.json"
+SUMMARY_FILE = "tune.json"
+OBJECTIVES = ("recall@1", "map@r")
+EMBEDDING_SIZES = (64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A tuning study.
+
+    cache: feature cache (only its training split is read). loss: metric loss name. dvml: tune the DVML
+    model (False: the --no-dvml baseline, no λ/T). trials: finished trials the study should reach.
+    out: output directory. storage: Optuna storage URL (default ``sqlite:///OUT/optuna.db``).
+    study_name: default ``dvml-<loss>-<dvml|base>-<cache fingerprint[:8]>-s<seed>``.
+    val_fraction: share of the training classes held out for validation (at least 2 classes each side).
+    objective: ``recall@1`` or ``map@r`` on the validation classes. fit: fixed FitConfig fields for every
+    trial (epochs, batch_size, device, ...). search: names of the parameters to search (default: all that
+    apply). seed: seeds the class split, the sampler and every trial's fit. timeout: seconds for this process.
+    """
+
+    cache: Path
+    loss: str = "triplet"
+    dvml: bool = True
+    trials: int = 20
+    out: Path = Path("dvml-tune")
+    storage: str | None = None
+    study_name: str | None = None
+    val_fraction: float = 0.25
+    objective: str = "recall@1"
+    fit: dict[str, Any] = field(default_factory=dict)
+    search: tuple[str, ...] | None = None
+    seed: int = 0
+    timeout: float | None = None
+    keep_runs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "cache", Path(self.cache))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        reserved = {"cache", "out", "loss", "seed", "dvml", "resume", "overwrite"} & set(self.fit)
+        if reserved:
+            raise ValueError(f"fit options {sorted(reserved)} are set by tune; remove them")
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
+
+
+def split_train_classes(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Divide the training classes: (fit classes, validation classes), both sorted, disjoint, seeded
+    (:func:`~dvml.seeding.hold_out_classes`, the rule of ``fit-heads --val-classes``).
+
+    Raises DvmlError when either side would have fewer than 2 classes.
+    """
+    classes = np.unique(labels)
+    n_val = int(round(val_fraction * classes.size))
+    if n_val < 2 or classes.size - n_val < 2:
+        raise DvmlError(f"the training split has {classes.size} classes: holding out {val_fraction:.0%} "
+                        f"leaves {classes.size - n_val} to fit and {n_val} to validate; both need >= 2 "
+                        "(change --val-fraction)")
+    return hold_out_classes(labels, n_val, seed)
+
+
+def subset(split: Split, classes: np.ndarray) -> Split:
+    """The rows of ``split`` whose label is in ``classes``."""
+    mask = np.isin(split.labels, classes)
+    return Split(features=split.features[mask], labels=split.labels[mask],
+                 paths=None if split.paths is None else split.paths[mask])
+
+
+def _fit_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(FitConfig)}
+
+
+LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2
+
+
+def search_space(cfg: TuneConfig) -> list[str]:
+    """Names of the parameters searched for this config (restricted by ``cfg.search`` if given).
+
+    λ1-λ4 are the phase-2 weights (``lambdas_phase2``, the phase a default run ends in); phase 1 keeps
+    the paper's values. ``margin`` and the direction weight ``gamma`` are searched for the losses that take
+    them (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
+    """
+    space = ["lr"]
+    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(LossName(cfg.loss), {})]
+    if cfg.dvml:
+        if "lambdas_phase2" not in cfg.fit:
+            space += list(LAMBDA_NAMES)
+        space.append("samples")
+    space.append("embedding_size")
+    space = [s for s in space if s not in cfg.fit]  # fixed by the user: not searched
+    if cfg.search is not None:
+        unknown = set(cfg.search) - set(space)
+        if unknown:
+            raise DvmlError(f"cannot search {sorted(unknown)} for this study (searchable: {', '.join(space)})")
+        space = [s for s in space if s in cfg.search]
+    return space
+
+
+def suggest(trial, space: list[str]) -> dict[str, Any]:
+    """Draw one point of the search space from an Optuna trial (λs folded into ``lambdas_phase2``)."""
+    p: dict[str, Any] = {}
+    lam = list(PHASE2_LAMBDAS)
+    for name in space:
+        if name == "lr":
+            p[name] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+        elif name == "margin":
+            p[name] = trial.suggest_float("margin", 0.02, 0.5)
+        elif name == "gamma":
+            p[name] = trial.suggest_float("gamma", 0.0, 1.0)
+        elif name in LAMBDA_NAMES:
+            lam[LAMBDA_NAMES.index(name)] = trial.suggest_float(name, 0.05, 2.0, log=True)
+        elif name == "samples":
+            p[name] = trial.suggest_int("samples", 1, 32, log=True)
+        elif name == "embedding_size":
+            p[name] = trial.suggest_categorical("embedding_size", list(EMBEDDING_SIZES))
+        else:  # pragma: no cover - search_space only yields the names above
+            raise ValueError(name)
+    if any(n in space for n in LAMBDA_NAMES):
+        p["lambdas_phase2"] = tuple(lam)
+    return p
+
+
+def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna's flat parameters (``lambda1``..) -> FitConfig fields (``lambdas_phase2``)."""
+    out = {k: v for k, v in params.items() if k not in LAMBDA_NAMES}
+    if any(n in params for n in LAMBDA_NAMES):
+        out["lambdas_phase2"] = tuple(params.get(n, PHASE2_LAMBDAS[i]) for i, n in enumerate(LAMBDA_NAMES))
+    return out
+
+
+def _study_name(cfg: TuneConfig, fp: str) -> str:
+    return cfg.study_name or f"dvml-{cfg.loss}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
+
+
+def fit_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> FitConfig:
+    """The FitConfig of one trial (fixed options + drawn parameters)."""
+    kw = {**cfg.fit, **params, "cache": cfg.cache, "out": out, "loss": cfg.loss, "seed": cfg.seed, "dvml": cfg.dvml}
+    unknown = set(kw) - _fit_fields()
+    if unknown:
+        raise DvmlError(f"unknown fit option(s) {sorted(unknown)}; FitConfig has {sorted(_fit_fields())}")
+    return FitConfig(**kw)
+
+
+def config_file_dict(fit_cfg: FitConfig) -> dict:
+    """A FitConfig as the JSON ``fit-heads --config`` reads: every field except paths and run control."""
+    d = fit_cfg.to_dict()
+    for k in ("cache", "out", "resume", "overwrite"):
+        d.pop(k, None)
+    return d
+
+
+def score(run_dir: Path, val: Split, objective: str) -> dict:
+    """Embed the validation split with a trial's heads and evaluate it (retrieval metrics only)."""
+    emb = embed(run_dir, val.features[:, 0])
+    return evaluate_embeddings(emb, val.labels, ks=(1,), clustering=False, where=f"validation of {run_dir}")
+
+
+def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> dict:
+    """Run the study until it holds ``cfg.trials`` finished trials; write best_config.json and tune.json.
+
+    ``callback`` receives a dict per finished trial (number, value, params, seconds, best_value).
+    Returns the summary written to tune.json.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial instead
+    try:
+        read_info(cfg.cache)
+        fp = fingerprint(cfg.cache)
+    except CacheError as e:
+        raise DvmlError(str(e)) from None
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    train_all = load_split(cfg.cache, "train")  # the test split is never read
+    fit_classes, val_classes = split_train_classes(train_all.labels, cfg.val_fraction, cfg.seed)
+    train, val = subset(train_all, fit_classes), subset(train_all, val_classes)
+    del train_all
+    space = search_space(cfg)
+    fit_config(cfg, {}, cfg.out / "trials" / "check")  # unknown fixed options fail before the study starts
+    log.info("tuning %s (%s) on %d fit / %d validation classes of the training split; searching %s",
+             cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
+
+    study = optuna.create_study(storage=cfg.storage_url(), study_name=_study_name(cfg, fp), direction="maximize",
+                                load_if_exists=True)
+    old_fp = study.user_attrs.get("cache_fingerprint")
+    if old_fp not in (None, fp):
+        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
+                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
+    old_val = study.user_attrs.get("val_classes")
+    if old_val not in (None, [int(c) for c in val_classes]):
+        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
+                        "--val-fraction); its trials would not be comparable: use another --study-name")
+    study.set_user_attr("cache_fingerprint", fp)
+    study.set_user_attr("val_classes", [int(c) for c in val_classes])
+    # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared
+    # study mixes in the trial count and its pid: the same seed would replay the same random start-up
+    # trials as the process before it (or beside it), wasting them on duplicates.
+    n_existing = len(study.get_trials(deepcopy=False))
+    sampler_seed = cfg.seed
+    if n_existing or cfg.storage is not None:
+        sampler_seed = int(np.random.SeedSequence([cfg.seed, n_existing, os.getpid()]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        out = cfg.out / "trials" / f"{trial.number:04d}"
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        try:
+            run_dir = fit(fit_config(cfg, params, out), train=train, test=val)
+            metrics = score(Path(run_dir), val, cfg.objective)
+        except DvmlError as e:  # e.g. a diverging lr: a failed trial, not a failed study
+            log.warning("trial %d failed: %s", trial.number, e)
+            raise optuna.TrialPruned(str(e)) from None
+        finally:
+            if not cfg.keep_runs and out.exists():
+                shutil.rmtree(out)
+        value = float(metrics[cfg.objective])
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+        return value
+
+    def on_trial(study_, trial) -> None:
+        if callback is not None and trial.state == optuna.trial.TrialState.COMPLETE:
+            best = study_.best_value if _n_complete(study_) else math.nan
+            callback({"number": trial.number, "value": trial.value, "params": trial.params,
+                      "seconds": trial.user_attrs.get("seconds"), "best_value": best,
+                      "n_complete": _n_complete(study_), "target": cfg.trials})
+
+    remaining = cfg.trials - _n_complete(study)
+    if remaining > 0:
+        stop = optuna.study.MaxTrialsCallback(cfg.trials, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout, callbacks=[on_trial, stop],
+                       catch=())
+    if not _n_complete(study):
+        raise DvmlError(f"no trial of study {study.study_name!r} finished; see the log for the failures")
+    best = study.best_trial
+    best_cfg = fit_config(cfg, params_to_fit(best.params), cfg.out)
+    best_dict = config_file_dict(best_cfg)
+    (cfg.out / BEST_CONFIG_FILE).write_text(json.dumps(best_dict, indent=2) + "\n")
+    summary = {
+        "study_name": study.study_name, "storage": cfg.storage_url() if cfg.storage is None else "(given)",
+        "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss, "dvml": cfg.dvml,
+        "objective": cfg.objective, "objective_split": "validation classes held out from the training split",
+        "fit_classes": [int(c) for c in fit_classes], "val_classes": [int(c) for c in val_classes],
+        "search_space": space, "sampler_seed": sampler_seed,
+        "fixed_fit_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.fit.items()},
+        "best": {"number": best.number, "value": best.value, "params": best.params,
+                 "metrics": best.user_attrs.get("metrics")},
+        "best_config_file": str(cfg.out / BEST_CONFIG_FILE),
+        "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                    "seconds": t.user_attrs.get("seconds")} for t in study.trials],
+        "dvml_version": __version__,
+    }
+    (cfg.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _n_complete(study) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))

@@ -1,0 +1,247 @@
+"""THE run-directory format (``fit-heads`` and ``finetune`` runs): every file name, the checkpoint keys, atomic
+writers, provenance (:func:`versions`), loading, and the epoch log. The one module that knows these names, as
+:mod:`dvml.cache.schema` is for the feature cache.
+
+::
+
+    RUN_DIR/heads.pt     torch.save of a dict of tensors and plain python values (torch.load(weights_only=True)):
+                           kind "heads", model (state_dict of the reported model: last epoch, or best on the
+                           validation classes), loss (its proxies), config (FitConfig dict), seed, cache (abs
+                           path), cache_fingerprint, epoch (of the reported model), epochs_done, finished,
+                           selection ("last" | "val"), in_dim, embedding_size, train_classes (original label of
+                           each proxy row), versions, and resume (latest model/loss/optimizer state, RNG
+                           states, best-so-far) for --resume
+    RUN_DIR/config.json  {"kind", "config", "cache", "cache_fingerprint", "seed", "versions", "status",
+                           "epochs_done"}: the same facts, readable
+    RUN_DIR/log.jsonl    one JSON object per finished epoch: loss terms, λs, phase, timing, watch-only test
+                           Recall@1 and validation Recall@1 when evaluated
+    RUN_DIR/metrics.json written by ``dvml evaluate`` (and every ablation cell)
+
+A finetune run adds ``backbone.pt`` and ``checkpoint.pt`` and writes ``kind "finetune"`` (see
+:mod:`dvml.finetune.train` for their keys). ``heads.pt``'s ``format`` is :data:`CHECKPOINT_FORMAT`; a checkpoint
+without the key predates it and is read as format 1; a newer format is refused with an error naming both.
+
+Every file is written to a temporary name in the same directory and renamed over the old one
+(``os.replace``), so a crash leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from dvml import __version__
+from dvml.errors import DvmlError
+
+HEADS_FILE = "heads.pt"
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+BACKBONE_FILE = "backbone.pt"  # finetune: the tuned backbone (usable as ``dvml extract --weights``)
+CHECKPOINT_FILE = "checkpoint.pt"  # finetune: everything needed to resume
+#: Every file a run directory may hold (what ``--overwrite`` clears).
+RUN_FILES = (CHECKPOINT_FILE, BACKBONE_FILE, HEADS_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE)
+
+HEADS_KIND = "heads"
+FINETUNE_KIND = "finetune"
+#: ``heads.pt`` format (both kinds) and finetune ``checkpoint.pt`` format.
+CHECKPOINT_FORMAT = 1
+FINETUNE_CHECKPOINT_FORMAT = 1
+#: Packages whose versions are recorded with every artifact (those installed).
+VERSIONED_PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pytorch-metric-learning", "h5py", "scipy")
+
+
+class RunError(DvmlError):
+    """A run directory that is missing, malformed, or in a state the request does not allow."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run directory says about itself (from ``config.json``).
+
+    run_dir, kind ("heads" | "finetune"), config (the stage's config dict), cache (feature cache path, or None),
+    cache_fingerprint, seed, status ("running" | "finished"), epochs_done.
+    """
+
+    run_dir: Path
+    kind: str
+    config: dict
+    cache: Path | None
+    cache_fingerprint: str | None
+    seed: int | None = None
+    status: str = "finished"
+    epochs_done: int | None = None
+
+
+def versions() -> dict[str, str]:
+    """Versions of dvml, python and the installed :data:`VERSIONED_PACKAGES` (recorded with every artifact)."""
+    out = {"dvml": __version__, "python": platform.python_version()}
+    for dist in VERSIONED_PACKAGES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    import torch
+
+    _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(obj, path: Path, *, default=None) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, default=default) + "\n", path)
+
+
+def cpu_state(sd):
+    """Deep copy of a (nested) state dict with every tensor on the CPU (what a checkpoint stores)."""
+    import torch
+
+    if isinstance(sd, torch.Tensor):
+        return sd.detach().to("cpu", copy=True)
+    if isinstance(sd, dict):
+        return {k: cpu_state(v) for k, v in sd.items()}
+    if isinstance(sd, list | tuple):
+        return type(sd)(cpu_state(v) for v in sd)
+    return copy.deepcopy(sd)
+
+
+def clear_run(out: Path) -> None:
+    """Remove every run file (:data:`RUN_FILES`) from ``out`` (``--overwrite``); other files are left alone."""
+    for name in RUN_FILES:
+        p = Path(out) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def load_torch(path: Path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The records of ``log.jsonl`` (empty if there is none)."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"{path}: line {i} is not valid JSON") from None
+    return out
+
+
+def write_log(run_dir: Path, records: list[dict]) -> None:
+    """Replace ``log.jsonl`` with ``records`` (atomic)."""
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), Path(run_dir) / LOG_FILE)
+
+
+def append_log(run_dir: Path, record: dict) -> None:
+    """Append one epoch's record to ``log.jsonl`` (one line; flushed and fsynced)."""
+    path = Path(run_dir) / LOG_FILE
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+#: Keys every ``heads.pt`` holds (both kinds; fit-heads adds ``resume``, finetune ``global_step``).
+HEADS_KEYS = frozenset({"kind", "model", "loss", "config", "seed", "cache", "cache_fingerprint", "dataset", "epoch",
+                        "epochs_done", "finished", "selection", "in_dim", "embedding_size", "train_classes",
+                        "versions"})
+
+
+def save_heads(run_dir: Path, **entries) -> None:
+    """Write ``RUN_DIR/heads.pt`` (atomic): ``entries`` (every key of :data:`HEADS_KEYS`) and ``format``."""
+    missing = HEADS_KEYS - entries.keys()
+    if missing:
+        raise ValueError(f"heads.pt entries missing: {', '.join(sorted(missing))}")
+    atomic_torch_save({**entries, "format": CHECKPOINT_FORMAT}, Path(run_dir) / HEADS_FILE)
+
+
+def write_config(run_dir: Path, record: dict) -> None:
+    """Write ``RUN_DIR/config.json`` (atomic): the run's kind, config, provenance, status and progress."""
+    atomic_write_json(record, Path(run_dir) / CONFIG_FILE)
+
+
+def load_checkpoint(run_dir: str | Path, map_location="cpu") -> dict:
+    """``torch.load(RUN_DIR/heads.pt, weights_only=True)`` with errors that name the file.
+
+    Raises:
+        RunError: no file, a damaged file, not a heads checkpoint, or a ``format`` newer than
+            :data:`CHECKPOINT_FORMAT` (naming both versions).
+    """
+    path = Path(run_dir) / HEADS_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {HEADS_FILE} (not a fit-heads run directory, or the fit never finished an "
+                       "epoch)")
+    ckpt = load_torch(path, map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise RunError(f"{path}: not a dvml heads checkpoint (no 'model' entry)")
+    fmt = ckpt.get("format", 1)
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        raise RunError(f"{path}: checkpoint format {fmt!r}, this dvml {__version__} reads format "
+                       f"{CHECKPOINT_FORMAT} and older; upgrade dvml")
+    return ckpt
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Read ``RUN_DIR/config.json``.
+
+    Raises:
+        RunError: no such directory, no/invalid config.json.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: invalid JSON ({e})") from None
+    missing = [k for k in ("kind", "config") if k not in d]
+    if missing:
+        raise RunError(f"{path}: missing key(s) {', '.join(missing)}")
+    cache = d.get("cache")
+    return RunInfo(run_dir=run_dir, kind=str(d["kind"]), config=dict(d["config"]),
+                   cache=Path(cache) if cache else None, cache_fingerprint=d.get("cache_fingerprint"),
+                   seed=d.get("seed"), status=str(d.get("status", "finished")), epochs_done=d.get("epochs_done"))

@@ -1,0 +1,143 @@
+"""The distributed pieces of finetune: class-balanced sharded sampler, all-gather with gradient, gloo harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dvml.errors import DvmlError
+from dvml.finetune.distributed import DistributedClassBalancedSampler, epoch_seed, gather_no_grad, gather_with_grad
+from dvml.heads.sampler import ClassBalancedSampler
+
+
+def _labels(n_classes=6, sizes=(5, 3, 8, 4, 6, 2)):
+    return np.concatenate([np.full(s, c) for c, s in zip(range(n_classes), sizes, strict=True)])
+
+
+def test_against_fit_heads_sampler():
+    """The global order is fit-heads' ClassBalancedSampler with a generator seeded from (seed, epoch)."""
+    labels = _labels()
+    s = DistributedClassBalancedSampler(labels, batch_size=8, samples_per_class=2, seed=5, num_batches=7)
+    for epoch in (0, 3):
+        ref = ClassBalancedSampler(torch.from_numpy(labels), 8, 2, torch.Generator().manual_seed(epoch_seed(5, epoch)))
+        ref.n_batches = 7
+        np.testing.assert_array_equal(s.global_batches(epoch), ref.epoch().numpy())
+    for b in s.global_batches(1):
+        per_class = [labels[b[i:i + 2]] for i in range(0, 8, 2)]
+        assert all(len(set(pc)) == 1 for pc in per_class)  # laid out class by class
+        assert len({int(pc[0]) for pc in per_class}) == 4  # distinct classes
+
+
+def test_too_few_classes_is_an_error():
+    with pytest.raises(DvmlError, match="needs 4 training classes"):
+        DistributedClassBalancedSampler(np.array([0, 0, 1, 1, 2, 2]), batch_size=8, samples_per_class=2)
+
+
+def test_shards_are_disjoint_and_form_the_global_batch():
+    labels = _labels()
+    world = 2
+    samplers = [DistributedClassBalancedSampler(labels, batch_size=8, samples_per_class=2, seed=3, rank=r,
+                                                world_size=world, num_batches=5) for r in range(world)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        glob = samplers[0].global_batches()
+        np.testing.assert_array_equal(glob, samplers[1].global_batches())  # same order on every rank
+        shards = [list(s) for s in samplers]
+        assert [len(x) for x in shards] == [5, 5]
+        for step in range(5):
+            a, b = shards[0][step], shards[1][step]
+            assert len(a) == len(b) == 4
+            assert a + b == glob[step].tolist()  # rank order = global order, disjoint positions
+            # 4 classes x 2 over 2 ranks: each shard holds whole classes
+            assert set(labels[a]).isdisjoint(set(labels[b]))
+    e0 = samplers[0].global_batches(0)
+    assert not np.array_equal(e0, samplers[0].global_batches(1))  # set_epoch reshuffles
+    np.testing.assert_array_equal(e0, samplers[0].global_batches(0))  # deterministic
+
+
+def test_resume_start_skips_batches():
+    labels = _labels()
+    s = DistributedClassBalancedSampler(labels, batch_size=8, samples_per_class=2, seed=0, num_batches=6)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start=4)
+    assert len(s) == 2 and list(s) == full[4:]
+
+
+def test_bad_world_configuration():
+    with pytest.raises(DvmlError, match="divisible by the number of processes"):
+        DistributedClassBalancedSampler(_labels(), batch_size=6, samples_per_class=2, world_size=4)
+    with pytest.raises(ValueError, match="outside world"):
+        DistributedClassBalancedSampler(_labels(), batch_size=8, samples_per_class=2, rank=2, world_size=2)
+
+
+def test_gather_is_identity_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert gather_with_grad(x) is x and gather_no_grad(x) is x
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _contrastive(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A batch loss coupling every pair (so a per-rank loss would give different gradients)."""
+    e = torch.nn.functional.normalize(emb, dim=1)
+    sim = e @ e.T
+    same = (labels[:, None] == labels[None, :]).float()
+    eye = torch.eye(len(labels))
+    pos = ((1 - sim) * (same - eye)).sum() / (same - eye).sum()
+    neg = (torch.relu(sim - 0.2) * (1 - same)).sum() / (1 - same).sum()
+    return pos + neg
+
+
+def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, state: dict, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dvml.finetune.distributed import init_distributed, shutdown
+
+    ctx = init_distributed("cpu")
+    assert ctx.backend == "gloo" and ctx.world_size == world
+    model = torch.nn.Linear(x.shape[1], 4)
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    b = x.shape[0] // world
+    xs, ys = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
+    emb = ddp(xs)
+    # a per-sample term (mean over the local shard; DDP averages it) + batch terms on the gathered batch, one
+    # of them on T stacked batches (T, B, E) gathered along dim 1 (strided gradients, see _ContiguousGrad)
+    z3 = torch.stack([emb, emb.flip(1) * 2.0])
+    y_all = gather_no_grad(ys)
+    g3 = gather_with_grad(z3, dim=1)
+    loss = emb.pow(2).mean() + _contrastive(gather_with_grad(emb), y_all) + _contrastive(g3[1], y_all)
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    shutdown(ctx)
+
+
+def test_against_single_process_full_batch_gradient(tmp_path: Path):
+    """2 gloo processes (DDP + gathered metric loss) give the gradient of one process on the whole batch."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    model = torch.nn.Linear(5, 4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    emb = model(x)
+    (emb.pow(2).mean() + _contrastive(emb, y) + _contrastive(emb.flip(1) * 2.0, y)).backward()
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), x, y, state, out), nprocs=2, join=True,
+                       start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
