@@ -1,11 +1,22 @@
 """dvml: Deep Variational Metric Learning as a fast cached-feature two-stage pipeline.
 
-Stages (each a subpackage with a frozen config dataclass and a ``run``-style entry point):
+Stages: :mod:`dvml.extract` (images -> HDF5 feature cache), :mod:`dvml.heads` (DVML heads + decoder + four-term
+loss trained on cached features), :mod:`dvml.evaluate` (Recall@K by exact FAISS kNN, NMI/F1, MAP@R), with the
+optional end-to-end :mod:`dvml.finetune` and the :mod:`dvml.experiments` built on them.
 
-* :mod:`dvml.extract`  images -> HDF5 feature cache (GoogLeNet, crop/flip views); also ``synth``.
-* :mod:`dvml.cache`    the feature-cache format: schema constants, writer, reader, fingerprint.
-* :mod:`dvml.heads`    DVML heads + decoder + four-term loss trained on cached features.
-* :mod:`dvml.evaluate` Recall@K (exact FAISS kNN), NMI/F1 (k-means), MAP@R, R-precision.
+Layer order: a module imports only from the layers before its own (never a later one; no cycles)::
+
+    errors, seeding      user-facing errors; seeds and the one hold-out-classes rule
+    cache                the feature-cache format
+    runs                 the run-directory format
+    retrieval            exact kNN / k-means (the only faiss import) and pure numpy metrics
+    extract              datasets, backbones, the extraction loop, synth
+    losses               metric losses by name, their parameter defaults
+    heads                DVML heads, objective, sampler, the training core, fit, embed
+    finetune             backbone + heads end to end (torchrun/DDP)
+    evaluate             embed a target and score it; plots
+    experiments          ablate, stats, tune, analyze, demo
+    cli                  thin typer commands; the only layer that prints
 """
 
 __version__ = "0.1.0"

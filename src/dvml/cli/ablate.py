@@ -7,8 +7,11 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, fit_overrides, parse_set
+from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, parse_set
 from dvml.cli.render import print_ablation_result, run_ablation
+from dvml.experiments.ablate import AblateConfig
+
+_D = AblateConfig  # option defaults are the config dataclass defaults
 
 
 @app.command("ablate")
@@ -16,9 +19,9 @@ from dvml.cli.render import print_ablation_result, run_ablation
 def ablate_cmd(
     cache: Path = typer.Argument(..., help="HDF5 feature cache."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerun the same command to resume)."),
-    losses: str = typer.Option("triplet,npair", help="Comma-separated metric losses (any fit-heads --loss)."),
-    seeds: int = typer.Option(3, help="Number of seeds per (loss, method): 0..N-1 from --first-seed."),
-    first_seed: int = typer.Option(0, help="First seed."),
+    losses: str = typer.Option(",".join(_D.losses), help="Comma-separated metric losses (any fit-heads --loss)."),
+    seeds: int = typer.Option(len(_D.seeds), help="Number of seeds per (loss, method): 0..N-1 from --first-seed."),
+    first_seed: int = typer.Option(_D.seeds[0], help="First seed."),
     methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default: 120 for triplet, 128 otherwise)."),
@@ -28,12 +31,13 @@ def ablate_cmd(
     phase2_epoch: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["phase2_epoch"])),
     kl_warmup_epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["kl_warmup_epochs"])),
     eval_every: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["eval_every"])),
-    device: str | None = typer.Option(None, help="Fit option: auto, cpu or cuda (default auto)."),
+    device: DeviceOption = device_option(),
     set_: list[str] | None = typer.Option(None, "--set", help="Any other fit option as KEY=VALUE (repeatable), "
                                                                "e.g. --set lambdas_phase2=0.8,1,0.2,0.8 or --set "
                                                                "gamma=0.3 (a loss parameter must apply to every "
                                                                "loss of --losses)."),
-    no_clustering: bool = typer.Option(False, "--no-clustering", help="Skip NMI/F1 (k-means)."),
+    clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
+                                    help="NMI/F1 (k-means) besides the retrieval metrics."),
 ):
     """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table."""
     from dvml.experiments import ablate
@@ -47,6 +51,6 @@ def ablate_cmd(
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,
-                              clustering=not no_clustering)
+                              clustering=clustering)
     result = run_ablation(ablate.run, cfg)
     print_ablation_result(result, title=cache.name)

@@ -9,6 +9,9 @@ import typer
 from rich.table import Table
 
 from dvml.cli.app import app, console, err_console, handle_errors
+from dvml.experiments.analyze import AnalyzeConfig
+
+_D = AnalyzeConfig  # option defaults are the config dataclass defaults
 
 
 @app.command("analyze")
@@ -17,18 +20,19 @@ def analyze_cmd(
     target: Path = typer.Argument(..., help="Run directory (or a feature cache: raw features only)."),
     baseline: Path | None = typer.Option(None, "--baseline", "-b",
                                          help="Run directory to compare with (e.g. the same loss without DVML)."),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help="Also analyse the raw backbone features."),
-    splits: str = typer.Option("train,test", help="Splits to analyse (centre view of each image)."),
+    raw: bool = typer.Option(_D.raw, "--raw/--no-raw", help="Also analyse the raw backbone features."),
+    splits: str = typer.Option(",".join(_D.splits), help="Splits to analyse (centre view of each image)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default RUN_DIR/analysis)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
+    normalize: bool = typer.Option(_D.normalize, "--normalize/--no-normalize",
                                    help="L2-normalise embeddings first (retrieval compares them by cosine)."),
-    min_class_size: int = typer.Option(5, help="Classes with fewer samples are left out of the KS test."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PCA/t-SNE/p-value PNGs."),
-    tsne: bool = typer.Option(True, "--tsne/--no-tsne", help="Include the t-SNE plots (the slow part)."),
-    plot_classes: int = typer.Option(20, help="Classes shown in the plots (seeded random choice)."),
-    plot_points: int = typer.Option(500, help="At most this many points per plot (t-SNE is slow)."),
-    tsne_iter: int = typer.Option(500, help="t-SNE iterations (>= 250)."),
-    seed: int = typer.Option(0, help="Seed of the plot subsample and t-SNE."),
+    min_class_size: int = typer.Option(_D.min_class_size,
+                                      help="Classes with fewer samples are left out of the KS test."),
+    plots: bool = typer.Option(_D.plots, "--plots/--no-plots", help="Write PCA/t-SNE/p-value PNGs."),
+    tsne: bool = typer.Option(_D.tsne, "--tsne/--no-tsne", help="Include the t-SNE plots (the slow part)."),
+    plot_classes: int = typer.Option(_D.plot_classes, help="Classes shown in the plots (seeded random choice)."),
+    plot_points: int = typer.Option(_D.plot_points, help="At most this many points per plot (t-SNE is slow)."),
+    tsne_iter: int = typer.Option(_D.tsne_iter, help="t-SNE iterations (>= 250)."),
+    seed: int = typer.Option(_D.seed, help="Seed of the plot subsample and t-SNE."),
 ):
     """The paper's Table 4 evidence: KS p-values of central features and average relative deviation, plots."""
     from dvml.experiments import analyze

@@ -8,16 +8,19 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.options import fit_overrides
+from dvml.cli.options import DeviceOption, device_option, fit_overrides
 from dvml.cli.render import print_ablation_result, run_ablation
+from dvml.experiments.demo import DemoConfig
+
+_D = DemoConfig  # option defaults are the config dataclass defaults
 
 
 @app.command("demo")
 @handle_errors
 def demo_cmd(
-    out: Path = typer.Option(Path("dvml-demo"), "--out", "-o", help="Directory for the world, runs and tables."),
-    quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run (numbers mean little)."),
-    device: str | None = typer.Option(None, help="Fit device: auto, cpu or cuda (default auto)."),
+    out: Path = typer.Option(_D.out, "--out", "-o", help="Directory for the world, runs and tables."),
+    quick: bool = typer.Option(_D.quick, "--quick/--full", help="A seconds-long smoke run (numbers mean little)."),
+    device: DeviceOption = device_option(),
 ):
     """No download, no arguments: a synth world, triplet and N-pair with and without DVML, 2 seeds."""
     from dvml.experiments import demo

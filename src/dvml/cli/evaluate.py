@@ -8,7 +8,7 @@ import typer
 
 from dvml.cli.app import app, console, handle_errors, make_progress
 from dvml.cli.render import results_table
-from dvml.evaluate import EvalConfig, Metric, parse_ks, run
+from dvml.evaluate import METRICS_FILE, EvalConfig, Metric, parse_ks, run
 
 _D = EvalConfig
 
@@ -26,14 +26,14 @@ def evaluate_cmd(
     kmeans_runs: int = typer.Option(_D.kmeans_runs, help="k-means repetitions (seeds seed, seed+1, ...) "
                                                          "averaged for NMI/F1."),
     seed: int = typer.Option(_D.seed, help="First k-means seed."),
-    no_clustering: bool = typer.Option(not _D.clustering, "--no-clustering",
-                                       help="Skip k-means (NMI/F1): retrieval metrics only."),
+    clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
+                                    help="NMI/F1 (k-means) besides the retrieval metrics."),
     gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Force faiss onto the GPU or the CPU "
                                                               "(default: GPU when faiss supports one)."),
 ):
     """Score retrieval (exact FAISS kNN) and clustering (k-means) of the test split; RUN_DIR/metrics.json."""
     cfg = EvalConfig(target=target, ks=parse_ks(ks) if ks else None, metric=metric, kmeans_runs=kmeans_runs,
-                     seed=seed, clustering=not no_clustering, json_path=json_path, use_gpu=gpu)
+                     seed=seed, clustering=clustering, json_path=json_path, use_gpu=gpu)
     with make_progress("item") as progress:
         tasks: dict[str, int] = {}
 
@@ -50,6 +50,6 @@ def evaluate_cmd(
         console.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
     if result.get("cache_fingerprint"):
         console.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
-    written = [p for p in ((target / "metrics.json") if target.is_dir() else None, json_path) if p is not None]
+    written = [p for p in ((target / METRICS_FILE) if target.is_dir() else None, json_path) if p is not None]
     for path in written:
         console.print(f"wrote {path}")

@@ -20,7 +20,7 @@ def extract_cmd(
     dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
     root: Path = typer.Option(..., "--root", help="Dataset directory (CUB_200_2011, the Cars196 directory with "
                               "cars_annos.mat, Stanford_Online_Products, or a <class>/<image> folder)."),
-    out: Path = typer.Option(..., "--out", help="Output HDF5 feature cache."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 feature cache."),
     weights: str = typer.Option(_D.weights, help="'imagenet' (torchvision IMAGENET1K_V1), 'none' (seeded "
                                 "random init, for tests) or a path to a GoogLeNet state dict."),
     views: int = typer.Option(_D.views, help="Views per training image: view 0 = centre crop, the rest "

@@ -73,8 +73,8 @@ def finetune_cmd(
     workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
     seed: int = typer.Option(_F.seed, help="Seed (heads init, batches, augmentation, z_V noise)."),
     device: str = typer.Option(_F.device, help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    resume: bool = typer.Option(_F.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(_F.overwrite, "--overwrite/--no-overwrite", help="Replace a run already in --out."),
 ):
     """Train the GoogLeNet backbone and the DVML heads together from images (the paper's end-to-end setting).
 

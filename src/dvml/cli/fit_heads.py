@@ -79,8 +79,9 @@ def fit_heads_cmd(
     val_classes: int = typer.Option(FitConfig.val_classes,
                                     help="Hold out K training classes; report the epoch best on them "
                                          "(default: the last epoch)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    resume: bool = typer.Option(FitConfig.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(FitConfig.overwrite, "--overwrite/--no-overwrite",
+                                   help="Replace a run already in --out."),
     config: Path = typer.Option(None, "--config",
                                 help="JSON file of fit options (e.g. dvml tune's best_config.json); options given "
                                      "on the command line override it."),

@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from dvml.heads.config import FitConfig
+from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
 
 
@@ -39,6 +39,14 @@ def parse_lambdas(text: str, option: str) -> tuple[float, float, float, float]:
 
 def format_lambdas(lams) -> str:
     return ",".join(f"{v:g}" for v in lams)
+
+
+def device_option():
+    """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
+    return typer.Option(None, help="Fit device: auto (CUDA when available), cpu or cuda [default: auto].")
+
+
+DeviceOption = DeviceChoice | None
 
 
 def fit_defaults() -> dict:

@@ -7,37 +7,42 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, fit_overrides, parse_set
+from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, parse_set
+from dvml.experiments.tune import TuneConfig
+from dvml.losses import LossName
+
+_D = TuneConfig  # option defaults are the config dataclass defaults
 
 
 @app.command("tune")
 @handle_errors
 def tune_cmd(
     cache: Path = typer.Argument(..., help="HDF5 feature cache (only its training split is read)."),
-    loss: str = typer.Option("triplet", help="Metric loss (any fit-heads --loss)."),
-    trials: int = typer.Option(20, help="Finished trials the study should reach (continues an existing study)."),
-    out: Path = typer.Option(Path("dvml-tune"), "--out", "-o", help="Output directory."),
+    loss: LossName = typer.Option(_D.loss, help="Metric loss Lm."),
+    trials: int = typer.Option(_D.trials, help="Finished trials the study should reach (continues an existing study)."),
+    out: Path = typer.Option(_D.out, "--out", "-o", help="Output directory."),
     storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///OUT/optuna.db); give "
                                                   "several machines the same RDB URL to share one study."),
     study_name: str | None = typer.Option(None, help="Study name (default dvml-<loss>-<dvml|base>-<cache>-s<seed>)."),
-    no_dvml: bool = typer.Option(False, "--no-dvml", help="Tune the baseline (no λ/T to search)."),
-    objective: str = typer.Option("recall@1", help="recall@1 or map@r on the held-out validation classes."),
-    val_fraction: float = typer.Option(0.25, help="Share of TRAINING classes held out for validation."),
+    dvml: bool = typer.Option(_D.dvml, "--dvml/--no-dvml", help="--no-dvml: tune the baseline (no λ/T to search)."),
+    objective: str = typer.Option(_D.objective, help="recall@1 or map@r on the held-out validation classes."),
+    val_fraction: float = typer.Option(_D.val_fraction, help="Share of TRAINING classes held out for validation."),
     search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
                                                  "samples, embedding_size (default all that apply)."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default: 120 for triplet, 128 otherwise)."),
-    device: str | None = typer.Option(None, help="Fit device: auto, cpu or cuda."),
+    device: DeviceOption = device_option(),
     set_: list[str] | None = typer.Option(None, "--set", help="Fixed fit option KEY=VALUE (repeatable)."),
-    seed: int = typer.Option(0, help="Seed of the class split, the sampler and each fit."),
-    timeout: float | None = typer.Option(None, help="Stop this process after this many seconds."),
-    keep_runs: bool = typer.Option(False, help="Keep every trial's run directory."),
+    seed: int = typer.Option(_D.seed, help="Seed of the class split, the sampler and each fit."),
+    timeout: float | None = typer.Option(_D.timeout, help="Stop this process after this many seconds."),
+    keep_runs: bool = typer.Option(_D.keep_runs, "--keep-runs/--no-keep-runs",
+                                   help="Keep every trial's run directory."),
 ):
     """Optuna search validated on classes held out from the training split (never the test classes)."""
     from dvml.experiments import tune
 
     fit = {**fit_overrides(epochs=epochs, batch_size=batch_size, device=device), **parse_set(set_)}
-    cfg = tune.TuneConfig(cache=cache, loss=loss, dvml=not no_dvml, trials=trials, out=out, storage=storage,
+    cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),
                           seed=seed, timeout=timeout, keep_runs=keep_runs)

@@ -305,21 +305,7 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
                      res["ks"]["mean"], res["ks"]["std"], res["ks"]["n_classes"],
                      100 * res["relative_deviation"]["mean"])
             if cfg.plots and split == "test":
-                idx = plots.subsample_classes(labels, max_classes=cfg.plot_classes, max_points=cfg.plot_points,
-                                              seed=cfg.seed)
-                x = l2_normalize(emb[idx]) if cfg.normalize else emb[idx]
-                # the central latent space (Fig. 1): centres from all members of each plotted class
-                central, _, _ = central_features(l2_normalize(emb) if cfg.normalize else emb, labels)
-                jobs = [(x, "pca", f"{split}_{name}_pca.png", f"{name} embeddings, {split} split")]
-                if cfg.tsne:
-                    jobs += [(x, "tsne", f"{split}_{name}_tsne.png", f"{name} embeddings, {split} split"),
-                             (central[idx], "tsne", f"{split}_{name}_central_tsne.png",
-                              f"{name}: central latent space, {split}")]
-                for points, method, fname, title in jobs:
-                    step(f"{split}: {fname}")
-                    p = plots.projection_plot(points, labels[idx], out / fname, method=method, title=title,
-                                              seed=cfg.seed, tsne_iter=cfg.tsne_iter)
-                    result["plots"].append(p.name)
+                result["plots"] += _projection_plots(cfg, emb, labels, split, name, out, step)
         if cfg.plots:
             p = plots.pvalue_histogram(pvals, out / f"{split}_ks_pvalues.png",
                                        title=f"KS p-values of central features per class ({split})")
@@ -327,6 +313,31 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
     (out / ANALYSIS_FILE).write_text(json.dumps(result, indent=2, default=_json_default))
     result["out"] = str(out)
     return result
+
+
+def _projection_plots(cfg: AnalyzeConfig, emb: np.ndarray, labels: np.ndarray, split: str, name: str, out: Path,
+                      step: Callable[[str], None]) -> list[str]:
+    """PCA (and t-SNE) of a subsample of the embeddings and t-SNE of the central latent space (Fig. 1);
+    returns the PNG names."""
+    from dvml.evaluate import plots
+
+    names: list[str] = []
+    idx = plots.subsample_classes(labels, max_classes=cfg.plot_classes, max_points=cfg.plot_points,
+                                  seed=cfg.seed)
+    x = l2_normalize(emb[idx]) if cfg.normalize else emb[idx]
+    # the central latent space (Fig. 1): centres from all members of each plotted class
+    central, _, _ = central_features(l2_normalize(emb) if cfg.normalize else emb, labels)
+    jobs = [(x, "pca", f"{split}_{name}_pca.png", f"{name} embeddings, {split} split")]
+    if cfg.tsne:
+        jobs += [(x, "tsne", f"{split}_{name}_tsne.png", f"{name} embeddings, {split} split"),
+                 (central[idx], "tsne", f"{split}_{name}_central_tsne.png",
+                  f"{name}: central latent space, {split}")]
+    for points, method, fname, title in jobs:
+        step(f"{split}: {fname}")
+        p = plots.projection_plot(points, labels[idx], out / fname, method=method, title=title,
+                                  seed=cfg.seed, tsne_iter=cfg.tsne_iter)
+        names.append(p.name)
+    return names
 
 
 def _json_default(o):

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dvml import __version__
+from dvml import runs as R
 from dvml.cache import CacheError, Split, fingerprint, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
@@ -237,26 +238,7 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
     log.info("tuning %s (%s) on %d fit / %d validation classes of the training split; searching %s",
              cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
 
-    study = optuna.create_study(storage=cfg.storage_url(), study_name=_study_name(cfg, fp), direction="maximize",
-                                load_if_exists=True)
-    old_fp = study.user_attrs.get("cache_fingerprint")
-    if old_fp not in (None, fp):
-        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
-                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
-    old_val = study.user_attrs.get("val_classes")
-    if old_val not in (None, [int(c) for c in val_classes]):
-        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
-                        "--val-fraction); its trials would not be comparable: use another --study-name")
-    study.set_user_attr("cache_fingerprint", fp)
-    study.set_user_attr("val_classes", [int(c) for c in val_classes])
-    # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared
-    # study mixes in the trial count and its pid: the same seed would replay the same random start-up
-    # trials as the process before it (or beside it), wasting them on duplicates.
-    n_existing = len(study.get_trials(deepcopy=False))
-    sampler_seed = cfg.seed
-    if n_existing or cfg.storage is not None:
-        sampler_seed = int(np.random.SeedSequence([cfg.seed, n_existing, os.getpid()]).generate_state(1)[0])
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    study, sampler_seed = _open_study(cfg, fp, val_classes)
 
     def objective(trial) -> float:
         params = suggest(trial, space)
@@ -292,6 +274,41 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
                        catch=())
     if not _n_complete(study):
         raise DvmlError(f"no trial of study {study.study_name!r} finished; see the log for the failures")
+    return _write_results(cfg, study, fp, fit_classes, val_classes, space, sampler_seed)
+
+
+def _open_study(cfg: TuneConfig, fp: str, val_classes: np.ndarray):
+    """Create or join the study (refusing one run on another cache or other validation classes) with its TPE
+    sampler; returns (study, sampler seed)."""
+    import optuna
+
+    study = optuna.create_study(storage=cfg.storage_url(), study_name=_study_name(cfg, fp), direction="maximize",
+                                load_if_exists=True)
+    old_fp = study.user_attrs.get("cache_fingerprint")
+    if old_fp not in (None, fp):
+        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
+                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
+    old_val = study.user_attrs.get("val_classes")
+    if old_val not in (None, [int(c) for c in val_classes]):
+        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
+                        "--val-fraction); its trials would not be comparable: use another --study-name")
+    study.set_user_attr("cache_fingerprint", fp)
+    study.set_user_attr("val_classes", [int(c) for c in val_classes])
+    # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared
+    # study mixes in the trial count and its pid: the same seed would replay the same random start-up
+    # trials as the process before it (or beside it), wasting them on duplicates.
+    n_existing = len(study.get_trials(deepcopy=False))
+    sampler_seed = cfg.seed
+    if n_existing or cfg.storage is not None:
+        sampler_seed = int(np.random.SeedSequence([cfg.seed, n_existing, os.getpid()]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+
+    return study, sampler_seed
+
+
+def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val_classes: np.ndarray,
+                   space: list[str], sampler_seed: int) -> dict:
+    """Write best_config.json and tune.json; returns the summary."""
     best = study.best_trial
     best_cfg = fit_config(cfg, params_to_fit(best.params), cfg.out)
     best_dict = config_file_dict(best_cfg)
@@ -308,7 +325,7 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
         "best_config_file": str(cfg.out / BEST_CONFIG_FILE),
         "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                     "seconds": t.user_attrs.get("seconds")} for t in study.trials],
-        "dvml_version": __version__,
+        "dvml_version": __version__, "versions": R.versions(),
     }
     (cfg.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -80,12 +80,12 @@ def default_per_class(loss: LossName) -> int:
 
 
 @dataclass(frozen=True)
-class FitConfig:
-    """Everything a heads fit depends on. Validated in ``__post_init__``; ``None`` fields get resolved.
+class HeadsConfig:
+    """What trains the heads: the loss, the DVML objective and its schedule, the optimiser, the batches, the seed.
+    The base of :class:`FitConfig` and :class:`~dvml.finetune.config.FinetuneConfig` (one set of fields,
+    defaults, rules and messages). Validated in ``__post_init__``; ``None`` fields get resolved.
 
     Attributes:
-        cache: HDF5 feature cache (train split for fitting, test split for the watch-only Recall@1).
-        out: run directory (created).
         loss: metric loss Lm.
         dvml: False = the baseline: the same embedding layer trained with Lm(z_I) alone (``--no-dvml``).
         embedding_size: E, size of z_I, μ and log σ².
@@ -113,18 +113,8 @@ class FitConfig:
             loss's default. Resolved in ``__post_init__``: the recorded config holds the value used (``None``
             where the loss has no such parameter).
         seed: seeds initialisation, batches, views and the z_V noise.
-        device: auto | cpu | cuda.
-        eval_every: every this many epochs (and at the last), log test Recall@1 (watch only) and, with
-            ``val_classes``, validation Recall@1; 0 = never.
-        val_classes: carve this many classes out of the *training* classes as a validation split; the
-            reported model is then the epoch with the best validation Recall@1 (otherwise the last epoch).
-            Never selects on test classes.
-        resume: continue an interrupted run in ``out``.
-        overwrite: replace a run already in ``out``.
     """
 
-    cache: Path
-    out: Path
     loss: LossName = LossName.triplet
     dvml: bool = True
     embedding_size: int = 512
@@ -146,16 +136,9 @@ class FitConfig:
     temperature: float | None = None
     label_smoothing: float | None = None
     seed: int = 0
-    device: DeviceChoice = DeviceChoice.auto
-    eval_every: int = 5
-    val_classes: int = 0
-    resume: bool = False
-    overwrite: bool = False
 
     def __post_init__(self):
         s = object.__setattr__
-        s(self, "cache", Path(self.cache))
-        s(self, "out", Path(self.out))
         try:
             s(self, "loss", LossName(self.loss))
         except ValueError:
@@ -165,14 +148,10 @@ class FitConfig:
             s(self, "reduction", Reduction(self.reduction))
         except ValueError:
             raise ValueError(f"--reduction must be sum or mean, got {self.reduction!r}") from None
-        try:
-            s(self, "device", DeviceChoice(self.device))
-        except ValueError:
-            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}") from None
         for name in ("embedding_size", "decoder_hidden", "samples", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("phase2_epoch", "kl_warmup_epochs", "eval_every", "val_classes"):
+        for name in ("phase2_epoch", "kl_warmup_epochs"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lambdas_phase1", "lambdas_phase2"):
@@ -200,8 +179,6 @@ class FitConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
                              "covering at least 2 classes")
         self._resolve_loss_params()
-        if self.val_classes and not self.eval_every:
-            raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
 
     def _resolve_loss_params(self) -> None:
         takes = LOSS_PARAM_DEFAULTS.get(self.loss, {})
@@ -246,6 +223,47 @@ class FitConfig:
     def to_dict(self) -> dict:
         """Plain-python dict (paths and enums as strings) of every field but the private ones."""
         return plain_dict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig(HeadsConfig):
+    """Everything a heads fit depends on: :class:`HeadsConfig` and where/how it runs on cached features.
+
+    Attributes:
+        cache: HDF5 feature cache (train split for fitting, test split for the watch-only Recall@1).
+        out: run directory (created).
+        device: auto | cpu | cuda.
+        eval_every: every this many epochs (and at the last), log test Recall@1 (watch only) and, with
+            ``val_classes``, validation Recall@1; 0 = never.
+        val_classes: hold this many classes out of the *training* classes as a validation split
+            (:func:`~dvml.seeding.hold_out_classes`); the reported model is then the epoch with the best
+            validation Recall@1 (otherwise the last epoch). Never selects on test classes.
+        resume: continue an interrupted run in ``out``.
+        overwrite: replace a run already in ``out``.
+    """
+
+    cache: Path
+    out: Path
+    device: DeviceChoice = DeviceChoice.auto
+    eval_every: int = 5
+    val_classes: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        s = object.__setattr__
+        s(self, "cache", Path(self.cache))
+        s(self, "out", Path(self.out))
+        super().__post_init__()
+        try:
+            s(self, "device", DeviceChoice(self.device))
+        except ValueError:
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}") from None
+        for name in ("eval_every", "val_classes"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_classes and not self.eval_every:
+            raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""

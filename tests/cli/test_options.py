@@ -1,0 +1,55 @@
+"""The same option has the same name, type and form in every command (issue 13's CLI consistency)."""
+
+from __future__ import annotations
+
+import pytest
+import typer.main
+import typer.testing
+
+from dvml.cli import app
+from dvml.heads.config import DeviceChoice
+from dvml.losses import LossName
+
+COMMANDS = typer.main.get_command(app).commands
+
+
+def _options():
+    for name, cmd in COMMANDS.items():
+        subs = cmd.commands.items() if hasattr(cmd, "commands") else [(None, cmd)]
+        for sub, c in subs:
+            for p in c.params:
+                if p.param_type_name == "option":
+                    yield f"{name} {sub}" if sub else name, p
+
+
+def _annotation(p):
+    return p.type_descriptor.annotation  # typer (which vendors its own click) keeps the declared type
+
+
+def test_every_output_option_is_dash_o_or_double_dash_out():
+    outs = [(cmd, p) for cmd, p in _options() if p.name == "out"]
+    assert {cmd for cmd, _ in outs} >= {"extract", "fit-heads", "finetune", "ablate", "demo", "analyze", "tune"}
+    for cmd, p in outs:
+        assert set(p.opts) == {"-o", "--out"}, cmd
+
+
+def test_every_boolean_option_is_a_paired_flag():
+    for cmd, p in _options():
+        if p.is_flag and p.name not in ("help", "version"):
+            assert p.secondary_opts, f"{cmd} {p.opts}: a lone flag; use --x/--no-x"
+
+
+def test_losses_and_fit_devices_are_choices_with_the_same_values():
+    for cmd, p in _options():
+        if p.name == "loss":
+            assert _annotation(p) is LossName, cmd
+        if p.name == "device" and cmd in ("fit-heads", "ablate", "demo", "tune"):  # fits; extract/finetune: cuda:N
+            assert _annotation(p) in (DeviceChoice, DeviceChoice | None), cmd
+        if p.name == "dvml":
+            assert p.opts == ["--dvml"] and p.secondary_opts == ["--no-dvml"], cmd
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    r = typer.testing.CliRunner().invoke(app, [command, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
