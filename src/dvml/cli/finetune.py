@@ -10,7 +10,7 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import LOSS_OPTS, format_lambdas, parse_lambdas
+from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, parse_lambdas
 from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
@@ -30,31 +30,29 @@ def finetune_cmd(
     root: Path = typer.Option(..., "--root", help="Dataset directory (as for dvml extract)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (heads.pt, backbone.pt, checkpoint.pt, "
                              "config.json, log.jsonl)."),
-    loss: LossName = typer.Option(_F.loss, help="Metric loss Lm."),
-    dvml: bool = typer.Option(_F.dvml, "--dvml/--no-dvml", help="--no-dvml: the baseline, Lm(z_I) alone."),
+    loss: LossName = HEAD_OPTS["loss"],
+    dvml: bool = HEAD_OPTS["dvml"],
     weights: str = typer.Option(_F.weights, help="Backbone start: 'imagenet', 'none' (seeded random, tests) or a "
                                 "GoogLeNet state-dict path."),
     init_heads: Path = typer.Option(None, "--init-heads", help="Start the heads from this fit-heads run "
                                     "(cached-feature warm start)."),
     backbone_lr: float = typer.Option(_F.backbone_lr, help="Adam learning rate of the backbone (the paper: 1e-4 "
                                       "for the whole network; 1e-5 is gentler after --init-heads)."),
-    lr: float = typer.Option(_F.lr, help="Adam learning rate of the heads."),
-    proxy_lr: float = typer.Option(None, help="Learning rate of a proxy loss's proxies (default: 100 x --lr)."),
-    weight_decay: float = typer.Option(_F.weight_decay, help="Adam weight decay (backbone and heads)."),
-    epochs: int = typer.Option(_F.epochs, help="Training epochs."),
+    lr: float = HEAD_OPTS["lr"],
+    proxy_lr: float = HEAD_OPTS["proxy_lr"],
+    weight_decay: float = HEAD_OPTS["weight_decay"],
+    epochs: int = HEAD_OPTS["epochs"],
     steps_per_epoch: int = typer.Option(None, help="Global batches per epoch (default: N_train // batch-size)."),
-    phase2_epoch: int = typer.Option(_F.phase2_epoch, help="First (0-based) epoch of phase 2."),
-    kl_warmup_epochs: int = typer.Option(_F.kl_warmup_epochs, help="KL weight ramps up over this many epochs."),
-    lambdas_phase1: str = typer.Option(format_lambdas(_F.lambdas_phase1), help="Phase-1 weights: KL, recon, Lm(z_hat), "
-                                       "Lm(z_I)."),
-    lambdas_phase2: str = typer.Option(format_lambdas(_F.lambdas_phase2), help="Phase-2 weights: KL, recon, Lm(z_hat), "
-                                       "Lm(z_I)."),
-    reduction: Reduction = typer.Option(_F.reduction, help="KL over E / recon over D: sum (paper) or mean."),
-    embedding_size: int = typer.Option(_F.embedding_size, help="Embedding size E."),
-    decoder_hidden: int = typer.Option(_F.decoder_hidden, help="Decoder hidden width."),
-    samples: int = typer.Option(_F.samples, "--samples", "-T", help="T: z_V draws per image and step."),
-    batch_size: int = typer.Option(None, help="Global images per batch (default: 120 for triplet, 128 otherwise)."),
-    per_class: int = typer.Option(None, help="Images per class in a batch (default: 2 for npair, 4 otherwise)."),
+    phase2_epoch: int = HEAD_OPTS["phase2_epoch"],
+    kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
+    lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
+    lambdas_phase2: str = HEAD_OPTS["lambdas_phase2"],
+    reduction: Reduction = HEAD_OPTS["reduction"],
+    embedding_size: int = HEAD_OPTS["embedding_size"],
+    decoder_hidden: int = HEAD_OPTS["decoder_hidden"],
+    samples: int = HEAD_OPTS["samples"],
+    batch_size: int = HEAD_OPTS["batch_size"],
+    per_class: int = HEAD_OPTS["per_class"],
     margin: float = LOSS_OPTS["margin"],
     gamma: float = LOSS_OPTS["gamma"],
     temperature: float = LOSS_OPTS["temperature"],
@@ -71,10 +69,10 @@ def finetune_cmd(
     checkpoint_every: int = typer.Option(_F.checkpoint_every,
                                          help="Also checkpoint every N steps (0 = epoch ends only)."),
     workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
-    seed: int = typer.Option(_F.seed, help="Seed (heads init, batches, augmentation, z_V noise)."),
+    seed: int = HEAD_OPTS["seed"],
     device: str = typer.Option(_F.device, help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)."),
-    resume: bool = typer.Option(_F.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(_F.overwrite, "--overwrite/--no-overwrite", help="Replace a run already in --out."),
+    resume: bool = HEAD_OPTS["resume"],
+    overwrite: bool = HEAD_OPTS["overwrite"],
 ):
     """Train the GoogLeNet backbone and the DVML heads together from images (the paper's end-to-end setting).
 

@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from dvml.heads.config import DeviceChoice, FitConfig
+from dvml.heads.config import DeviceChoice, FitConfig, HeadsConfig
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
 
 
@@ -23,6 +23,41 @@ def loss_param_options() -> dict:
 
 
 LOSS_OPTS = loss_param_options()
+
+
+def head_options() -> dict:
+    """The typer options of the :class:`~dvml.heads.config.HeadsConfig` fields and of resume/overwrite, shared
+    by fit-heads and finetune (one name, type, default and help)."""
+    H = HeadsConfig
+    lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
+    return {
+        "loss": typer.Option(H.loss, help="Metric loss Lm."),
+        "dvml": typer.Option(H.dvml, "--dvml/--no-dvml",
+                             help="--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."),
+        "embedding_size": typer.Option(H.embedding_size, help="Embedding size E (z_I, mu, log sigma^2)."),
+        "decoder_hidden": typer.Option(H.decoder_hidden, help="Decoder hidden width."),
+        "samples": typer.Option(H.samples, "--samples", "-T", help="T: z_V draws per image and step."),
+        "epochs": typer.Option(H.epochs, help="Training epochs."),
+        "phase2_epoch": typer.Option(H.phase2_epoch, help="First (0-based) epoch of phase 2 (decoder gradient "
+                                                          "reaches z_I); >= --epochs keeps phase 1."),
+        "kl_warmup_epochs": typer.Option(H.kl_warmup_epochs,
+                                         help="KL weight rises linearly from 0 over this many epochs (0 = off)."),
+        "lambdas_phase1": typer.Option(format_lambdas(H.lambdas_phase1), help="Phase-1 " + lam),
+        "lambdas_phase2": typer.Option(format_lambdas(H.lambdas_phase2), help="Phase-2 " + lam),
+        "reduction": typer.Option(H.reduction, help="KL over E and recon over D: sum (the paper's eqs. 8-9) or "
+                                                    "mean."),
+        "lr": typer.Option(H.lr, help="Adam learning rate of the heads."),
+        "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies [default: 100 x --lr]."),
+        "weight_decay": typer.Option(H.weight_decay, help="Adam weight decay (heads; finetune: and backbone)."),
+        "batch_size": typer.Option(H.batch_size, help="Images per batch (finetune: over all processes) "
+                                                      "[default: 120 for triplet, 128 otherwise]."),
+        "per_class": typer.Option(H.per_class, help="Images per class in a batch [default: 2 for npair, 4 "
+                                                    "otherwise]."),
+        "seed": typer.Option(H.seed, help="Seed (initialisation, batches, views / augmentation, z_V noise)."),
+        "resume": typer.Option(FitConfig.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
+        "overwrite": typer.Option(FitConfig.overwrite, "--overwrite/--no-overwrite",
+                                  help="Replace a run already in --out."),
+    }
 
 
 def parse_lambdas(text: str, option: str) -> tuple[float, float, float, float]:
@@ -93,3 +128,6 @@ def fit_overrides(**opts) -> dict:
             continue
         out[k] = v.value if hasattr(v, "value") and not isinstance(v, int | float | str) else v
     return out
+
+
+HEAD_OPTS = head_options()
