@@ -12,6 +12,10 @@ exercised. Class ids follow the real datasets' split rules, so the split code ru
 * ``tiny_sop``: ``Ebay_train.txt`` (classes 1-3) / ``Ebay_test.txt`` (classes 4-6) with the real header,
   2 images per class under ``<super>_final/``.
 * ``tiny_folder``: ``<root>/<class>/<image>`` with 4 classes x 3 images (first 2 classes train).
+* ``tiny_inshop``: ``Eval/list_eval_partition.txt`` (image count, header, ``img/... id_000000NN status``)
+  with items 1-3 train (3 images each) and items 4-7 test split into query and gallery images
+  (item -> (queries, gallery images): 4 -> (1, 2), 5 -> (2, 1), 6 -> (1, 1), 7 -> (2, 2)); images under
+  ``img/<GENDER>/<category>/id_.../``.
 """
 
 from __future__ import annotations
@@ -106,6 +110,30 @@ def tiny_sop(tmp_path) -> Path:
                 write_image(root / rel, rng, size)
                 lines.append(f"{img_id} {cls} {sup} {rel}")
         (root / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_inshop(tmp_path) -> Path:
+    root = tmp_path / "InShop"
+    rng = np.random.default_rng(5)
+    rows = []
+
+    def add(item: int, k: int, status: str):
+        rel = f"img/{('MEN', 'WOMEN')[item % 2]}/Tees_Tanks/id_{item:08d}/{k:02d}_{k + 1}_front.jpg"
+        write_image(root / rel, rng, SIZES[int(rng.integers(len(SIZES)))])
+        rows.append(f"{rel}  id_{item:08d}  {status}")
+
+    for item in (1, 2, 3):
+        for k in range(3):
+            add(item, k, "train")
+    for item, (n_query, n_gallery) in {4: (1, 2), 5: (2, 1), 6: (1, 1), 7: (2, 2)}.items():
+        statuses = ["query"] * n_query + ["gallery"] * n_gallery
+        for k, status in enumerate(statuses[::-1] if item % 2 else statuses):  # interleaved as in the real file
+            add(item, k, status)
+    (root / "Eval").mkdir(parents=True)
+    text = "\n".join([str(len(rows)), "image_name item_id evaluation_status", *rows]) + "\n"
+    (root / "Eval" / "list_eval_partition.txt").write_text(text)
     return root
 
 

@@ -112,3 +112,47 @@ def test_index_digest_changes_with_the_image_list(tiny_folder):
     assert read_dataset("folder", tiny_folder).digest() == a
     (tiny_folder / "dog" / "1.jpg").rename(tiny_folder / "dog" / "9.jpg")
     assert read_dataset("folder", tiny_folder).digest() != a
+
+
+def test_inshop_official_partition_file(tiny_inshop):
+    from dvml.cache import schema as S
+
+    index = read_dataset("inshop", tiny_inshop)
+    _assert_zero_shot(index)
+    # an independent reading of the file: skip the count and the header, split the three columns
+    rows = [line.split() for line in (tiny_inshop / "Eval/list_eval_partition.txt").read_text().split("\n")[2:]
+            if line]
+    assert [tuple(s) for s in index.train] == [(r[0], int(r[1][3:])) for r in rows if r[2] == "train"]
+    assert [tuple(s) for s in index.test] == [(r[0], int(r[1][3:])) for r in rows if r[2] != "train"]
+    code = {"query": S.ROLE_QUERY, "gallery": S.ROLE_GALLERY}
+    assert index.test_roles == tuple(code[r[2]] for r in rows if r[2] != "train")
+    for item, (n_query, n_gallery) in {4: (1, 2), 5: (2, 1), 6: (1, 1), 7: (2, 2)}.items():  # the fixture's
+        roles = [r for s, r in zip(index.test, index.test_roles, strict=True) if s.label == item]
+        assert roles.count(S.ROLE_QUERY) == n_query and roles.count(S.ROLE_GALLERY) == n_gallery
+    assert {s.label for s in index.train} == {1, 2, 3}
+    # roles take part in the job digest; a dataset without roles keeps its old digest
+    assert index.digest() != type(index)(index.name, index.root, index.train, index.test, index.split_rule).digest()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda lines: ["99", *lines[1:]], "line 1 says 99 images but 21 are listed"),
+    (lambda lines: [lines[0], "image_name item evaluation_status", *lines[2:]], ":2: should be the header"),
+    (lambda lines: [*lines[:3], lines[3].replace("train", "val"), *lines[4:]], ":4: evaluation_status must be"),
+    (lambda lines: [*lines[:3], lines[3].replace("id_", "item_"), *lines[4:]], ":4: item_id must look like"),
+    (lambda lines: [str(len(lines) - 2 - 6), *[x for x in lines[1:] if "gallery" not in x]], "has no gallery image"),
+])
+def test_inshop_malformed_partition_file_is_named(tiny_inshop, edit, message):
+    part = tiny_inshop / "Eval/list_eval_partition.txt"
+    part.write_text("\n".join(edit(part.read_text().strip().split("\n"))) + "\n")
+    with pytest.raises(DvmlError, match=message):
+        read_dataset("inshop", tiny_inshop)
+
+
+@pytest.mark.parametrize(("name", "command"), [
+    ("cub", "dvml data download cub --to DIR"), ("sop", "dvml data download sop --to DIR"),
+    ("cars196", "dvml data verify cars196 DIR"), ("inshop", "dvml data download inshop"),
+])
+def test_a_root_without_the_dataset_names_the_download_command(tmp_path, name, command):
+    with pytest.raises(DvmlError) as err:
+        read_dataset(name, tmp_path)
+    assert command in str(err.value) and str(tmp_path) in str(err.value)

@@ -1,9 +1,10 @@
 """Content fingerprint of a feature cache: a stable hash of what a model trained on it would see.
 
 The hash covers, per split, the features (as stored, with shape and dtype), labels and paths, plus the
-root attributes that define the features (dataset, backbone, weights, feature_dim, views). It does not
-depend on HDF5 chunking, compression or the order attributes were written, so a resumed write and an
-uninterrupted one have the same fingerprint.
+root attributes that define the features (dataset, backbone, weights, feature_dim, views), and the
+query/gallery roles of a schema-2 test split (so a version-1 file's fingerprint is what it always was).
+It does not depend on HDF5 chunking, compression or the order attributes were written, so a resumed write
+and an uninterrupted one have the same fingerprint.
 """
 
 from __future__ import annotations
@@ -45,4 +46,6 @@ def _fingerprint(path: str, size: int, mtime_ns: int, chunk_rows: int) -> str:
             if S.PATHS in g:
                 for p in g[S.PATHS][()]:
                     h.update(_decode(p).encode() + b"\0")
+            if S.ROLES in g:  # schema 2 only: version-1 fingerprints are unchanged
+                h.update(b"roles:" + np.ascontiguousarray(g[S.ROLES][()].astype(np.int8)).tobytes())
     return h.hexdigest()

@@ -32,6 +32,8 @@ class SplitInfo:
     n_classes: int
     dtype: str
     has_paths: bool
+    n_query: int | None = None  # test split of a schema-2 file: rows that are queries (incl. both)
+    n_gallery: int | None = None  # ... rows in the gallery (incl. both)
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,22 @@ class CacheInfo:
     splits: dict[str, SplitInfo]
     size_bytes: int
 
+    @property
+    def query_gallery(self) -> bool:
+        """True when the test split marks rows as query/gallery (schema version 2)."""
+        return self.splits[S.TEST].n_query is not None
+
 
 @dataclass(frozen=True)
 class Split:
-    """One split in memory. features: (N, P, D) float32; labels: (N,) int64; paths: (N,) str or None."""
+    """One split in memory. features: (N, P, D) float32; labels: (N,) int64; paths: (N,) str or None;
+    roles: (N,) int8 of ``schema.ROLE_*`` for the test split of a schema-2 file, else None (every row is
+    both query and gallery)."""
 
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray | None = None
+    roles: np.ndarray | None = None
 
 
 def _open(path: Path) -> h5py.File:
@@ -76,6 +86,36 @@ def _decode(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _check_roles(path: Path, g, split: str, version: int, complete: bool) -> tuple[int | None, int | None]:
+    """Validate ``/test/roles`` against the schema version; (n_query, n_gallery) or (None, None)."""
+    has = S.ROLES in g
+    if split != S.TEST or version < 2:
+        if has:
+            raise CacheShapeError(path, f"/{split}/roles is present but "
+                                        + ("only the test split has roles" if split != S.TEST else
+                                           f"schema_version is {version}; a file with roles is version 2"))
+        return None, None
+    if not has:
+        raise CacheShapeError(path, "schema_version 2 but no /test/roles (query/gallery marks)")
+    roles = g[S.ROLES]
+    n = g[S.FEATURES].shape[0]
+    if roles.shape != (n,):
+        raise CacheShapeError(path, f"/test/roles has shape {roles.shape} but /test/features has {n} rows")
+    if not np.issubdtype(roles.dtype, np.integer):
+        raise CacheShapeError(path, f"/test/roles has dtype {roles.dtype}, expected integers")
+    values = roles[()]
+    bad = ~np.isin(values, S.ROLE_VALUES)
+    if bad.any():
+        raise CacheShapeError(path, f"/test/roles has {int(bad.sum())} value(s) other than {S.ROLE_QUERY} (query), "
+                                    f"{S.ROLE_GALLERY} (gallery), {S.ROLE_BOTH} (both), first at row "
+                                    f"{int(np.flatnonzero(bad)[0])}")
+    n_query, n_gallery = int((values & S.ROLE_QUERY > 0).sum()), int((values & S.ROLE_GALLERY > 0).sum())
+    if complete and (n_query == 0 or n_gallery == 0):
+        raise CacheShapeError(path, f"/test/roles has {n_query} query and {n_gallery} gallery rows; "
+                                    "need at least one of each")
+    return n_query, n_gallery
+
+
 def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
     """Check the file's structure and return its facts.
 
@@ -89,9 +129,10 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
             raise CacheShapeError(path, f"missing root attribute {S.ATTR_SCHEMA_VERSION!r}; "
                                         "not a dvml feature cache")
         version = int(a[S.ATTR_SCHEMA_VERSION])
-        if version != S.SCHEMA_VERSION:
-            raise CacheVersionError(path, f"schema_version {version} is not supported "
-                                          f"(this dvml reads version {S.SCHEMA_VERSION})")
+        if version not in S.SUPPORTED_VERSIONS:
+            raise CacheVersionError(path, f"schema_version {version} is not supported (this dvml reads "
+                                          f"version{'s' if len(S.SUPPORTED_VERSIONS) > 1 else ''} "
+                                          f"{', '.join(map(str, S.SUPPORTED_VERSIONS))})")
         missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
         if missing:
             raise CacheShapeError(path, f"missing root attribute(s): {', '.join(missing)}")
@@ -131,8 +172,9 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
             if complete and feats.shape[0] == 0:
                 raise CacheShapeError(path, f"/{split} has no rows")
             n_classes = int(np.unique(labels[()]).size) if labels.shape[0] else 0
+            n_query, n_gallery = _check_roles(path, f[split], split, version, complete)
             splits[split] = SplitInfo(int(feats.shape[0]), int(feats.shape[1]), n_classes,
-                                      str(feats.dtype), has_paths)
+                                      str(feats.dtype), has_paths, n_query, n_gallery)
         if splits[S.TRAIN].views != len(views):
             raise CacheShapeError(path, f"/train/features has P={splits[S.TRAIN].views} views but the "
                                         f"views attribute describes {len(views)}")
@@ -164,7 +206,7 @@ def load_split(path: str | Path, split: str, *, views: slice | list[int] | None 
         views: subset of views to load (default: all P).
         dtype: in-memory feature dtype (float32 by default whatever the on-disk dtype).
     Returns:
-        :class:`Split` with features (N, P', D) of ``dtype``.
+        :class:`Split` with features (N, P', D) of ``dtype`` (and ``roles`` for a schema-2 test split).
     Raises:
         CacheError subclasses for structural problems (see :func:`read_info`) and CacheValueError for
         NaN/inf features (naming the first bad row).
@@ -193,7 +235,8 @@ def load_split(path: str | Path, split: str, *, views: slice | list[int] | None 
         paths = None
         if S.PATHS in g:
             paths = np.array([_decode(p) for p in g[S.PATHS][()]], dtype=object)
-    return Split(features=out, labels=labels, paths=paths)
+        roles = g[S.ROLES][()].astype(np.int8) if S.ROLES in g else None
+    return Split(features=out, labels=labels, paths=paths, roles=roles)
 
 
 def validate(path: str | Path) -> CacheInfo:

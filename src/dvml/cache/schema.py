@@ -1,4 +1,4 @@
-"""The dvml feature-cache format, schema version 1. The single source of every name in the file.
+"""The dvml feature-cache format, schema versions 1 and 2. The single source of every name in the file.
 
 One HDF5 file per (dataset, backbone, weights, views) choice. Layout::
 
@@ -8,8 +8,20 @@ One HDF5 file per (dataset, backbone, weights, views) choice. Layout::
     /test/features   float16|float32  (N_test, P_test, D)  view 0 is the centre view
     /test/labels     int64            (N_test,)         classes disjoint from train (zero-shot)
     /test/paths      utf-8 str        (N_test,)         optional
+    /test/roles      int8             (N_test,)         version 2 only: 1 query, 2 gallery, 3 both
 
-Root attributes: ``schema_version`` (=1), ``dataset``, ``backbone``, ``weights``, ``feature_dim`` (=D),
+Versions: a file's ``schema_version`` says which of these arrays it uses.
+
+* **1**: no ``/test/roles``. Every test row is both query and gallery: each query is ranked against all
+  other test rows (CUB, Cars196, SOP).
+* **2**: ``/test/roles`` marks each test row as query, gallery or both (In-Shop Clothes Retrieval: a
+  separate query set ranked against a gallery). Queries are ranked against gallery rows only; a row that is
+  both never retrieves itself. A complete file has at least one query and one gallery row.
+
+Writers write version 1 unless the test split has roles, so a file without query/gallery marks stays
+readable by older dvml releases; readers accept both versions.
+
+Root attributes: ``schema_version`` (1 or 2), ``dataset``, ``backbone``, ``weights``, ``feature_dim`` (=D),
 ``views`` (JSON list describing each training view), ``complete`` (true only once every row of both
 splits is written), ``dvml_version``. Writers may add more (``transforms``, ``seed``, ``skipped``,
 ``extra``); readers ignore attributes they do not know.
@@ -20,7 +32,9 @@ resumes truncates to it. Files written by other tools need not carry it (readers
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this dvml reads and writes
+SCHEMA_VERSION_PLAIN = 1  # what a file without query/gallery roles is written as
+SUPPORTED_VERSIONS = (1, 2)
 
 TRAIN = "train"
 TEST = "test"
@@ -29,6 +43,14 @@ SPLITS = (TRAIN, TEST)
 FEATURES = "features"
 LABELS = "labels"
 PATHS = "paths"
+ROLES = "roles"  # /test/roles, schema version 2
+
+# test-row roles (bit flags: ROLE_BOTH == ROLE_QUERY | ROLE_GALLERY)
+ROLE_QUERY = 1
+ROLE_GALLERY = 2
+ROLE_BOTH = 3
+ROLE_VALUES = (ROLE_QUERY, ROLE_GALLERY, ROLE_BOTH)
+ROLE_DTYPE = "int8"
 
 FEATURE_DTYPES = ("float16", "float32")
 LABEL_DTYPE = "int64"
@@ -57,6 +79,11 @@ REQUIRED_ROOT_ATTRS = (
 
 # per-split group attribute
 ATTR_N_WRITTEN = "n_written"
+
+
+def version_for(query_gallery: bool) -> int:
+    """The schema version a writer records: 2 when the test split has query/gallery roles, else 1."""
+    return SCHEMA_VERSION if query_gallery else SCHEMA_VERSION_PLAIN
 
 
 def dataset_path(split: str, name: str) -> str:

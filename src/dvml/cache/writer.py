@@ -34,7 +34,8 @@ class CacheSpec:
 
     ``views`` describes the P training views (``len(views) == train_views``); ``test_views`` is P_test.
     ``extra`` is free-form provenance (transforms, seeds, parameters) stored as JSON; it takes part in
-    the resume check, so a resumed write is the same job.
+    the resume check, so a resumed write is the same job. ``query_gallery`` adds ``/test/roles`` (one role
+    per test row, given to :meth:`CacheWriter.append`) and makes the file schema version 2.
     """
 
     dataset: str
@@ -46,6 +47,7 @@ class CacheSpec:
     dtype: str = "float16"
     with_paths: bool = False
     extra: Mapping = field(default_factory=dict)
+    query_gallery: bool = False
 
     def __post_init__(self):
         if self.feature_dim <= 0:
@@ -66,7 +68,10 @@ class CacheSpec:
         return self.train_views if split == S.TRAIN else self.test_views
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=list)
+        d = asdict(self)
+        if not d["query_gallery"]:  # absent when false: the writer_config of a version-1 job is unchanged
+            del d["query_gallery"]
+        return json.dumps(d, sort_keys=True, default=list)
 
 
 class CacheWriter:
@@ -99,7 +104,7 @@ class CacheWriter:
     def _create(self) -> h5py.File:
         spec = self.spec
         f = h5py.File(self.path, "w")
-        f.attrs[S.ATTR_SCHEMA_VERSION] = S.SCHEMA_VERSION
+        f.attrs[S.ATTR_SCHEMA_VERSION] = S.version_for(spec.query_gallery)
         f.attrs[S.ATTR_DATASET] = spec.dataset
         f.attrs[S.ATTR_BACKBONE] = spec.backbone
         f.attrs[S.ATTR_WEIGHTS] = spec.weights
@@ -118,6 +123,8 @@ class CacheWriter:
             if spec.with_paths:
                 g.create_dataset(S.PATHS, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
                                  chunks=(4096,))
+            if spec.query_gallery and split == S.TEST:
+                g.create_dataset(S.ROLES, shape=(0,), maxshape=(None,), dtype=S.ROLE_DTYPE, chunks=(4096,))
             g.attrs[S.ATTR_N_WRITTEN] = 0
         f.flush()
         return f
@@ -140,7 +147,7 @@ class CacheWriter:
         for split in S.SPLITS:  # drop rows past the last durable chunk (a crash mid-append)
             g = f[split]
             n = int(g.attrs[S.ATTR_N_WRITTEN])
-            for name in (S.FEATURES, S.LABELS, S.PATHS):
+            for name in (S.FEATURES, S.LABELS, S.PATHS, S.ROLES):
                 if name in g and g[name].shape[0] != n:
                     g[name].resize(n, axis=0)
         log.info("resuming %s at train=%d test=%d rows", self.path,
@@ -153,8 +160,12 @@ class CacheWriter:
         return int(self._file[split].attrs[S.ATTR_N_WRITTEN])
 
     def append(self, split: str, features: np.ndarray, labels: np.ndarray,
-               paths: Sequence[str] | None = None) -> None:
-        """Append rows to ``split``. features: (B, P, D) (or (B, D) when P == 1); labels: (B,)."""
+               paths: Sequence[str] | None = None, roles: Sequence[int] | np.ndarray | None = None) -> None:
+        """Append rows to ``split``. features: (B, P, D) (or (B, D) when P == 1); labels: (B,).
+
+        ``roles`` (B,) of ``ROLE_QUERY``/``ROLE_GALLERY``/``ROLE_BOTH``: required for the test split of a
+        ``query_gallery`` cache, refused anywhere else.
+        """
         if split not in S.SPLITS:
             raise ValueError(f"split must be one of {S.SPLITS}, got {split!r}")
         spec = self.spec
@@ -171,6 +182,19 @@ class CacheWriter:
                                              f"{labels.shape[0]} labels")
         if spec.with_paths and (paths is None or len(paths) != len(labels)):
             raise CacheShapeError(self.path, f"{split}: this cache stores paths; give one per row")
+        wants_roles = spec.query_gallery and split == S.TEST
+        if wants_roles:
+            roles = np.asarray(roles if roles is not None else [], dtype=np.int64).reshape(-1)
+            if roles.shape != labels.shape:
+                raise CacheShapeError(self.path, f"{split}: this cache marks test rows as query/gallery; give "
+                                                 f"one role per row ({labels.shape[0]} rows, {roles.shape[0]} roles)")
+            if not np.isin(roles, S.ROLE_VALUES).all():
+                got = sorted(set(roles.tolist()))
+                raise CacheShapeError(self.path, f"{split}: roles must be {S.ROLE_QUERY} (query), {S.ROLE_GALLERY} "
+                                                 f"(gallery) or {S.ROLE_BOTH} (both), got {got}")
+        elif roles is not None:
+            raise CacheShapeError(self.path, f"{split}: roles given, but only the test split of a query_gallery "
+                                             "cache has them")
         g = self._file[split]
         n0, b = self.n_written(split), features.shape[0]
         for name, values in ((S.FEATURES, features.astype(spec.dtype, copy=False)), (S.LABELS, labels)):
@@ -179,6 +203,9 @@ class CacheWriter:
         if spec.with_paths:
             g[S.PATHS].resize(n0 + b, axis=0)
             g[S.PATHS][n0:n0 + b] = [str(p) for p in paths]
+        if wants_roles:
+            g[S.ROLES].resize(n0 + b, axis=0)
+            g[S.ROLES][n0:n0 + b] = roles.astype(S.ROLE_DTYPE)
         g.attrs[S.ATTR_N_WRITTEN] = n0 + b
         self._file.flush()
 
@@ -193,10 +220,16 @@ class CacheWriter:
         return json.loads(self._file.attrs.get(S.ATTR_EXTRA, "{}"))
 
     def finalize(self) -> Path:
-        """Mark the file complete. Both splits must have at least one row."""
+        """Mark the file complete. Both splits must have at least one row (and a query_gallery test split at
+        least one query and one gallery row)."""
         for split in S.SPLITS:
             if self.n_written(split) == 0:
                 raise CacheShapeError(self.path, f"cannot finalize: split {split!r} has no rows")
+        if self.spec.query_gallery:
+            roles = self._file[S.TEST][S.ROLES][()]
+            for bit, name in ((S.ROLE_QUERY, "query"), (S.ROLE_GALLERY, "gallery")):
+                if not (roles & bit).any():
+                    raise CacheShapeError(self.path, f"cannot finalize: the test split has no {name} row")
         self._file.attrs[S.ATTR_COMPLETE] = True
         self._file.flush()
         self.close()

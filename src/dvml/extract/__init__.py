@@ -3,7 +3,7 @@
 Public API (also for end-to-end fine-tuning, which trains from the same images):
 
 * datasets: :class:`DatasetName`, :class:`Sample`, :class:`DatasetIndex`, :func:`read_dataset`
-  (and :func:`read_cub`, :func:`read_cars196`, :func:`read_sop`, :func:`read_folder`);
+  (and :func:`read_cub`, :func:`read_cars196`, :func:`read_sop`, :func:`read_inshop`, :func:`read_folder`);
 * backbone: :func:`build_backbone` -> :class:`Backbone` (GoogLeNet, fc = Identity, eval(), with its
   :class:`Preprocess`), :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
 * views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
@@ -28,6 +28,7 @@ from dvml.extract.datasets import (
     read_cub,
     read_dataset,
     read_folder,
+    read_inshop,
     read_sop,
 )
 from dvml.extract.extractor import ExtractConfig, ExtractResult, FeatureModel, run
@@ -43,6 +44,6 @@ from dvml.extract.transforms import (
 __all__ = [
     "BACKBONE_NAME", "FEATURE_DIM", "Backbone", "Preprocess", "build_backbone", "imagenet_checkpoint_path",
     "imagenet_preprocess", "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset",
-    "read_folder", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
+    "read_folder", "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
     "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",
 ]

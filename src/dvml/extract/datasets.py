@@ -14,11 +14,20 @@ dataset      files under ``--root``                                          spl
              class, test, bbox_*) and ``car_ims/``                           99-196 test
 ``sop``      ``Ebay_train.txt`` / ``Ebay_test.txt`` (header ``image_id        the two files (11,318 / 11,316
              class_id super_class_id path``)                                 classes)
+``inshop``   ``Eval/list_eval_partition.txt`` (count, header ``image_name   the file's evaluation_status:
+             item_id evaluation_status``, one image per line) and ``img/``   train (3,997 items); test =
+                                                                             query + gallery (3,985 items)
 ``folder``   ``<root>/<class>/<image>``                                      first half of the sorted class
                                                                              names train (or ``train_classes``)
 ===========  ==============================================================  ===============================
 
-Class ids are the dataset's own (CUB 1..200, Cars196 1..196, SOP 1..22634); for ``folder`` they are
+In-Shop's test split is two sets: each query image is ranked against the gallery images (the field's
+protocol), so its :class:`DatasetIndex` carries ``test_roles`` (one ``ROLE_QUERY``/``ROLE_GALLERY`` per
+test sample, the codes of :mod:`dvml.cache.schema`); the other datasets have none (every test image is
+ranked against all others).
+
+Class ids are the dataset's own (CUB 1..200, Cars196 1..196, SOP 1..22634, In-Shop the number in
+``id_00000001``); for ``folder`` they are
 0-based positions in the sorted list of class directories. The split rule is a class-id threshold, so a
 tiny CUB with classes 1..4 and 101..104 splits 4 / 4 exactly like the real one. CUB's
 ``train_test_split.txt`` and Cars196's ``test`` flag describe a different (non-zero-shot) protocol and
@@ -35,6 +44,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
+from dvml.cache import schema as S
 from dvml.errors import DvmlError
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,7 @@ class DatasetName(str, Enum):
     cub = "cub"
     cars196 = "cars196"
     sop = "sop"
+    inshop = "inshop"
     folder = "folder"
 
 
@@ -75,6 +86,7 @@ class DatasetIndex:
     test: list[Sample]
     split_rule: str  # human-readable, stored in the cache provenance
     class_names: dict[int, str] = field(default_factory=dict)  # label -> name where the dataset has names
+    test_roles: tuple[int, ...] | None = None  # per test sample: schema.ROLE_QUERY/GALLERY/BOTH (In-Shop)
 
     def split(self, name: str) -> list[Sample]:
         """``"train"`` or ``"test"`` samples."""
@@ -89,6 +101,8 @@ class DatasetIndex:
             for s in split:
                 h.update(f"{s.path}\t{s.label}\n".encode())
             h.update(b"--split--\n")
+        if self.test_roles is not None:  # absent for datasets without roles: their digests are unchanged
+            h.update(("roles:" + ",".join(map(str, self.test_roles))).encode())
         return h.hexdigest()
 
     def __post_init__(self):
@@ -100,6 +114,14 @@ class DatasetIndex:
             shown = ", ".join(map(str, sorted(overlap)[:10]))
             raise DvmlError(f"{self.root}: {len(overlap)} class id(s) are in both train and test "
                             f"(zero-shot split broken): {shown}")
+        if self.test_roles is not None:
+            roles = tuple(int(r) for r in self.test_roles)
+            object.__setattr__(self, "test_roles", roles)
+            if len(roles) != len(self.test) or not set(roles) <= set(S.ROLE_VALUES):
+                raise ValueError(f"test_roles must hold one of {S.ROLE_VALUES} per test sample")
+            for bit, name in ((S.ROLE_QUERY, "query"), (S.ROLE_GALLERY, "gallery")):
+                if not any(r & bit for r in roles):
+                    raise DvmlError(f"{self.root}: the test split of {self.name} has no {name} image")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -161,7 +183,8 @@ def read_cub(root: str | Path) -> DatasetIndex:
 
     Paths are ``images/<class dir>/<file>``; classes 1-100 train, 101-200 test.
     """
-    hint = "is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)?"
+    hint = ("is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)? "
+            "`dvml data download cub --to DIR` downloads and verifies it into DIR/CUB_200_2011")
     root = _require_dir(root, hint)
     images_txt = _require_file(root / "images.txt", hint)
     labels_txt = _require_file(root / "image_class_labels.txt", hint)
@@ -194,7 +217,8 @@ def read_cars196(root: str | Path) -> DatasetIndex:
     import numpy as np
     import scipy.io
 
-    hint = "is --root the Cars196 directory with cars_annos.mat and car_ims/ (the 'all images' release)?"
+    hint = ("is --root the Cars196 directory with cars_annos.mat and car_ims/ (the 'all images' release)? "
+            "`dvml data download cars196` says where to get it, `dvml data verify cars196 DIR` checks it")
     root = _require_dir(root, hint)
     mat_path = _require_file(root / "cars_annos.mat", hint)
     _require_dir(root / "car_ims", hint)
@@ -222,7 +246,8 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 
 def read_sop(root: str | Path) -> DatasetIndex:
     """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``; paths relative to the root."""
-    hint = "is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)?"
+    hint = ("is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)? "
+            "`dvml data download sop --to DIR` downloads and verifies it into DIR/Stanford_Online_Products")
     root = _require_dir(root, hint)
     splits = {}
     for split in ("train", "test"):
@@ -231,6 +256,56 @@ def read_sop(root: str | Path) -> DatasetIndex:
                          for lineno, (_, cls, _, rel) in _read_table(path, 4, header=SOP_HEADER)]
     return DatasetIndex("sop", root, splits["train"], splits["test"],
                         split_rule="Ebay_train.txt train, Ebay_test.txt test")
+
+
+INSHOP_PARTITION = "Eval/list_eval_partition.txt"
+INSHOP_HEADER = ("image_name", "item_id", "evaluation_status")
+INSHOP_STATUS = {"query": S.ROLE_QUERY, "gallery": S.ROLE_GALLERY}
+
+
+def read_inshop(root: str | Path) -> DatasetIndex:
+    """In-Shop Clothes Retrieval (DeepFashion): ``Eval/list_eval_partition.txt`` + ``img/``.
+
+    The file's first line is the number of images, the second the header ``image_name item_id
+    evaluation_status``, then one ``img/<...>.jpg id_00000001 train|query|gallery`` per line. Labels are the
+    item numbers; train = ``train`` rows, test = ``query`` and ``gallery`` rows in file order, with
+    ``test_roles`` saying which.
+    """
+    hint = ("is --root the In-Shop Clothes Retrieval directory (with Eval/list_eval_partition.txt and img/)? "
+            "`dvml data download inshop` says how to get it")
+    root = _require_dir(root, hint)
+    path = _require_file(root / INSHOP_PARTITION, hint)
+    _require_dir(root / "img", hint)
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, line.strip()) for i, line in enumerate(f, start=1)]
+    lines = [(i, line) for i, line in lines if line]
+    if len(lines) < 2:
+        raise DvmlError(f"{path}: expected the image count, the header {' '.join(INSHOP_HEADER)!r} and entries")
+    declared = _int(path, lines[0][0], lines[0][1], "the image count (line 1)")
+    if lines[1][1].split() != list(INSHOP_HEADER):
+        raise DvmlError(f"{path}:{lines[1][0]}: should be the header {' '.join(INSHOP_HEADER)!r}")
+    train, test, roles = [], [], []
+    for lineno, line in lines[2:]:
+        parts = line.split()
+        if len(parts) != 3:
+            raise DvmlError(f"{path}:{lineno}: expected 3 fields (image_name item_id evaluation_status), "
+                            f"got {line!r}")
+        rel, item, status = parts
+        if not item.startswith("id_"):
+            raise DvmlError(f"{path}:{lineno}: item_id must look like id_00000001, got {item!r}")
+        sample = Sample(rel.replace("\\", "/"), _int(path, lineno, item[3:], "the item number"))
+        if status == "train":
+            train.append(sample)
+        elif status in INSHOP_STATUS:
+            test.append(sample)
+            roles.append(INSHOP_STATUS[status])
+        else:
+            raise DvmlError(f"{path}:{lineno}: evaluation_status must be train, query or gallery, got {status!r}")
+    if declared != len(train) + len(test):
+        raise DvmlError(f"{path}: line 1 says {declared} images but {len(train) + len(test)} are listed "
+                        "(truncated file?)")
+    return DatasetIndex("inshop", root, train, test, test_roles=tuple(roles),
+                        split_rule="list_eval_partition.txt: train; test = query ranked against gallery")
 
 
 def read_folder(root: str | Path, *, train_classes: int | None = None) -> DatasetIndex:
@@ -269,6 +344,7 @@ READERS: dict[DatasetName, Callable[..., DatasetIndex]] = {
     DatasetName.cub: read_cub,
     DatasetName.cars196: read_cars196,
     DatasetName.sop: read_sop,
+    DatasetName.inshop: read_inshop,
     DatasetName.folder: read_folder,
 }
 

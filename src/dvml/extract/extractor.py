@@ -131,9 +131,13 @@ def make_spec(index: DatasetIndex, backbone: Backbone, views: ViewSpec, dtype: s
     }
     if index.name == DatasetName.folder.value:
         extra["class_names"] = {str(k): v for k, v in index.class_names.items()}
+    if index.test_roles is not None:
+        extra["n_images"].update(query=sum(1 for r in index.test_roles if r & S.ROLE_QUERY),
+                                 gallery=sum(1 for r in index.test_roles if r & S.ROLE_GALLERY))
     return CacheSpec(dataset=index.name, backbone=backbone.name, weights=backbone.weights,
                      feature_dim=backbone.feature_dim, views=views.describe("train", pre),
-                     test_views=views.n_views("test"), dtype=dtype, with_paths=True, extra=extra)
+                     test_views=views.n_views("test"), dtype=dtype, with_paths=True, extra=extra,
+                     query_gallery=index.test_roles is not None)
 
 
 def preprocess_for(default: Preprocess, resize: int | None, crop: int | None) -> Preprocess:
@@ -259,7 +263,9 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
                         raise DvmlError(f"{split}: the backbone produced NaN/inf features for images "
                                         f"{samples[int(batch['index'][0])].path} ...; check --weights")
                     idx = batch["index"].numpy()[ok]
-                    writer.append(split, feats, batch["labels"].numpy()[ok], [samples[i].path for i in idx])
+                    roles = ([index.test_roles[i] for i in idx] if split == S.TEST and index.test_roles is not None
+                             else None)  # query/gallery marks (In-Shop), row by row like the paths
+                    writer.append(split, feats, batch["labels"].numpy()[ok], [samples[i].path for i in idx], roles)
                 processed += len(ok)
                 if progress is not None:
                     progress(split, int(batch["index"][-1]) + 1, len(samples))
