@@ -8,6 +8,7 @@ from dvml.cli import (  # noqa: F401  (register the commands, in the order of th
     ablate,
     analyze,
     cache,
+    data,
     demo,
     evaluate,
     extract,

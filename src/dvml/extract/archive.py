@@ -199,6 +199,34 @@ def remove_stale_temporaries(parent: Path, folder: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def unpack(archive: str | Path, tmp: Path, top: str, *, progress: ExtractProgress | None = None) -> Path:
+    """Unpack ``archive`` into the (empty, private) directory ``tmp`` with every safety check of this module
+    and return ``tmp / top``, the top-level folder the archive must contain.
+
+    Raises ArchiveError (unsafe member, unreadable archive, no folder ``top``). The caller removes ``tmp``.
+    """
+    archive = Path(archive)
+    kind = archive_kind(archive)
+    (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp, progress)
+    extracted = tmp / top
+    if not extracted.is_dir() or extracted.is_symlink():
+        found = sorted(p.name for p in tmp.iterdir())[:5]
+        raise ArchiveError(f"{archive}: has no top-level folder {top!r} (top level: {', '.join(found) or 'empty'})")
+    dropped = sorted(p.name for p in tmp.iterdir() if p.name != top)
+    if dropped:
+        log.info("%s: ignoring top-level entries outside %s/: %s", archive.name, top, ", ".join(dropped))
+    return extracted
+
+
+def temporary_dir(parent: Path, folder: str) -> Path:
+    """A fresh hidden work directory ``parent/.dvml-extract-<folder>-<pid>`` (stale ones removed first)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent, folder)
+    tmp = parent / f"{TMP_PREFIX}{folder}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def safe_extract(archive: str | Path, parent: str | Path, folder: str, *,
                  progress: ExtractProgress | None = None) -> Path:
     """Unpack ``archive`` and move its top-level ``folder`` to ``parent / folder`` atomically.
@@ -219,21 +247,9 @@ def safe_extract(archive: str | Path, parent: str | Path, folder: str, *,
     final = parent / folder
     if final.exists():
         raise ArchiveError(f"{final}: already exists; remove it to extract {archive.name} again")
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(parent, folder)
-    kind = archive_kind(archive)
-    tmp = parent / f"{TMP_PREFIX}{folder}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = temporary_dir(parent, folder)
     try:
-        (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp, progress)
-        extracted = tmp / folder
-        if not extracted.is_dir() or extracted.is_symlink():
-            top = sorted(p.name for p in tmp.iterdir())[:5]
-            raise ArchiveError(f"{archive}: has no top-level folder {folder!r} "
-                               f"(top level: {', '.join(top) or 'empty'})")
-        dropped = sorted(p.name for p in tmp.iterdir() if p.name != folder)
-        if dropped:
-            log.info("%s: ignoring top-level entries outside %s/: %s", archive.name, folder, ", ".join(dropped))
+        extracted = unpack(archive, tmp, folder, progress=progress)
         os.rename(extracted, final)  # the one step that makes the folder appear, complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

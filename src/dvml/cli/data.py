@@ -1,0 +1,117 @@
+"""``dvml data download cub|sop|cars196|inshop --to DIR`` and ``dvml data verify NAME DIR`` (see
+:mod:`dvml.extract.download`)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from dvml.cli.app import app, console, err_console, handle_errors
+from dvml.errors import DvmlError
+from dvml.extract import download as D
+
+
+class PublishedDataset(str, Enum):
+    """The benchmarks with a known source (``folder`` has none)."""
+
+    cub = "cub"
+    cars196 = "cars196"
+    sop = "sop"
+    inshop = "inshop"
+
+
+data_app = typer.Typer(help="Download (resumable, MD5-checked, safely unpacked) and verify the benchmark datasets.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _progress() -> Progress:
+    """Bytes, rate and ETA for downloads and checksums; the same bar counts members while unpacking."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
+
+
+def _on_progress(progress: Progress):
+    tasks: dict[tuple[str, str], int] = {}
+
+    def update(stage: str, name: str, done: int, total: int | None) -> None:
+        key = (stage, name)
+        if key not in tasks:
+            label = {"download": "download", "md5": "MD5", "extract": "unpack (members)"}[stage]
+            tasks[key] = progress.add_task(f"{label} {name}", total=total, completed=done)
+        else:
+            progress.update(tasks[key], completed=done, total=total)
+
+    return update
+
+
+@data_app.command("download")
+@handle_errors
+def download_cmd(
+    dataset: PublishedDataset = typer.Argument(..., help="Dataset to get."),
+    to: Path = typer.Option(..., "--to", help="Directory for the archive(s) and the unpacked dataset directory."),
+    url: str | None = typer.Option(None, "--url", help="A mirror of the archive, tried first (its MD5 must still be "
+                                   "the published one)."),
+    keep_archives: bool = typer.Option(True, "--keep-archives/--remove-archives",
+                                       help="Keep the archive files after unpacking (verify can recheck them)."),
+    timeout: float = typer.Option(60.0, help="Seconds without data before a connection counts as lost."),
+):
+    """Download, check the MD5, unpack safely and verify; prints the --root for `dvml extract`.
+
+    Interrupted? Rerun the same command: the download resumes (HTTP Range). Cars196 and In-Shop have no
+    official download: put their files in --to by hand (the command says where to get them) and run it to
+    check and unpack them.
+    """
+    source = D.source_for(dataset.value)
+    if not source.downloadable and not all((to / f.name).is_file() for f in source.files):
+        if not (to / source.folder).exists():
+            console.print(f"{dataset.value} has no official download any more. Get the files by hand:")
+            for f in source.files:
+                console.print(f"  {f.name}" + (f"  MD5 {f.md5}" if f.md5 else "  (no published MD5)"))
+            console.print(f"from {source.obtain}.")
+            for note in source.notes:
+                console.print(f"Note: {note}.")
+            console.print(f"Put them in {to}, then rerun `dvml data download {dataset.value} --to {to}` (checks and "
+                          f"unpacks them into {to / source.folder}), or unpack them yourself and run "
+                          f"`dvml data verify {dataset.value} DIR`.")
+            raise DvmlError(f"{to}: {dataset.value} files not found (see above)")
+    with _progress() as progress:
+        root = D.download(dataset.value, to, url=url, progress=_on_progress(progress), timeout=timeout,
+                          keep_archives=keep_archives)
+    console.print(f"{dataset.value} is ready: dvml extract {dataset.value} --root {root} --out FILE.h5",
+                  soft_wrap=True)  # one unbroken line: it is meant to be copied
+
+
+@data_app.command("verify")
+@handle_errors
+def verify_cmd(
+    dataset: PublishedDataset = typer.Argument(..., help="Dataset the directory should hold."),
+    path: Path = typer.Argument(..., help="The dataset directory, or the --to directory of `dvml data download`."),
+):
+    """Check MD5s (of the archives found), structure, official counts and that every image exists."""
+    with _progress() as progress:
+        report = D.verify(dataset.value, path, progress=_on_progress(progress))
+    table = Table(title=f"{dataset.value}: {report.root or path}", title_justify="left")
+    for col in ("check", "", "detail"):
+        table.add_column(col)
+    for c in report.checks:
+        table.add_row(c.what, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    console.print(table)
+    if not report.ok:
+        first = report.failures()[0]
+        raise DvmlError(f"{path}: {dataset.value} does not verify ({len(report.failures())} failed check(s); "
+                        f"first: {first.what}: {first.detail})")
+    console.print(f"{dataset.value} verified: dvml extract {dataset.value} --root {report.root} --out FILE.h5",
+                  soft_wrap=True)
