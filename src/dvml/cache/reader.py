@@ -239,6 +239,17 @@ def load_split(path: str | Path, split: str, *, views: slice | list[int] | None 
     return Split(features=out, labels=labels, paths=paths, roles=roles)
 
 
+def load_test_roles(path: str | Path) -> np.ndarray | None:
+    """The test split's query/gallery roles (N_test,) int8 of a schema-2 file, None for schema 1.
+    Only the roles are read (the structure is checked as by :func:`read_info`)."""
+    path = Path(path)
+    info = read_info(path)
+    if not info.query_gallery:
+        return None
+    with _open(path) as f:
+        return f[S.TEST][S.ROLES][()].astype(np.int8)
+
+
 def validate(path: str | Path) -> CacheInfo:
     """Full check: structure, completeness, class disjointness and finite values of every split."""
     info = read_info(path)

@@ -98,8 +98,8 @@ def _flat_index(dim: int, metric: Metric, use_gpu: bool):
 
 
 def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
-           metric: Metric | str = Metric.cosine, exclude_self: bool = True, batch_size: int = 8192,
-           use_gpu: bool | None = None,
+           metric: Metric | str = Metric.cosine, exclude_self: bool = True, exclude: np.ndarray | None = None,
+           batch_size: int = 8192, use_gpu: bool | None = None,
            progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query.
 
@@ -112,6 +112,10 @@ def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
             searching k + 1 and dropping index i wherever it appears (not by position, so exact duplicates
             of a query are kept as legitimate neighbours); if i is not among the k + 1 (more than k exact
             duplicates tie with it), the (k + 1)-th result is dropped instead.
+        exclude: only with a ``database``: (N,) int, the database row each query must not retrieve (the
+            query itself when it is also in the database, as in a query/gallery split where some rows are
+            both), -1 for none. Dropped exactly like ``exclude_self`` drops the query: by index, searching
+            k + 1; a query with -1 loses its (k + 1)-th result.
         batch_size: queries per faiss call (bounds temporary memory; progress granularity).
         use_gpu: ``None`` = use a GPU when faiss has GPU support and one is visible.
         progress: called with the number of queries finished after each batch.
@@ -121,18 +125,31 @@ def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
         distances are broken by faiss (usually lower index first).
     Raises:
         ValueError: bad shapes, NaN/inf values, or ``k`` larger than the number of candidates
-            (M, or N - 1 when excluding self).
+            (M, or N - 1 when excluding self; M - 1 when some query has an ``exclude`` row).
     """
     metric = Metric(metric)
     queries = _as_matrix(queries, "queries")
     self_search = database is None
     if self_search:
+        if exclude is not None:
+            raise ValueError("exclude applies to a search in a separate database; use exclude_self")
         db = queries
     else:
         db = _as_matrix(database, "database")
         if db.shape[1] != queries.shape[1]:
             raise ValueError(f"queries have dimension {queries.shape[1]} but the database has {db.shape[1]}")
-    drop_self = self_search and exclude_self
+    drop = None  # (N,) database row to drop per query, -1 for none
+    if self_search and exclude_self:
+        drop = np.arange(queries.shape[0])
+    elif exclude is not None:
+        drop = np.asarray(exclude, dtype=np.int64).reshape(-1)
+        if drop.shape != (queries.shape[0],):
+            raise ValueError(f"exclude must have one entry per query ({queries.shape[0]}), got shape {drop.shape}")
+        if ((drop < -1) | (drop >= db.shape[0])).any():
+            raise ValueError(f"exclude entries must be -1 or a database row in [0, {db.shape[0]})")
+        if (drop < 0).all():
+            drop = None
+    drop_self = drop is not None
     n_candidates = db.shape[0] - (1 if drop_self else 0)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -159,7 +176,7 @@ def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
             stop = min(start + batch_size, n)
             d, i = index.search(queries[start:stop], k_search)
             if drop_self:
-                is_self = i == np.arange(start, stop)[:, None]
+                is_self = i == drop[start:stop, None]
                 # exactly one column is dropped per row: the query itself, else the last one
                 no_self = ~is_self.any(axis=1)
                 is_self[no_self, -1] = True

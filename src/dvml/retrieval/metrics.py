@@ -12,7 +12,12 @@ Definitions (the paper's section 4.1, and Musgrave et al. 2020, "A Metric Learni
 * MAP@R: mean over queries of (1/R) * sum_{i<=R} P(i) * rel(i), P(i) the precision among the first i.
 
 Neighbour labels come from :func:`dvml.retrieval.knn.search` (query excluded from its own neighbours).
-All results are fractions in [0, 1] as python floats.
+All results are fractions in [0, 1] as python floats. In a query/gallery protocol the neighbours are gallery
+items and R is the number of gallery items of the query's class (the query itself not counted); pass ``r``.
+
+:func:`hits_at_k` and :func:`average_precision_at_r` give the per-query values whose means are Recall@K and
+MAP@R; :func:`per_class_means` groups per-query values by class (their count-weighted mean is the overall
+mean).
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ def recall_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, ks: Iter
     # first_hit[i] = position of the first same-class neighbour (k_max if none)
     first_hit = np.where(match.any(axis=1), match.argmax(axis=1), max(ks))
     return {f"recall@{k}": float(np.mean(first_hit < k)) for k in ks}
+
+
+def hits_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Per query: is a same-class item among the first ``k`` neighbours? (N,) bool; its mean is Recall@k.
+
+    >>> hits_at_k(np.array([[1, 0], [0, 1]]), np.array([0, 1]), k=1).tolist()
+    [False, False]
+    """
+    nl, ql = _check_neighbours(neighbour_labels, query_labels)
+    if not 1 <= k <= nl.shape[1]:
+        raise ValueError(f"k must be in [1, {nl.shape[1]}] (neighbours available), got {k}")
+    return (nl[:, :k] == ql[:, None]).any(axis=1)
 
 
 def _r_of(query_labels: np.ndarray, r: np.ndarray | None) -> np.ndarray:
@@ -116,10 +133,46 @@ def map_at_r(neighbour_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarr
     >>> map_at_r(nl, np.array([0, 0, 0, 1]), r=np.array([2, 2, 2, 1]))
     0.4375
     """
+    return float(np.mean(average_precision_at_r(neighbour_labels, query_labels, r)))
+
+
+def average_precision_at_r(neighbour_labels: np.ndarray, query_labels: np.ndarray,
+                           r: np.ndarray | None = None) -> np.ndarray:
+    """Per-query AP@R, (N,) float64; its mean is :func:`map_at_r`. Args as :func:`r_precision`.
+
+    >>> average_precision_at_r(np.array([[0, 1, 0], [1, 0, 0]]), np.array([0, 0]), r=np.array([2, 2])).tolist()
+    [0.5, 0.25]
+    """
     rel, r = _precision_curve(neighbour_labels, query_labels, r)
     hits = np.cumsum(rel, axis=1)
     precision_at_i = hits / np.arange(1, rel.shape[1] + 1)[None, :]
-    return float(np.mean((precision_at_i * rel).sum(axis=1) / r))
+    return (precision_at_i * rel).sum(axis=1) / r
+
+
+def per_class_means(query_labels: np.ndarray, **values: np.ndarray) -> dict[str, np.ndarray]:
+    """Group per-query values by the query's class.
+
+    Args:
+        query_labels: (N,) class of each query.
+        values: named (N,) per-query arrays (e.g. ``recall_at_1=hits_at_k(...)``).
+    Returns:
+        ``{"class": (C,) sorted class ids, "count": (C,) queries per class, name: (C,) mean per class}``;
+        ``sum(count * mean) / sum(count)`` is the overall mean of each value.
+
+    >>> out = per_class_means(np.array([7, 3, 7]), hit=np.array([1.0, 0.0, 0.0]))
+    >>> out["class"].tolist(), out["count"].tolist(), out["hit"].tolist()
+    ([3, 7], [1, 2], [0.0, 0.5])
+    """
+    ql = np.asarray(query_labels).reshape(-1)
+    classes, inverse, counts = np.unique(ql, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    out: dict[str, np.ndarray] = {"class": classes, "count": counts.astype(np.int64)}
+    for name, v in values.items():
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        if v.shape != ql.shape:
+            raise ValueError(f"{name} must have one value per query ({ql.shape[0]}), got shape {v.shape}")
+        out[name] = np.bincount(inverse, weights=v, minlength=classes.size) / counts
+    return out
 
 
 def contingency(cluster_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
