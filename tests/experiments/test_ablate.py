@@ -163,3 +163,31 @@ def test_summarize_pairs_by_seed_and_handles_missing():
     assert only_base["losses"]["l"]["metrics"]["recall@1"]["DVML"] is None
     assert only_base["losses"]["l"]["metrics"]["recall@1"]["diff"] is None
     assert "—" in ablate.summary_markdown(only_base)
+
+
+def test_per_class_recall_is_kept_per_run_and_compared(finished):
+    import csv
+
+    cfg, result, _ = finished
+    with open(cfg.out / ablate.PER_CLASS_FILE, newline="") as f:
+        per_class = list(csv.DictReader(f))
+    rows = ablate.read_results_csv(cfg.out / ablate.RESULTS_FILE)
+    for r in rows:  # each run's classes average back (weighted by count) to its Recall@1 in results.csv
+        mine = [p for p in per_class if p["seed"] == str(r["seed"]) and p["dvml"] == str(r["dvml"])]
+        assert len(mine) == 6  # the tiny cache has 6 test classes
+        counts = np.array([int(p["count"]) for p in mine])
+        r1 = np.array([float(p["recall@1"]) for p in mine])
+        assert (counts * r1).sum() / counts.sum() == pytest.approx(r["recall@1"], abs=1e-12)
+        assert (ablate.Path(r["run_dir"]) / ablate.PER_CLASS_FILE).is_file()
+    with open(cfg.out / ablate.PER_CLASS_COMPARE_FILE, newline="") as f:
+        compare = list(csv.DictReader(f))
+    assert len(compare) == 6 and {c["loss"] for c in compare} == {"triplet"}
+    for c in compare:
+        def mean(dvml, cls=c["class"]):
+            return np.mean([float(p["recall@1"]) for p in per_class if p["class"] == cls and p["dvml"] == dvml])
+        assert float(c["recall@1_baseline"]) == pytest.approx(mean("False"))
+        assert float(c["recall@1_dvml"]) == pytest.approx(mean("True"))
+        assert float(c["diff"]) == pytest.approx(mean("True") - mean("False"))
+        assert (c["seeds_baseline"], c["seeds_dvml"]) == ("2", "2")
+    diffs = [float(c["diff"]) for c in compare]
+    assert diffs == sorted(diffs)

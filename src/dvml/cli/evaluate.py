@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors, make_progress
-from dvml.cli.render import results_table
+from dvml.cli.render import results_table, worst_table
 from dvml.evaluate import METRICS_FILE, EvalConfig, Metric, parse_ks, run
 
 _D = EvalConfig
@@ -22,7 +22,7 @@ def evaluate_cmd(
     metric: Metric = typer.Option(_D.metric.value, help="Retrieval distance (cosine = L2-normalised inner "
                                                         "product)."),
     ks: str | None = typer.Option(None, help="Recall@K values, e.g. 1,2,4,8 (default: 1,2,4,8; 1,10,100,1000 "
-                                             "when the cache's dataset is sop)."),
+                                             "when the cache's dataset is sop; 1,10,20,30,40,50 for inshop)."),
     kmeans_runs: int = typer.Option(_D.kmeans_runs, help="k-means repetitions (seeds seed, seed+1, ...) "
                                                          "averaged for NMI/F1."),
     seed: int = typer.Option(_D.seed, help="First k-means seed."),
@@ -30,10 +30,16 @@ def evaluate_cmd(
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
     gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Force faiss onto the GPU or the CPU "
                                                               "(default: GPU when faiss supports one)."),
+    per_class: Path | None = typer.Option(None, "--per-class", help="Write per-class results to this CSV "
+                                          "(class, count of queries, recall@1, map@r)."),
+    worst: int = typer.Option(5, help="Show this many worst classes by Recall@1 (0: none)."),
 ):
     """Score retrieval (exact FAISS kNN) and clustering (k-means) of the test split; RUN_DIR/metrics.json."""
+    if worst < 0:
+        raise ValueError(f"--worst must be >= 0, got {worst}")
     cfg = EvalConfig(target=target, ks=parse_ks(ks) if ks else None, metric=metric, kmeans_runs=kmeans_runs,
-                     seed=seed, clustering=clustering, json_path=json_path, use_gpu=gpu)
+                     seed=seed, clustering=clustering, json_path=json_path, use_gpu=gpu,
+                     per_class=worst > 0, per_class_csv=per_class)
     with make_progress("item") as progress:
         tasks: dict[str, int] = {}
 
@@ -43,13 +49,19 @@ def evaluate_cmd(
             progress.advance(tasks[stage], advance)
 
         result = run(cfg, progress=on_progress)
-    title = (f"{target}: {result['n_test']:,} test items, {result['n_classes']:,} classes, {result['metric']}"
-             + (f", k-means x{result['kmeans_runs']}" if result["clustering"] else ""))
+    protocol = (f" ({result['n_query']:,} queries vs {result['n_gallery']:,} gallery)"
+                if result.get("protocol") == "query/gallery" else "")
+    title = (f"{target}: {result['n_test']:,} test items{protocol}, {result['n_classes']:,} classes, "
+             f"{result['metric']}" + (f", k-means x{result['kmeans_runs']}" if result["clustering"] else "")
+             + (" (on the gallery)" if protocol and result["clustering"] else ""))
     console.print(results_table(result, title=title))
+    if worst > 0:
+        console.print(worst_table(result["per_class"], worst))
     if result["clustering"]:
         console.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
     if result.get("cache_fingerprint"):
         console.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
-    written = [p for p in ((target / METRICS_FILE) if target.is_dir() else None, json_path) if p is not None]
+    written = [p for p in ((target / METRICS_FILE) if target.is_dir() else None, json_path, per_class)
+               if p is not None]
     for path in written:
         console.print(f"wrote {path}")

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from dvml.cli.app import console, err_console
+from dvml.evaluate import worst_classes
 
 
 def results_table(result: dict, title: str | None = None) -> Table:
@@ -24,6 +25,17 @@ def results_table(result: dict, title: str | None = None) -> Table:
     for name, _ in cols:
         table.add_column(name, justify="right")
     table.add_row(*(f"{100 * result[key]:.2f}" for _, key in cols))
+    return table
+
+
+def worst_table(rows: list[dict], n: int) -> Table:
+    """The ``n`` classes with the lowest Recall@1 (``dvml evaluate``'s per-class rows): class, queries, R@1,
+    MAP@R (percent)."""
+    table = Table(title=f"worst {min(n, len(rows))} of {len(rows):,} classes by Recall@1", title_justify="left")
+    for name in ("class", "queries", "R@1", "MAP@R"):
+        table.add_column(name, justify="right")
+    for r in worst_classes(rows, n):
+        table.add_row(str(r["class"]), str(r["count"]), f"{100 * r['recall@1']:.2f}", f"{100 * r['map@r']:.2f}")
     return table
 
 

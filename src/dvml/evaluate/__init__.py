@@ -7,6 +7,7 @@
 
 from dvml.evaluate.core import (
     DEFAULT_KS,
+    INSHOP_KS,
     SOP_KS,
     EvalConfig,
     EvaluationError,
@@ -15,11 +16,13 @@ from dvml.evaluate.core import (
     evaluate_target,
     parse_ks,
     run,
+    worst_classes,
+    write_per_class_csv,
 )
 from dvml.retrieval.knn import Metric
 from dvml.runs import METRICS_FILE
 
 __all__ = [
-    "DEFAULT_KS", "METRICS_FILE", "SOP_KS", "EvalConfig", "EvaluationError", "Metric", "default_ks",
-    "evaluate_embeddings", "evaluate_target", "parse_ks", "run",
+    "DEFAULT_KS", "INSHOP_KS", "METRICS_FILE", "SOP_KS", "EvalConfig", "EvaluationError", "Metric", "default_ks",
+    "evaluate_embeddings", "evaluate_target", "parse_ks", "run", "worst_classes", "write_per_class_csv",
 ]

@@ -13,6 +13,10 @@ Outputs in ``OUT``:
 * ``summary.json`` / ``summary.md``  per loss and metric: mean ± std over seeds for baseline and DVML, and
   the paired DVML − baseline difference over the seeds both have, with a 95% t-interval
   (:mod:`dvml.experiments.stats`);
+* ``per_class.csv``  one row per (finished cell, test class): loss, dvml, seed, class, count (queries),
+  recall@1, map@r -- gathered from each cell's ``runs/<cell>/per_class.csv``;
+* ``per_class_compare.csv``  per loss and class: Recall@1 of baseline and DVML (each the mean over its seeds)
+  and their difference, so two methods can be compared class by class (rows by loss, largest loss first);
 * ``ablation.png``  bar chart (Recall@1, NMI, MAP@R) with ±1 std error bars;
 * ``ablation.json`` provenance: cache path and fingerprint, the config, the fit options, versions, cells.
 
@@ -51,6 +55,8 @@ SUMMARY_JSON = "summary.json"
 PROVENANCE_FILE = "ablation.json"
 CHART_FILE = "ablation.png"
 CHART_METRICS = ("recall@1", "nmi", "map@r")
+PER_CLASS_FILE = "per_class.csv"  # in each run directory and, gathered, in OUT
+PER_CLASS_COMPARE_FILE = "per_class_compare.csv"
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,8 @@ def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallba
     # metrics.json is written last (atomically): its presence marks the cell finished
     evaluate_target(run, ks=cfg.ks, clustering=cfg.clustering, kmeans_runs=cfg.kmeans_runs,
                     extra={"ablate": {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed,
-                                      "fit_seconds": round(fit_s, 3), "eval_seconds": None}})
+                                      "fit_seconds": round(fit_s, 3), "eval_seconds": None}},
+                    per_class_csv=run / PER_CLASS_FILE)
     eval_s = time.perf_counter() - t0
     metrics = json.loads((run / R.METRICS_FILE).read_text())
     metrics["ablate"]["eval_seconds"] = round(eval_s, 3)
@@ -290,6 +297,54 @@ def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
                          f"| {_fmt_p(m['diff'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def gather_per_class(rows: Sequence[dict]) -> list[dict]:
+    """Per-class rows of every finished cell (from ``run_dir/per_class.csv``; cells without one are skipped)."""
+    out = []
+    for row in rows:
+        path = Path(row["run_dir"]) / PER_CLASS_FILE
+        if not path.is_file():
+            log.info("%s: no %s (evaluated by an older dvml); left out of the per-class files", row["run_dir"],
+                     PER_CLASS_FILE)
+            continue
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                out.append({"loss": row["loss"], "dvml": row["dvml"], "seed": row["seed"], "class": int(r["class"]),
+                            "count": int(r["count"]), "recall@1": float(r["recall@1"]), "map@r": float(r["map@r"])})
+    return out
+
+
+def compare_per_class(per_class: Sequence[dict]) -> list[dict]:
+    """Per loss and class: mean Recall@1 over the baseline seeds and over the DVML seeds, and DVML - baseline.
+
+    Only (loss, class) pairs that both methods have appear; sorted by loss, then the difference (the
+    classes DVML loses most on first), then class id.
+    """
+    acc: dict[tuple[str, int], dict[bool, list[float]]] = {}
+    counts: dict[tuple[str, int], int] = {}
+    for r in per_class:
+        acc.setdefault((r["loss"], r["class"]), {True: [], False: []})[bool(r["dvml"])].append(r["recall@1"])
+        counts[(r["loss"], r["class"])] = r["count"]
+    out = []
+    for (loss, cls), by in acc.items():
+        if by[True] and by[False]:
+            base, dvml = sum(by[False]) / len(by[False]), sum(by[True]) / len(by[True])
+            out.append({"loss": loss, "class": cls, "count": counts[(loss, cls)], "recall@1_baseline": base,
+                        "recall@1_dvml": dvml, "diff": dvml - base, "seeds_baseline": len(by[False]),
+                        "seeds_dvml": len(by[True])})
+    out.sort(key=lambda r: (r["loss"], r["diff"], r["class"]))
+    return out
+
+
+def _write_rows_csv(rows: Sequence[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def write_results_csv(rows: Sequence[dict], path: Path) -> None:
@@ -433,6 +488,9 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     (cfg.out / SUMMARY_JSON).write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
     (cfg.out / SUMMARY_MD).write_text(summary_markdown(summary, title=f"Ablation on {cfg.cache.name} ({title})"))
     write_chart(summary, cfg.out / CHART_FILE, title=title)
+    per_class = gather_per_class(rows)
+    _write_rows_csv(per_class, cfg.out / PER_CLASS_FILE)
+    _write_rows_csv(compare_per_class(per_class), cfg.out / PER_CLASS_COMPARE_FILE)
     prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov["fit_seconds_total"] = round(sum(r["fit_seconds"] or 0.0 for r in rows), 3)
     prov_path.write_text(json.dumps(prov, indent=2) + "\n")
