@@ -12,6 +12,10 @@ exercised. Class ids follow the real datasets' split rules, so the split code ru
 * ``tiny_sop``: ``Ebay_train.txt`` (classes 1-3) / ``Ebay_test.txt`` (classes 4-6) with the real header,
   2 images per class under ``<super>_final/``.
 * ``tiny_folder``: ``<root>/<class>/<image>`` with 4 classes x 3 images (first 2 classes train).
+* ``http_server``: a local HTTP server (stdlib, in a thread) serving byte strings by path, honouring
+  ``Range: bytes=N-`` (206 + Content-Range) unless told not to, cutting the connection mid-file on request
+  (full Content-Length announced, part of the body sent, socket shut down), recording each request's path
+  and Range header; ``archives``: helpers that build dataset archives and sources pointing at it.
 * ``tiny_inshop``: ``Eval/list_eval_partition.txt`` (image count, header, ``img/... id_000000NN status``)
   with items 1-3 train (3 images each) and items 4-7 test split into query and gallery images
   (item -> (queries, gallery images): 4 -> (1, 2), 5 -> (2, 1), 6 -> (1, 1), 7 -> (2, 2)); images under
@@ -20,6 +24,14 @@ exercised. Class ids follow the real datasets' split rules, so the split code ru
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import socket
+import tarfile
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +188,138 @@ def small_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("synth") / "small.h5"
     return generate(SynthConfig(n_classes=80, images_per_class=16, views=3, feature_dim=128, class_dim=64,
                                 variation_dim=8, hidden_dim=128, seed=5), path)
+
+
+# ------------------------------------------------------------------------------ local HTTP server, archives
+class Server:
+    """See ``http_server`` in the module docstring."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.cuts: dict[str, list[int]] = {}  # path -> byte counts after which to cut, one per request
+        self.ranges = True
+        self.log: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.log.append((self.path, self.headers.get("Range")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and server.ranges:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cuts = server.cuts.get(self.path)
+                if cuts:
+                    self.wfile.write(body[:cuts.pop(0)])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-file
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _tgz_of(root: Path, arcname: str, extra: dict[str, bytes] | None = None) -> bytes:
+    """A .tgz holding ``root`` as ``arcname/`` (plus loose top-level files, like CUB's attributes.txt)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(root, arcname=arcname)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _tar_with(members: list[tuple[str, str, str | bytes]]) -> bytes:
+    """A .tar of ("file"|"dir"|"symlink"|"hardlink"|"fifo", name, data-or-link-target) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for kind, name, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            if kind in ("symlink", "hardlink"):
+                info.linkname = payload
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def _counts_of(index):
+    """The dataset's actual counts as a ``download.Counts`` (what a source expects of the tiny data)."""
+    from dvml.extract import download
+
+    return download.Counts(len(index.train), len({s.label for s in index.train}), len(index.test),
+                           len({s.label for s in index.test}))
+
+
+def _cub_source(server, tiny_cub, cut: int | None = None):
+    """The real CUB source with the server's URL, the generated archive's MD5 and the tiny counts."""
+    data = _tgz_of(tiny_cub, "CUB_200_2011", extra={"attributes.txt": b"1 has_bill_shape::curved\n"})
+    server.files["/CUB_200_2011.tgz"] = data
+    if cut is not None:
+        server.cuts["/CUB_200_2011.tgz"] = [cut]
+    from dvml.extract import download
+    from dvml.extract.datasets import read_dataset
+
+    real = download.SOURCES["cub"]
+    source = dataclasses.replace(real, files=(dataclasses.replace(real.files[0], md5=_md5(data),
+                                                                  urls=(server.url("/CUB_200_2011.tgz"),)),),
+                                 counts=_counts_of(read_dataset("cub", tiny_cub)))
+    return source, data
+
+
+def _leftovers(to: Path) -> list[str]:
+    return sorted(p.name for p in to.iterdir()) if to.exists() else []
+
+
+@pytest.fixture
+def archives():
+    """``md5(bytes)``, ``tgz_of(dir, arcname, extra)``, ``tar_with(members)``, ``counts_of(index)``,
+    ``cub_source(server, tiny_cub, cut)`` (the CUB source served by ``http_server``), ``leftovers(dir)``."""
+    return types.SimpleNamespace(md5=_md5, tgz_of=_tgz_of, tar_with=_tar_with, counts_of=_counts_of,
+                                 cub_source=_cub_source, leftovers=_leftovers)

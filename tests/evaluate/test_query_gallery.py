@@ -12,7 +12,6 @@ import pytest
 
 from dvml.cache import schema as S
 from dvml.evaluate import EvaluationError, evaluate_embeddings
-from dvml.retrieval import knn
 
 
 def _data(seed=0, n_classes=9, per_class=7, dim=10, spread=1.3):
@@ -100,21 +99,6 @@ def test_clustering_runs_on_the_gallery():
     on_gallery = evaluate_embeddings(x[g], y[g], ks=(1,), seed=2)
     for key in ("nmi", "f1", "precision", "recall"):
         assert got[key] == on_gallery[key]
-
-
-def test_search_exclude_drops_exactly_the_named_row():
-    rng = np.random.default_rng(1)
-    q, db = rng.normal(size=(20, 6)), rng.normal(size=(30, 6))
-    db[:5] = q[:5]  # queries 0-4 are also database rows 0-4
-    exclude = np.where(np.arange(20) < 5, np.arange(20), -1)
-    _, idx = knn.search(q, 7, database=db, exclude=exclude, metric="euclidean")
-    d = np.sqrt(((q[:, None] - db[None]) ** 2).sum(-1))
-    d[np.arange(5), np.arange(5)] = np.inf
-    np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :7])
-    with pytest.raises(ValueError, match="exclude must have one entry per query"):
-        knn.search(q, 3, database=db, exclude=exclude[:4])
-    with pytest.raises(ValueError, match="k=30 is larger than the set: only 29"):
-        knn.search(q, 30, database=db, exclude=exclude)
 
 
 def test_query_without_a_gallery_positive_is_named():

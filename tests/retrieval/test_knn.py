@@ -176,3 +176,18 @@ def test_kmeans_against_native_faiss_20_iterations(case):
         assert sum(s["nsplit"] for s in native.iteration_stats) > 0  # the split path was exercised
     if case == "many_small_clusters":
         assert stats["converged"] and stats["iterations"] < 20  # the early stop did happen
+
+
+def test_search_exclude_drops_exactly_the_named_row():
+    rng = np.random.default_rng(1)
+    q, db = rng.normal(size=(20, 6)), rng.normal(size=(30, 6))
+    db[:5] = q[:5]  # queries 0-4 are also database rows 0-4
+    exclude = np.where(np.arange(20) < 5, np.arange(20), -1)
+    _, idx = knn.search(q, 7, database=db, exclude=exclude, metric="euclidean")
+    d = np.sqrt(((q[:, None] - db[None]) ** 2).sum(-1))
+    d[np.arange(5), np.arange(5)] = np.inf
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :7])
+    with pytest.raises(ValueError, match="exclude must have one entry per query"):
+        knn.search(q, 3, database=db, exclude=exclude[:4])
+    with pytest.raises(ValueError, match="k=30 is larger than the set: only 29"):
+        knn.search(q, 30, database=db, exclude=exclude)

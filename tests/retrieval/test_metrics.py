@@ -159,3 +159,23 @@ def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_per_query_values_average_to_the_metrics_and_group_by_class():
+    rng = np.random.default_rng(4)
+    ql = rng.integers(0, 5, 40)
+    nl = rng.integers(0, 5, (40, 12))
+    r = np.minimum(np.bincount(ql, minlength=5)[ql], 12)  # any R in [1, k] per query
+    r = np.maximum(r, 1)
+    hits = metrics.hits_at_k(nl, ql, 3)
+    assert hits.tolist() == [bool((row[:3] == q).any()) for row, q in zip(nl, ql, strict=True)]
+    assert float(hits.mean()) == metrics.recall_at_k(nl, ql, (3,))["recall@3"]
+    ap = metrics.average_precision_at_r(nl, ql, r)
+    assert float(np.mean(ap)) == metrics.map_at_r(nl, ql, r)
+    grouped = metrics.per_class_means(ql, hit=hits, ap=ap)
+    for c, n, h, a in zip(grouped["class"], grouped["count"], grouped["hit"], grouped["ap"], strict=True):
+        mine = ql == c
+        assert n == mine.sum() and h == pytest.approx(hits[mine].mean()) and a == pytest.approx(ap[mine].mean())
+    assert (grouped["count"] * grouped["hit"]).sum() / grouped["count"].sum() == pytest.approx(hits.mean())
+    with pytest.raises(ValueError, match="one value per query"):
+        metrics.per_class_means(ql, x=np.zeros(3))

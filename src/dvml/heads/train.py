@@ -23,6 +23,7 @@ import torch
 
 from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_split, read_info
+from dvml.cache import schema as S
 from dvml.errors import DvmlError
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.heads.core import (
@@ -54,12 +55,21 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
     return torch.device("cpu")
 
 
-def _recall_at_1(emb: torch.Tensor, labels: np.ndarray) -> float:
+def _recall_at_1(emb: torch.Tensor, labels: np.ndarray, roles: np.ndarray | None = None) -> float:
+    """Cosine Recall@1 of every row among the others, or (``roles``: a schema-2 test split) of the queries
+    against the gallery, a row that is both never retrieving itself."""
     from dvml.retrieval import knn
     from dvml.retrieval.metrics import recall_at_k
 
-    _, idx = knn.search(emb.detach().float().cpu().numpy(), 1, metric="cosine")
-    return recall_at_k(labels[idx], labels, (1,))["recall@1"]
+    x = emb.detach().float().cpu().numpy()
+    if roles is None:
+        _, idx = knn.search(x, 1, metric="cosine")
+        return recall_at_k(labels[idx], labels, (1,))["recall@1"]
+    q, g = np.flatnonzero(roles & S.ROLE_QUERY), np.flatnonzero(roles & S.ROLE_GALLERY)
+    pos = np.full(len(labels), -1)
+    pos[g] = np.arange(g.size)
+    _, idx = knn.search(x[q], 1, database=x[g], metric="cosine", exclude=pos[q])
+    return recall_at_k(labels[g][idx], labels[q], (1,))["recall@1"]
 
 
 def _check_split(split: Split, name: str, where: Path, feature_dim: int) -> None:
@@ -173,12 +183,13 @@ class _HeadsFit:
         if cfg.val_classes:
             train, val_x, val_y = _hold_out_validation(train, cfg.val_classes, cfg.seed, cfg.classes_per_batch,
                                                        cfg.cache)
-        test_x = self.test_y = None
+        test_x = self.test_y = self.test_roles = None
         if cfg.eval_every:
             if test is None:
                 test = load_split(cfg.cache, "test", views=[0])
             _check_split(test, "test", cfg.cache, info.feature_dim)
             test_x, self.test_y = test.features[:, 0], np.asarray(test.labels)
+            self.test_roles = getattr(test, "roles", None)  # query/gallery marks of a schema-2 cache
         self.dims = train.features.shape  # (N, P, D)
         self.train_classes, self.y_mapped = np.unique(train.labels, return_inverse=True)
         self.feats = torch.from_numpy(np.ascontiguousarray(train.features)).to(device)
@@ -295,7 +306,7 @@ class _HeadsFit:
         """Watch-only test Recall@1 and validation Recall@1 (keeping the best epoch's state) into ``record``."""
         self.model.eval()
         with torch.no_grad():
-            record["test_recall@1"] = _recall_at_1(self.model.embed(self.test_t), self.test_y)
+            record["test_recall@1"] = _recall_at_1(self.model.embed(self.test_t), self.test_y, self.test_roles)
             if self.val_t is not None:
                 r1 = _recall_at_1(self.model.embed(self.val_t), self.val_y)
                 record["val_recall@1"] = r1

@@ -1,10 +1,12 @@
-"""In-Shop end to end (extract -> fit-heads -> evaluate, through the CLI), per-class CSVs, and v1 caches
-evaluated exactly as before."""
+"""``dvml evaluate`` with query/gallery caches and per-class results: In-Shop end to end (extract -> fit-heads ->
+evaluate, through the CLI), per-class CSVs, and version-1 caches evaluated exactly as before (against numbers
+the code before this change produced)."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from dvml.cli import app
 from dvml.extract.synth import SynthConfig, generate
 
 runner = CliRunner()
+DATA = Path(__file__).parent.parent / "data"
 METRICS = ("recall@1", "recall@2", "recall@4", "nmi", "f1", "precision", "recall", "map@r", "r_precision")
 
 
@@ -67,6 +70,9 @@ def test_inshop_round_trip_extract_fit_evaluate(tiny_inshop, tmp_path):
     assert (counts * np.array([float(r["recall@1"]) for r in rows])).sum() / counts.sum() == pytest.approx(
         metrics["recall@1"], abs=1e-12)
     assert "per_class" not in metrics and metrics["per_class_csv"] == str(per_class.resolve())
+    # fit-heads' watch-only test Recall@1 uses the same protocol: its last epoch matches evaluate's
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert last["test_recall@1"] == pytest.approx(metrics["recall@1"])
     # the raw-feature baseline of the cache uses the same protocol; In-Shop's default Ks need a real gallery
     r = runner.invoke(app, ["evaluate", str(cache)])
     assert r.exit_code == 1 and "K=50 is larger than the set" in r.output and "gallery items" in r.output
@@ -116,3 +122,14 @@ def test_worst_classes_are_the_lowest_recall_rows(v1_cache, tmp_path):
     assert [line.split("│")[1].strip() for line in lines[:2]] == [rows[0]["class"], rows[1]["class"]]
     r = runner.invoke(app, ["evaluate", str(v1_cache), "--worst", "-1"])
     assert r.exit_code == 1 and "--worst must be >= 0" in r.output
+
+
+def test_a_v1_cache_gives_the_numbers_of_the_code_before_query_gallery(tmp_path):
+    """tests/data/v1_cache.h5 evaluated raw by dvml at commit bd9897c (before schema 2):
+    ``evaluate_target(cache, seed=0)`` gave v1_cache_raw_expected_metrics.json."""
+    expected = json.loads((DATA / "v1_cache_raw_expected_metrics.json").read_text())
+    out = tmp_path / "m.json"
+    _ok("evaluate", DATA / "v1_cache.h5", "--seed", "0", "--json", out, "--per-class", tmp_path / "pc.csv")
+    got = json.loads(out.read_text())
+    assert {k: got[k] for k in expected} == expected  # bit for bit
+    assert got["cache_fingerprint"] == "dcf1178bd66c36c5173fac59b08720f1"  # the fingerprint the old code gave
