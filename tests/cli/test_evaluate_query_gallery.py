@@ -47,6 +47,8 @@ def test_inshop_round_trip_extract_fit_evaluate(tiny_inshop, tmp_path):
     cache = tmp_path / "inshop.h5"
     _ok("extract", "inshop", "--root", tiny_inshop, "--out", cache, "--weights", "none", "--resize", "40",
         "--crop", "32", "--workers", "0", "--views", "2")
+    info = " ".join(_ok("cache", "info", cache).output.split())
+    assert "6 queries, 6 gallery (query/gallery protocol)" in info and "v2 /" in info
     run = tmp_path / "run"
     _ok("fit-heads", cache, "--out", run, "--epochs", "2", "--embedding-size", "8", "--decoder-hidden", "16",
         "--batch-size", "6", "--per-class", "2", "--eval-every", "1", "--device", "cpu")

@@ -44,6 +44,8 @@ def info_cmd(
         s = info.splits[split]
         t.add_row(split, f"{s.n:,} images x {s.views} views, {s.n_classes:,} classes, {s.dtype}"
                          + (", paths" if s.has_paths else ""))
+        if s.n_query is not None:
+            t.add_row("", f"{s.n_query:,} queries, {s.n_gallery:,} gallery (query/gallery protocol)")
     t.add_row("size on disk", _human(info.size_bytes))
     t.add_row("complete", "[green]yes[/]" if info.complete else "[red]no (resumable)[/]")
     t.add_row("schema / dvml", f"v{info.schema_version} / {info.dvml_version}")

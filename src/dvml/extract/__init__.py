@@ -8,7 +8,9 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
   :class:`Preprocess`), :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
 * views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
   :func:`collate_views`, :class:`BadImageError`;
-* the stage: :class:`ExtractConfig`, :func:`run` -> :class:`ExtractResult`.
+* the stage: :class:`ExtractConfig`, :func:`run` -> :class:`ExtractResult`;
+* getting the images: :mod:`dvml.extract.download` (``download``/``verify``: resumable, MD5-checked) and
+  :mod:`dvml.extract.archive` (safe, atomic unpacking); imported on use, not here.
 """
 
 from dvml.extract.backbone import (
