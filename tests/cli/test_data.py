@@ -129,3 +129,27 @@ def test_verify_failures_are_a_table_and_one_line_error(tiny_cub, tmp_path):
     assert result.exit_code == 1 and "not found" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["data", "verify", "folder", str(tmp_path)])
     assert result.exit_code == 2  # not a published dataset: typer rejects the choice
+
+
+def test_inshop_from_the_release_folders_you_bring(tiny_inshop, tmp_path, monkeypatch, archives):
+    import zipfile
+
+    to = tmp_path / "drive"  # the layout of the DeepFashion Drive folder: Img/img.zip, Eval/list_eval_partition.txt
+    result = runner.invoke(app, ["data", "download", "inshop", "--to", str(to)])
+    assert result.exit_code == 1 and "no official download" in result.output and "img.zip" in result.output
+    (to / "Img").mkdir(parents=True)
+    with zipfile.ZipFile(to / "Img/img.zip", "w") as zf:
+        for p in sorted((tiny_inshop / "img").rglob("*.jpg")):
+            zf.write(p, p.relative_to(tiny_inshop).as_posix())
+    (to / "Eval").mkdir()
+    (to / "Eval/list_eval_partition.txt").write_bytes((tiny_inshop / "Eval/list_eval_partition.txt").read_bytes())
+    monkeypatch.setitem(D.SOURCES, "inshop", dataclasses.replace(
+        D.SOURCES["inshop"], counts=D.Counts(9, 3, 12, 4, query=6, gallery=6)))
+    result = runner.invoke(app, ["data", "download", "inshop", "--to", str(to)])
+    assert result.exit_code == 0, result.output
+    assert archives.leftovers(to) == ["Eval", "Img", "InShop"]
+    index, ref = read_dataset("inshop", to / "InShop"), read_dataset("inshop", tiny_inshop)
+    assert index.test == ref.test and index.test_roles == ref.test_roles and index.train == ref.train
+    result = runner.invoke(app, ["data", "verify", "inshop", str(to)])
+    assert result.exit_code == 0, result.output
+    assert "6" in result.output and "query images" in result.output

@@ -75,7 +75,7 @@ def download_cmd(
     check and unpack them.
     """
     source = D.source_for(dataset.value)
-    if not source.downloadable and not all((to / f.name).is_file() for f in source.files):
+    if not source.downloadable and not all(f.local(to) for f in source.files):
         if not (to / source.folder).exists():
             console.print(f"{dataset.value} has no official download any more. Get the files by hand:")
             for f in source.files:

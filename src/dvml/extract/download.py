@@ -73,7 +73,8 @@ class RemoteFile:
     ``name``: its file name in ``--to``; ``md5``: the published checksum (None: none published);
     ``urls``: where to download it, tried in order (empty: no official download); ``top``: for an archive,
     the top-level folder it contains (None: not an archive); ``dest``: where that folder (or the file) goes
-    inside the dataset directory (``""``: it *is* the dataset directory).
+    inside the dataset directory (``""``: it *is* the dataset directory); ``also``: other places in ``--to``
+    where people commonly have it (the layout of the release's own folders), looked at after ``name``.
     """
 
     name: str
@@ -81,6 +82,11 @@ class RemoteFile:
     urls: tuple[str, ...] = ()
     top: str | None = None
     dest: str = ""
+    also: tuple[str, ...] = ()
+
+    def local(self, to: Path) -> Path | None:
+        """Where this file already is in ``to`` (``to/name`` or one of ``also``), or None."""
+        return next((p for p in (to / self.name, *(to / a for a in self.also)) if p.is_file()), None)
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,9 @@ SOURCES: dict[str, DatasetSource] = {
                "split of the devkit or of Kaggle's copy",)),
     "inshop": DatasetSource(
         name="inshop", folder="InShop",
-        files=(RemoteFile("img.zip", None, top="img", dest="img"),
-               RemoteFile("list_eval_partition.txt", None, dest="Eval/list_eval_partition.txt")),
+        files=(RemoteFile("img.zip", None, top="img", dest="img", also=("Img/img.zip",)),
+               RemoteFile("list_eval_partition.txt", None, dest="Eval/list_eval_partition.txt",
+                          also=("Eval/list_eval_partition.txt",))),
         counts=Counts(train_images=25882, train_classes=3997, test_images=26830, test_classes=3985,
                       query=14218, gallery=12612),
         obtain="the DeepFashion project's In-shop Clothes Retrieval Benchmark (Google Drive folder linked from "
@@ -384,7 +391,7 @@ def verify(name: DatasetName | str, path: str | Path, *, source: DatasetSource |
     checks: list[Check] = []
     for f in source.files:
         candidates = [root / f.dest] if f.top is None else []
-        candidates += [path / f.name, root / f.name, root.parent / f.name]
+        candidates += [path / f.name, root / f.name, root.parent / f.name, *(path / a for a in f.also)]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             if f.top is None and f.md5:  # a checksummed file the dataset itself needs
@@ -402,9 +409,9 @@ def verify(name: DatasetName | str, path: str | Path, *, source: DatasetSource |
 
 
 # ------------------------------------------------------------------------------------------------ download
-def _assemble(source: DatasetSource, to: Path, progress: ProgressFn | None) -> Path:
+def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress: ProgressFn | None) -> Path:
     """Unpack/copy the verified files into ``to/.dvml-extract-<folder>-<pid>/<folder>``, check the structure
-    and counts there, then rename it to ``to/<folder>``."""
+    and counts there, then rename it to ``to/<folder>``. ``files``: where each source file is."""
     final = to / source.folder
     tmp = temporary_dir(to, source.folder)
     try:
@@ -414,7 +421,7 @@ def _assemble(source: DatasetSource, to: Path, progress: ProgressFn | None) -> P
             if f.top is None:
                 target = staged / f.dest
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(to / f.name, target)
+                shutil.copyfile(files[f.name], target)
                 continue
             work = tmp / f".unpack-{f.name}"
             work.mkdir()
@@ -424,10 +431,10 @@ def _assemble(source: DatasetSource, to: Path, progress: ProgressFn | None) -> P
                     progress("extract", _name, done, total)
 
             try:
-                extracted = unpack(to / f.name, work, f.top, progress=member_progress)
+                extracted = unpack(files[f.name], work, f.top, progress=member_progress)
             except ArchiveError as e:  # unsafe or damaged: keeping it would only fail again
-                (to / f.name).unlink(missing_ok=True)
-                raise ArchiveError(f"{e} ({to / f.name} was removed; {to / source.folder} was not created)") \
+                files[f.name].unlink(missing_ok=True)
+                raise ArchiveError(f"{e} ({files[f.name]} was removed; {to / source.folder} was not created)") \
                     from None
             if f.dest:
                 os.rename(extracted, staged / f.dest)
@@ -476,11 +483,15 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
         log.info("%s: already present and verified", final)
         return final
     to.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
     for f in source.files:
         dest = to / f.name
-        if dest.is_file():
-            log.info("%s: present; checking its %s", dest, "MD5" if f.md5 else "size")
-            check_md5(dest, f.md5, progress)
+        present = f.local(to)
+        if present is not None:
+            if f.md5:
+                log.info("%s: present; checking its MD5", present)
+                check_md5(present, f.md5, progress)
+            files[f.name] = present
             continue
         urls = ((url,) if url and len(source.files) == 1 else ()) + f.urls
         if not urls:
@@ -489,7 +500,7 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
         errors = []
         for i, u in enumerate(urls):
             try:
-                fetch(u, dest, md5=f.md5, progress=progress, retries=retries, timeout=timeout)
+                files[f.name] = fetch(u, dest, md5=f.md5, progress=progress, retries=retries, timeout=timeout)
                 break
             except DownloadError as e:
                 errors.append(str(e))
@@ -497,8 +508,8 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
                     log.warning("%s; trying the next URL", e)
         else:
             raise DownloadError("; ".join(errors) + ". Manual steps: " + manual_steps(source, to))
-    path = _assemble(source, to, progress)
+    path = _assemble(source, to, files, progress)
     if not keep_archives:
-        for f in source.files:
-            (to / f.name).unlink(missing_ok=True)
+        for p in files.values():
+            p.unlink(missing_ok=True)
     return path
