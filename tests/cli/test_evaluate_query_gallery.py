@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dvml.cache import CacheSpec, CacheWriter, load_split
 from dvml.cache import schema as S
 from dvml.cli import app
+from dvml.extract.datasets import read_dataset
 from dvml.extract.synth import SynthConfig, generate
 
 runner = CliRunner()
@@ -135,3 +136,19 @@ def test_a_v1_cache_gives_the_numbers_of_the_code_before_query_gallery(tmp_path)
     got = json.loads(out.read_text())
     assert {k: got[k] for k in expected} == expected  # bit for bit
     assert got["cache_fingerprint"] == "dcf1178bd66c36c5173fac59b08720f1"  # the fingerprint the old code gave
+
+
+def test_a_finetune_run_on_inshop_is_scored_query_against_gallery(tiny_inshop, tmp_path):
+    from dvml.finetune import FinetuneConfig, embed_test_split, finetune
+
+    out = tmp_path / "ft"
+    finetune(FinetuneConfig(dataset="inshop", root=tiny_inshop, out=out, weights="none", resize=40, crop=32,
+                            batch_size=6, per_class=2, samples=2, embedding_size=8, decoder_hidden=16, workers=0,
+                            epochs=1, steps_per_epoch=2, checkpoint_every=0))
+    _ok("evaluate", out, "--ks", "1,2", "--no-clustering")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run_kind"] == "finetune" and metrics["protocol"] == "query/gallery"
+    assert (metrics["n_query"], metrics["n_gallery"]) == (6, 6)
+    emb, labels = embed_test_split(out)
+    roles = np.array(read_dataset("inshop", tiny_inshop).test_roles)
+    assert metrics["recall@1"] == pytest.approx(_brute_force_recall(emb, labels, roles, 1))

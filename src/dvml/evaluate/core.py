@@ -413,6 +413,9 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         prov = {"target_kind": "cache", "cache": str(target.resolve()), "cache_fingerprint": fingerprint(target),
                 "dataset": dataset}
     roles = _test_roles(target, prov)
+    if roles is not None and roles.shape[0] != emb.shape[0]:
+        raise EvaluationError(f"{target}: {roles.shape[0]} query/gallery roles for {emb.shape[0]} test embeddings "
+                              "(the dataset index changed since the run?)")
     t_load = time.perf_counter() - t0
     ks = cfg.ks if cfg.ks is not None else default_ks(prov.get("dataset"))
     timings: dict[str, float] = {}
