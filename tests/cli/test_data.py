@@ -153,3 +153,12 @@ def test_inshop_from_the_release_folders_you_bring(tiny_inshop, tmp_path, monkey
     result = runner.invoke(app, ["data", "verify", "inshop", str(to)])
     assert result.exit_code == 0, result.output
     assert "6" in result.output and "query images" in result.output
+
+
+def test_extract_on_a_directory_without_the_dataset_names_the_download_command(tmp_path):
+    result = runner.invoke(app, ["extract", "cub", "--root", str(tmp_path), "--out", str(tmp_path / "c.h5"),
+                                 "--weights", "none"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert f"{tmp_path / 'images.txt'}: not found" in text and "dvml data download cub --to DIR" in text
+    assert not (tmp_path / "c.h5").exists()
