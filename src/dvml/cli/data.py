@@ -11,12 +11,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from dvml.cli.app import app, console, err_console, handle_errors
 from dvml.errors import DvmlError
@@ -37,10 +39,28 @@ data_app = typer.Typer(help="Download (resumable, MD5-checked, safely unpacked) 
 app.add_typer(data_app, name="data")
 
 
+class _ByUnit(ProgressColumn):
+    """A bytes column for download/MD5 tasks, a plain count of archive members for unpacking."""
+
+    def __init__(self, for_bytes: ProgressColumn, members: bool):
+        super().__init__()
+        self.for_bytes = for_bytes
+        self.members = members
+
+    def render(self, task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            return self.for_bytes.render(task)
+        if self.members:
+            return Text(f"{int(task.completed):,}/{int(task.total or 0):,} members", style="progress.download")
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} members/s", style="progress.data.speed")
+
+
 def _progress() -> Progress:
-    """Bytes, rate and ETA for downloads and checksums; the same bar counts members while unpacking."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
+    """Bytes, rate and ETA for downloads and checksums; members and their rate while unpacking."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), _ByUnit(DownloadColumn(), True),
+                    _ByUnit(TransferSpeedColumn(), False), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console)
 
 
 def _on_progress(progress: Progress):
@@ -49,8 +69,9 @@ def _on_progress(progress: Progress):
     def update(stage: str, name: str, done: int, total: int | None) -> None:
         key = (stage, name)
         if key not in tasks:
-            label = {"download": "download", "md5": "MD5", "extract": "unpack (members)"}[stage]
-            tasks[key] = progress.add_task(f"{label} {name}", total=total, completed=done)
+            label = {"download": "download", "md5": "MD5", "extract": "unpack"}[stage]
+            tasks[key] = progress.add_task(f"{label} {name}", total=total, completed=done,
+                                           unit="members" if stage == "extract" else "bytes")
         else:
             progress.update(tasks[key], completed=done, total=total)
 

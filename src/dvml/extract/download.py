@@ -183,8 +183,8 @@ def manual_steps(source: DatasetSource, to: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ MD5
-def md5sum(path: Path, progress: ProgressFn | None = None) -> str:
-    """Hex MD5 of a file, read in 1 MiB chunks."""
+def md5sum(path: Path, progress: ProgressFn | None = None, name: str | None = None) -> str:
+    """Hex MD5 of a file, read in 1 MiB chunks (``name``: what progress reports, default the file name)."""
     h = hashlib.md5(usedforsecurity=False)
     total = path.stat().st_size
     done = 0
@@ -193,13 +193,14 @@ def md5sum(path: Path, progress: ProgressFn | None = None) -> str:
             h.update(chunk)
             done += len(chunk)
             if progress is not None:
-                progress("md5", path.name, done, total)
+                progress("md5", name or path.name, done, total)
     return h.hexdigest()
 
 
-def check_md5(path: Path, expected: str | None, progress: ProgressFn | None = None) -> str:
+def check_md5(path: Path, expected: str | None, progress: ProgressFn | None = None,
+              name: str | None = None) -> str:
     """MD5 of ``path``; ChecksumError naming the file and both sums when ``expected`` differs."""
-    got = md5sum(path, progress)
+    got = md5sum(path, progress, name)
     if expected is not None and got != expected.lower():
         raise ChecksumError(f"{path}: MD5 {got} but the published MD5 is {expected}: not the original file "
                             "(damaged, truncated, or a different release)")
@@ -286,7 +287,7 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
             resumes += 1
             log.warning("%s: connection lost after %d bytes (%s); resuming", dest.name, have + received, reason)
     try:
-        check_md5(part, md5, progress)
+        check_md5(part, md5, progress, name=dest.name)
     except ChecksumError as e:
         part.unlink()
         raise ChecksumError(f"{e} (downloaded from {url}; the partial file was removed, rerun to download "
