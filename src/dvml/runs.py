@@ -15,7 +15,10 @@ writers, provenance (:func:`versions`), loading, and the epoch log. The one modu
                            "epochs_done"}: the same facts, readable
     RUN_DIR/log.jsonl    one JSON object per finished epoch: loss terms, λs, phase, timing, watch-only test
                            Recall@1 and validation Recall@1 when evaluated
-    RUN_DIR/metrics.json written by ``dvml evaluate`` (and every ablation cell)
+    RUN_DIR/metrics.json written by ``dvml evaluate`` (and every ablation cell); its ``checkpoint`` entry
+                           (:func:`checkpoint_facts`) says which checkpoint it scored (epoch, status, sha256),
+                           and a fit that continues the run deletes it (:func:`invalidate_metrics`), so it never
+                           describes an older checkpoint than the one on disk
 
 A finetune run adds ``backbone.pt`` and ``checkpoint.pt`` and writes ``kind "finetune"`` (see
 :mod:`dvml.finetune.train` for their keys). ``heads.pt``'s ``format`` is :data:`CHECKPOINT_FORMAT`; a checkpoint
@@ -28,6 +31,7 @@ Every file is written to a temporary name in the same directory and renamed over
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -145,10 +149,20 @@ def clear_run(out: Path) -> None:
 
 def load_torch(path: Path, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    import pickle
+
     import torch
 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises retrying with weights_only=False: impossible from the CLI, and exactly what
+        # must not be done with an untrusted file. Say what was refused instead.
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise RunError(f"{path}: refused: it holds Python objects other than tensors and plain values (it "
+                           "could run code when loaded); dvml loads only weights-only checkpoints, so re-create "
+                           "it with dvml") from None
+        raise RunError(f"{path}: cannot be loaded (UnpicklingError: {e})") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
 
@@ -245,3 +259,52 @@ def load_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(run_dir=run_dir, kind=str(d["kind"]), config=dict(d["config"]),
                    cache=Path(cache) if cache else None, cache_fingerprint=d.get("cache_fingerprint"),
                    seed=d.get("seed"), status=str(d.get("status", "finished")), epochs_done=d.get("epochs_done"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_facts(run_dir: str | Path, ckpt: dict | None = None) -> dict:
+    """Which checkpoint of a run an evaluation scores (recorded as ``metrics.json``'s ``checkpoint``).
+
+    Returns ``{"file", "epoch" (of the scored model), "epochs_done", "epochs" (planned), "status"
+    ("finished" | "unfinished"), "selection", "sha256" (of heads.pt, and of backbone.pt as "backbone_sha256"
+    when the run has one), "mtime"}``. ``ckpt``: the loaded ``heads.pt`` if already at hand.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / HEADS_FILE
+    sha = file_sha256(path) if path.is_file() else None
+    ckpt = load_checkpoint(run_dir) if ckpt is None else ckpt
+    done = int(ckpt.get("epochs_done", 0))
+    epochs = (ckpt.get("config") or {}).get("epochs")
+    out = {"file": HEADS_FILE, "epoch": int(ckpt.get("epoch", done)), "epochs_done": done, "epochs": epochs,
+           "status": "finished" if ckpt.get("finished") else "unfinished", "selection": ckpt.get("selection"),
+           "sha256": sha, "mtime": path.stat().st_mtime}
+    if (run_dir / BACKBONE_FILE).is_file():
+        out["backbone_sha256"] = file_sha256(run_dir / BACKBONE_FILE)
+    return out
+
+
+def metrics_current(run_dir: str | Path, metrics: dict) -> bool:
+    """True when ``metrics`` (a run's metrics.json) scored the checkpoint now on disk (same sha256)."""
+    run_dir = Path(run_dir)
+    recorded = metrics.get("checkpoint") if isinstance(metrics, dict) else None
+    if not isinstance(recorded, dict) or not (run_dir / HEADS_FILE).is_file():
+        return False
+    if recorded.get("sha256") != file_sha256(run_dir / HEADS_FILE):
+        return False
+    backbone = run_dir / BACKBONE_FILE
+    return not backbone.is_file() or recorded.get("backbone_sha256") == file_sha256(backbone)
+
+
+def invalidate_metrics(run_dir: str | Path) -> None:
+    """Delete ``RUN_DIR/metrics.json``: called when a fit is about to change the run's checkpoint (resume,
+    continued training), so no metrics file ever describes an older checkpoint than the one on disk."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        path.unlink()

@@ -11,11 +11,11 @@ from dvml.cache.errors import (
     CacheVersionError,
 )
 from dvml.cache.fingerprint import fingerprint
-from dvml.cache.reader import CacheInfo, Split, SplitInfo, load_split, load_test_roles, read_info, validate
+from dvml.cache.reader import CacheInfo, Split, SplitInfo, load_labels, load_split, load_test_roles, read_info, validate
 from dvml.cache.writer import CacheSpec, CacheWriter
 
 __all__ = [
     "CacheError", "CacheExistsError", "CacheIncompleteError", "CacheMissingError", "CacheShapeError",
     "CacheSplitError", "CacheValueError", "CacheVersionError", "CacheInfo", "CacheSpec", "CacheWriter",
-    "Split", "SplitInfo", "fingerprint", "load_split", "load_test_roles", "read_info", "validate",
+    "Split", "SplitInfo", "fingerprint", "load_labels", "load_split", "load_test_roles", "read_info", "validate",
 ]

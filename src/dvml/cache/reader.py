@@ -250,6 +250,16 @@ def load_test_roles(path: str | Path) -> np.ndarray | None:
         return f[S.TEST][S.ROLES][()].astype(np.int8)
 
 
+def load_labels(path: str | Path, split: str) -> np.ndarray:
+    """The (N,) int64 labels of one split, without reading its features (checks the structure first)."""
+    if split not in S.SPLITS:
+        raise ValueError(f"split must be one of {S.SPLITS}, got {split!r}")
+    path = Path(path)
+    read_info(path)
+    with _open(path) as f:
+        return f[split][S.LABELS][()].astype(np.int64)
+
+
 def validate(path: str | Path) -> CacheInfo:
     """Full check: structure, completeness, class disjointness and finite values of every split."""
     info = read_info(path)

@@ -24,7 +24,9 @@ def ablate_cmd(
     first_seed: int = typer.Option(_D.seeds[0], help="First seed."),
     methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
-    batch_size: int | None = typer.Option(None, help="Fit option (default: 120 for triplet, 128 otherwise)."),
+    batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
+                                                    "triplet, 128 otherwise; fitted to the data when it has fewer "
+                                                    "classes)."),
     lr: float | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["lr"])),
     embedding_size: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["embedding_size"])),
     samples: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["samples"]) + " (T)"),

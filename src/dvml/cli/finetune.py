@@ -73,6 +73,8 @@ def finetune_cmd(
     device: str = typer.Option(_F.device, help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
+    skip_bad: bool = typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
+                                  "decoding pass before training; listed in config.json) instead of stopping."),
 ):
     """Train the GoogLeNet backbone and the DVML heads together from images (the paper's end-to-end setting).
 
@@ -93,7 +95,7 @@ def finetune_cmd(
                          temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
                          resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
                          checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
-                         overwrite=overwrite, workers=workers)
+                         overwrite=overwrite, workers=workers, skip_bad=skip_bad)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
     state = {"last": None, "epoch": 0}
     progress = make_progress("step", TextColumn("{task.fields[terms]}"))

@@ -8,7 +8,7 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, parse_lambdas
+from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, check_field_types, parse_lambdas
 from dvml.cli.render import format_terms
 from dvml.heads.config import DeviceChoice, FitConfig, Reduction
 from dvml.losses import LossName
@@ -30,6 +30,7 @@ def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
     unknown = sorted(set(data) - set(kw) - {"cache", "out"})
     if unknown:
         raise ValueError(f"--config {path}: unknown fit option(s) {', '.join(unknown)}")
+    check_field_types(FitConfig, data, f"--config {path}")  # {"lr": "fast"}: one line, not a TypeError
     merged = dict(kw)
     for key, value in data.items():
         source = ctx.get_parameter_source(key)  # click's ParameterSource (vendored by recent typer)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
+from enum import Enum
+from pathlib import Path
 
 import typer
 
@@ -47,12 +51,14 @@ def head_options() -> dict:
         "reduction": typer.Option(H.reduction, help="KL over E and recon over D: sum (the paper's eqs. 8-9) or "
                                                     "mean."),
         "lr": typer.Option(H.lr, help="Adam learning rate of the heads."),
-        "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies [default: 100 x --lr]."),
+        "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies (default: 100 x --lr; "
+                                                   "only proxy losses use it)."),
         "weight_decay": typer.Option(H.weight_decay, help="Adam weight decay (heads; finetune: and backbone)."),
-        "batch_size": typer.Option(H.batch_size, help="Images per batch (finetune: over all processes) "
-                                                      "[default: 120 for triplet, 128 otherwise]."),
-        "per_class": typer.Option(H.per_class, help="Images per class in a batch [default: 2 for npair, 4 "
-                                                    "otherwise]."),
+        "batch_size": typer.Option(H.batch_size, help="Images per batch (finetune: over all processes; "
+                                                      "default depends on the loss: 120 for triplet, 128 otherwise; "
+                                                      "fitted to the data when it has fewer classes than that needs)."),
+        "per_class": typer.Option(H.per_class, help="Images per class in a batch (default depends on the loss: 2 "
+                                                    "for npair, 4 otherwise)."),
         "seed": typer.Option(H.seed, help="Seed (initialisation, batches, views / augmentation, z_V noise)."),
         "resume": typer.Option(FitConfig.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
         "overwrite": typer.Option(FitConfig.overwrite, "--overwrite/--no-overwrite",
@@ -78,7 +84,7 @@ def format_lambdas(lams) -> str:
 
 def device_option():
     """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
-    return typer.Option(None, help="Fit device: auto (CUDA when available), cpu or cuda [default: auto].")
+    return typer.Option(None, help="Fit device: auto (CUDA when available), cpu or cuda (default: auto).")
 
 
 DeviceOption = DeviceChoice | None
@@ -92,6 +98,51 @@ def fit_defaults() -> dict:
 FIT_DEFAULTS = fit_defaults()
 
 FIT_HELP = "Fit option shared by every run (default: fit-heads' default {})."
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _type_problem(value, tp) -> str | None:
+    """Why ``value`` (from JSON or ``--set``) does not fit the annotation ``tp``, or None when it does."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        probs = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in probs) else probs[0]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return f"expected a list of {len(args)} numbers, got {value!r}"
+        if len(value) != len(args) or any(_type_problem(v, a) for v, a in zip(value, args, strict=False)):
+            return f"expected a list of {len(args)} numbers, got {value!r}"
+        return None
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        names = [m.value for m in tp]
+        return None if value in names or isinstance(value, tp) else f"expected one of {', '.join(names)}, got {value!r}"
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          Path: lambda v: isinstance(v, str | Path)}.get(tp)
+    if ok is None or ok(value):
+        return None
+    return f"expected {_TYPE_WORDS[tp]}, got {value!r}"
+
+
+def check_field_types(cls, values: dict, where: str) -> None:
+    """Check ``values`` (e.g. a JSON config file, ``--set`` pairs) against the field types of the dataclass
+    ``cls``: an unknown key or a value of the wrong type is a ValueError naming ``where``, the key and the type
+    expected (``--config c.json: lr: expected a number, got 'fast'``)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    for key, value in values.items():
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ValueError(f"{where}: {key}: {problem}")
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -116,7 +167,9 @@ def parse_set(items: list[str] | None) -> dict:
                     parsed = value
             else:
                 parsed = value
-        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+        parsed = tuple(parsed) if isinstance(parsed, list) else parsed
+        check_field_types(FitConfig, {key: parsed}, f"--set {item}")
+        out[key] = parsed
     return out
 
 

@@ -7,10 +7,11 @@ import math
 import time
 from pathlib import Path
 
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from dvml.cli.app import console, err_console
+from dvml.cli.app import console, err_console, make_progress
 from dvml.evaluate import worst_classes
 
 
@@ -143,6 +144,33 @@ def print_ablation_result(result: dict, title: str) -> None:
     console.print(f"results: {out / RESULTS_FILE}  summary: {out / SUMMARY_MD}  chart: {out / CHART_FILE}")
 
 
+class _GridProgress:
+    """The overall bar of an ablation: cells to run (not those finished before), advanced by fit steps, ETA."""
+
+    def __init__(self):
+        self.progress = make_progress("cell")
+        self.task = None
+        self.done = 0
+
+    def __call__(self, event) -> None:
+        if event.kind == "start":
+            self.total = len(event.cells)
+        elif event.kind == "cell_skipped":
+            self.total -= 1
+        elif event.kind == "cell_start" and self.task is None:
+            self.task = self.progress.add_task("grid", total=max(self.total, 1), rate="")
+        elif event.kind == "epoch" and self.task is not None:
+            info = event.info or {}
+            ep, epochs, step, steps = (info.get(k) for k in ("epoch", "epochs", "step", "steps"))
+            if epochs and steps:
+                frac = (int(ep) - 1 + int(step) / int(steps)) / int(epochs) if info.get("kind") == "step" else \
+                    int(ep) / int(epochs)
+                self.progress.update(self.task, completed=self.done + min(frac, 1.0))
+        elif event.kind == "cell_done" and self.task is not None:
+            self.done += 1
+            self.progress.update(self.task, completed=self.done)
+
+
 def run_ablation(fn, *args, **kwargs) -> dict:
     # the live table shows each cell; the per-fit/per-evaluation INFO lines would only scroll it (kept with -v):
     # the root logger's handlers show warnings only while it runs, then get their levels back.
@@ -152,20 +180,28 @@ def run_ablation(fn, *args, **kwargs) -> dict:
     if root.level > logging.DEBUG:
         for h in handlers:
             h.setLevel(max(h.level, logging.WARNING))
-    view = _AblationView()
+    view, bar = _AblationView(), _GridProgress()
+    # the display starts with the grid's "start" event, i.e. after every check: a refused grid draws nothing
+    live = Live(console=err_console, refresh_per_second=4, transient=False)
     try:
-        with Live(view.table(), console=err_console, refresh_per_second=4, transient=False) as live:
-            last = [0.0]
+        last = [0.0]
 
-            def cb(event):
-                view(event)
-                now = time.perf_counter()
-                # per-step events can come thousands of times a second on a GPU: redraw at most 10 times a second
-                if event.kind != "epoch" or now - last[0] > 0.1:
-                    last[0] = now
-                    live.update(view.table())
+        def render():
+            return Group(view.table(), bar.progress) if bar.task is not None else view.table()
 
-            return fn(*args, callback=cb, **kwargs)
+        def cb(event):
+            view(event)
+            bar(event)
+            if event.kind == "start":
+                live.start()
+            now = time.perf_counter()
+            # per-step events can come thousands of times a second on a GPU: redraw at most 10 times a second
+            if event.kind != "epoch" or now - last[0] > 0.1:
+                last[0] = now
+                live.update(render(), refresh=True)
+
+        return fn(*args, callback=cb, **kwargs)
     finally:
+        live.stop()
         for h, level in zip(handlers, saved, strict=True):
             h.setLevel(level)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors
 from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, parse_set
@@ -30,7 +32,9 @@ def tune_cmd(
     search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
                                                  "samples, embedding_size (default all that apply)."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
-    batch_size: int | None = typer.Option(None, help="Fit option (default: 120 for triplet, 128 otherwise)."),
+    batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
+                                                    "triplet, 128 otherwise; fitted to the data when it has fewer "
+                                                    "classes)."),
     device: DeviceOption = device_option(),
     set_: list[str] | None = typer.Option(None, "--set", help="Fixed fit option KEY=VALUE (repeatable)."),
     seed: int = typer.Option(_D.seed, help="Seed of the class split, the sampler and each fit."),
@@ -47,12 +51,30 @@ def tune_cmd(
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),
                           seed=seed, timeout=timeout, keep_runs=keep_runs)
 
+    # the overall bar (finished trials of the target, ETA) starts with the first finished trial: nothing is
+    # drawn for a study that is refused before it starts
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=err_console)
+    task: list[int] = []
+    seconds: list[float] = []
+
     def on_trial(t: dict) -> None:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        err_console.print(f"trial {t['number']}: {objective} {100 * t['value']:.2f} (best {100 * t['best_value']:.2f}) "
-                          f"[{t['n_complete']}/{t['target']}] {t['seconds']:.1f}s  {params}", highlight=False)
+        seconds.append(float(t["seconds"] or 0.0))
+        left = max(0, t["target"] - t["n_complete"])
+        eta = str(timedelta(seconds=round(left * sum(seconds) / len(seconds))))  # mean trial time x trials left
+        if not task:
+            progress.start()
+            task.append(progress.add_task("tune", total=t["target"], eta=eta))
+        progress.console.print(f"trial {t['number']}: {objective} {100 * t['value']:.2f} (best "
+                               f"{100 * t['best_value']:.2f}) [{t['n_complete']}/{t['target']}] {t['seconds']:.1f}s  "
+                               f"{params}", highlight=False)
+        progress.update(task[0], completed=t["n_complete"], eta=eta)
 
-    result = tune.run(cfg, callback=on_trial)
+    try:
+        result = tune.run(cfg, callback=on_trial)
+    finally:
+        progress.stop()
     best = result["best"]
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
     console.print(f"best trial {best['number']}: validation {objective} {100 * best['value']:.2f}% with {params}")

@@ -324,8 +324,13 @@ def _resolve_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise EvaluationError(f"{run_dir}: not a run directory (no {R.CONFIG_FILE}); pass a run directory "
                               "written by `dvml fit-heads` or an HDF5 feature cache")
     info = R.load_run(run_dir)
+    checkpoint = R.checkpoint_facts(run_dir)
+    if checkpoint["status"] != "finished":
+        log.warning("%s: unfinished run: scoring its checkpoint of epoch %d of %s, unfinished (continue it with "
+                    "--resume; metrics.json records which checkpoint was scored)", run_dir,
+                    checkpoint["epochs_done"], checkpoint["epochs"])
     prov: dict = {"target_kind": "run", "run_kind": info.kind, "cache": str(info.cache) if info.cache else None,
-                  "cache_fingerprint": info.cache_fingerprint, "run_config": info.config}
+                  "cache_fingerprint": info.cache_fingerprint, "run_config": info.config, "checkpoint": checkpoint}
     if info.kind == R.FINETUNE_KIND:
         from dvml.finetune import embed_test_split  # lazily: heavy (torch), evaluating a cache never needs it
 
@@ -403,6 +408,12 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
     target = cfg.target
     if not target.exists():
         raise EvaluationError(f"{target}: no such file or directory")
+    if cfg.use_gpu:  # an explicit --gpu is never silently run on the CPU (slow, and mis-recorded)
+        try:
+            knn.resolve_gpu(True)
+        except ValueError as e:
+            raise EvaluationError(f"--gpu: {e}; pass --cpu, or neither (a GPU is then used when faiss has "
+                                  "one)") from None
     t0 = time.perf_counter()
     if target.is_dir():
         emb, labels, prov = _resolve_run(target)
@@ -441,7 +452,7 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         "clustering": cfg.clustering,
         "kmeans_runs": cfg.kmeans_runs if cfg.clustering else 0,
         "seed": cfg.seed,
-        "faiss_gpu": bool(knn.gpu_available() if cfg.use_gpu is None else cfg.use_gpu),
+        "faiss_gpu": knn.resolve_gpu(cfg.use_gpu),
         "seconds": {"load_embed": round(t_load, 3),
                     **{k: round(v, 3) for k, v in timings.items() if k.endswith("_s")}},
         "kmeans_iterations": timings.get("kmeans_iterations", []),
@@ -449,6 +460,9 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         **cfg.extra,
     })
     if target.is_dir() and cfg.write_metrics:
+        if R.checkpoint_facts(target)["sha256"] != prov["checkpoint"]["sha256"]:
+            raise EvaluationError(f"{target}: {R.HEADS_FILE} changed while it was being evaluated (a fit is "
+                                  f"writing this run); {R.METRICS_FILE} not written, evaluate again when it is done")
         R.atomic_write_json(result, target / R.METRICS_FILE, default=str)
         log.info("wrote %s", target / R.METRICS_FILE)
     if cfg.json_path is not None:

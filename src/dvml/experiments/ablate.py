@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from dvml import runs as R
-from dvml.cache import CacheError, fingerprint, load_split, read_info
+from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
+from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig
 from dvml.heads.train import fit
 
@@ -163,6 +164,8 @@ def read_finished(run: Path) -> dict | None:
         return None
     if not any(k.startswith("recall@") for k in metrics) or "map@r" not in metrics:
         return None
+    if "checkpoint" in metrics and not R.metrics_current(run, metrics):
+        return None  # it scored another checkpoint than the one now on disk
     return metrics
 
 
@@ -423,6 +426,33 @@ def _jsonable(o):
 # the stage
 
 
+def finished_cells(out: Path) -> list[str]:
+    """Names of the cells under ``OUT/runs`` whose metrics.json is complete."""
+    runs = Path(out) / "runs"
+    return sorted(p.name for p in runs.iterdir() if p.is_dir() and read_finished(p)) if runs.is_dir() else []
+
+
+def _check_earlier_grid(cfg: AblateConfig, prov_path: Path, fp: str) -> None:
+    """Resuming into ``cfg.out``: refuse a grid whose finished cells were made with another cache or other fit
+    options (they would be mixed into one table). A grid with no finished cell is simply started over."""
+    done = finished_cells(cfg.out)
+    if not done:
+        log.info("%s: no cell of the earlier ablation finished; starting over with these options", cfg.out)
+        return
+    try:
+        old = json.loads(prov_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DvmlError(f"{prov_path}: unreadable ({e}) while {len(done)} cell(s) finished; use another --out") \
+            from None
+    if old.get("cache_fingerprint") not in (None, fp):
+        raise DvmlError(f"{cfg.out} holds an ablation of a different cache (fingerprint "
+                        f"{old['cache_fingerprint']}, now {fp}) with {len(done)} finished cell(s); use another --out")
+    if old.get("fit") not in (None, _jsonable(cfg.fit)):
+        raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}) and {len(done)} "
+                        f"finished cell(s); resuming with {_jsonable(cfg.fit)} would mix them in one table; use "
+                        "another --out")
+
+
 def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     """Run (or resume) the grid; write results.csv, summary.md/json, ablation.png, ablation.json.
 
@@ -436,27 +466,25 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     except CacheError as e:
         raise DvmlError(str(e)) from None
     cells = cfg.cells()
-    for cell in cells:  # an unknown loss or option fails now (and writes nothing), not after hours of other cells
+    labels = load_labels(cfg.cache, "train")
+    # Every cell is checked now (and nothing is written), not after hours of other cells: an unknown loss or
+    # option, and a batch the training classes cannot fill (e.g. npair at --batch-size 8 needs 4 classes).
+    for cell in cells:
         try:
-            _fit_config(cfg, cell, run_dir(cfg, cell))
-        except ValueError as e:
+            fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels, where=f"{cfg.cache} ({cell.name})",
+                      per_class_option="--set per_class={}")
+        except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
-    cfg.out.mkdir(parents=True, exist_ok=True)
     prov_path = cfg.out / PROVENANCE_FILE
     if prov_path.exists():
-        old = json.loads(prov_path.read_text())
-        if old.get("cache_fingerprint") not in (None, fp):
-            raise DvmlError(f"{cfg.out} holds an ablation of a different cache (fingerprint "
-                            f"{old['cache_fingerprint']}, now {fp}); use another --out")
-        if old.get("fit") not in (None, _jsonable(cfg.fit)):
-            raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}); resuming "
-                            f"with {_jsonable(cfg.fit)} would mix them in one table; use another --out")
+        _check_earlier_grid(cfg, prov_path, fp)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
             "backbone": info.backbone, "feature_dim": info.feature_dim,
             "config": _jsonable(dataclasses.asdict(cfg)), "fit": _jsonable(cfg.fit),
             "cells": [c.name for c in cells], "versions": R.versions(), "started": started, "finished": None}
-    prov_path.write_text(json.dumps(prov, indent=2) + "\n")
+    R.atomic_write_json(prov, prov_path)
     cb(AblateEvent("start", cells=tuple(cells)))
 
     rows: list[dict] = []
@@ -493,7 +521,7 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     _write_rows_csv(compare_per_class(per_class), cfg.out / PER_CLASS_COMPARE_FILE)
     prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov["fit_seconds_total"] = round(sum(r["fit_seconds"] or 0.0 for r in rows), 3)
-    prov_path.write_text(json.dumps(prov, indent=2) + "\n")
+    R.atomic_write_json(prov, prov_path)
     result = {**summary, "rows": rows, "out": str(cfg.out)}
     cb(AblateEvent("done", summary=result))
     return result

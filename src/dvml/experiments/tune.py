@@ -41,10 +41,11 @@ import numpy as np
 
 from dvml import __version__
 from dvml import runs as R
-from dvml.cache import CacheError, Split, fingerprint, load_split, read_info
+from dvml.cache import CacheError, Split, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
 from dvml.heads import FitConfig, embed, fit
+from dvml.heads.batch import batch_size_given, fit_batch
 from dvml.heads.config import PHASE2_LAMBDAS
 from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
 from dvml.seeding import hold_out_classes
@@ -125,6 +126,9 @@ def subset(split: Split, classes: np.ndarray) -> Split:
                  paths=None if split.paths is None else split.paths[mask])
 
 
+_FIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+
+
 def _fit_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(FitConfig)}
 
@@ -136,18 +140,35 @@ def search_space(cfg: TuneConfig) -> list[str]:
     """Names of the parameters searched for this config (restricted by ``cfg.search`` if given).
 
     λ1-λ4 are the phase-2 weights (``lambdas_phase2``, the phase a default run ends in); phase 1 keeps
-    the paper's values. ``margin`` and the direction weight ``gamma`` are searched for the losses that take
+    the paper's values. When the trials' fits end before phase 2 starts (``epochs <= phase2_epoch``, e.g.
+    ``--epochs 3`` with phase 2 at epoch 30) the λs are left out of the search (they would never act), and
+    asking for them with ``--search`` is refused: the schedule is not rescaled behind the user's back, since
+    ``best_config.json`` must describe the fits that were actually scored. ``margin`` and the direction
+    weight ``gamma`` are searched for the losses that take
     them (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
     """
+    try:
+        loss = LossName(cfg.loss)
+    except ValueError:
+        raise DvmlError(f"--loss must be one of {', '.join(m.value for m in LossName)}, got {cfg.loss!r}") from None
     space = ["lr"]
-    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(LossName(cfg.loss), {})]
+    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(loss, {})]
+    epochs = cfg.fit.get("epochs", _FIT_DEFAULTS["epochs"])
+    phase2 = cfg.fit.get("phase2_epoch", _FIT_DEFAULTS["phase2_epoch"])
+    has_phase2 = phase2 < epochs  # else the phase-2 λs are never used: searching them would be noise
     if cfg.dvml:
-        if "lambdas_phase2" not in cfg.fit:
+        if "lambdas_phase2" not in cfg.fit and has_phase2:
             space += list(LAMBDA_NAMES)
         space.append("samples")
     space.append("embedding_size")
     space = [s for s in space if s not in cfg.fit]  # fixed by the user: not searched
     if cfg.search is not None:
+        asked = set(cfg.search) & set(LAMBDA_NAMES)
+        if cfg.dvml and asked and not has_phase2 and "lambdas_phase2" not in cfg.fit:
+            raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
+                            f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (--epochs), so they "
+                            "would never be used; pass --set phase2_epoch=N with N < --epochs, or search without "
+                            "them")
         unknown = set(cfg.search) - set(space)
         if unknown:
             raise DvmlError(f"cannot search {sorted(unknown)} for this study (searchable: {', '.join(space)})")
@@ -205,6 +226,8 @@ def config_file_dict(fit_cfg: FitConfig) -> dict:
     d = fit_cfg.to_dict()
     for k in ("cache", "out", "resume", "overwrite"):
         d.pop(k, None)
+    if not batch_size_given(fit_cfg):  # fit-heads fits the batch to the full training split again
+        d.pop("batch_size", None)
     return d
 
 
@@ -226,19 +249,51 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
     try:
         read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
+        labels = load_labels(cfg.cache, "train")
     except CacheError as e:
         raise DvmlError(str(e)) from None
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    # everything that can be refused is checked before OUT is created: a refused study leaves nothing behind
+    fit_classes, val_classes = split_train_classes(labels, cfg.val_fraction, cfg.seed)
+    space = search_space(cfg)
+    try:  # unknown or ill-typed fixed options, and a batch the fit classes cannot fill, fail before the study
+        check = fit_config(cfg, {}, cfg.out / "trials" / "check")
+    except ValueError as e:
+        raise DvmlError(str(e)) from None
+    fit_batch(check, labels[np.isin(labels, fit_classes)], where=str(cfg.cache),
+              per_class_option="--set per_class={}")
+    storage = None if cfg.storage is None else _open_storage(cfg.storage)
+    created = not cfg.out.exists()
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        return _run_study(cfg, fp, fit_classes, val_classes, space, storage, callback)
+    except BaseException:
+        if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+            cfg.out.rmdir()  # no empty output directory left by a failed study
+        raise
+
+
+def _open_storage(url: str):
+    """The Optuna storage of ``--storage URL``, or a DvmlError naming the URL (not a sqlalchemy traceback)."""
+    import optuna
+
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL or server
+        raise DvmlError(f"--storage {url}: cannot open the study storage ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: np.ndarray, space: list[str],
+               storage, callback: Callable[[dict], None] | None) -> dict:
+    import optuna
+
     train_all = load_split(cfg.cache, "train")  # the test split is never read
-    fit_classes, val_classes = split_train_classes(train_all.labels, cfg.val_fraction, cfg.seed)
     train, val = subset(train_all, fit_classes), subset(train_all, val_classes)
     del train_all
-    space = search_space(cfg)
-    fit_config(cfg, {}, cfg.out / "trials" / "check")  # unknown fixed options fail before the study starts
     log.info("tuning %s (%s) on %d fit / %d validation classes of the training split; searching %s",
              cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
 
-    study, sampler_seed = _open_study(cfg, fp, val_classes)
+    study, sampler_seed = _open_study(cfg, fp, val_classes, storage)
 
     def objective(trial) -> float:
         params = suggest(trial, space)
@@ -277,13 +332,13 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
     return _write_results(cfg, study, fp, fit_classes, val_classes, space, sampler_seed)
 
 
-def _open_study(cfg: TuneConfig, fp: str, val_classes: np.ndarray):
+def _open_study(cfg: TuneConfig, fp: str, val_classes: np.ndarray, storage=None):
     """Create or join the study (refusing one run on another cache or other validation classes) with its TPE
-    sampler; returns (study, sampler seed)."""
+    sampler; returns (study, sampler seed). ``storage``: the opened ``--storage`` (default: SQLite in OUT)."""
     import optuna
 
-    study = optuna.create_study(storage=cfg.storage_url(), study_name=_study_name(cfg, fp), direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(storage=storage if storage is not None else cfg.storage_url(),
+                                study_name=_study_name(cfg, fp), direction="maximize", load_if_exists=True)
     old_fp = study.user_attrs.get("cache_fingerprint")
     if old_fp not in (None, fp):
         raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "

@@ -131,6 +131,9 @@ def _load_state_dict_file(path: Path) -> tuple[dict, str, bool | None]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a non-checkpoint
+        if "weights_only" in str(e):  # never repeat torch's advice to load an untrusted pickle unsafely
+            raise DvmlError(f"--weights {path}: refused: it holds Python objects other than tensors (it could run "
+                            "code when loaded); pass a plain state dict (torch.save(model.state_dict()))") from None
         raise DvmlError(f"--weights {path}: cannot be loaded as a torch state dict ({e})") from None
     stored_ti = obj.get("transform_input") if isinstance(obj, dict) else None
     for key in ("state_dict", "model", "backbone"):

@@ -39,6 +39,8 @@ class FinetuneConfig(HeadsConfig):
         workers: DataLoader worker processes per training process (0 = load in the main process).
         device: "auto", "cpu", "cuda" (under torchrun: ``cuda:LOCAL_RANK``).
         resume / overwrite: continue / replace a run in ``out``.
+        skip_bad: leave unreadable training images out (found by one decoding pass before training, listed in
+            ``config.json``'s ``skipped_images``) instead of stopping at the first (as ``dvml extract --skip-bad``).
     """
 
     dataset: DatasetName
@@ -59,6 +61,7 @@ class FinetuneConfig(HeadsConfig):
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+    skip_bad: bool = False
 
     def __post_init__(self):
         s = object.__setattr__

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dvml.extract.datasets import Sample
+from dvml.errors import DvmlError
+from dvml.extract.datasets import DatasetIndex, Sample
 from dvml.extract.transforms import BadImageError, load_rgb, resize_shorter
 from dvml.finetune import distributed as D
+
+log = logging.getLogger(__name__)
+
+
+def drop_unreadable(index: DatasetIndex) -> tuple[DatasetIndex, list[str]]:
+    """``finetune --skip-bad``: the index without its unreadable training images (each decoded once), and the
+    error message of each one left out (naming the file).
+
+    Raises:
+        DvmlError: no training image is readable.
+    """
+    keep, bad = [], []
+    for s in index.train:
+        try:
+            load_rgb(index.root / s.path)
+        except BadImageError as e:
+            bad.append(str(e))
+            continue
+        keep.append(s)
+    if not keep:
+        raise DvmlError(f"{index.root}: none of the {len(index.train)} training images is readable")
+    if bad:
+        log.warning("--skip-bad: left out %d unreadable training image(s) of %d (listed in config.json), first: %s",
+                    len(bad), len(index.train), bad[0])
+    return dataclasses.replace(index, train=keep), bad
 
 
 class AugmentedImages(Dataset):

@@ -102,7 +102,7 @@ from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.transforms import worker_init as _extract_worker_init
 from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
-from dvml.finetune.data import AugmentedImages, KeyedBatches, collate
+from dvml.finetune.data import AugmentedImages, KeyedBatches, collate, drop_unreadable
 from dvml.finetune.model import GatheredMetric, init_model, load_init_heads, set_train_mode
 from dvml.heads.core import (
     Callback,
@@ -186,8 +186,14 @@ class _Finetune:
                  backbone: Backbone | None):
         self.cfg, self.ctx, out = cfg, ctx, cfg.out
         self.device = device = ctx.device
-        self.index = index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
+        index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
+        self.skipped: list[str] = []
+        if cfg.skip_bad:
+            index, self.skipped = drop_unreadable(index)
+        self.index = index
         self.ckpt = ckpt = _prepare_dir(cfg, ctx)
+        if ctx.is_main:
+            R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
         self.digest = index.digest()
         if ckpt is not None and ckpt.get("index_digest") != self.digest:
             raise DvmlError(f"{out}: --resume on a different image list ({cfg.root}: {index.name} index digest "
@@ -223,7 +229,7 @@ class _Finetune:
                        "versions": R.versions(), "dataset": index.name, "index_digest": self.digest,
                        "split_rule": index.split_rule, "backbone": model.backbone.describe(),
                        "transform_input": model.backbone.transform_input, "preprocess": self.pre.as_dict(),
-                       "world_size": ctx.world_size}
+                       "world_size": ctx.world_size, "skipped_images": self.skipped}
 
     def _place_on_device(self) -> None:
         """Mixed precision (bfloat16 where supported, else float16) and channels-last on CUDA."""
@@ -330,14 +336,18 @@ class _Finetune:
         for batch in loader:
             bad = [e for e in batch["errors"] if e]
             if bad:
-                raise DvmlError(f"{bad[0]} (finetune needs every training image readable)")
+                raise DvmlError(f"{bad[0]} (finetune needs every training image readable; pass --skip-bad to "
+                                "leave unreadable images out)")
             images = self.pre.normalize(batch["images"].to(device, non_blocking=True))
             if self.cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             values = self._step(images, batch["labels"].to(device, non_blocking=True), epoch, step)
             if not np.isfinite(values).all():
-                raise non_finite_error(epoch + 1, step + 1, steps,
-                                       str(dict(zip(TERMS, values.round(4).tolist(), strict=True))),
+                detail = str(dict(zip(TERMS, values.round(4).tolist(), strict=True)))
+                if not (cfg.out / R.CHECKPOINT_FILE).is_file():  # never name a checkpoint that was never written
+                    raise DvmlError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} of {steps} ({detail}); "
+                                    "no checkpoint was written yet; lower --lr / --backbone-lr")
+                raise non_finite_error(epoch + 1, step + 1, steps, detail,
                                        f"checkpoint is kept in {cfg.out / R.CHECKPOINT_FILE}",
                                        "lower --lr / --backbone-lr")
             self.sums += values

@@ -106,7 +106,8 @@ class HeadsConfig:
         proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
             proxies start random and must move far faster than the heads).
         weight_decay: Adam weight decay (L2) on the heads (not on proxies).
-        batch_size: images per batch; ``None`` = 120 for triplet, 128 otherwise (the paper).
+        batch_size: images per batch; ``None`` = 120 for triplet, 128 otherwise (the paper), made smaller when
+            the data has fewer classes than that needs (:mod:`dvml.heads.batch`).
         per_class: images per class in a batch; ``None`` = 2 for npair, 4 otherwise.
         margin, gamma, temperature, label_smoothing: parameters of the metric loss, each only for the losses
             that have it (:data:`LOSS_PARAM_DEFAULTS`; giving one to another loss is an error); ``None`` = that
@@ -167,6 +168,7 @@ class HeadsConfig:
         s(self, "proxy_lr", float(self.proxy_lr) if self.proxy_lr is not None else 100.0 * self.lr)
         if not self.proxy_lr > 0:
             raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
+        s(self, "_batch_size_given", self.batch_size is not None)  # else fitted to the data (heads.batch)
         s(self, "batch_size", int(self.batch_size) if self.batch_size is not None
           else default_batch_size(self.loss))
         s(self, "per_class", int(self.per_class) if self.per_class is not None else default_per_class(self.loss))

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from dvml import runs as R
-from dvml.cache import Split, fingerprint, load_split, read_info
+from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
+from dvml.heads.batch import fit_batch
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.heads.core import (
     Callback,
@@ -142,8 +143,11 @@ class _HeadsFit:
     """One heads fit: the data on the device, the model, loss, optimiser and generators, resumed if asked."""
 
     def __init__(self, cfg: FitConfig, train: Split | None, test: Split | None):
+        labels = train.labels if train is not None else load_labels(cfg.cache, "train")
+        cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache))  # before the resume check: same rule
         self.cfg, out = cfg, cfg.out
         self.ckpt = ckpt = _prepare_dir(cfg)
+        R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
         self.info = read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
         if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
@@ -172,7 +176,7 @@ class _HeadsFit:
             out.mkdir(parents=True, exist_ok=True)
         start_log(out, self.start_epoch if ckpt is not None else None)
         self.header = {"kind": R.HEADS_KIND, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": fp,
-                       "seed": cfg.seed, "versions": R.versions()}
+                       "seed": cfg.seed, "versions": R.versions(), "batch": self.batch}
 
     def _load_data(self, train: Split | None, test: Split | None) -> None:
         cfg, info, device = self.cfg, self.info, self.device
@@ -297,9 +301,12 @@ class _HeadsFit:
                 raise
         bad = torch.nonzero(~finite[:step + 1]).flatten()
         if bad.numel():
-            raise non_finite_error(epoch + 1, int(bad[0]) + 1, steps, f"{cfg.loss.value}, lr {cfg.lr}",
-                                   f"good checkpoint (epoch {epoch}) is kept in {cfg.out / R.HEADS_FILE}",
-                                   "check the features for NaN/inf or lower --lr")
+            detail, hint = f"{cfg.loss.value}, lr {cfg.lr}", "check the features for NaN/inf or lower --lr"
+            if epoch == 0:  # never name a heads.pt that was never written
+                raise DvmlError(f"non-finite loss at epoch 1, step {int(bad[0]) + 1} of {steps} ({detail}); no "
+                                f"epoch finished, so no checkpoint was written; {hint}")
+            raise non_finite_error(epoch + 1, int(bad[0]) + 1, steps, detail,
+                                   f"good checkpoint (epoch {epoch}) is kept in {cfg.out / R.HEADS_FILE}", hint)
         return (sums / steps).tolist()
 
     def _evaluate(self, epoch: int, record: dict) -> None:

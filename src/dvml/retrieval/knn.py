@@ -41,6 +41,21 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def resolve_gpu(use_gpu: bool | None) -> bool:
+    """``None`` -> :func:`gpu_available`; ``True`` is checked: a GPU is never silently swapped for the CPU.
+
+    Raises:
+        ValueError: ``use_gpu=True`` but this faiss has no GPU support or sees no GPU.
+    """
+    if use_gpu is None:
+        return gpu_available()
+    if use_gpu and not gpu_available():
+        why = ("this faiss build has no GPU support (faiss-cpu; install faiss-gpu)"
+               if not hasattr(faiss, "StandardGpuResources") else "faiss sees no GPU")
+        raise ValueError(f"a faiss GPU was requested but {why}")
+    return bool(use_gpu)
+
+
 _GPU_RES = None
 
 
@@ -160,8 +175,7 @@ def search(queries: np.ndarray, k: int, *, database: np.ndarray | None = None,
         db = l2_normalize(db)
         queries = db if self_search else l2_normalize(queries)
     k_search = k + 1 if drop_self else k
-    if use_gpu is None:
-        use_gpu = gpu_available()
+    use_gpu = resolve_gpu(use_gpu)
     if use_gpu and k_search > _GPU_MAX_K:
         log.info("k=%d exceeds the faiss GPU limit (%d); searching on the CPU", k_search, _GPU_MAX_K)
         use_gpu = False
@@ -232,8 +246,7 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
         raise ValueError(f"niter must be >= 1, got {niter}")
     if metric is Metric.cosine:
         x = l2_normalize(x)
-    if use_gpu is None:
-        use_gpu = gpu_available()
+    use_gpu = resolve_gpu(use_gpu)
     km = faiss.Kmeans(x.shape[1], n_clusters, niter=1, seed=int(seed) % (2**31),
                       min_points_per_centroid=1, max_points_per_centroid=max(256, -(-x.shape[0] // n_clusters)),
                       verbose=False, gpu=bool(use_gpu))
