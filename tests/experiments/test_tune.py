@@ -15,7 +15,8 @@ from dvml.experiments import tune
 from dvml.extract.synth import SynthConfig, generate
 from dvml.heads import FitConfig
 
-FIT = {"epochs": 1, "decoder_hidden": 16, "batch_size": 12, "eval_every": 1, "device": "cpu"}
+# phase 2 from the start, so the searched λs (the phase-2 weights) act in these 1-epoch fits
+FIT = {"epochs": 1, "phase2_epoch": 0, "decoder_hidden": 16, "batch_size": 12, "eval_every": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")

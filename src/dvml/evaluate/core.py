@@ -324,8 +324,9 @@ def _resolve_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise EvaluationError(f"{run_dir}: not a run directory (no {R.CONFIG_FILE}); pass a run directory "
                               "written by `dvml fit-heads` or an HDF5 feature cache")
     info = R.load_run(run_dir)
-    checkpoint = R.checkpoint_facts(run_dir)
-    if checkpoint["status"] != "finished":
+    # (without heads.pt the embedding below says so, naming the file)
+    checkpoint = R.checkpoint_facts(run_dir) if (run_dir / R.HEADS_FILE).is_file() else None
+    if checkpoint is not None and checkpoint["status"] != "finished":
         log.warning("%s: unfinished run: scoring its checkpoint of epoch %d of %s, unfinished (continue it with "
                     "--resume; metrics.json records which checkpoint was scored)", run_dir,
                     checkpoint["epochs_done"], checkpoint["epochs"])
@@ -460,7 +461,8 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         **cfg.extra,
     })
     if target.is_dir() and cfg.write_metrics:
-        if R.checkpoint_facts(target)["sha256"] != prov["checkpoint"]["sha256"]:
+        scored = prov.get("checkpoint")
+        if scored is not None and R.file_sha256(target / R.HEADS_FILE) != scored["sha256"]:
             raise EvaluationError(f"{target}: {R.HEADS_FILE} changed while it was being evaluated (a fit is "
                                   f"writing this run); {R.METRICS_FILE} not written, evaluate again when it is done")
         R.atomic_write_json(result, target / R.METRICS_FILE, default=str)
