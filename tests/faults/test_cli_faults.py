@@ -341,3 +341,29 @@ def test_fit_batch_rule_against_the_sampler(c22):
     assert s.epoch().shape == (len(labels) // 44, 44)
     with pytest.raises(DvmlError, match=re.escape("needs 23 training classes")):
         fit_batch(FitConfig(cache=c22, out=Path("x"), batch_size=92), labels)
+
+
+def test_finetune_skip_bad_leaves_a_bad_image_out_and_fits_the_batch(tiny_cub, tmp_path):
+    from dvml.extract.datasets import read_dataset
+    from dvml.finetune import FinetuneConfig, finetune
+
+    index = read_dataset("cub", tiny_cub)
+    victim = index.root / index.train[0].path
+    victim.write_bytes(b"not a jpeg")
+    small = dict(dataset="cub", root=tiny_cub, weights="none", resize=40, crop=32, per_class=2, samples=2,
+                 embedding_size=8, decoder_hidden=8, workers=0, epochs=1, device="cpu")
+    with pytest.raises(DvmlError, match="pass --skip-bad"):
+        finetune(FinetuneConfig(out=tmp_path / "a", **small))
+    assert not (tmp_path / "a" / R.HEADS_FILE).exists()
+    out = finetune(FinetuneConfig(out=tmp_path / "b", skip_bad=True, **small))
+    rec = json.loads((out / R.CONFIG_FILE).read_text())
+    assert rec["status"] == "finished" and len(rec["skipped_images"]) == 1 and victim.name in rec["skipped_images"][0]
+    # 3 training classes: the default batch (120) is fitted to them, 3 x 2 images
+    assert rec["batch"]["source"] == "fitted" and rec["config"]["batch_size"] == 6
+
+
+def test_fitted_batch_splits_evenly_over_processes(c22):
+    labels = np.repeat(np.arange(3), 4)
+    cfg = FitConfig(cache=c22, out=Path("x"), loss="npair")
+    assert fit_batch(cfg, labels)[0].batch_size == 6
+    assert fit_batch(cfg, labels, multiple_of=4)[0].batch_size == 4  # 2 classes x 2, divisible by 4 processes

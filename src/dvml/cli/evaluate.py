@@ -61,6 +61,12 @@ def evaluate_cmd(
         console.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
     if result.get("cache_fingerprint"):
         console.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
+    ck = result.get("checkpoint")
+    if ck:  # which checkpoint was scored (also in metrics.json): an unfinished run must not pass for a finished one
+        style = "" if ck["status"] == "finished" else "[yellow]"
+        console.print(f"{style}checkpoint {ck['file']}: epoch {ck['epochs_done']} of {ck['epochs']}, {ck['status']}"
+                      + (f" (model of epoch {ck['epoch']}, {ck['selection']})" if ck["epoch"] != ck["epochs_done"]
+                         else "") + f"; sha256 {str(ck['sha256'])[:16]}", highlight=False)
     written = [p for p in ((target / METRICS_FILE) if target.is_dir() else None, json_path, per_class)
                if p is not None]
     for path in written:

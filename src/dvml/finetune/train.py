@@ -104,6 +104,7 @@ from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
 from dvml.finetune.data import AugmentedImages, KeyedBatches, collate, drop_unreadable
 from dvml.finetune.model import GatheredMetric, init_model, load_init_heads, set_train_mode
+from dvml.heads.batch import fit_batch
 from dvml.heads.core import (
     Callback,
     FitEvent,
@@ -191,6 +192,10 @@ class _Finetune:
         if cfg.skip_bad:
             index, self.skipped = drop_unreadable(index)
         self.index = index
+        # a default batch too large for the data's classes is fitted to them (as fit-heads does)
+        cfg, self.batch = fit_batch(cfg, np.array([s.label for s in index.train]), where=str(cfg.root),
+                                    multiple_of=ctx.world_size)
+        self.cfg = cfg
         self.ckpt = ckpt = _prepare_dir(cfg, ctx)
         if ctx.is_main:
             R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
@@ -229,7 +234,7 @@ class _Finetune:
                        "versions": R.versions(), "dataset": index.name, "index_digest": self.digest,
                        "split_rule": index.split_rule, "backbone": model.backbone.describe(),
                        "transform_input": model.backbone.transform_input, "preprocess": self.pre.as_dict(),
-                       "world_size": ctx.world_size, "skipped_images": self.skipped}
+                       "world_size": ctx.world_size, "skipped_images": self.skipped, "batch": self.batch}
 
     def _place_on_device(self) -> None:
         """Mixed precision (bfloat16 where supported, else float16) and channels-last on CUDA."""

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TypeVar
 
 import numpy as np
 
 from dvml.errors import DvmlError
-from dvml.heads.config import FitConfig
+from dvml.heads.config import HeadsConfig
 from dvml.losses import LossName
 from dvml.seeding import hold_out_classes
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C", bound=HeadsConfig)  # FitConfig or FinetuneConfig
 
-def batch_size_given(cfg: FitConfig) -> bool:
+
+def batch_size_given(cfg: HeadsConfig) -> bool:
     """Whether ``cfg.batch_size`` was chosen by the user (else it is the loss's default, resolved)."""
     return getattr(cfg, "_batch_size_given", True)
 
@@ -37,16 +40,17 @@ def eligible_classes(labels: np.ndarray) -> int:
     return int((counts >= 2).sum())
 
 
-def fitting_labels(cfg: FitConfig, labels: np.ndarray) -> np.ndarray:
+def fitting_labels(cfg: HeadsConfig, labels: np.ndarray) -> np.ndarray:
     """The training labels the sampler will see: without the ``val_classes`` held out (same seeded rule)."""
     labels = np.asarray(labels)
-    if cfg.val_classes and cfg.val_classes < np.unique(labels).size:
-        _, held = hold_out_classes(labels, cfg.val_classes, cfg.seed)
+    k = getattr(cfg, "val_classes", 0)  # fit-heads only
+    if k and k < np.unique(labels).size:
+        _, held = hold_out_classes(labels, k, cfg.seed)
         labels = labels[~np.isin(labels, held)]
     return labels
 
 
-def _fixes(cfg: FitConfig, n: int, batch_option: str, per_class_option: str) -> str:
+def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -> str:
     fixes = [f"lower {batch_option} to {n * cfg.per_class} or less", f"leave {batch_option} out to fit the batch "
              "to the data"]
     if cfg.loss is not LossName.npair:  # npair's per_class is fixed at 2 (its pairs)
@@ -57,8 +61,8 @@ def _fixes(cfg: FitConfig, n: int, batch_option: str, per_class_option: str) -> 
     return "; ".join(fixes)
 
 
-def fit_batch(cfg: FitConfig, labels: np.ndarray, *, where: str = "", batch_option: str = "--batch-size",
-              per_class_option: str = "--per-class {}") -> tuple[FitConfig, dict]:
+def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "--batch-size",
+              per_class_option: str = "--per-class {}", multiple_of: int = 1) -> tuple[C, dict]:
     """``cfg`` with its batch fitted to ``labels`` (the training split's labels, before any hold-out).
 
     Returns:
@@ -68,7 +72,8 @@ def fit_batch(cfg: FitConfig, labels: np.ndarray, *, where: str = "", batch_opti
     Raises:
         DvmlError: a given ``batch_size`` needs more eligible classes than the data has, or fewer than 2 are
             eligible. ``batch_option`` / ``per_class_option`` are how the calling command spells the options
-            (a format string, e.g. ``--set per_class={}`` for ablate).
+            (a format string, e.g. ``--set per_class={}`` for ablate). ``multiple_of``: a fitted batch is a
+            multiple of this (finetune's global batch is split over that many processes).
     """
     n = eligible_classes(fitting_labels(cfg, labels))
     k = cfg.classes_per_batch
@@ -83,10 +88,16 @@ def fit_batch(cfg: FitConfig, labels: np.ndarray, *, where: str = "", batch_opti
         raise DvmlError(f"{prefix}a batch of {cfg.batch_size} with {cfg.per_class} images per class needs {k} "
                         f"training classes with >= 2 images, but there are {n}: "
                         f"{_fixes(cfg, n, batch_option, per_class_option)}")
-    fitted = dataclasses.replace(cfg, batch_size=n * cfg.per_class)
+    k_fit = n
+    while k_fit >= 2 and (k_fit * cfg.per_class) % multiple_of:
+        k_fit -= 1
+    if k_fit < 2:
+        raise DvmlError(f"{prefix}{n} training classes x {cfg.per_class} images per class cannot be split evenly "
+                        f"over {multiple_of} processes; pass {batch_option}")
+    fitted = dataclasses.replace(cfg, batch_size=k_fit * cfg.per_class)
     object.__setattr__(fitted, "_batch_size_given", False)
     log.warning("%sbatch fitted to the data: %d training classes x %d images per class = %d images (the default "
-                "%d needs %d classes); pass %s to choose", prefix, n, cfg.per_class, fitted.batch_size,
+                "%d needs %d classes); pass %s to choose", prefix, k_fit, cfg.per_class, fitted.batch_size,
                 cfg.batch_size, k, batch_option)
     return fitted, {"batch_size": fitted.batch_size, "per_class": cfg.per_class, "classes": n, "source": "fitted",
                     "default": cfg.batch_size}
