@@ -12,7 +12,8 @@ writers, provenance (:func:`versions`), loading, and the epoch log. The one modu
                            each proxy row), versions, and resume (latest model/loss/optimizer state, RNG
                            states, best-so-far) for --resume
     RUN_DIR/config.json  {"kind", "config", "cache", "cache_fingerprint", "seed", "versions", "status",
-                           "epochs_done"}: the same facts, readable
+                           "epochs_done", "batch"}: the same facts, readable; "batch" says whether the batch size
+                           was given, the loss's default, or fitted to the data (:mod:`dvml.heads.batch`)
     RUN_DIR/log.jsonl    one JSON object per finished epoch: loss terms, λs, phase, timing, watch-only test
                            Recall@1 and validation Recall@1 when evaluated
     RUN_DIR/metrics.json written by ``dvml evaluate`` (and every ablation cell); its ``checkpoint`` entry

@@ -197,13 +197,13 @@ class _Finetune:
                                     multiple_of=ctx.world_size)
         self.cfg = cfg
         self.ckpt = ckpt = _prepare_dir(cfg, ctx)
-        if ctx.is_main:
-            R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
         self.digest = index.digest()
         if ckpt is not None and ckpt.get("index_digest") != self.digest:
             raise DvmlError(f"{out}: --resume on a different image list ({cfg.root}: {index.name} index digest "
                             f"{self.digest}, the run started on {ckpt.get('index_digest')}); use --overwrite to "
                             "start again")
+        if ctx.is_main:
+            R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
         labels = np.array([s.label for s in index.train], dtype=np.int64)
         self.train_classes, y = np.unique(labels, return_inverse=True)
         self.model = model = init_model(cfg, len(self.train_classes), backbone=backbone)

@@ -147,7 +147,6 @@ class _HeadsFit:
         cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache))  # before the resume check: same rule
         self.cfg, out = cfg, cfg.out
         self.ckpt = ckpt = _prepare_dir(cfg)
-        R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
         self.info = read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
         if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
@@ -244,6 +243,8 @@ class _HeadsFit:
 
     def train(self, callback: Callback | None) -> None:
         cfg, steps, start = self.cfg, self.steps, self.start_epoch
+        if start < cfg.epochs or self.ckpt is None or not self.ckpt.get("finished"):
+            R.invalidate_metrics(cfg.out)  # the checkpoint is about to change: no metrics.json may describe the old one
         self.write_config("running", start)
         if callback:
             callback(FitEvent("start", start, cfg.epochs, 0, steps))
