@@ -31,7 +31,8 @@ LOSS_OPTS = loss_param_options()
 
 def head_options() -> dict:
     """The typer options of the :class:`~dvml.heads.config.HeadsConfig` fields and of resume/overwrite, shared
-    by fit-heads and finetune (one name, type, default and help)."""
+    by fit-heads and finetune (one name, type, default and help). Defaults that depend on the loss are said in
+    parentheses: typer's rich help reads ``[...]`` as markup and would drop the text."""
     H = HeadsConfig
     lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
     return {
