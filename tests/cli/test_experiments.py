@@ -79,6 +79,7 @@ def test_tune_writes_a_config_fit_heads_accepts(cache, tmp_path):
                             "--search", "lr,samples"])
     assert r.exit_code == 0, r.output
     assert "best trial" in r.stdout and "trial 1:" in r.output
+    assert "ETA" in r.output and "2/2" in r.output  # the overall progress bar (finished trials of the target)
     best = json.loads((out / tune.BEST_CONFIG_FILE).read_text())
     summary = json.loads((out / tune.SUMMARY_FILE).read_text())
     assert summary["search_space"] == ["lr", "samples"] and len(summary["trials"]) == 2
