@@ -95,26 +95,30 @@ def fit_heads_cmd(
         kw = _merge_config_file(ctx, kw, config)
     cfg = FitConfig(cache=cache, out=out, **kw)
     state = {"last": None, "epoch": 0}
-    with make_progress("step", TextColumn("{task.fields[terms]}")) as progress:
-        task = progress.add_task("fit-heads", total=None, rate="", terms="")
+    progress = make_progress("step", TextColumn("{task.fields[terms]}"))
+    task = progress.add_task("fit-heads", total=None, rate="", terms="")
 
-        def callback(ev):
-            if ev.kind == "start":
-                progress.update(task, total=ev.epochs * ev.steps, completed=ev.epoch * ev.steps,
-                                description=f"epoch {ev.epoch + 1}/{ev.epochs}")
-            elif ev.kind == "step":
-                progress.advance(task, 1)
-            elif ev.kind == "epoch":
-                state["last"], state["epoch"] = ev.record, ev.epoch
-                progress.update(task, description=f"epoch {min(ev.epoch + 1, ev.epochs)}/{ev.epochs}",
-                                terms=format_terms(ev.record))
+    def callback(ev):
+        if ev.kind == "start":  # the bar starts with the fit itself, after every check: a refused fit draws nothing
+            progress.start()
+            progress.update(task, total=ev.epochs * ev.steps, completed=ev.epoch * ev.steps,
+                            description=f"epoch {ev.epoch + 1}/{ev.epochs}")
+        elif ev.kind == "step":
+            progress.advance(task, 1)
+        elif ev.kind == "epoch":
+            state["last"], state["epoch"] = ev.record, ev.epoch
+            progress.update(task, description=f"epoch {min(ev.epoch + 1, ev.epochs)}/{ev.epochs}",
+                            terms=format_terms(ev.record))
 
-        try:
-            run_dir = fit(cfg, callback=callback)
-        except KeyboardInterrupt:
-            err_console.print(f"[yellow]interrupted[/] after epoch {state['epoch']}: rerun the same command with "
-                              "--resume to continue")
-            raise typer.Exit(130) from None
+    try:
+        run_dir = fit(cfg, callback=callback)
+    except KeyboardInterrupt:
+        progress.stop()
+        err_console.print(f"[yellow]interrupted[/] after epoch {state['epoch']}: rerun the same command with "
+                          "--resume to continue")
+        raise typer.Exit(130) from None
+    finally:
+        progress.stop()
     if state["last"] is not None:
         console.print(f"epoch {state['epoch']}: {format_terms(state['last'])}", highlight=False)
     console.print(f"wrote {run_dir}")
