@@ -25,8 +25,10 @@ A finetune run adds ``backbone.pt`` and ``checkpoint.pt`` and writes ``kind "fin
 :mod:`dvml.finetune.train` for their keys). ``heads.pt``'s ``format`` is :data:`CHECKPOINT_FORMAT`; a checkpoint
 without the key predates it and is read as format 1; a newer format is refused with an error naming both.
 
-Every file is written to a temporary name in the same directory and renamed over the old one
-(``os.replace``), so a crash leaves either the old or the new file, never half of one.
+Every file is written by :func:`dvml.files.write_file`: to a temporary name in the same directory, then renamed
+over the old one (``os.replace``), so a crash or a full disk leaves either the old or the new file, never half of
+one (a symlink is written through). One process at a time writes a run directory: fit-heads, finetune and evaluate
+hold its :func:`run_lock`, so ``--overwrite`` never clears a run under a live writer.
 """
 
 from __future__ import annotations
@@ -34,15 +36,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from dvml import __version__
+from dvml import __version__, files
 from dvml.errors import DvmlError
 
 HEADS_FILE = "heads.pt"
@@ -96,33 +96,25 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    """``torch.save`` through :func:`dvml.files.write_file` (temporary file beside ``path``, then renamed)."""
     import torch
 
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    files.write_file(Path(path), lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    _atomic(Path(path), lambda f: f.write(text.encode()))
+    files.write_text(text, Path(path))
 
 
 def atomic_write_json(obj, path: Path, *, default=None) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, default=default) + "\n", path)
+    files.write_json(obj, path, default=default)
+
+
+def run_lock(run_dir: Path):
+    """The writer lock of a run directory (see :func:`dvml.files.writer_lock`): held by fit-heads, finetune
+    (rank 0) and evaluate while they write into it."""
+    return files.writer_lock(Path(run_dir))
 
 
 def cpu_state(sd):
@@ -190,11 +182,7 @@ def write_log(run_dir: Path, records: list[dict]) -> None:
 
 def append_log(run_dir: Path, record: dict) -> None:
     """Append one epoch's record to ``log.jsonl`` (one line; flushed and fsynced)."""
-    path = Path(run_dir) / LOG_FILE
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    files.append_line(Path(run_dir) / LOG_FILE, json.dumps(record))
 
 
 #: Keys every ``heads.pt`` holds (both kinds; fit-heads adds ``resume``, finetune ``global_step``).

@@ -20,6 +20,10 @@ class CacheMissingError(CacheError):
     """The file does not exist or is not an HDF5 file."""
 
 
+class CacheBusyError(CacheError):
+    """Another live process is writing the file (it holds the writer lock): wait for it."""
+
+
 class CacheIncompleteError(CacheError):
     """The writer did not finish (``complete`` is false): resume it or rewrite it."""
 

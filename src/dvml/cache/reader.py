@@ -16,6 +16,7 @@ import numpy as np
 
 from dvml.cache import schema as S
 from dvml.cache.errors import (
+    CacheBusyError,
     CacheIncompleteError,
     CacheMissingError,
     CacheShapeError,
@@ -23,6 +24,7 @@ from dvml.cache.errors import (
     CacheValueError,
     CacheVersionError,
 )
+from dvml.files import writer_pid
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ def _open(path: Path) -> h5py.File:
         raise CacheMissingError(path, "no such file")
     if path.is_dir():
         raise CacheMissingError(path, "is a directory, expected an HDF5 feature cache file")
+    pid = writer_pid(path)
+    if pid is not None:  # (HDF5 itself would only say it cannot open the file)
+        who = "pid unknown" if pid < 0 else f"pid {pid}"
+        raise CacheBusyError(path, f"is being written by another process ({who}); wait for it to finish")
     try:
         return h5py.File(path, "r")
     except OSError:

@@ -8,12 +8,23 @@ Contract:
 * ``complete`` becomes true only in :meth:`CacheWriter.finalize`, after both splits are written.
 * Reopening an incomplete file with a different writer configuration is refused (resuming would mix
   two different feature sets); an existing *complete* file is refused unless ``overwrite=True``.
+* One writer at a time: the writer holds :func:`dvml.files.writer_lock` of the file from construction to
+  :meth:`CacheWriter.close`; a second writer (or ``overwrite`` under a live one) is refused with
+  :class:`~dvml.files.BusyError` and readers say the file is being written. A symlink is written through.
+* A failed write (full disk, read-only file system, ...) raises :class:`~dvml.files.WriteError`
+  (``cannot write PATH: CAUSE``) and leaves ``complete`` false. After a failed write *inside* HDF5 the library's
+  state is unusable (closing or even exiting the process crashes it): the error then carries
+  ``hdf5_broken = True``, the file is not closed, and the CLI ends the process at once after printing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import stat
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +35,7 @@ import numpy as np
 from dvml import __version__
 from dvml.cache import schema as S
 from dvml.cache.errors import CacheError, CacheExistsError, CacheShapeError
+from dvml.files import WriteError, WriterLock, check_free_space, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,30 @@ class CacheSpec:
         return json.dumps(d, sort_keys=True, default=list)
 
 
+def _quiet_hdf5_failures() -> None:
+    """Once HDF5 failed a write, every h5py object freed afterwards (some inside the failing call) reports the same
+    failure from its destructor: a traceback and "Exception ignored in ... __dealloc__" each, through
+    ``sys.excepthook`` and ``sys.unraisablehook``. Installed when a writer opens, these hooks drop exactly those
+    reports (a RuntimeError carrying HDF5's "write failed"): the failure is raised once, as a WriteError."""
+    if getattr(sys.unraisablehook, "_dvml_hdf5", False):
+        return
+    prev_unraisable, prev_except = sys.unraisablehook, sys.excepthook
+
+    def from_hdf5(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "write failed" in str(exc)
+
+    def unraisable(u):
+        if not from_hdf5(u.exc_value):
+            prev_unraisable(u)
+
+    def excepthook(typ, value, tb):
+        if not from_hdf5(value):
+            prev_except(typ, value, tb)
+
+    unraisable._dvml_hdf5 = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
 class CacheWriter:
     """Append features to a cache file split by split; resumable.
 
@@ -92,18 +128,49 @@ class CacheWriter:
         self.path = Path(path)
         self.spec = spec
         self.chunk_rows = max(1, int(chunk_rows))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not overwrite:
-            self._file = self._reopen()
-        else:
-            if self.path.exists():
-                self.path.unlink()
-            self._file = self._create()
+        self._file: h5py.File | None = None
+        self._broken = False
+        real = Path(os.path.realpath(self.path))  # a symlink is written through: the link stays a link
+        try:
+            st = os.stat(real)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise CacheError(self.path, f"is {what}; a feature cache must be a regular (seekable) file")
+        make_dir(real.parent, target=self.path)
+        _quiet_hdf5_failures()
+        self._lock = WriterLock(self.path).acquire()  # before anything is read, replaced or deleted
+        try:
+            with self._writing():
+                if real.exists() and not overwrite:
+                    self._file = self._reopen(real)
+                else:
+                    if real.exists():
+                        real.unlink()
+                    self._file = self._create(real)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Translate a failed write into :class:`WriteError` naming the file (see the module docstring)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            text = str(e)
+            if not isinstance(e, OSError) and "errno =" not in text:
+                raise  # not an I/O failure
+            err = WriteError(self.path, e)
+            if not isinstance(e, OSError) or "write failed" in text:  # HDF5 failed writing its own file
+                self._broken = err.hdf5_broken = True
+            raise err from None
 
     # ------------------------------------------------------------------ open / create
-    def _create(self) -> h5py.File:
+    def _create(self, real: Path) -> h5py.File:
         spec = self.spec
-        f = h5py.File(self.path, "w")
+        f = h5py.File(real, "w")
         f.attrs[S.ATTR_SCHEMA_VERSION] = S.version_for(spec.query_gallery)
         f.attrs[S.ATTR_DATASET] = spec.dataset
         f.attrs[S.ATTR_BACKBONE] = spec.backbone
@@ -129,12 +196,14 @@ class CacheWriter:
         f.flush()
         return f
 
-    def _reopen(self) -> h5py.File:
+    def _reopen(self, real: Path) -> h5py.File:
         try:
-            f = h5py.File(self.path, "a")
+            f = h5py.File(real, "a")
         except OSError as e:
+            if e.errno is not None and e.errno not in (0,):  # permission, read-only file system, ...
+                raise
             raise CacheError(self.path, f"exists but cannot be opened as HDF5 ({e}); "
-                                        "pass overwrite to replace it") from None
+                                        "pass --overwrite to replace it") from None
         if bool(f.attrs.get(S.ATTR_COMPLETE, False)):
             f.close()
             raise CacheExistsError(self.path, "a complete cache already exists here; "
@@ -197,23 +266,29 @@ class CacheWriter:
                                              "cache has them")
         g = self._file[split]
         n0, b = self.n_written(split), features.shape[0]
-        for name, values in ((S.FEATURES, features.astype(spec.dtype, copy=False)), (S.LABELS, labels)):
-            g[name].resize(n0 + b, axis=0)
-            g[name][n0:n0 + b] = values
-        if spec.with_paths:
-            g[S.PATHS].resize(n0 + b, axis=0)
-            g[S.PATHS][n0:n0 + b] = [str(p) for p in paths]
-        if wants_roles:
-            g[S.ROLES].resize(n0 + b, axis=0)
-            g[S.ROLES][n0:n0 + b] = roles.astype(S.ROLE_DTYPE)
-        g.attrs[S.ATTR_N_WRITTEN] = n0 + b
-        self._file.flush()
+        # a full disk is reported before HDF5 writes (it cannot recover from a failed write; see above)
+        check_free_space(self.path, features.shape[0] * int(np.prod(expected)) * np.dtype(spec.dtype).itemsize
+                         + labels.nbytes + (sum(len(str(p)) + 16 for p in paths) if spec.with_paths else 0)
+                         + (labels.shape[0] * np.dtype(S.ROLE_DTYPE).itemsize if wants_roles else 0))
+        with self._writing():
+            for name, values in ((S.FEATURES, features.astype(spec.dtype, copy=False)), (S.LABELS, labels)):
+                g[name].resize(n0 + b, axis=0)
+                g[name][n0:n0 + b] = values
+            if spec.with_paths:
+                g[S.PATHS].resize(n0 + b, axis=0)
+                g[S.PATHS][n0:n0 + b] = [str(p) for p in paths]
+            if wants_roles:
+                g[S.ROLES].resize(n0 + b, axis=0)
+                g[S.ROLES][n0:n0 + b] = roles.astype(S.ROLE_DTYPE)
+            g.attrs[S.ATTR_N_WRITTEN] = n0 + b
+            self._file.flush()
 
     def set_extra(self, **items) -> None:
         """Merge provenance that is only known during writing (e.g. skipped files) into ``extra``."""
         extra = json.loads(self._file.attrs.get(S.ATTR_EXTRA, "{}"))
         extra.update(items)
-        self._file.attrs[S.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
+        with self._writing():
+            self._file.attrs[S.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
 
     def extra(self) -> dict:
         """The current ``extra`` provenance, including items merged by :meth:`set_extra` (e.g. on resume)."""
@@ -230,14 +305,20 @@ class CacheWriter:
             for bit, name in ((S.ROLE_QUERY, "query"), (S.ROLE_GALLERY, "gallery")):
                 if not (roles & bit).any():
                     raise CacheShapeError(self.path, f"cannot finalize: the test split has no {name} row")
-        self._file.attrs[S.ATTR_COMPLETE] = True
-        self._file.flush()
-        self.close()
+        with self._writing():
+            self._file.attrs[S.ATTR_COMPLETE] = True
+            self._file.flush()
+            self.close()
         return self.path
 
     def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        """Close the file and release the writer lock (a file HDF5 failed to write is left to the process end)."""
+        try:
+            if self._file is not None and not self._broken and self._file.id.valid:
+                with self._writing():
+                    self._file.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self

@@ -2,13 +2,16 @@
 
 The CLI is the only layer that prints: library code logs and raises; here options become config
 dataclasses, progress bars are layered on, and :class:`~dvml.errors.DvmlError` (and ``ValueError`` from
-config validation) become a one-line red message on stderr with exit code 1, no traceback.
+config validation, and any ``OSError`` no writer translated: ``FILE: CAUSE``) become a one-line red message on
+stderr with exit code 1, no traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 
 import typer
@@ -27,6 +30,7 @@ from rich.text import Text
 
 from dvml import __version__
 from dvml.errors import DvmlError
+from dvml.files import os_error_message
 
 app = typer.Typer(
     name="dvml",
@@ -61,14 +65,21 @@ def _root(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn user-input errors into ``error: <message>`` on stderr and exit code 1."""
+    """Turn user-input and file-system errors into ``error: <message>`` on stderr and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DvmlError, ValueError, FileNotFoundError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        except (DvmlError, ValueError, OSError) as e:
+            text = os_error_message(e) if isinstance(e, OSError) else str(e)
+            err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+            if getattr(e, "hdf5_broken", False):
+                # HDF5 failed writing a file and cannot be closed or shut down cleanly (it would crash the
+                # process on exit): leave now; the kernel releases the locks, the cache stays incomplete
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to resume")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.cli.app import app, console, err_console, handle_errors, make_progress
 from dvml.cli.render import results_table, worst_table
 from dvml.evaluate import METRICS_FILE, EvalConfig, Metric, parse_ks, run
+from dvml.files import is_stdout
 
 _D = EvalConfig
 
@@ -18,7 +19,9 @@ _D = EvalConfig
 def evaluate_cmd(
     target: Path = typer.Argument(..., help="Run directory (embed its cache's test split with its heads) or an "
                                             "HDF5 feature cache (score the raw test features: the baseline)."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write metrics + provenance to this file."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write metrics + provenance to this file "
+                                                              "('-': standard output, the table then goes to "
+                                                              "standard error)."),
     metric: Metric = typer.Option(_D.metric.value, help="Retrieval distance (cosine = L2-normalised inner "
                                                         "product)."),
     ks: str | None = typer.Option(None, help="Recall@K values, e.g. 1,2,4,8 (default: 1,2,4,8; 1,10,100,1000 "
@@ -49,25 +52,26 @@ def evaluate_cmd(
             progress.advance(tasks[stage], advance)
 
         result = run(cfg, progress=on_progress)
+    out = err_console if is_stdout(json_path) else console  # standard output holds only the JSON
     protocol = (f" ({result['n_query']:,} queries vs {result['n_gallery']:,} gallery)"
                 if result.get("protocol") == "query/gallery" else "")
     title = (f"{target}: {result['n_test']:,} test items{protocol}, {result['n_classes']:,} classes, "
              f"{result['metric']}" + (f", k-means x{result['kmeans_runs']}" if result["clustering"] else "")
              + (" (on the gallery)" if protocol and result["clustering"] else ""))
-    console.print(results_table(result, title=title))
+    out.print(results_table(result, title=title))
     if worst > 0:
-        console.print(worst_table(result["per_class"], worst))
+        out.print(worst_table(result["per_class"], worst))
     if result["clustering"]:
-        console.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
+        out.print(f"pairwise precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}")
     if result.get("cache_fingerprint"):
-        console.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
+        out.print(f"cache {result.get('cache')} (fingerprint {result['cache_fingerprint']})")
     ck = result.get("checkpoint")
     if ck:  # which checkpoint was scored (also in metrics.json): an unfinished run must not pass for a finished one
         style = "" if ck["status"] == "finished" else "[yellow]"
-        console.print(f"{style}checkpoint {ck['file']}: epoch {ck['epochs_done']} of {ck['epochs']}, {ck['status']}"
-                      + (f" (model of epoch {ck['epoch']}, {ck['selection']})" if ck["epoch"] != ck["epochs_done"]
-                         else "") + f"; sha256 {str(ck['sha256'])[:16]}", highlight=False)
+        out.print(f"{style}checkpoint {ck['file']}: epoch {ck['epochs_done']} of {ck['epochs']}, {ck['status']}"
+                  + (f" (model of epoch {ck['epoch']}, {ck['selection']})" if ck["epoch"] != ck["epochs_done"]
+                     else "") + f"; sha256 {str(ck['sha256'])[:16]}", highlight=False)
     written = [p for p in ((target / METRICS_FILE) if target.is_dir() else None, json_path, per_class)
-               if p is not None]
+               if p is not None and not is_stdout(p)]
     for path in written:
-        console.print(f"wrote {path}")
+        out.print(f"wrote {path}")

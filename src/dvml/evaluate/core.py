@@ -9,7 +9,6 @@ excluded from its own neighbours; clustering is faiss k-means with as many clust
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dvml import files
 from dvml import runs as R
 from dvml.errors import DvmlError
 from dvml.retrieval import knn
@@ -377,17 +377,17 @@ def _test_roles(target: Path, prov: dict) -> np.ndarray | None:
 
 
 def write_per_class_csv(rows: Sequence[dict], path: Path) -> Path:
-    """``class,count,recall@1,map@r`` rows (one per class with queries), written atomically."""
+    """``class,count,recall@1,map@r`` rows (one per class with queries), written by :func:`dvml.files.write_file`
+    (atomically, through a symlink)."""
     import csv
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PER_CLASS_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    files.write_text(buf.getvalue(), path)
     return path
 
 
@@ -415,6 +415,19 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         except ValueError as e:
             raise EvaluationError(f"--gpu: {e}; pass --cpu, or neither (a GPU is then used when faiss has "
                                   "one)") from None
+    for out in (cfg.json_path, cfg.per_class_csv):
+        if out is not None:
+            files.check_target(out)  # a directory or an impossible path fails now, not after the scoring
+    if target.is_dir() and cfg.write_metrics:
+        with R.run_lock(target):  # metrics.json goes into the run: one writer at a time
+            return _run(cfg, progress)
+    if target.is_dir():
+        files.check_not_busy(target)
+    return _run(cfg, progress)
+
+
+def _run(cfg: EvalConfig, progress: ProgressFn | None) -> dict:
+    target = cfg.target
     t0 = time.perf_counter()
     if target.is_dir():
         emb, labels, prov = _resolve_run(target)
@@ -468,8 +481,9 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
         R.atomic_write_json(result, target / R.METRICS_FILE, default=str)
         log.info("wrote %s", target / R.METRICS_FILE)
     if cfg.json_path is not None:
-        R.atomic_write_json(result, cfg.json_path, default=str)
-        log.info("wrote %s", cfg.json_path)
+        R.atomic_write_json(result, cfg.json_path, default=str)  # "-": standard output
+        if not files.is_stdout(cfg.json_path):
+            log.info("wrote %s", cfg.json_path)
     if per_class is not None:
         result["per_class"] = per_class
     return result

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # headless: a file renderer, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dvml import files  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -76,8 +78,7 @@ def scatter_by_class(xy: np.ndarray, labels: np.ndarray, path: Path, *, title: s
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    files.write_file(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -103,8 +104,7 @@ def pvalue_histogram(pvalues: Mapping[str, np.ndarray], path: Path, *, title: st
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    files.write_file(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -139,7 +139,6 @@ def grouped_bars(groups: Sequence[str], panels: Mapping[str, Mapping[str, tuple[
     axes[0][0].set_ylabel("%" if scale == 100.0 else "value")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    files.write_file(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dvml import files
 from dvml import runs as R
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
@@ -199,7 +200,7 @@ def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallba
     if run.exists():  # an unfinished cell: start it over (resuming a half-written fit would mix configs)
         log.info("%s: unfinished, refitting from scratch", cell.name)
         shutil.rmtree(run)
-    run.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(run.parent)
     fit_cfg = _fit_config(cfg, cell, run)
 
     def on_fit(ev) -> None:  # dvml.heads.FitEvent: forwarded as a plain dict
@@ -341,25 +342,23 @@ def compare_per_class(per_class: Sequence[dict]) -> list[dict]:
 
 
 def _write_rows_csv(rows: Sequence[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    files.write_text(buf.getvalue(), path)
 
 
 def write_results_csv(rows: Sequence[dict], path: Path) -> None:
     metrics = summarize(rows)["metrics"] if rows else []
     cols = ["loss", "dvml", "seed", *metrics, "run_dir", "fit_seconds", "eval_seconds"]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in cols})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in cols})
+    files.write_text(buf.getvalue(), path)
 
 
 def read_results_csv(path: Path) -> list[dict]:
@@ -475,10 +474,15 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
                       per_class_option="--set per_class={}")
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
+    with files.writer_lock(cfg.out):  # one ablation at a time per --out
+        return _run(cfg, cells, info, fp, cb)
+
+
+def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback) -> dict:
     prov_path = cfg.out / PROVENANCE_FILE
     if prov_path.exists():
         _check_earlier_grid(cfg, prov_path, fp)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(cfg.out)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
             "backbone": info.backbone, "feature_dim": info.feature_dim,
@@ -513,8 +517,8 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     write_results_csv(rows, cfg.out / RESULTS_FILE)
     summary = summarize(rows, confidence=cfg.confidence)
     title = f"{info.dataset}: {', '.join(cfg.losses)}; {len(cfg.seeds)} seed(s), error bars ±1 std over seeds"
-    (cfg.out / SUMMARY_JSON).write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
-    (cfg.out / SUMMARY_MD).write_text(summary_markdown(summary, title=f"Ablation on {cfg.cache.name} ({title})"))
+    files.write_json(_nan_to_none(summary), cfg.out / SUMMARY_JSON)
+    files.write_text(summary_markdown(summary, title=f"Ablation on {cfg.cache.name} ({title})"), cfg.out / SUMMARY_MD)
     write_chart(summary, cfg.out / CHART_FILE, title=title)
     per_class = gather_per_class(rows)
     _write_rows_csv(per_class, cfg.out / PER_CLASS_FILE)

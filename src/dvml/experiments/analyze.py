@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as _st
 
-from dvml import __version__
+from dvml import __version__, files
 from dvml.errors import DvmlError
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
         sources["raw"] = {"cache": str(cache)}
 
     out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     result: dict = {"cache": str(cache), "cache_fingerprint": fp, "normalized": cfg.normalize,
                     "min_class_size": cfg.min_class_size, "sources": sources, "splits": {}, "plots": [],
                     "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -310,7 +310,7 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
             p = plots.pvalue_histogram(pvals, out / f"{split}_ks_pvalues.png",
                                        title=f"KS p-values of central features per class ({split})")
             result["plots"].append(p.name)
-    (out / ANALYSIS_FILE).write_text(json.dumps(result, indent=2, default=_json_default))
+    files.write_text(json.dumps(result, indent=2, default=_json_default), out / ANALYSIS_FILE)
     result["out"] = str(out)
     return result
 

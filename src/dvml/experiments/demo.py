@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvml import files
 from dvml.cache import read_info
 from dvml.errors import DvmlError
 from dvml.experiments import ablate
@@ -106,7 +107,7 @@ def world(cfg: DemoConfig) -> Path:
         if have is not None:
             raise DvmlError(f"{path} holds a different synth world (another demo size?); use another --out "
                             "or delete it")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(cfg.out)
     return generate(cfg.size.world, path, overwrite=path.exists() and have is None and _complete(path))
 
 

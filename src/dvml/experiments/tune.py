@@ -26,7 +26,6 @@ scoring unless ``keep_runs``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dvml import __version__
+from dvml import __version__, files
 from dvml import runs as R
 from dvml.cache import CacheError, Split, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
@@ -264,7 +263,7 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
     storage = None if cfg.storage is None else _open_storage(cfg.storage)
     created = not cfg.out.exists()
     try:
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        files.make_dir(cfg.out)
         return _run_study(cfg, fp, fit_classes, val_classes, space, storage, callback)
     except BaseException:
         if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
@@ -367,7 +366,7 @@ def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val
     best = study.best_trial
     best_cfg = fit_config(cfg, params_to_fit(best.params), cfg.out)
     best_dict = config_file_dict(best_cfg)
-    (cfg.out / BEST_CONFIG_FILE).write_text(json.dumps(best_dict, indent=2) + "\n")
+    files.write_json(best_dict, cfg.out / BEST_CONFIG_FILE)
     summary = {
         "study_name": study.study_name, "storage": cfg.storage_url() if cfg.storage is None else "(given)",
         "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss, "dvml": cfg.dvml,
@@ -382,7 +381,7 @@ def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val
                     "seconds": t.user_attrs.get("seconds")} for t in study.trials],
         "dvml_version": __version__, "versions": R.versions(),
     }
-    (cfg.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_json(summary, cfg.out / SUMMARY_FILE)
     return summary
 
 

@@ -86,6 +86,7 @@ at the same paths (one machine, or a shared file system).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ from dvml.errors import DvmlError
 from dvml.extract.backbone import Backbone
 from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.transforms import worker_init as _extract_worker_init
+from dvml.files import check_not_busy, make_dir
 from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
 from dvml.finetune.data import AugmentedImages, KeyedBatches, collate, drop_unreadable
@@ -148,7 +150,7 @@ def _prepare_dir(cfg: FinetuneConfig, ctx: D.DistContext) -> dict | None:
     if ctx.is_main:
         if cfg.overwrite:
             R.clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
     D.barrier()
     return resume_from
 
@@ -165,7 +167,9 @@ def finetune(cfg: FinetuneConfig, *, callback: Callback | None = None, index: Da
             ``record={"total": loss}``, "epoch" with the epoch's log record, "end").
         index, backbone: prebuilt dataset index / backbone (tests, benchmarks); by default from ``cfg``.
     Raises:
-        DvmlError: bad dataset/run directory/options, an unreadable image, a non-finite loss.
+        DvmlError: bad dataset/run directory/options, an unreadable image, a non-finite loss;
+            :class:`~dvml.files.BusyError` while another process writes ``cfg.out``;
+            :class:`~dvml.files.WriteError` when a file cannot be written.
     """
     ctx = D.init_distributed(None if cfg.device == "auto" else cfg.device)
     if not ctx.is_main:
@@ -173,7 +177,11 @@ def finetune(cfg: FinetuneConfig, *, callback: Callback | None = None, index: Da
         callback = None
     try:
         t_start = time.perf_counter()
-        _Finetune(cfg, ctx, index, backbone).train(callback)
+        check_not_busy(cfg.out, "wait for it to finish, or stop it")  # every rank: all refuse alike, none hangs
+        D.barrier()
+        # rank 0 writes the run, so rank 0 holds its writer lock; --overwrite never clears a live run
+        with R.run_lock(cfg.out) if ctx.is_main else contextlib.nullcontext():
+            _Finetune(cfg, ctx, index, backbone).train(callback)
         log.info("finetune done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
         return cfg.out
     finally:

@@ -25,6 +25,7 @@ from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
+from dvml.files import make_dir
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.heads.core import (
@@ -130,11 +131,14 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
         test: the cache's test split (only view 0 is used, for the watch-only Recall@1); read when needed.
         callback: receives :class:`FitEvent` s (progress display).
     Raises:
-        DvmlError: bad cache/run directory/options, non-finite loss (naming epoch and step).
+        DvmlError: bad cache/run directory/options, non-finite loss (naming epoch and step);
+            :class:`~dvml.files.BusyError` while another process writes ``cfg.out``;
+            :class:`~dvml.files.WriteError` when a file cannot be written (the run is then not marked finished).
     """
     t_start = time.perf_counter()
-    run = _HeadsFit(cfg, train, test)
-    run.train(callback)
+    with R.run_lock(cfg.out):  # one writer per run directory; --overwrite never clears a live run
+        run = _HeadsFit(cfg, train, test)
+        run.train(callback)
     log.info("fit-heads done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
     return cfg.out
 
@@ -172,7 +176,7 @@ class _HeadsFit:
         if ckpt is not None:
             self._restore(ckpt)
         else:
-            out.mkdir(parents=True, exist_ok=True)
+            make_dir(out)
         start_log(out, self.start_epoch if ckpt is not None else None)
         self.header = {"kind": R.HEADS_KIND, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": fp,
                        "seed": cfg.seed, "versions": R.versions(), "batch": self.batch}
