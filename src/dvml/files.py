@@ -86,7 +86,7 @@ def _dir_problem(d: Path) -> str | None:
     for p in (d, *d.parents):
         try:
             st = os.stat(p)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # look further up for the culprit
             continue
         except OSError as e:
             return f"{p}: {describe(e)}"
