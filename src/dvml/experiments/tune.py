@@ -15,7 +15,9 @@ database (any SQLAlchemy URL Optuna accepts, e.g. ``postgresql://user@host/db`` 
 ``mysql+pymysql://user@host/db``) and the same ``--study-name``; each process asks the storage for the
 next trial, so they cooperate rather than repeat. Without ``--storage`` the study lives in SQLite,
 ``OUT/optuna.db`` (fine for one machine; SQLite on a network file system is not safe for concurrent
-writers).
+writers). Processes may share one ``OUT``: each trial's run directory is its own (numbered by the study) and
+locked by its fit, and ``best_config.json`` / ``tune.json`` are replaced atomically (the last process to finish
+writes them), so ``OUT`` itself is not locked.
 
 Outputs in ``OUT``: ``best_config.json`` (a fit-heads config: ``dvml fit-heads CACHE --config
 OUT/best_config.json`` trains the winner on the full training split), ``tune.json`` (the study summary: best

@@ -36,6 +36,7 @@ from dvml.errors import DvmlError
 from dvml.extract.backbone import Backbone, Preprocess, build_backbone
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views, worker_init
+from dvml.files import check_not_busy
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     output (unless ``overwrite``) or an incomplete one written with other settings.
     """
     t0 = time.perf_counter()
+    check_not_busy(cfg.out, "wait for it to finish, or stop it")  # before the slow part; CacheWriter locks it
     if not cfg.overwrite:
         _refuse_complete(cfg.out)  # before the slow part (model build); CacheWriter checks again
     index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
