@@ -7,6 +7,7 @@ optional end-to-end :mod:`dvml.finetune` and the :mod:`dvml.experiments` built o
 Layer order: a module imports only from the layers before its own (never a later one; no cycles)::
 
     errors, seeding      user-facing errors; seeds and the one hold-out-classes rule
+    files                the one way files are written (atomic, through symlinks), write errors, the writer lock
     cache                the feature-cache format
     runs                 the run-directory format
     retrieval            exact kNN / k-means (the only faiss import) and pure numpy metrics
