@@ -168,12 +168,13 @@ def test_json_into_a_pseudo_terminal_writes_it_directly(world):
     assert box and box[0]["n_test"] == 60
 
 
-def test_json_dash_is_standard_output(world, tmp_path):
+def test_json_dash_is_standard_output(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r, _ = invoke("evaluate", world, "--json", "-", "--no-clustering")
     assert r.exit_code == 0, r.output
     saved = json.loads(r.stdout)  # standard output holds the JSON alone; the table went to standard error
     assert saved["n_test"] == 60 and "R@1" in r.stderr
-    assert not Path("-").exists()
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
 
 
 def test_a_directory_as_json_target_is_refused_before_scoring(world, tmp_path):
