@@ -440,3 +440,33 @@ def test_the_lock_names_the_holder_and_goes_with_its_process(tmp_path):
     with files.writer_lock(target), files.writer_lock(target):  # re-entrant in one process
         assert files.writer_pid(target) is None  # this process is not "another process"
     assert not files.lock_path(target).exists()
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    old.chmod(0o640)
+    files.write_json({"a": 1}, old)
+    assert stat.S_IMODE(os.stat(old).st_mode) == 0o640 and json.loads(old.read_text()) == {"a": 1}
+    umask = os.umask(0o022)
+    try:
+        files.write_json({"b": 2}, tmp_path / "new.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_a_failed_log_append_leaves_no_half_line(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n')
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        os.write(fd, b'{"epo')  # part of the line reached the disk before it filled up
+        _enospc()
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(files.WriteError, match=f"cannot write {log}: No space left on device"):
+        files.append_line(log, json.dumps({"epoch": 2}))
+    monkeypatch.setattr(files.os, "fsync", real_fsync)
+    assert log.read_text() == '{"epoch": 1}\n'
