@@ -200,7 +200,7 @@ class CacheWriter:
         try:
             f = h5py.File(real, "a")
         except OSError as e:
-            if e.errno is not None and e.errno not in (0,):  # permission, read-only file system, ...
+            if e.errno:  # permission, read-only file system, ...: a write error, not a damaged file
                 raise
             raise CacheError(self.path, f"exists but cannot be opened as HDF5 ({e}); "
                                         "pass --overwrite to replace it") from None
