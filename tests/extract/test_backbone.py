@@ -75,7 +75,7 @@ def test_bad_weights_files_are_named(tmp_path):
     with pytest.raises(DvmlError, match="junk.pth: cannot be loaded"):
         build_backbone(tmp_path / "junk.pth")
     torch.save({"conv1.conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(DvmlError, match="wrong.pth: does not match torchvision's GoogLeNet"):
+    with pytest.raises(DvmlError, match="wrong.pth: does not match torchvision's googlenet"):
         build_backbone(tmp_path / "wrong.pth")
 
 

@@ -54,6 +54,7 @@ class CacheInfo:
     extra: dict
     splits: dict[str, SplitInfo]
     size_bytes: int
+    preprocess: dict | None = None  # the optional ``preprocess`` attribute (None when absent or unreadable)
 
     @property
     def query_gallery(self) -> bool:
@@ -195,11 +196,16 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
             extra = json.loads(extra_raw)
         except (TypeError, json.JSONDecodeError):
             extra = {}
+        try:
+            preprocess = json.loads(_decode(a[S.ATTR_PREPROCESS])) if S.ATTR_PREPROCESS in a else None
+        except (TypeError, json.JSONDecodeError):
+            preprocess = None
         return CacheInfo(path=path, schema_version=version, dataset=str(_decode(a[S.ATTR_DATASET])),
                          backbone=str(_decode(a[S.ATTR_BACKBONE])), weights=str(_decode(a[S.ATTR_WEIGHTS])),
                          feature_dim=feature_dim, views=views, complete=complete,
                          dvml_version=str(_decode(a.get(S.ATTR_DVML_VERSION, "unknown"))),
-                         extra=extra, splits=splits, size_bytes=path.stat().st_size)
+                         extra=extra, splits=splits, size_bytes=path.stat().st_size,
+                         preprocess=preprocess if isinstance(preprocess, dict) else None)
 
 
 def load_split(path: str | Path, split: str, *, views: slice | list[int] | None = None,

@@ -26,6 +26,10 @@ Root attributes: ``schema_version`` (1 or 2), ``dataset``, ``backbone``, ``weigh
 splits is written), ``dvml_version``. Writers may add more (``transforms``, ``seed``, ``skipped``,
 ``extra``); readers ignore attributes they do not know.
 
+Optional root attribute ``preprocess`` (JSON object): how an image became the backbone's input --
+``resize`` (shorter side), ``crop`` (centre/random crop size), ``mean`` and ``std`` (RGB, on [0, 1] pixels),
+``interpolation`` (torchvision name). dvml's extractor always writes it; other writers may omit it.
+
 Per split group, the attribute ``n_written`` counts rows that are durably written; a writer that
 resumes truncates to it. Files written by other tools need not carry it (readers do not require it).
 """
@@ -65,6 +69,7 @@ ATTR_VIEWS = "views"
 ATTR_COMPLETE = "complete"
 ATTR_DVML_VERSION = "dvml_version"
 ATTR_WRITER_CONFIG = "writer_config"  # JSON of what the writer was asked to write; checked on resume
+ATTR_PREPROCESS = "preprocess"  # optional JSON object: resize, crop, mean, std, interpolation
 ATTR_EXTRA = "extra"  # JSON object of free-form provenance (transforms, seed, skipped files, ...)
 
 REQUIRED_ROOT_ATTRS = (

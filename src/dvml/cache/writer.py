@@ -47,7 +47,8 @@ class CacheSpec:
     ``views`` describes the P training views (``len(views) == train_views``); ``test_views`` is P_test.
     ``extra`` is free-form provenance (transforms, seeds, parameters) stored as JSON; it takes part in
     the resume check, so a resumed write is the same job. ``query_gallery`` adds ``/test/roles`` (one role
-    per test row, given to :meth:`CacheWriter.append`) and makes the file schema version 2.
+    per test row, given to :meth:`CacheWriter.append`) and makes the file schema version 2. ``preprocess``
+    (optional) is stored as the ``preprocess`` root attribute (see :mod:`dvml.cache.schema`).
     """
 
     dataset: str
@@ -60,6 +61,7 @@ class CacheSpec:
     with_paths: bool = False
     extra: Mapping = field(default_factory=dict)
     query_gallery: bool = False
+    preprocess: Mapping | None = None
 
     def __post_init__(self):
         if self.feature_dim <= 0:
@@ -83,6 +85,8 @@ class CacheSpec:
         d = asdict(self)
         if not d["query_gallery"]:  # absent when false: the writer_config of a version-1 job is unchanged
             del d["query_gallery"]
+        if d["preprocess"] is None:  # files written before the field existed resume unchanged
+            del d["preprocess"]
         return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -181,6 +185,8 @@ class CacheWriter:
         f.attrs[S.ATTR_DVML_VERSION] = __version__
         f.attrs[S.ATTR_WRITER_CONFIG] = spec.to_json()
         f.attrs[S.ATTR_EXTRA] = json.dumps(dict(spec.extra), sort_keys=True, default=str)
+        if spec.preprocess is not None:
+            f.attrs[S.ATTR_PREPROCESS] = json.dumps(dict(spec.preprocess), sort_keys=True, default=list)
         for split in S.SPLITS:
             g = f.create_group(split)
             p = spec.views_of(split)

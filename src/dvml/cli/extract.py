@@ -14,6 +14,19 @@ from dvml.extract.extractor import ExtractConfig, run
 _D = ExtractConfig(dataset=DatasetName.folder, root=Path("."), out=Path("out.h5"))
 
 
+def parse_rgb(value: str | None, option: str) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` -> a 3-tuple; ValueError naming ``option`` otherwise."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise ValueError(f"{option} needs three comma-separated numbers (R,G,B), got {value!r}")
+    return parts
+
+
 @app.command("extract")
 @handle_errors
 def extract_cmd(
@@ -21,18 +34,27 @@ def extract_cmd(
     root: Path = typer.Option(..., "--root", help="Dataset directory (CUB_200_2011, the Cars196 directory with "
                               "cars_annos.mat, Stanford_Online_Products, or a <class>/<image> folder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 feature cache."),
-    weights: str = typer.Option(_D.weights, help="'imagenet' (torchvision IMAGENET1K_V1), 'none' (seeded "
-                                "random init, for tests) or a path to a GoogLeNet state dict."),
+    backbone: str = typer.Option(_D.backbone, help="googlenet (the paper's), any torchvision classification "
+                                 "model (resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...), timm:NAME "
+                                 "(pip install 'dvml[timm]') or a TorchScript file (images in, features out)."),
+    weights: str = typer.Option(_D.weights, help="'imagenet' (the model's default pretrained weights; must be in "
+                                "the torch hub / Hugging Face cache offline), a torchvision weights name "
+                                "(IMAGENET1K_V2), 'none' (seeded random init, for tests) or a path to a state "
+                                "dict. Ignored for a TorchScript file."),
     views: int = typer.Option(_D.views, help="Views per training image: view 0 = centre crop, the rest "
                               "seeded random crop + horizontal flip."),
     test_flip: bool = typer.Option(_D.test_flip, help="Also store the flipped centre view of test images."),
     seed: int = typer.Option(_D.seed, help="Seed of the random views."),
     batch_size: int = typer.Option(_D.batch_size, help="Images per batch (each with all its views)."),
     workers: int = typer.Option(_D.workers, help="DataLoader worker processes decoding images (0 = main)."),
-    device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
-    amp: bool = typer.Option(_D.amp, help="float16 autocast on CUDA."),
-    resize: int = typer.Option(None, help="Shorter side after resizing (default: the weights' own, 256)."),
-    crop: int = typer.Option(None, help="Crop size (default: the weights' own, 224)."),
+    device: str = typer.Option(_D.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
+    amp: bool = typer.Option(_D.amp, help="float16 autocast on CUDA and MPS."),
+    resize: int = typer.Option(None, help="Shorter side after resizing (default: the backbone's own, e.g. 256)."),
+    crop: int = typer.Option(None, help="Crop size = network input size (default: the backbone's own, e.g. 224)."),
+    mean: str = typer.Option(None, help="Per-channel mean R,G,B on [0, 1] pixels (default: the backbone's own)."),
+    std: str = typer.Option(None, help="Per-channel std R,G,B (default: the backbone's own)."),
+    interpolation: str = typer.Option(None, help="Resize interpolation: bilinear, bicubic, nearest "
+                                      "(default: the backbone's own)."),
     dtype: str = typer.Option(_D.dtype, help="On-disk feature dtype: float16 or float32."),
     train_classes: int = typer.Option(None, help="folder only: number of (sorted) classes in the train split "
                                       "(default: half)."),
@@ -43,14 +65,16 @@ def extract_cmd(
                                   "instead of stopping."),
     overwrite: bool = typer.Option(_D.overwrite, help="Replace an existing complete output."),
 ):
-    """Run GoogLeNet once over a dataset and write P views of 1024-D features per image to a cache.
+    """Run a frozen backbone (GoogLeNet by default) once over a dataset and write P views of its features per
+    image to a cache; the cache records the backbone, its weights, feature dimension and preprocessing.
 
     Interrupted (Ctrl-C, kill)? Rerun the same command: it resumes where it stopped.
     """
-    cfg = ExtractConfig(dataset=dataset, root=root, out=out, weights=weights, views=views, test_flip=test_flip,
-                        seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp, resize=resize,
-                        crop=crop, dtype=dtype, train_classes=train_classes, transform_input=transform_input,
-                        skip_bad=skip_bad, overwrite=overwrite)
+    cfg = ExtractConfig(dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, views=views,
+                        test_flip=test_flip, seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                        resize=resize, crop=crop, mean=parse_rgb(mean, "--mean"), std=parse_rgb(std, "--std"),
+                        interpolation=interpolation, dtype=dtype, train_classes=train_classes,
+                        transform_input=transform_input, skip_bad=skip_bad, overwrite=overwrite)
     tasks: dict[str, int] = {}
     with make_progress("img") as progress:
         def on_progress(split: str, done: int, total: int) -> None:
@@ -61,6 +85,11 @@ def extract_cmd(
 
         result = run(cfg, progress=on_progress)
     table = Table(title=str(result.path), show_header=False)
+    table.add_row("backbone", f"{result.backbone} ({result.weights}), {result.feature_dim}-D")
+    pre = result.preprocess
+    rgb = {k: ", ".join(f"{v:.4g}" for v in pre[k]) for k in ("mean", "std")}
+    table.add_row("input", f"resize {pre['resize']} ({pre['interpolation']}), crop {pre['crop']}, "
+                           f"mean ({rgb['mean']}), std ({rgb['std']})")
     table.add_row("train", f"{result.n_train} images x {cfg.views} views")
     table.add_row("test", f"{result.n_test} images x {1 + int(cfg.test_flip)} views")
     table.add_row("skipped", str(len(result.skipped)))

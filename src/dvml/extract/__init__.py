@@ -4,8 +4,11 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
 
 * datasets: :class:`DatasetName`, :class:`Sample`, :class:`DatasetIndex`, :func:`read_dataset`
   (and :func:`read_cub`, :func:`read_cars196`, :func:`read_sop`, :func:`read_inshop`, :func:`read_folder`);
-* backbone: :func:`build_backbone` -> :class:`Backbone` (GoogLeNet, fc = Identity, eval(), with its
-  :class:`Preprocess`), :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
+* backbone: :func:`load_backbone` ``(spec, weights, device=None)`` -> :class:`Backbone` (``.model``,
+  ``.preprocess`` (:class:`Preprocess`), ``.feature_dim``, ``.name``, ``.weights``) for googlenet, any torchvision
+  classifier, ``timm:NAME`` or a TorchScript file; :func:`save_torchscript` (a model + its preprocessing in one
+  file), :func:`backbone_from_cache`, :func:`build_backbone` (GoogLeNet-first spelling),
+  :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
 * views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
   :func:`collate_views`, :class:`BadImageError`;
 * the stage: :class:`ExtractConfig`, :func:`run` -> :class:`ExtractResult`;
@@ -15,12 +18,16 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
 
 from dvml.extract.backbone import (
     BACKBONE_NAME,
+    DEFAULT_BACKBONE,
     FEATURE_DIM,
     Backbone,
     Preprocess,
+    backbone_from_cache,
     build_backbone,
     imagenet_checkpoint_path,
     imagenet_preprocess,
+    load_backbone,
+    save_torchscript,
 )
 from dvml.extract.datasets import (
     DatasetIndex,
@@ -44,8 +51,9 @@ from dvml.extract.transforms import (
 )
 
 __all__ = [
-    "BACKBONE_NAME", "FEATURE_DIM", "Backbone", "Preprocess", "build_backbone", "imagenet_checkpoint_path",
-    "imagenet_preprocess", "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset",
-    "read_folder", "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
+    "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "Preprocess", "backbone_from_cache",
+    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_torchscript",
+    "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset", "read_folder",
+    "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
     "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",
 ]

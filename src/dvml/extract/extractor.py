@@ -1,9 +1,13 @@
-"""The extraction loop: dataset -> P views per image -> GoogLeNet -> streaming HDF5 cache.
+"""The extraction loop: dataset -> P views per image -> backbone -> streaming HDF5 cache.
 
 ``run(ExtractConfig(...))`` writes train then test through :class:`~dvml.cache.CacheWriter`, one batch
 at a time (memory does not grow with the dataset). DataLoader workers decode, resize and cut the views;
 the main process normalises on the device and runs the model channels-last under ``torch.inference_mode``
-(on CUDA also with float16 autocast); features are stored as ``dtype`` (float16 by default).
+(on CUDA and MPS also with float16 autocast); features are stored as ``dtype`` (float16 by default).
+
+The backbone (``--backbone``, see :mod:`dvml.extract.backbone`) decides the feature dimension and the
+preprocessing (resize, crop, mean, std, interpolation); options override single fields, and the result is
+stored in the cache's ``preprocess`` attribute, its name in ``backbone`` and its weights' identity in ``weights``.
 
 Resuming: the dataset order is deterministic, so after a kill or Ctrl-C the same command reopens the
 file and continues at the first unwritten image. With ``skip_bad`` the skipped images are listed in the
@@ -11,7 +15,7 @@ cache's ``extra["skipped"]`` (split, index, path, error) *before* the batch that
 appended, and the resume point is the smallest dataset position p with
 ``p - #skipped(index < p) == n_written`` -- correct whether or not the last batch reached the disk.
 
-Options that change the features (weights, sizes, views, seed, test flip, dtype, the image list) are
+Options that change the features (backbone, weights, preprocessing, views, seed, test flip, dtype, the image list) are
 part of the writer's configuration: resuming with different ones is refused. Batch size, workers,
 device and ``skip_bad`` are not (``--skip-bad`` may be added to continue past a bad image).
 """
@@ -32,8 +36,16 @@ from torch.utils.data import DataLoader
 
 from dvml.cache import CacheExistsError, CacheSpec, CacheWriter
 from dvml.cache import schema as S
+from dvml.devices import autocast_dtype, check_device_name, pin_memory, resolve_device
 from dvml.errors import DvmlError
-from dvml.extract.backbone import Backbone, Preprocess, build_backbone
+from dvml.extract.backbone import (
+    DEFAULT_BACKBONE,
+    INTERPOLATIONS,
+    Backbone,
+    Preprocess,
+    load_backbone,
+    preprocess_from_options,
+)
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views, worker_init
 from dvml.files import check_not_busy
@@ -50,7 +62,8 @@ Called once when a split starts (``done`` > 0 when resuming) and after every wri
 
 def check_image_options(cfg) -> None:
     """Validate the image options extract and finetune share: ``resize``, ``crop`` (None or >= 8 pixels, crop
-    <= resize), ``train_classes`` (folder datasets only) and ``device``. Raises ValueError naming the option."""
+    <= resize), ``mean``/``std`` (3 values, std > 0, when the config has them), ``train_classes`` (folder datasets
+    only) and ``device`` (auto, cpu, cuda, cuda:N, mps). Raises ValueError naming the option."""
     for name in ("resize", "crop"):
         v = getattr(cfg, name)
         if v is not None and v < 8:
@@ -59,27 +72,35 @@ def check_image_options(cfg) -> None:
         raise ValueError(f"--crop {cfg.crop} must not exceed --resize {cfg.resize}")
     if cfg.train_classes is not None and cfg.dataset is not DatasetName.folder:
         raise ValueError("--train-classes applies to the folder dataset only")
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    for name in ("mean", "std"):
+        v = getattr(cfg, name, None)
+        if v is not None and (len(v) != 3 or (name == "std" and min(v) <= 0)):
+            raise ValueError(f"--{name} needs 3 values (R,G,B){', all > 0' if name == 'std' else ''}, got {v}")
+    check_device_name(cfg.device)
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """One extraction job. ``resize``/``crop`` ``None`` take the weights' preprocessing (256 / 224)."""
+    """One extraction job. ``backbone``: see :func:`~dvml.extract.backbone.load_backbone`. ``resize``, ``crop``,
+    ``mean``, ``std``, ``interpolation`` ``None`` take the backbone's own preprocessing (GoogLeNet: 256 / 224)."""
 
     dataset: DatasetName
     root: Path
     out: Path
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     views: int = 10
     test_flip: bool = False
     seed: int = 0
     batch_size: int = 32  # images per batch (each with P views)
     workers: int = DEFAULT_WORKERS
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # float16 autocast on CUDA (ignored on CPU)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    amp: bool = True  # float16 autocast on CUDA and MPS (ignored on CPU)
     resize: int | None = None
     crop: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: str | None = None
     dtype: str = "float16"
     train_classes: int | None = None  # folder only
     transform_input: bool | None = None  # None: the weights' convention
@@ -90,6 +111,12 @@ class ExtractConfig:
         object.__setattr__(self, "dataset", DatasetName(self.dataset))
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "backbone", str(self.backbone))
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.views < 1:
             raise ValueError(f"--views must be >= 1, got {self.views}")
         if self.batch_size < 1:
@@ -101,12 +128,7 @@ class ExtractConfig:
         check_image_options(self)
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DvmlError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
-        return dev
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,10 @@ class ExtractResult:
     skipped: list[dict]
     seconds: float  # wall time of this call
     images_processed: int  # images decoded in this call (resume excludes earlier ones)
+    backbone: str = ""  # the cache's backbone / weights / feature_dim / preprocess attributes
+    weights: str = ""
+    feature_dim: int = 0
+    preprocess: dict | None = None
 
 
 def make_spec(index: DatasetIndex, backbone: Backbone, views: ViewSpec, dtype: str, seed: int) -> CacheSpec:
@@ -138,17 +164,23 @@ def make_spec(index: DatasetIndex, backbone: Backbone, views: ViewSpec, dtype: s
     return CacheSpec(dataset=index.name, backbone=backbone.name, weights=backbone.weights,
                      feature_dim=backbone.feature_dim, views=views.describe("train", pre),
                      test_views=views.n_views("test"), dtype=dtype, with_paths=True, extra=extra,
-                     query_gallery=index.test_roles is not None)
+                     query_gallery=index.test_roles is not None, preprocess=pre.as_dict())
 
 
-def preprocess_for(default: Preprocess, resize: int | None, crop: int | None) -> Preprocess:
-    """``default`` with sizes overridden; one size given alone keeps the default crop/resize ratio."""
-    if resize is None and crop is None:
-        return default
-    ratio = default.crop / default.resize
-    resize = resize if resize is not None else round(crop / ratio)
-    crop = crop if crop is not None else round(resize * ratio)
-    return default.with_sizes(resize, crop)
+def preprocess_for(default: Preprocess | None, resize: int | None = None, crop: int | None = None, mean=None,
+                   std=None, interpolation: str | None = None, *, what: str = "the backbone") -> Preprocess:
+    """``default`` with the given fields overridden; one size given alone keeps the default crop/resize ratio.
+    ``default`` None (a model file that stores no preprocessing): the options must give crop, mean and std."""
+    if default is None:
+        return preprocess_from_options(resize, crop, mean, std, interpolation, what)
+    return default.override(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+
+
+def resolve_backbone(backbone: Backbone, cfg) -> Backbone:
+    """The backbone with the config's preprocessing overrides applied and its feature dimension known."""
+    pre = preprocess_for(backbone.preprocess, cfg.resize, cfg.crop, getattr(cfg, "mean", None),
+                         getattr(cfg, "std", None), getattr(cfg, "interpolation", None), what=backbone.name)
+    return replace(backbone, preprocess=pre).ensure_feature_dim()
 
 
 def resume_position(n_written: int, skipped_indices: list[int]) -> int:
@@ -163,13 +195,16 @@ def resume_position(n_written: int, skipped_indices: list[int]) -> int:
 
 
 class FeatureModel:
-    """Backbone on a device: uint8 views (B, P, 3, c, c) -> float32 numpy features (B, P, D)."""
+    """Backbone on a device: uint8 views (B, P, 3, c, c) -> float32 numpy features (B, P, D).
+
+    ``amp``: float16 autocast where the device has it (CUDA, MPS); the CPU always runs float32."""
 
     def __init__(self, backbone: Backbone, device: torch.device, amp: bool = True):
         self.backbone = backbone
         self.device = device
-        self.cuda = device.type == "cuda"
-        self.amp = amp and self.cuda
+        self.cuda = pin_memory(device)
+        self.amp_dtype = autocast_dtype(device) if amp else None
+        self.amp = self.amp_dtype is not None
         # channels-last: faster on GPUs (tensor cores) and on CPUs too (oneDNN convolutions, vectorised
         # max-pooling: 1.7x for GoogLeNet on one core here)
         self.model = backbone.model.to(device).eval().to(memory_format=torch.channels_last)
@@ -179,7 +214,7 @@ class FeatureModel:
         b, p = views.shape[:2]
         x = views.to(self.device, non_blocking=True).flatten(0, 1)
         x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float16, enabled=self.amp):
             feats = self.model(x)
         return feats.float().reshape(b, p, -1).cpu().numpy()
 
@@ -213,16 +248,16 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     if not cfg.overwrite:
         _refuse_complete(cfg.out)  # before the slow part (model build); CacheWriter checks again
     index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
-    backbone = backbone or build_backbone(cfg.weights, transform_input=cfg.transform_input)
-    pre = preprocess_for(backbone.preprocess, cfg.resize, cfg.crop)
-    backbone = replace(backbone, preprocess=pre)
+    backbone = backbone or load_backbone(cfg.backbone, cfg.weights, transform_input=cfg.transform_input)
+    backbone = resolve_backbone(backbone, cfg)
+    pre = backbone.preprocess
     view_spec = ViewSpec(crop=pre.crop, train_views=cfg.views, test_flip=cfg.test_flip, seed=cfg.seed)
     device = cfg.torch_device()
     spec = make_spec(index, backbone, view_spec, cfg.dtype, cfg.seed)
     model = FeatureModel(backbone, device, cfg.amp)
-    log.info("extracting %s (%d train / %d test images, %s) with %d view(s) at %d/%d on %s into %s",
-             index.name, len(index.train), len(index.test), index.split_rule, cfg.views, pre.resize, pre.crop,
-             device, cfg.out)
+    log.info("extracting %s (%d train / %d test images, %s) with %s (%d-D), %d view(s) at %d/%d on %s into %s",
+             index.name, len(index.train), len(index.test), index.split_rule, backbone.name, backbone.feature_dim,
+             cfg.views, pre.resize, pre.crop, device, cfg.out)
     processed = 0
     with CacheWriter(cfg.out, spec, overwrite=cfg.overwrite) as writer:
         writer.set_extra(root=str(index.root.resolve()), device=str(device), amp=model.amp)
@@ -278,4 +313,5 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     log.info("wrote %s: %d train x %d views, %d test x %d views, %d skipped, %.1f s",
              path, n_train, cfg.views, n_test, view_spec.n_views("test"), len(skipped), seconds)
     return ExtractResult(path=path, n_train=n_train, n_test=n_test, skipped=skipped, seconds=seconds,
-                         images_processed=processed)
+                         images_processed=processed, backbone=backbone.name, weights=backbone.weights,
+                         feature_dim=int(backbone.feature_dim), preprocess=pre.as_dict())
