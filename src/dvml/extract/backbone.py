@@ -54,6 +54,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -481,7 +482,8 @@ def save_torchscript(model: nn.Module | torch.jit.ScriptModule, preprocess: Prep
     path = Path(path)
     model = model.eval()
     example = torch.randn(2, 3, preprocess.crop, preprocess.crop, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 marks TorchScript deprecated
         if isinstance(model, torch.jit.ScriptModule):
             scripted = model
         elif method == "trace":
@@ -497,16 +499,26 @@ def save_torchscript(model: nn.Module | torch.jit.ScriptModule, preprocess: Prep
     meta = {**preprocess.as_dict(), "feature_dim": int(feature_dim or out.shape[1]), "note": note,
             "input": "float32 (B, 3, crop, crop), (RGB/255 - mean) / std"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta, sort_keys=True)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta, sort_keys=True)})
     return path
 
 
 def _torchscript_backbone(path: Path, weights: str) -> Backbone:
-    if str(weights).lower() not in ("imagenet", "none", "file", ""):
+    weights = str(weights)
+    identity = f"file:{path.name}:{file_digest(path)}"
+    if weights.startswith("file:"):  # an identity read back from a cache: the file must be the same
+        if weights.rsplit(":", 1)[-1] != identity.rsplit(":", 1)[-1]:
+            raise DvmlError(f"--backbone {path}: its content (hash {identity.rsplit(':', 1)[-1]}) differs from "
+                            f"the model file the cache was made with ({weights})")
+    elif weights.lower() not in ("imagenet", "none", ""):
         raise DvmlError(f"--weights {weights}: does not apply to a model file ({path.name} carries its own weights)")
     extra = {TORCHSCRIPT_EXTRA: ""}
     try:
-        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as e:  # RuntimeError / zipfile errors for a non-TorchScript file
         raise DvmlError(f"--backbone {path}: not a TorchScript model file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); export one with torch.jit.trace/script "
@@ -521,7 +533,7 @@ def _torchscript_backbone(path: Path, weights: str) -> Backbone:
         except (ValueError, TypeError, KeyError) as e:
             raise DvmlError(f"--backbone {path}: its {TORCHSCRIPT_EXTRA} is not valid ({e})") from None
     model.eval()
-    return Backbone(model=model, name=f"torchscript:{path.name}", weights=f"file:{path.name}:{file_digest(path)}",
+    return Backbone(model=model, name=f"torchscript:{path.name}", weights=identity,
                     preprocess=preprocess, feature_dim=dim, spec=str(path.resolve()),
                     feature="the TorchScript model's output", source={"model_file": str(path.resolve())})
 
