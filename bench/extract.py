@@ -1,7 +1,9 @@
-"""Extraction throughput vs the model forward alone, and peak memory vs dataset size.
+"""Extraction throughput vs the model forward alone, ONNX Runtime vs torch on the CPU, and peak memory.
 
 Generates image folders of CUB-like JPEGs (~500x375, 20 classes, smooth content + noise, quality 90) and
-measures, in one process, on the same device, backbone (``--weights``), batch size and crop size:
+measures, in one process, on the same device, for each ``--backbone`` (comma-separated: googlenet, any
+torchvision name, timm:NAME, a TorchScript file; ``--weights``), batch size and crop size (default: each
+backbone's own input size):
 
 * **extract**: ``dvml.extract.run`` over the ``--images`` folder (decode -> resize -> P views -> normalise
   -> forward -> float16 HDF5 write; train half with ``--views`` views, test half with the centre view),
@@ -12,6 +14,11 @@ measures, in one process, on the same device, backbone (``--weights``), batch si
 alternating, ``--reps`` times, after one warm-up batch of each shape. Prints crops/s and images/s of
 both, per repetition and median, and the ratio extract/forward (1.0 = loading fully hidden behind compute).
 
+``--onnx`` (needs ``pip install -e ".[onnx]"``): each backbone exported with ``torch.onnx.export`` and run by
+ONNX Runtime's CPU provider against the same torch model (channels-last, ``inference_mode``), same input
+batch (``--batch-size`` normalised crops), same thread count, alternating ``--reps`` times after a warm-up;
+reports images/s of both, the speed-up and the max abs feature difference.
+
 Then **peak RSS**: for folders of each ``--rss-sizes`` images (default 200 and 2,000), one extraction per
 size in a fresh subprocess, reporting the process's RSS after imports + model build, its peak RSS during
 the run (``VmHWM`` reset via ``/proc/self/clear_refs`` after set-up; ``ru_maxrss`` is not used because
@@ -20,6 +27,8 @@ workers (``RUSAGE_CHILDREN``; forked workers count pages shared with the main pr
 
     python bench/extract.py --device cpu --images 64 --views 4 --batch-size 16 --workers 1 --threads 1 \\
         --rss-crop 64
+    python bench/extract.py --backbone googlenet,resnet50 --images 48 --views 2 --batch-size 8 --workers 1 \\
+        --threads 1 --rss-sizes '' --onnx
     python bench/extract.py --device cuda --images 2000 --views 10 --batch-size 64 --workers 12
 """
 
@@ -34,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +67,19 @@ def make_folder(root: Path, n_images: int, n_classes: int = 20, size: tuple[int,
     return root
 
 
-def bench_throughput(args, folder: Path, tmp: Path) -> None:
+def bench_throughput(args, folder: Path, tmp: Path, spec: str) -> dict:
     import torch
 
-    from dvml.extract import build_backbone, read_dataset
+    from dvml.devices import resolve_device
+    from dvml.extract import load_backbone, read_dataset
     from dvml.extract.extractor import ExtractConfig, FeatureModel, preprocess_for, run
 
     index = read_dataset("folder", folder)
-    backbone = build_backbone(args.weights)
-    pre = preprocess_for(backbone.preprocess, args.resize, args.crop)
-    device = torch.device(args.device)
-    model = FeatureModel(dataclasses.replace(backbone, preprocess=pre), device, amp=True)
+    backbone = load_backbone(spec, args.weights)
+    pre = preprocess_for(backbone.preprocess, args.resize, args.crop, what=spec)
+    backbone = dataclasses.replace(backbone, preprocess=pre).ensure_feature_dim()
+    device = resolve_device(args.device)
+    model = FeatureModel(backbone, device, amp=True)
     n_train, n_test = len(index.train), len(index.test)
     shapes = []  # (images, views) per batch, exactly as run() batches them
     for n, p in ((n_train, args.views), (n_test, 1)):
@@ -90,7 +102,8 @@ def bench_throughput(args, folder: Path, tmp: Path) -> None:
         return time.perf_counter() - t0
 
     def full_extract(rep: int) -> float:
-        cfg = ExtractConfig(dataset="folder", root=folder, out=tmp / f"bench{rep}.h5", weights=args.weights,
+        cfg = ExtractConfig(dataset="folder", root=folder, out=tmp / f"bench{rep}.h5", backbone=spec,
+                            weights=args.weights,
                             views=args.views, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, resize=pre.resize, crop=pre.crop, overwrite=True)
         t0 = time.perf_counter()
@@ -99,8 +112,9 @@ def bench_throughput(args, folder: Path, tmp: Path) -> None:
         assert result.n_train == n_train and result.n_test == n_test
         return dt
 
-    print(f"throughput: {len(index.train) + n_test} images ({n_train} train x {args.views} views + {n_test} test "
-          f"x 1) = {crops} crops of {pre.crop}px (resize {pre.resize}), batch {args.batch_size} images, "
+    print(f"throughput of {backbone.name} ({backbone.feature_dim}-D): {len(index.train) + n_test} images "
+          f"({n_train} train x {args.views} views + {n_test} test x 1) = {crops} crops of {pre.crop}px "
+          f"(resize {pre.resize}), batch {args.batch_size} images, "
           f"{args.workers} workers, torch threads {torch.get_num_threads()}, device {device}, "
           f"weights {backbone.weights}")
     fwd, ext = [], []
@@ -114,6 +128,58 @@ def bench_throughput(args, folder: Path, tmp: Path) -> None:
     print(f"  median: forward {crops / f:.1f} crops/s ({(n_train + n_test) / f:.1f} img/s), extract "
           f"{crops / e:.1f} crops/s ({(n_train + n_test) / e:.1f} img/s), ratio extract/forward "
           f"{f / e:.3f} (median of per-rep ratios {per_rep:.3f})")
+    return {"backbone": backbone.name, "dim": backbone.feature_dim, "crop": pre.crop,
+            "forward_img_s": (n_train + n_test) / f, "extract_img_s": (n_train + n_test) / e, "ratio": f / e,
+            "ratio_per_rep": per_rep}
+
+
+def bench_onnx(args, spec: str) -> dict:
+    """ONNX Runtime (CPU provider) vs torch on the CPU: same model, inputs, threads; alternating reps."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from dvml.extract import load_backbone
+    from dvml.extract.extractor import preprocess_for
+
+    backbone = load_backbone(spec, args.weights)
+    pre = preprocess_for(backbone.preprocess, args.resize, args.crop, what=spec)
+    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    x = pre.normalize(torch.randint(0, 256, (args.batch_size, 3, pre.crop, pre.crop), dtype=torch.uint8,
+                                    generator=gen))
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # the TorchScript-based exporter: no onnxscript/torch.export needed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["features"], dynamo=False,
+                          dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}}, opset_version=17)
+    export_s = time.perf_counter() - t0
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    xn, xc = x.numpy(), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = model(xc).numpy()
+    out = sess.run(None, {"x": xn})[0]  # also the warm-up of both
+    diff = float(np.abs(out - ref).max())
+    t_torch, t_ort = [], []
+    for _ in range(args.reps):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(xc)
+            t_torch.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sess.run(None, {"x": xn})
+        t_ort.append(time.perf_counter() - t0)
+    tt, to = statistics.median(t_torch), statistics.median(t_ort)
+    n = args.batch_size
+    print(f"onnxruntime {ort.__version__} vs torch on the CPU, {backbone.name}, batch {n} x {pre.crop}px, "
+          f"{args.threads} thread(s): torch {n / tt:.2f} img/s, onnxruntime {n / to:.2f} img/s, speed-up "
+          f"{tt / to:.2f}x (per rep {', '.join(f'{a / b:.2f}' for a, b in zip(t_torch, t_ort, strict=True))}); "
+          f"max abs feature diff {diff:.2e} (max |feature| {np.abs(ref).max():.1f}); export {export_s:.1f} s")
+    return {"backbone": backbone.name, "torch_img_s": n / tt, "ort_img_s": n / to, "speedup": tt / to, "diff": diff}
 
 
 _RSS_CHILD = """
@@ -130,10 +196,10 @@ def status(key):  # kB, from this process's own memory map (a fresh mm after exe
 cfg = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(cfg.pop("threads"))
-from dvml.extract import build_backbone, read_dataset
+from dvml.extract import load_backbone, read_dataset
 from dvml.extract.extractor import ExtractConfig, run
 index = read_dataset("folder", cfg["root"])
-backbone = build_backbone(cfg["weights"])
+backbone = load_backbone(cfg.pop("backbone_spec"), cfg["weights"])
 setup_hwm, setup_rss = status("VmHWM"), status("VmRSS")
 try:  # reset the high-water mark so VmHWM after the run is the peak *during* the run
     Path("/proc/self/clear_refs").write_text("5")
@@ -155,6 +221,7 @@ def bench_rss(args, tmp: Path, folders: dict[int, Path]) -> None:
     rows = []
     for n, folder in folders.items():
         cfg = {"dataset": "folder", "root": str(folder), "out": str(tmp / f"rss{n}.h5"), "weights": args.weights,
+               "backbone": args.backbone.split(",")[0], "backbone_spec": args.backbone.split(",")[0],
                "views": args.rss_views, "batch_size": args.batch_size, "workers": args.workers,
                "device": args.device, "resize": args.rss_resize or args.resize, "crop": args.rss_crop or args.crop,
                "overwrite": True, "threads": args.threads}
@@ -177,15 +244,18 @@ def bench_rss(args, tmp: Path, folders: dict[int, Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    ap.add_argument("--backbone", default="googlenet", help="comma-separated backbones (googlenet, resnet50, "
+                    "timm:NAME, a TorchScript file, ...); the RSS part uses the first")
+    ap.add_argument("--onnx", action="store_true", help="also ONNX Runtime vs torch on the CPU per backbone")
     ap.add_argument("--weights", default="none", help="none (no download needed), imagenet or a state dict path")
     ap.add_argument("--images", type=int, default=200, help="images in the throughput folder")
     ap.add_argument("--views", type=int, default=10, help="views per training image (throughput run)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--resize", type=int, default=None, help="default: the weights' 256")
-    ap.add_argument("--crop", type=int, default=None, help="default: the weights' 224")
+    ap.add_argument("--resize", type=int, default=None, help="default: the backbone's own (GoogLeNet 256)")
+    ap.add_argument("--crop", type=int, default=None, help="default: the backbone's own (GoogLeNet 224)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rss-sizes", default="200,2000", help="comma-separated folder sizes for peak RSS ('' = skip)")
     ap.add_argument("--rss-views", type=int, default=1)
@@ -199,8 +269,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
+    from dvml.devices import resolve_device
+    from dvml.errors import DvmlError
+
+    try:
+        resolve_device(args.device)
+    except (DvmlError, ValueError) as e:
+        sys.exit(str(e))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores"
           + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s]
@@ -222,7 +297,18 @@ def main() -> None:
                 rss_folders[n] = dst
         print(f"generated {args.images} + {max(rss_sizes, default=0)} JPEGs (500x375) in "
               f"{time.perf_counter() - t0:.1f} s")
-        bench_throughput(args, folder, tmp)
+        rows, onnx_rows = [], []
+        for spec in [b for b in args.backbone.split(",") if b]:
+            rows.append(bench_throughput(args, folder, tmp, spec))
+            if args.onnx:
+                onnx_rows.append(bench_onnx(args, spec))
+        print("summary (medians over reps):")
+        for r in rows:
+            print(f"  {r['backbone']:32s} {r['dim']:5d}-D {r['crop']:4d}px  forward {r['forward_img_s']:7.1f} img/s  "
+                  f"extract {r['extract_img_s']:7.1f} img/s  ratio {r['ratio']:.3f}")
+        for r in onnx_rows:
+            print(f"  {r['backbone']:32s} torch {r['torch_img_s']:6.2f} img/s  onnxruntime {r['ort_img_s']:6.2f} "
+                  f"img/s  speed-up {r['speedup']:.2f}x  max diff {r['diff']:.1e}")
         if rss_sizes:
             bench_rss(args, tmp, dict(sorted(rss_folders.items())))
 
