@@ -90,7 +90,7 @@ def time_fit_heads(cache: Path, out: Path, device: str, epochs: int, dvml: bool)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     ap.add_argument("--pairs", type=int, default=3, help="alternating (finetune, fit-heads) measurements per variant")
     ap.add_argument("--steps", type=int, default=3, help="finetune steps run (the first --warmup are dropped)")
     ap.add_argument("--warmup", type=int, default=1, help="finetune steps dropped from the median")
@@ -105,8 +105,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                       else "cpu")
+    from dvml.devices import resolve_device
+
+    dev = resolve_device(args.device)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {dev} ({where}), torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -17,7 +17,7 @@ Measured side by side in one process, with the paper's defaults (E = 512, T = 20
 Prints per-epoch times, medians, samples/s, the ratio dvml step / matmul time (1.0 = every cycle spent in
 the unavoidable matmuls), the baseline's cost relative to DVML, and the projected time of a default fit.
 
-    python bench/fit_heads.py [--device auto|cpu|cuda] [--epochs 2] [--work DIR] [--threads N]
+    python bench/fit_heads.py [--device auto|cpu|cuda|mps] [--epochs 2] [--work DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ SYNTH = SynthConfig(n_classes=200, images_per_class=59, views=10)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def cub_cache(work: Path) -> Path:
@@ -154,7 +156,7 @@ def alternate(fns: dict, device: torch.device, reps: int) -> dict[str, list[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     ap.add_argument("--epochs", type=int, default=2, help="epochs timed per configuration (after a warm-up one)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dvml-bench",
                     help="where the cache and run dirs go (the cache is reused)")

@@ -32,8 +32,10 @@ def finetune_cmd(
                              "config.json, log.jsonl)."),
     loss: LossName = HEAD_OPTS["loss"],
     dvml: bool = HEAD_OPTS["dvml"],
+    backbone: str = typer.Option(_F.backbone, help="googlenet (the paper's), any torchvision classification model "
+                                 "(resnet50, efficientnet_b0, vit_b_16, ...) or timm:NAME, as for dvml extract."),
     weights: str = typer.Option(_F.weights, help="Backbone start: 'imagenet', 'none' (seeded random, tests) or a "
-                                "GoogLeNet state-dict path."),
+                                "state-dict path for that backbone."),
     init_heads: Path = typer.Option(None, "--init-heads", help="Start the heads from this fit-heads run "
                                     "(cached-feature warm start)."),
     backbone_lr: float = typer.Option(_F.backbone_lr, help="Adam learning rate of the backbone (the paper: 1e-4 "
@@ -60,8 +62,8 @@ def finetune_cmd(
     freeze_bn: bool = typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
                                    help="Keep BatchNorm in eval mode with frozen affine parameters."),
     amp: bool = typer.Option(_F.amp, help="Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."),
-    resize: int = typer.Option(None, help="Shorter side after resizing (default: 256)."),
-    crop: int = typer.Option(None, help="Random-crop size (default: 224)."),
+    resize: int = typer.Option(None, help="Shorter side after resizing (default: the backbone's, e.g. 256)."),
+    crop: int = typer.Option(None, help="Random-crop size (default: the backbone's input size, e.g. 224)."),
     train_classes: int = typer.Option(None, help="folder only: number of (sorted) training classes."),
     transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
                                          help="torchvision GoogLeNet input re-normalisation (default: the weights' "
@@ -70,13 +72,15 @@ def finetune_cmd(
                                          help="Also checkpoint every N steps (0 = epoch ends only)."),
     workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
     seed: int = HEAD_OPTS["seed"],
-    device: str = typer.Option(_F.device, help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)."),
+    device: str = typer.Option(_F.device, help="auto (cuda, then mps, then cpu), cpu, cuda, mps (under torchrun: "
+                               "cuda:LOCAL_RANK)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
     skip_bad: bool = typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
                                   "decoding pass before training; listed in config.json) instead of stopping."),
 ):
-    """Train the GoogLeNet backbone and the DVML heads together from images (the paper's end-to-end setting).
+    """Train the backbone (GoogLeNet by default) and the DVML heads together from images (the paper's end-to-end
+    setting).
 
     Augmentation: resize, random crop, horizontal flip. Two phases and loss weights as in fit-heads. Evaluate
     the result with `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
@@ -84,7 +88,7 @@ def finetune_cmd(
     from dvml.finetune import distributed as D
     from dvml.finetune import finetune
 
-    cfg = FinetuneConfig(dataset=dataset, root=root, out=out, loss=loss, dvml=dvml, weights=weights,
+    cfg = FinetuneConfig(dataset=dataset, root=root, out=out, loss=loss, dvml=dvml, backbone=backbone, weights=weights,
                          init_heads=init_heads, backbone_lr=backbone_lr, lr=lr, proxy_lr=proxy_lr,
                          weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
                          phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,

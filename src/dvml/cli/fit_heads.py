@@ -67,7 +67,7 @@ def fit_heads_cmd(
     temperature: float = LOSS_OPTS["temperature"],
     label_smoothing: float = LOSS_OPTS["label_smoothing"],
     seed: int = HEAD_OPTS["seed"],
-    device: DeviceChoice = typer.Option(FitConfig.device, help="auto = CUDA when available."),
+    device: DeviceChoice = typer.Option(FitConfig.device, help="auto = CUDA, then MPS (Apple silicon), then CPU."),
     eval_every: int = typer.Option(FitConfig.eval_every,
                                    help="Log test Recall@1 (watch only) every N epochs and at the end; 0 = never."),
     val_classes: int = typer.Option(FitConfig.val_classes,

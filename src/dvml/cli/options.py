@@ -85,7 +85,7 @@ def format_lambdas(lams) -> str:
 
 def device_option():
     """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
-    return typer.Option(None, help="Fit device: auto (CUDA when available), cpu or cuda (default: auto).")
+    return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).")
 
 
 DeviceOption = DeviceChoice | None

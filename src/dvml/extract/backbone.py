@@ -304,10 +304,17 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def _strip_classifier(model: nn.Module) -> tuple[nn.Module, str, int]:
-    """Replace the last Linear by identity and drop auxiliary heads -> (model in eval(), its name, feature dim)."""
+    """Replace the last Linear by identity and drop auxiliary heads -> (model in eval(), its name, feature dim).
+
+    Dropout layers beside that Linear (GoogLeNet's/Inception's ``dropout`` after the pool, EfficientNet's and
+    MobileNet's ``classifier`` dropout) become identity too: they act on the feature itself, so training through
+    the backbone (``dvml finetune``) sees the same feature as extraction (in ``eval()`` they are identity anyway)."""
     name, linear = _last_linear(model)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], nn.Identity())
+    for child_name, child in list(parent.named_children()):
+        if isinstance(child, nn.Dropout):
+            setattr(parent, child_name, nn.Identity())
     for aux in ("aux1", "aux2", "AuxLogits"):
         if getattr(model, aux, None) is not None:
             setattr(model, aux, None)
@@ -427,6 +434,27 @@ def _timm_offline_message(name: str, e: Exception) -> str:
             f"{str(e).splitlines()[0] if str(e) else ''}). Offline, {where}; or pass --weights PATH to a state dict")
 
 
+def _timm_from_file(timm, name: str, path: Path) -> tuple[nn.Module, str]:
+    """A timm model (``num_classes=0``) from a local state dict: in timm's own layout (with or without its
+    classifier, e.g. a ``dvml finetune`` backbone.pt) loaded directly, else through timm's pretrained loader,
+    which converts original-format checkpoints (e.g. the DINOv2 release files)."""
+    state, digest, _ = _load_state_dict_file(path)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    head = model.pretrained_cfg.get("classifier") or ""
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    direct = {k: v for k, v in state.items() if not any(h and k.startswith(h + ".") for h in heads)}
+    missing, unexpected = model.load_state_dict(direct, strict=False)
+    if missing or unexpected:
+        try:  # timm's own loader: filters the classifier, adapts position embeddings and key names
+            model = timm.create_model(name, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={"file": str(path), "hf_hub_id": None, "url": None})
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            shown = ", ".join(list(missing)[:3] + list(unexpected)[:3])
+            raise DvmlError(f"--weights {path}: does not match timm's {name} (e.g. {shown}; timm's loader: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model, f"state_dict:{path.name}:{digest}"
+
+
 def _timm_backbone(name: str, weights: str, init_seed: int) -> Backbone:
     try:
         import timm
@@ -450,16 +478,7 @@ def _timm_backbone(name: str, weights: str, init_seed: int) -> Backbone:
                 model = timm.create_model(name, pretrained=False, num_classes=0)
             desc = f"none(random init, seed={init_seed})"
         else:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise DvmlError(f"--weights {path}: no such file (expected 'imagenet', 'none' or a state dict path)")
-            try:  # timm's own loader: filters the classifier, adapts position embeddings etc.
-                model = timm.create_model(name, pretrained=True, num_classes=0,
-                                          pretrained_cfg_overlay={"file": str(path), "hf_hub_id": None, "url": None})
-            except (RuntimeError, KeyError, ValueError, OSError) as e:
-                raise DvmlError(f"--weights {path}: does not match timm's {name}: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-            desc = f"state_dict:{path.name}:{file_digest(path)}"
+            model, desc = _timm_from_file(timm, name, Path(weights).expanduser())
     except RuntimeError as e:  # e.g. an unknown pretrained tag
         raise DvmlError(f"--backbone timm:{name}: {e}") from None
     model.eval()

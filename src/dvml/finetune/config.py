@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
 from dvml.heads.config import HeadsConfig
@@ -27,17 +28,19 @@ class FinetuneConfig(HeadsConfig):
             is the global batch over all processes; ``weight_decay`` applies to backbone and heads).
         backbone_lr: Adam learning rate of the backbone. Default 1e-4, the paper's single rate for the whole
             network; 1e-5 is a gentler choice with ``init_heads``.
+        backbone: the network, as for ``dvml extract --backbone`` (``googlenet``, any torchvision classifier,
+            ``timm:NAME``); a TorchScript file is refused (extraction only).
         weights: backbone initialisation: "imagenet", "none" (seeded random, tests) or a state-dict path.
-        transform_input: torchvision's input re-normalisation; None = the weights' convention.
+        transform_input: torchvision GoogLeNet/Inception input re-normalisation; None = the weights' convention.
         init_heads: a fit-heads (or finetune) run directory whose heads start this run.
         freeze_bn: BN layers in eval mode with frozen affine parameters (see the module docstring).
         amp: mixed precision on CUDA (ignored on CPU).
-        resize, crop: image sizes; None = the weights' preprocessing (256 / 224).
+        resize, crop: image sizes; None = the backbone's preprocessing (GoogLeNet: 256 / 224).
         train_classes: folder dataset only: number of (sorted) training classes.
         steps_per_epoch: global batches per epoch; None = ``N_train // batch_size``.
         checkpoint_every: also checkpoint every this many steps (0 = at epoch ends only).
         workers: DataLoader worker processes per training process (0 = load in the main process).
-        device: "auto", "cpu", "cuda" (under torchrun: ``cuda:LOCAL_RANK``).
+        device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps" (under torchrun: ``cuda:LOCAL_RANK``).
         resume / overwrite: continue / replace a run in ``out``.
         skip_bad: leave unreadable training images out (found by one decoding pass before training, listed in
             ``config.json``'s ``skipped_images``) instead of stopping at the first (as ``dvml extract --skip-bad``).
@@ -47,6 +50,7 @@ class FinetuneConfig(HeadsConfig):
     root: Path
     out: Path
     backbone_lr: float = 1e-4
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     transform_input: bool | None = None
     init_heads: Path | None = None
@@ -78,6 +82,10 @@ class FinetuneConfig(HeadsConfig):
         if not self.backbone_lr > 0:
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
         check_image_options(self)
+        s(self, "backbone", str(self.backbone))
+        if parse_spec(self.backbone).kind == "torchscript":
+            raise ValueError(f"--backbone {self.backbone}: finetune trains torchvision or timm backbones; a "
+                             "TorchScript file is for extraction (dvml extract)")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.checkpoint_every < 0 or self.workers < 0:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dvml.devices import resolve_device
 from dvml.errors import DvmlError
 from dvml.heads.sampler import ClassBalancedSampler
 
@@ -82,22 +83,24 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     """Join the torchrun process group if there is one; choose this process's device.
 
     Args:
-        device: "cpu", "cuda" or "cuda:K"; None picks CUDA when available. Under torchrun on CUDA the
-            process uses ``cuda:LOCAL_RANK`` whatever index was given.
+        device: "cpu", "cuda", "cuda:K" or "mps"; None (or "auto") picks CUDA, then MPS, then the CPU
+            (:func:`dvml.devices.resolve_device`). Under torchrun on CUDA the process uses ``cuda:LOCAL_RANK``
+            whatever index was given; MPS is single-process only.
         timeout_s: collective timeout.
 
     Returns:
         A :class:`DistContext`. Call :func:`shutdown` at the end (it only acts if this call created the group).
 
     Raises:
-        DvmlError: torchrun asked for more processes than there are GPUs on this machine.
+        DvmlError: the device is not available, or torchrun asked for more processes than there are GPUs on
+            this machine (or for several processes on MPS).
     """
-    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if want_cuda and not torch.cuda.is_available():
-        raise DvmlError(f"device {device!r} requested but CUDA is not available")
+    chosen = resolve_device("auto" if device is None else str(device))
+    want_cuda = chosen.type == "cuda"
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        dev = torch.device(device) if device is not None else torch.device("cuda" if want_cuda else "cpu")
-        return DistContext(device=dev)
+        return DistContext(device=chosen)
+    if chosen.type == "mps":
+        raise DvmlError("torchrun with several processes needs CUDA or the CPU; MPS trains in one process")
     rank, world, local = (int(os.environ[k]) for k in TORCHRUN_ENV)
     if want_cuda:
         if local >= torch.cuda.device_count():

@@ -13,8 +13,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from dvml import runs as R
+from dvml.devices import pin_memory, resolve_device
 from dvml.errors import DvmlError
-from dvml.extract.backbone import Backbone, build_backbone
+from dvml.extract.backbone import (
+    DEFAULT_BACKBONE,
+    TRANSFORM_INPUT_MODELS,
+    Backbone,
+    Preprocess,
+    load_backbone,
+    parse_spec,
+)
 from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.extractor import DEFAULT_WORKERS, FeatureModel
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views
@@ -53,9 +61,15 @@ def load_finetuned(run_dir: str | Path, *, read_index: bool = True) -> Finetuned
     if bb.get("global_step") != ckpt.get("global_step"):
         raise R.RunError(f"{run_dir}: {R.BACKBONE_FILE} (step {bb.get('global_step')}) and {R.HEADS_FILE} (step "
                          f"{ckpt.get('global_step')}) are from different steps; rerun with --resume to rewrite them")
-    backbone = build_backbone(bb_path, transform_input=bool(conf.get("transform_input", True)))
+    spec = bb.get("backbone_spec") or conf.get("config", {}).get("backbone") or DEFAULT_BACKBONE
+    ti = conf.get("transform_input")  # None for networks without the option; runs before it: GoogLeNet, True
+    if ti is None and parse_spec(spec).name in TRANSFORM_INPUT_MODELS:
+        ti = True
+    backbone = load_backbone(spec, bb_path, transform_input=ti)
     p = conf.get("preprocess") or {}
-    backbone = replace(backbone, preprocess=backbone.preprocess.with_sizes(p.get("resize"), p.get("crop")))
+    pre = Preprocess.from_dict(p) if {"mean", "std", "resize", "crop"} <= set(p) else \
+        backbone.preprocess.with_sizes(p.get("resize"), p.get("crop"))
+    backbone = replace(backbone, preprocess=pre)
     cfgd = info.config
     heads = DVMLHeads(int(ckpt["in_dim"]), int(cfgd["embedding_size"]), int(cfgd["decoder_hidden"]),
                       dvml=bool(cfgd["dvml"]))
@@ -78,19 +92,19 @@ def json_config(run_dir: Path) -> dict:
 def extract_split(ft: Finetuned, split: str = "test", *, device: str | torch.device | None = None,
                   batch_size: int = 64, workers: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Centre-view backbone features of a split through the extract code. Returns (features (N, 1024) float32,
-    labels (N,) int64). Raises DvmlError naming an unreadable image."""
+    """Centre-view backbone features of a split through the extract code. Returns (features (N, D) float32,
+    labels (N,) int64). ``device`` None: auto (cuda, then mps, then cpu). Raises DvmlError naming an unreadable
+    image."""
     if ft.index is None:
         raise ValueError("the run was loaded without its dataset index")
     samples = ft.index.split(split)
     pre = ft.backbone.preprocess
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else
-                                                                        "cpu")
+    dev = resolve_device("auto" if device is None else device)
     workers = int(ft.config.get("config", {}).get("workers", DEFAULT_WORKERS)) if workers is None else workers
     fm = FeatureModel(ft.backbone, dev, amp=True)
     dataset = ViewDataset(ft.index.root, samples, split, pre, ViewSpec(crop=pre.crop, train_views=1))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_views,
-                        pin_memory=dev.type == "cuda", worker_init_fn=_extract_worker_init if workers else None)
+                        pin_memory=pin_memory(dev), worker_init_fn=_extract_worker_init if workers else None)
     feats = np.empty((len(samples), ft.backbone.feature_dim), dtype=np.float32)
     labels = np.empty(len(samples), dtype=np.int64)
     for batch in loader:

@@ -13,7 +13,7 @@ from torch import nn
 
 from dvml import runs as R
 from dvml.errors import DvmlError
-from dvml.extract.backbone import Backbone, build_backbone
+from dvml.extract.backbone import Backbone, load_backbone
 from dvml.extract.extractor import preprocess_for
 from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class FinetuneNet(nn.Module):
     """Backbone + heads as one module (what DistributedDataParallel wraps).
 
-    ``forward(images (B, 3, c, c) normalised) -> (x (B, 1024) float32, HeadsOutput)``: the backbone under
+    ``forward(images (B, 3, c, c) normalised) -> (x (B, D) float32, HeadsOutput)``: the backbone under
     autocast when ``amp_dtype`` is set, the heads in float32.
     """
 
@@ -92,13 +92,13 @@ class Model:
 
 
 def init_model(cfg: FinetuneConfig, n_classes: int, *, backbone: Backbone | None = None) -> Model:
-    """The initial network of a run: backbone from ``cfg.weights`` (dropout off, BN frozen if asked) and heads
-    seeded by ``cfg.seed`` (then warm-started from ``cfg.init_heads`` if given). Deterministic in ``cfg``."""
+    """The initial network of a run: ``cfg.backbone`` with ``cfg.weights`` (classifier and the dropout on the
+    feature removed by :func:`~dvml.extract.load_backbone`, BN frozen if asked) and heads seeded by ``cfg.seed``
+    (then warm-started from ``cfg.init_heads`` if given). Deterministic in ``cfg``."""
     if backbone is None:
-        backbone = build_backbone(cfg.weights, transform_input=cfg.transform_input, init_seed=cfg.seed)
+        backbone = load_backbone(cfg.backbone, cfg.weights, transform_input=cfg.transform_input, init_seed=cfg.seed)
     backbone = replace(backbone, preprocess=preprocess_for(backbone.preprocess, cfg.resize, cfg.crop))
     model = backbone.model
-    model.dropout = nn.Identity()  # the feature is the pooled output (see the module docstring)
     if cfg.freeze_bn:
         set_bn_frozen(model)
     with torch.random.fork_rng(devices=[]):

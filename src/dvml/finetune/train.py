@@ -1,4 +1,5 @@
-"""``dvml finetune``: the optional end-to-end mode — GoogLeNet backbone and DVML heads trained together from images.
+"""``dvml finetune``: the optional end-to-end mode — backbone (GoogLeNet by default) and DVML heads trained together
+from images.
 
 This is the paper's own setting (section 3.5), for users with GPU time; the cached-feature pipeline
 (extract → fit-heads) is the fast default. It reuses the same pieces: the datasets, backbone, preprocessing
@@ -14,7 +15,7 @@ Training, per step (one global class-balanced batch of ``batch_size`` images, ``
   batch ``b`` of epoch ``e`` comes from ``numpy.random.default_rng((seed, e, b, p))``: it depends on neither
   the worker count, nor the number of processes, nor the resume point.
 * **Backbone** (mixed precision on CUDA: bfloat16 autocast where supported, else float16 with a gradient
-  scaler) → x (B, 1024), cast to float32; the **heads and the loss run in float32** (they are a tiny part of
+  scaler) → x (B, D), cast to float32; the **heads and the loss run in float32** (they are a tiny part of
   the cost, and exp(log σ²) and the metric losses are the numerically delicate part).
 * **Loss**: the four DVML terms with the fit-heads schedule (phase 1 then phase 2 at ``phase2_epoch``, KL
   warm-up), or Lm(z_I) alone with ``dvml=False``. The metric terms see the batch gathered over all
@@ -24,7 +25,7 @@ Training, per step (one global class-balanced batch of ``batch_size`` images, ``
 
 Decisions (what the paper leaves open):
 
-* **The reconstruction target is detached.** The decoder reconstructs the backbone's 1024-D feature x, and
+* **The reconstruction target is detached.** The decoder reconstructs the backbone's D-dimensional feature x, and
   ``recon = ‖x.detach() − dec(ẑ)‖²``. If the target carried gradient, the backbone could lower the
   reconstruction error by *changing x itself* — shrinking or flattening its features towards whatever the
   decoder already outputs — a shortcut with a degenerate optimum (constant features) that fights the metric
@@ -39,8 +40,13 @@ Decisions (what the paper leaves open):
   paper's (Caffe) GoogLeNet had no BN at all: a frozen BN is a fixed affine map, the closest match; it also
   avoids noisy statistics from small per-GPU class-balanced batches and makes the result independent of how
   the batch is split over processes. ``freeze_bn=False`` trains BN with per-process batch statistics.
-* **Dropout off**: the backbone's dropout (p = 0.2, after the pool) is replaced by identity, so the trained
-  feature is exactly the one extract caches and evaluation uses ("global average pool output").
+* **Dropout off**: the backbone's dropout on the feature (GoogLeNet's p = 0.2 after the pool, the dropout in
+  EfficientNet's/MobileNet's classifier) is replaced by identity when the classifier is removed, so the trained
+  feature is exactly the one extract caches and evaluation uses.
+* **Any torchvision or timm backbone** (``backbone``, as for ``dvml extract``; a TorchScript file is for
+  extraction only): BN frozen where the network has BN (LayerNorm networks such as ViT/ConvNeXt have none to
+  freeze), the backbone's own learning rate, its own preprocessing; ``backbone.pt`` records the spec so that
+  ``dvml evaluate RUN_DIR`` rebuilds the same network. Mixed precision runs on CUDA; on MPS the run is float32.
 * The reparameterisation noise ε of a step is drawn for the whole global batch from a generator seeded by
   ``(seed, global step)`` and each process takes its slice; with the augmentation rule above, a run on N
   processes follows the same trajectory as on one (up to floating-point summation order; exactly so with
@@ -56,8 +62,9 @@ Run directory (``out``), the fit-heads format plus the backbone:
                             "world_size"}
     RUN_DIR/heads.pt       as fit-heads' (kind "finetune"; model = DVMLHeads state_dict, loss = proxies, in_dim,
                            embedding_size, train_classes, config, epoch, ...; no "resume" entry)
-    RUN_DIR/backbone.pt    {"backbone": GoogLeNet state_dict (torchvision layout, no fc), "global_step",
-                           "transform_input"} — usable as ``dvml extract --weights RUN_DIR/backbone.pt``
+    RUN_DIR/backbone.pt    {"backbone": state_dict (the torchvision/timm layout, no classifier), "global_step",
+                           "backbone_spec", "transform_input"} — usable as
+                           ``dvml extract --backbone SPEC --weights RUN_DIR/backbone.pt``
     RUN_DIR/checkpoint.pt  everything needed to resume: backbone, heads, loss, optimiser, grad scaler, step
     RUN_DIR/log.jsonl      one JSON object per epoch: loss terms, λ1, phase, seconds, samples/s
 
@@ -72,7 +79,7 @@ centre-view features with the tuned backbone through the extract code (:class:`~
 
 Warm start: ``init_heads=RUN_DIR`` starts the heads (and a proxy loss's proxies, when the loss and the
 training classes match) from a fit-heads run — cached-feature training as the warm start, end-to-end as the
-finish. Its feature dimension must be the backbone's 1024 and its embedding size / decoder width those of
+finish. Its feature dimension must be the backbone's (GoogLeNet: 1024) and its embedding size / decoder width those of
 this run.
 
 Multi-GPU (one process per GPU, DistributedDataParallel over NCCL; gloo on CPU)::
@@ -98,7 +105,7 @@ from torch.utils.data import DataLoader
 
 from dvml import runs as R
 from dvml.errors import DvmlError
-from dvml.extract.backbone import Backbone
+from dvml.extract.backbone import DEFAULT_BACKBONE, Backbone
 from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.transforms import worker_init as _extract_worker_init
 from dvml.files import check_not_busy, make_dir
@@ -144,7 +151,8 @@ def _prepare_dir(cfg: FinetuneConfig, ctx: D.DistContext) -> dict | None:
                 state = "a finished" if ckpt.get("finished") else "an unfinished"
                 raise DvmlError(f"{out}: holds {state} finetune run (epoch {ckpt['epochs_done']}, step "
                                 f"{ckpt['global_step']}); pass --resume to continue it or --overwrite to replace it")
-            check_resume_config(out, ckpt["config"], cfg.model_dict())
+            old = {"backbone": DEFAULT_BACKBONE, **ckpt["config"]}  # runs from before --backbone: GoogLeNet
+            check_resume_config(out, old, cfg.model_dict())
             resume_from = ckpt
     D.barrier()
     if ctx.is_main:
@@ -292,7 +300,7 @@ class _Finetune:
             "epoch_sums": self.sums.tolist(), "backbone": bb, "heads": hd, "loss": ls,
             "optimizer": R.cpu_state(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}, out / R.CHECKPOINT_FILE)
-        R.atomic_torch_save({"backbone": bb, "global_step": gs,
+        R.atomic_torch_save({"backbone": bb, "global_step": gs, "backbone_spec": cfg.backbone,
                              "transform_input": self.model.backbone.transform_input}, out / R.BACKBONE_FILE)
         R.save_heads(out, kind=R.FINETUNE_KIND, model=hd, loss=ls, config=cfg.to_dict(), seed=cfg.seed, cache=None,
                      cache_fingerprint=None, dataset=self.index.name, epoch=epochs_done, epochs_done=epochs_done,

@@ -26,11 +26,12 @@ class Reduction(str, Enum):
 
 
 class DeviceChoice(str, Enum):
-    """Where the features live and the heads train: ``auto`` = CUDA when available, else CPU."""
+    """Where the features live and the heads train: ``auto`` = CUDA, then Apple-silicon MPS, then the CPU."""
 
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+    mps = "mps"
 
 
 class Lambdas(NamedTuple):
@@ -234,7 +235,7 @@ class FitConfig(HeadsConfig):
     Attributes:
         cache: HDF5 feature cache (train split for fitting, test split for the watch-only Recall@1).
         out: run directory (created).
-        device: auto | cpu | cuda.
+        device: auto (cuda, then mps, then cpu) | cpu | cuda | mps.
         eval_every: every this many epochs (and at the last), log test Recall@1 (watch only) and, with
             ``val_classes``, validation Recall@1; 0 = never.
         val_classes: hold this many classes out of the *training* classes as a validation split
@@ -260,7 +261,7 @@ class FitConfig(HeadsConfig):
         try:
             s(self, "device", DeviceChoice(self.device))
         except ValueError:
-            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}") from None
+            raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}") from None
         for name in ("eval_every", "val_classes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

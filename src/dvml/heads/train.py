@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dvml import devices
 from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
 from dvml.cache import schema as S
@@ -48,13 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:
-    if choice is DeviceChoice.cuda:
-        if not torch.cuda.is_available():
-            raise DvmlError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-        return torch.device("cuda")
-    if choice is DeviceChoice.auto and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """``auto`` = cuda, then mps, then cpu (:func:`dvml.devices.resolve_device`); DvmlError if unavailable."""
+    return devices.resolve_device(DeviceChoice(choice).value)
 
 
 def _recall_at_1(emb: torch.Tensor, labels: np.ndarray, roles: np.ndarray | None = None) -> float:
@@ -218,6 +214,8 @@ class _HeadsFit:
         torch.set_rng_state(rs["rng"]["torch"])
         if self.device.type == "cuda" and rs["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(rs["rng"]["cuda"], self.device)
+        if self.device.type == "mps" and rs["rng"].get("mps") is not None:
+            torch.mps.set_rng_state(rs["rng"]["mps"])
         self.start_epoch = int(ckpt["epochs_done"])
         if rs.get("best") is not None:
             self.best = {"epoch": rs["best"]["epoch"], "val_recall@1": rs["best"]["val_recall@1"],
@@ -234,6 +232,8 @@ class _HeadsFit:
         reported = best if (cfg.val_classes and best is not None) else None
         rng = {"sampler": self.gen_cpu.get_state(), "noise": self.gen_dev.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        if device.type == "mps":
+            rng["mps"] = torch.mps.get_rng_state()
         R.save_heads(
             cfg.out, **self.header, config=cfg.to_dict(), in_dim=self.dims[2], embedding_size=cfg.embedding_size,
             train_classes=[int(c) for c in self.train_classes], dataset=self.info.dataset,
