@@ -302,3 +302,58 @@ def test_cuda_mixed_precision_steps_and_evaluate(tiny_cub: Path, tmp_path: Path)
     assert all(np.isfinite(rec[k]) for k in ("total", "kl", "recon", "metric_invariant", "metric_synthetic"))
     emb, labels = embed_test_split(out, device="cuda")
     assert emb.shape == (9, cfg.embedding_size) and np.isfinite(emb).all() and len(labels) == 9
+
+
+@pytest.mark.parametrize("backbone,crop", [("resnet18", 32), ("timm:test_vit", None)])
+def test_other_backbones_finetune_and_evaluate_re_extracts_with_them(tiny_cub: Path, tmp_path: Path, backbone, crop):
+    """A torchvision (BN, frozen) and a timm (LayerNorm) backbone train end to end; evaluate and
+    embed_test_split rebuild that backbone from backbone.pt, equal to `dvml extract --backbone B --weights
+    RUN_DIR/backbone.pt` features through the run's heads."""
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    from dvml.cache import load_split
+    from dvml.extract.backbone import load_backbone
+    from dvml.extract.extractor import ExtractConfig
+    from dvml.extract.extractor import run as extract
+
+    out = tmp_path / "run"
+    sizes = dict(resize=40, crop=32) if crop else dict(resize=None, crop=None)  # test_vit: its own 168/160
+    cfg = small_cfg(tiny_cub, out, backbone=backbone, epochs=1, steps_per_epoch=2, **sizes)
+    m0 = init_model(cfg, n_classes=3)
+    bn_before = {k: v.clone() for k, v in m0.net.backbone.state_dict().items() if "running_mean" in k}
+    assert (len(bn_before) > 0) == (backbone == "resnet18")
+    start = {k: v.clone() for k, v in m0.net.backbone.state_dict().items()}
+    finetune(cfg)
+    stored = torch.load(out / BACKBONE_FILE, weights_only=True)
+    assert stored["backbone_spec"] == backbone
+    trained = stored["backbone"]
+    assert any(not torch.equal(trained[k], start[k]) for k in start if trained[k].dtype.is_floating_point)
+    for k, v in bn_before.items():  # frozen BN: running statistics untouched
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=0)
+    conf = json.loads((out / R.CONFIG_FILE).read_text())
+    assert conf["config"]["backbone"] == backbone and conf["backbone"]["backbone_spec"] == backbone
+
+    res = CliRunner().invoke(app, ["evaluate", str(out), "--ks", "1,2", "--no-clustering"])
+    assert res.exit_code == 0, res.output
+    emb, labels = embed_test_split(out, device="cpu")
+    assert load_backbone(backbone, out / BACKBONE_FILE).weights.startswith("state_dict:backbone.pt:")
+    cache = extract(ExtractConfig(dataset="cub", root=tiny_cub, out=tmp_path / "tuned.h5", backbone=backbone,
+                                  weights=str(out / BACKBONE_FILE), views=1, workers=0, device="cpu",
+                                  dtype="float32", **sizes)).path
+    test = load_split(cache, "test")
+    heads = load_finetuned(out, read_index=False).heads
+    with torch.no_grad():
+        ref = heads.embed(torch.from_numpy(test.features[:, 0])).numpy()
+    np.testing.assert_array_equal(labels, test.labels)
+    np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_refuses_a_torchscript_file(tmp_path: Path, tiny_cub: Path):
+    from dvml.extract.backbone import load_backbone, save_torchscript
+
+    bb = load_backbone("resnet18", "none")
+    path = save_torchscript(bb.model, bb.preprocess.with_sizes(40, 32), tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="finetune trains torchvision or timm backbones"):
+        small_cfg(tiny_cub, tmp_path / "o", backbone=str(path))
+    with pytest.raises(DvmlError, match="resnet51: not a torchvision classification model"):
+        small_cfg(tiny_cub, tmp_path / "o", backbone="resnet51")
