@@ -39,6 +39,11 @@ def info_cmd(
     t.add_row("backbone", info.backbone)
     t.add_row("weights", info.weights)
     t.add_row("feature_dim", str(info.feature_dim))
+    if info.preprocess:
+        pre = info.preprocess
+        rgb = {k: ", ".join(f"{v:.4g}" for v in pre.get(k, [])) for k in ("mean", "std")}
+        t.add_row("preprocess", f"resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('crop')}, "
+                                f"mean ({rgb['mean']}), std ({rgb['std']})")
     t.add_row("views", f"{len(info.views)}: " + ", ".join(info.views[:4]) + (" ..." if len(info.views) > 4 else ""))
     for split in S.SPLITS:
         s = info.splits[split]
