@@ -224,7 +224,7 @@ def test_views_follow_the_files_input_size(tmp_path, tiny_cub):
     assert info.feature_dim == 6 and info.views[0] == "centre(resize=46,crop=40)"
     assert info.preprocess == {**pre.as_dict()} and info.extra["preprocess"]["interpolation"] == "bicubic"
     r = runner.invoke(app, ["cache", "info", str(out), "--no-fingerprint"])
-    assert r.exit_code == 0 and "resize 46 (bicubic), crop 40, mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in r.output
+    assert r.exit_code == 0 and all(f in r.output for f in ("preprocess", "resize 46 (bicubic)", "crop 40"))
     # an override that the network refuses fails loudly (no silent resize)
     r = runner.invoke(app, ["extract", "cub", "--root", str(tiny_cub), "--out", str(tmp_path / "d.h5"),
                             "--backbone", str(path), "--crop", "32", "--workers", "0"])
