@@ -25,7 +25,9 @@ from dvml.extract.backbone import (
     parse_spec,
     save_torchscript,
 )
+from dvml.extract.datasets import read_dataset
 from dvml.extract.extractor import ExtractConfig, run
+from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views
 
 runner = CliRunner()
 
@@ -206,11 +208,42 @@ def test_torchscript_file_extracts_what_its_module_extracts(tmp_path, tiny_cub):
     info = read_info(tmp_path / "file.h5")
     assert (info.backbone, info.feature_dim) == ("torchscript:r18.pt", 512)
     assert Preprocess.from_dict(info.preprocess) == pre
-    spec, weights, stored = backbone_from_cache(info)
-    assert load_backbone(spec, weights).weights == info.weights and stored == pre
+    recorded = backbone_from_cache(info)
+    assert recorded.load().weights == info.weights and recorded.preprocess == pre
     save_torchscript(load_backbone("resnet18", "none", init_seed=2).model, pre, path)  # another model, same name
     with pytest.raises(DvmlError, match="differs from the model file the cache was made with"):
-        load_backbone(spec, weights)
+        recorded.load()
+
+
+@pytest.mark.parametrize("weights", ["none", "state_dict"])
+def test_backbone_from_cache_rebuilds_the_network_that_wrote_it(tmp_path, tiny_cub, weights):
+    """A cache's recorded backbone, rebuilt, embeds the cache's own images to the cache's features."""
+    from torchvision.models import resnet18
+
+    if weights == "state_dict":
+        torch.manual_seed(6)
+        torch.save(resnet18().state_dict(), tmp_path / "mine.pth")
+        weights = str(tmp_path / "mine.pth")
+    out = tmp_path / "c.h5"
+    run(ExtractConfig(dataset="cub", root=tiny_cub, out=out, backbone="resnet18", weights=weights, views=1,
+                      crop=48, workers=0, dtype="float32"))
+    info = read_info(out)
+    recorded = backbone_from_cache(info)
+    assert recorded.spec == "resnet18" and recorded.preprocess.crop == 48 and recorded.preprocess.resize == 55
+    if weights != "none":
+        with pytest.raises(DvmlError, match="local state dict mine.pth"):
+            recorded.load()
+        torch.save(resnet18().state_dict(), tmp_path / "other.pth")
+        with pytest.raises(DvmlError, match="differs from the state dict the cache was made with"):
+            recorded.load(tmp_path / "other.pth")
+    bb = recorded.load(weights if weights != "none" else None)
+    test = load_split(out, "test")
+    index = read_dataset("cub", tiny_cub)
+    views = collate_views([ViewDataset(tiny_cub, index.test, "test", bb.preprocess, ViewSpec(crop=48))[i]
+                           for i in range(len(index.test))])["views"][:, 0]
+    with torch.inference_mode():
+        mine = bb.model(bb.preprocess.normalize(views)).numpy()
+    assert np.abs(mine - test.features[:, 0]).max() <= 1e-4
 
 
 def test_views_follow_the_files_input_size(tmp_path, tiny_cub):

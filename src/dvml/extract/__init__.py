@@ -7,7 +7,8 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
 * backbone: :func:`load_backbone` ``(spec, weights, device=None)`` -> :class:`Backbone` (``.model``,
   ``.preprocess`` (:class:`Preprocess`), ``.feature_dim``, ``.name``, ``.weights``) for googlenet, any torchvision
   classifier, ``timm:NAME`` or a TorchScript file; :func:`save_torchscript` (a model + its preprocessing in one
-  file), :func:`backbone_from_cache`, :func:`build_backbone` (GoogLeNet-first spelling),
+  file), :func:`backbone_from_cache` (``backbone_from_cache(read_info(cache)).load()``: the network that wrote a
+  cache, with its preprocessing), :func:`build_backbone` (GoogLeNet-first spelling),
   :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
 * views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
   :func:`collate_views`, :class:`BadImageError`;
@@ -21,6 +22,7 @@ from dvml.extract.backbone import (
     DEFAULT_BACKBONE,
     FEATURE_DIM,
     Backbone,
+    CacheBackbone,
     Preprocess,
     backbone_from_cache,
     build_backbone,
@@ -51,7 +53,8 @@ from dvml.extract.transforms import (
 )
 
 __all__ = [
-    "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "Preprocess", "backbone_from_cache",
+    "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone", "Preprocess",
+    "backbone_from_cache",
     "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_torchscript",
     "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset", "read_folder",
     "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",

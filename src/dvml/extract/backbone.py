@@ -598,11 +598,54 @@ def build_backbone(weights: str | Path = "imagenet", *, transform_input: bool | 
     return load_backbone(backbone, weights, transform_input=transform_input, init_seed=init_seed)
 
 
-def backbone_from_cache(info) -> tuple[str, str, Preprocess | None]:
-    """(spec, weights, preprocess) of the backbone that wrote a cache (a :class:`~dvml.cache.CacheInfo`),
-    for tools that embed new images into the cache's space. ``weights`` is the stored identity; pass
-    ``"imagenet"`` for an enum/tag identity, the file itself for ``state_dict:``/``file:`` identities."""
+@dataclass(frozen=True)
+class CacheBackbone:
+    """The backbone that wrote a cache, as recorded in it (see :func:`backbone_from_cache`)."""
+
+    spec: str  # what load_backbone takes: "googlenet", "resnet50", "timm:NAME", a model file's path
+    identity: str  # the cache's ``weights`` attribute
+    preprocess: Preprocess | None  # the cache's ``preprocess`` attribute (None for caches written without it)
+    transform_input: bool | None = None
+
+    def load(self, weights_file: str | Path | None = None, *, device: str | torch.device | None = None) -> Backbone:
+        """Rebuild the backbone, with the cache's preprocessing, to embed new images into the cache's space.
+
+        ``weights_file``: needed when the cache was made from a local state dict (``state_dict:NAME:HASH``); its
+        content must hash to the recorded value. Raises DvmlError when the weights cannot be had or differ.
+        """
+        ident = self.identity
+        seed = 0
+        if ident.startswith("state_dict:"):
+            if weights_file is None:
+                raise DvmlError(f"the cache was made with the local state dict {ident.split(':')[1]} ({ident}); "
+                                "pass that file (weights_file / --weights PATH)")
+            weights = str(weights_file)
+        elif ident.startswith("torchvision:"):
+            weights = ident.rsplit(".", 1)[-1]  # the enum member, e.g. IMAGENET1K_V2
+        elif ident.startswith("none("):
+            weights = "none"
+            seed = int(ident.rsplit("seed=", 1)[-1].rstrip(")")) if "seed=" in ident else 0
+        elif ident.startswith("file:"):
+            weights = ident  # the TorchScript loader checks the file's hash against it
+        else:  # timm:ARCH.TAG and anything else pretrained
+            weights = "imagenet"
+        bb = load_backbone(self.spec, weights, transform_input=self.transform_input, init_seed=seed, device=device)
+        if ident.startswith("state_dict:") and bb.weights.rsplit(":", 1)[-1] != ident.rsplit(":", 1)[-1]:
+            raise DvmlError(f"{weights_file}: its content (hash {bb.weights.rsplit(':', 1)[-1]}) differs from the "
+                            f"state dict the cache was made with ({ident})")
+        if self.preprocess is not None:
+            bb = replace(bb, preprocess=self.preprocess)
+        return bb.ensure_feature_dim() if bb.preprocess is not None else bb
+
+
+def backbone_from_cache(info) -> CacheBackbone:
+    """The backbone recorded in a cache (a :class:`~dvml.cache.CacheInfo`): ``backbone_from_cache(info).load()``
+    rebuilds it with the cache's preprocessing, for tools that embed new images into the cache's space."""
     extra = info.extra or {}
     spec = extra.get("backbone_spec") or info.backbone
+    if spec == BACKBONE_NAME:
+        spec = DEFAULT_BACKBONE
     raw = getattr(info, "preprocess", None) or extra.get("preprocess")
-    return spec, info.weights, Preprocess.from_dict(raw) if raw else None
+    ti = extra.get("transform_input")
+    return CacheBackbone(spec=spec, identity=info.weights, preprocess=Preprocess.from_dict(raw) if raw else None,
+                         transform_input=ti if isinstance(ti, bool) else None)
