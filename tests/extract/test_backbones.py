@@ -315,3 +315,12 @@ def test_timm_extract_fit_evaluate(tmp_path, tiny_cub):
     info = _extract_fit_evaluate(tmp_path, tiny_cub, "timm:test_vit", 64, 160)
     assert info.backbone == "timm:test_vit" and info.preprocess["resize"] == 168
     assert info.preprocess["interpolation"] == "bicubic" and info.preprocess["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_timm_missing_is_one_clear_error(monkeypatch, tmp_path, tiny_cub):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the optional extra were not installed
+    r = runner.invoke(app, ["extract", "cub", "--root", str(tiny_cub), "--out", str(tmp_path / "o.h5"),
+                            "--backbone", "timm:resnet50.a1_in1k", "--workers", "0"])
+    assert r.exit_code == 1 and "needs timm: pip install 'dvml[timm]'" in r.output and "Traceback" not in r.output

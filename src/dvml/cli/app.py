@@ -17,6 +17,7 @@ from collections.abc import Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -73,7 +74,7 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (DvmlError, ValueError, OSError) as e:
             text = os_error_message(e) if isinstance(e, OSError) else str(e)
-            err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
             if getattr(e, "hdf5_broken", False):
                 # HDF5 failed writing a file and cannot be closed or shut down cleanly (it would crash the
                 # process on exit): leave now; the kernel releases the locks, the cache stays incomplete
