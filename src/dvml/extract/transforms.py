@@ -26,6 +26,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+# imported here, not in resize_shorter: DataLoader workers fork from a parent that has it already (a TorchScript
+# backbone imports no torchvision; importing it in every fresh worker cost seconds per extraction)
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
 from dvml.errors import DvmlError
 from dvml.extract.backbone import Preprocess
 from dvml.extract.datasets import Sample
@@ -51,9 +56,6 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Resize so the shorter side is ``size`` (torchvision's rule for the longer side), as uint8 (H, W, 3)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
     out = F.resize(img, [size], interpolation=InterpolationMode(interpolation), antialias=True)
     return np.asarray(out, dtype=np.uint8)
 
