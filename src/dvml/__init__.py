@@ -8,6 +8,7 @@ Layer order: a module imports only from the layers before its own (never a later
 
     errors, seeding      user-facing errors; seeds and the one hold-out-classes rule
     files                the one way files are written (atomic, through symlinks), write errors, the writer lock
+    devices              the device rule (auto = cuda, then mps, then cpu), autocast dtype, pinned memory
     cache                the feature-cache format
     runs                 the run-directory format
     retrieval            exact kNN / k-means (the only faiss import) and pure numpy metrics
