@@ -267,3 +267,121 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
     if stats is not None:
         stats.update(iterations=iterations, converged=converged)
     return assign[:, 0].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------- gallery indexes
+class IndexKind(str, Enum):
+    """A gallery index: ``flat`` is exact; ``ivf`` (inverted lists) and ``hnsw`` (graph) are approximate."""
+
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+
+
+class IndexFileError(ValueError):
+    """A faiss index file that cannot be read; the message names the file."""
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` gallery items: about 4·√n, with at least 39 items per list (faiss' training minimum).
+
+    >>> default_nlist(60502), default_nlist(100)
+    (983, 2)
+    """
+    return max(1, min(int(round(4 * n ** 0.5)), n // 39))
+
+
+def build_index(gallery: np.ndarray, *, metric: Metric | str = Metric.cosine, kind: IndexKind | str = IndexKind.flat,
+                nlist: int | None = None, hnsw_m: int = 32, seed: int = 0):
+    """A faiss index holding the (N, E) ``gallery`` rows as ids 0..N-1.
+
+    Cosine indexes hold L2-normalised copies and use the inner product; euclidean ones use L2. ``ivf``
+    trains ``nlist`` lists (default :func:`default_nlist`) with k-means seeded by ``seed``; ``hnsw`` links each
+    vector to ``hnsw_m`` neighbours. Search with :func:`search_index` (which applies the same normalisation).
+    """
+    metric, kind = Metric(metric), IndexKind(kind)
+    x = _as_matrix(gallery, "gallery")
+    if metric is Metric.cosine:
+        x = l2_normalize(x)
+    n, d = x.shape
+    fm = faiss.METRIC_INNER_PRODUCT if metric is Metric.cosine else faiss.METRIC_L2
+    if kind is IndexKind.flat:
+        index = faiss.IndexFlatIP(d) if metric is Metric.cosine else faiss.IndexFlatL2(d)
+    elif kind is IndexKind.ivf:
+        nlist = default_nlist(n) if nlist is None else nlist
+        if not 1 <= nlist <= n:
+            raise ValueError(f"nlist must be in [1, {n}] (the gallery size), got {nlist}")
+        quantizer = faiss.IndexFlatIP(d) if metric is Metric.cosine else faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, fm)
+        index.cp.seed = int(seed) % (2**31)
+        index.cp.min_points_per_centroid = 1
+        with _threads_for(float(n) * nlist * d * 10):
+            index.train(x)
+        index.own_fields = True  # the quantizer lives as long as the index
+        quantizer.this.disown()
+    else:
+        if hnsw_m < 2:
+            raise ValueError(f"hnsw_m must be >= 2, got {hnsw_m}")
+        index = faiss.IndexHNSWFlat(d, hnsw_m, fm)
+    with _threads_for(float(n) * d * (1 if kind is IndexKind.flat else 100)):
+        index.add(x)
+    return index
+
+
+def search_index(index, queries: np.ndarray, k: int, *, metric: Metric | str = Metric.cosine,
+                 nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest gallery ids of each query in an index from :func:`build_index` (or :func:`read_index`).
+
+    Returns ``(distances, ids)``, (Q, k) float32 / int64, nearest first, distances in the units of
+    :func:`search` (``1 - cos`` or euclidean). An approximate index may find fewer than k: those slots hold
+    id -1 and distance +inf. ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW beam) trade speed for recall.
+    """
+    metric = Metric(metric)
+    q = _as_matrix(queries, "queries")
+    if q.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the index holds {index.d}-D vectors")
+    if not 1 <= k <= index.ntotal:
+        raise ValueError(f"k must be in [1, {index.ntotal}] (the gallery size), got {k}")
+    if metric is Metric.cosine:
+        q = l2_normalize(q)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = int(nprobe)
+    if isinstance(index, faiss.IndexHNSW) and ef_search is not None:
+        index.hnsw.efSearch = int(ef_search)
+    with _threads_for(float(q.shape[0]) * index.ntotal * index.d):
+        d, i = index.search(q, k)
+    missing = i < 0
+    if metric is Metric.cosine:
+        d = 1.0 - d
+    else:
+        d = np.sqrt(np.maximum(d, 0.0))
+    d = d.astype(np.float32)
+    d[missing] = np.inf
+    return d, i.astype(np.int64)
+
+
+def index_facts(index) -> dict:
+    """``{"kind", "metric", "dim", "n"}`` of a faiss index (what a sidecar file is checked against)."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        kind = IndexKind.ivf
+    elif isinstance(index, faiss.IndexHNSW):
+        kind = IndexKind.hnsw
+    else:
+        kind = IndexKind.flat
+    metric = Metric.cosine if index.metric_type == faiss.METRIC_INNER_PRODUCT else Metric.euclidean
+    return {"kind": kind.value, "metric": metric.value, "dim": int(index.d), "n": int(index.ntotal)}
+
+
+def write_index(index, path) -> None:
+    """``faiss.write_index`` to ``path`` (the caller makes it atomic)."""
+    faiss.write_index(index, str(path))
+
+
+def read_index(path):
+    """``faiss.read_index``; raises :class:`IndexFileError` naming the file when it is not a faiss index."""
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss raises RuntimeError for truncated or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IndexFileError(f"{path}: not a readable faiss index ({first[:200]})") from None

@@ -1,0 +1,262 @@
+"""``dvml export``: one file from images to z_I, as TorchScript (``.pt``) or ONNX (``.onnx``), and its loader.
+
+The file holds :class:`~dvml.serve.embedder.ImageEmbedder` (normalisation → backbone → embedding layer)
+traced on the CPU, plus a JSON record (:func:`dvml.serve.embedder.describe`): input/output names and shapes,
+the preprocessing (resize, crop, interpolation, mean, std, and the recipe in words), the embedding size,
+the retrieval metric, the feature rounding, and where it came from (run directory, cache and fingerprint,
+backbone and weights, dvml and torch versions).
+
+* TorchScript: the record is the extra file ``dvml.json``::
+
+      extra = {"dvml.json": ""}
+      model = torch.jit.load("model.pt", _extra_files=extra)
+      meta = json.loads(extra["dvml.json"])
+      z = model(uint8_images)                      # (B, 3, crop, crop) uint8 -> (B, E) float32
+
+* ONNX (opset 17, dynamic batch): the record is the metadata entry ``dvml``; input ``images``, output
+  ``embeddings``::
+
+      sess = onnxruntime.InferenceSession("model.onnx")
+      meta = json.loads(sess.get_modelmeta().custom_metadata_map["dvml"])
+      z = sess.run(["embeddings"], {"images": uint8_images})[0]
+
+Neither needs dvml. Accuracy against ``dvml evaluate`` on the CPU: TorchScript runs the same kernels, so its
+embeddings equal evaluate's to float rounding (measured 0.0 on the backbone features). ONNX Runtime has its own
+convolution kernels (features differ by ~1e-5 relative); with a float16 cache, a feature that lands on the
+other side of a float16 rounding boundary moves by one float16 step, so a few z_I entries can differ by
+(step × |embedding weight|) — export from a float32 cache (``dvml extract --dtype float32``) when that matters.
+
+After writing, the file is loaded back and run on a seeded random batch against the module it came from;
+the largest difference is returned (and logged), and an export that disagrees by more than 1e-3 is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dvml.extract.backbone import Preprocess
+from dvml.serve.embedder import Embedding, ExportError, describe, from_target, load_images
+
+log = logging.getLogger(__name__)
+
+META_KEY = "dvml"  # ONNX metadata_props key
+TORCHSCRIPT_META_FILE = "dvml.json"  # TorchScript extra file
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+ONNX_OPSET = 17
+SELF_CHECK_TOLERANCE = 1e-3
+
+
+class ExportFormat(str, Enum):
+    """Chosen by the output file's suffix."""
+
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+SUFFIXES = {".pt": ExportFormat.torchscript, ".ts": ExportFormat.torchscript, ".onnx": ExportFormat.onnx}
+
+
+def format_of(path: str | Path) -> ExportFormat:
+    """``.pt`` / ``.ts`` → TorchScript, ``.onnx`` → ONNX; anything else is refused (ValueError)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .pt (TorchScript) or .onnx")
+    return SUFFIXES[suffix]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``dvml export`` does: ``target`` (run directory, or a cache for its raw backbone) → ``out``."""
+
+    target: Path
+    out: Path
+    weights: Path | None = None  # the backbone's weights file, when the cache was made from one
+    overwrite: bool = False
+    batch: int = 2  # rows of the tracing / self-check batch
+
+    def __post_init__(self):
+        object.__setattr__(self, "target", Path(self.target))
+        object.__setattr__(self, "out", Path(self.out))
+        format_of(self.out)
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+    @property
+    def format(self) -> ExportFormat:
+        return format_of(self.out)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: ExportFormat
+    meta: dict
+    self_check_max_abs_diff: float
+
+
+def _example(e: Embedding, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    c = e.preprocess.crop
+    return torch.randint(0, 256, (n, 3, c, c), dtype=torch.uint8, generator=g)
+
+
+def _write_torchscript(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/deprecation chatter; the self-check is the real test
+        traced = torch.jit.trace(e.module.eval(), example, check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
+
+
+def _write_onnx(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'dvml[onnx]'") from None
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # the TorchScript-based exporter: seconds, one self-contained file
+            torch.onnx.export(e.module.eval(), (example,), str(path), dynamo=False, **kwargs)
+        except (TypeError, RuntimeError, AttributeError) as err:  # removed in a future torch: torch.export's
+            log.info("legacy ONNX exporter unavailable (%s); using torch.export (slow)", err)
+            torch.onnx.export(e.module.eval(), (example,), str(path), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              dynamo=True, external_data=False)
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    model.producer_name = "dvml"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def run(cfg: ExportConfig, *, embedding: Embedding | None = None) -> ExportResult:
+    """Export ``cfg.target`` to ``cfg.out`` (atomic: a temporary file renamed over it) and check it back.
+
+    Raises:
+        ExportError: an existing output without ``overwrite``, a target that cannot be embedded (see
+            :func:`dvml.serve.embedder.from_run`), a missing ONNX package, a file that disagrees with its module.
+    """
+    if cfg.out.exists() and not cfg.overwrite:
+        raise ExportError(f"{cfg.out}: already exists; pass --overwrite to replace it")
+    e = embedding or from_target(cfg.target, weights=cfg.weights)
+    meta = describe(e)
+    meta["format_name"] = cfg.format.value
+    example = _example(e, cfg.batch)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cfg.out.name}.", suffix=cfg.out.suffix, dir=cfg.out.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        if cfg.format is ExportFormat.torchscript:
+            _write_torchscript(e, example, meta, tmp)
+        else:
+            _write_onnx(e, example, meta, tmp)
+        loaded = load_exported(tmp)
+        check = torch.randint(0, 256, example.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            want = e.module.eval()(check).numpy()
+        diff = float(np.abs(loaded.embed_uint8(check.numpy()) - want).max())
+        if not diff <= SELF_CHECK_TOLERANCE:
+            raise ExportError(f"{cfg.out}: the exported model disagrees with dvml's by {diff:.3g} (> "
+                              f"{SELF_CHECK_TOLERANCE}); not written")
+        os.replace(tmp, cfg.out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log.info("exported %s (%s, %d-D z_I, input uint8 %dx%d); self-check max |diff| %.3g", cfg.out, cfg.format.value,
+             e.embedding_dim, e.preprocess.crop, e.preprocess.crop, diff)
+    return ExportResult(path=cfg.out, format=cfg.format, meta=meta, self_check_max_abs_diff=diff)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+class ExportedModel:
+    """An exported file, loaded: ``meta`` (its JSON record), ``preprocess``, ``embedding_dim``, and the
+    same ``embed_uint8`` / ``embed_paths`` as :class:`~dvml.serve.embedder.Embedding`."""
+
+    def __init__(self, path: Path, meta: dict, runner):
+        self.path, self.meta, self._run = path, meta, runner
+        p = meta["preprocess"]
+        self.preprocess = Preprocess(resize=int(p["resize"]), crop=int(p["crop"]), mean=tuple(p["mean"]),
+                                     std=tuple(p["std"]), interpolation=str(p["interpolation"]))
+        self.embedding_dim = int(meta["embedding_dim"])
+        self.metric = str(meta.get("metric", "cosine"))
+
+    def embed_uint8(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N, 3, crop, crop) uint8 → (N, E) float32."""
+        x = np.ascontiguousarray(images, dtype=np.uint8)
+        out = np.empty((x.shape[0], self.embedding_dim), dtype=np.float32)
+        for i in range(0, x.shape[0], batch_size):
+            out[i:i + batch_size] = self._run(x[i:i + batch_size])
+        return out
+
+    def embed_paths(self, paths, batch_size: int = 64) -> np.ndarray:
+        out = np.empty((len(paths), self.embedding_dim), dtype=np.float32)
+        for i in range(0, len(paths), batch_size):
+            out[i:i + batch_size] = self.embed_uint8(load_images(paths[i:i + batch_size], self.preprocess))
+        return out
+
+
+def _check_meta(path: Path, raw: str | bytes | None) -> dict:
+    if not raw:
+        raise ExportError(f"{path}: no dvml record in the file (not written by dvml export)")
+    try:
+        meta = json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        raise ExportError(f"{path}: its dvml record is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != "dvml-embedding-model":
+        raise ExportError(f"{path}: its dvml record is not a dvml embedding model record")
+    if meta.get("format_version") != 1:
+        raise ExportError(f"{path}: dvml embedding model format_version {meta.get('format_version')} is not "
+                          "supported (this dvml reads 1)")
+    return meta
+
+
+def load_exported(path: str | Path) -> ExportedModel:
+    """Load a file written by :func:`run` (TorchScript with torch.jit, ONNX with onnxruntime) on the CPU.
+
+    Raises :class:`ExportError` naming the file when it is missing, damaged or not a dvml export.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such model file")
+    fmt = format_of(path)
+    if fmt is ExportFormat.torchscript:
+        extra = {TORCHSCRIPT_META_FILE: ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+            raise ExportError(f"{path}: not a loadable TorchScript file ({type(err).__name__})") from None
+        meta = _check_meta(path, extra[TORCHSCRIPT_META_FILE])
+        module.eval()
+
+        def run_ts(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).numpy()
+
+        return ExportedModel(path, meta, run_ts)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(f"{path}: running ONNX models needs onnxruntime: pip install 'dvml[onnx]'") from None
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ExportError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
+    meta = _check_meta(path, sess.get_modelmeta().custom_metadata_map.get(META_KEY))
+    return ExportedModel(path, meta, lambda x: sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
