@@ -373,6 +373,12 @@ def index_facts(index) -> dict:
     return {"kind": kind.value, "metric": metric.value, "dim": int(index.d), "n": int(index.ntotal)}
 
 
+def index_nlist(index) -> int | None:
+    """The number of inverted lists of an IVF index (None for other kinds)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else int(ivf.nlist)
+
+
 def write_index(index, path) -> None:
     """``faiss.write_index`` to ``path`` (the caller makes it atomic)."""
     faiss.write_index(index, str(path))

@@ -1,0 +1,487 @@
+"""``dvml index`` / ``dvml search``: a faiss gallery index, the table of its rows beside it, and top-k queries.
+
+Files (format version 1)::
+
+    INDEX        the faiss index (:func:`dvml.evaluate.knn.build_index`): row i of the gallery is faiss id i;
+                 cosine indexes hold L2-normalised vectors and use the inner product
+    INDEX.json   {"format": "dvml-index", "format_version": 1, "index_file", "index_bytes", "index_digest"
+                  (blake2b of INDEX), "kind" (flat | ivf | hnsw), "metric", "dim", "n", "params" (nlist,
+                  hnsw_m, seed), "search" (default nprobe / ef_search), "recall_vs_exact" (approximate kinds:
+                  k, queries, recall), "source" (what was indexed), "embedder" (how to embed query images: a
+                  run directory, a cache or an exported model file), "root" (what row paths are relative to),
+                  "class_names", "rows": {"ids", "labels", "paths"}, "versions"}
+
+Loading checks that the two files belong together (digest, size, row count, dimension, kind and metric)
+and refuses anything else with one :class:`IndexFormatError` naming the file.
+
+Sources: a run directory (its cache's split, embedded with its heads exactly as ``dvml evaluate`` does), a
+cache file (raw features, the floor), or a folder of images with an embedder (``--model``: an exported
+``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
+(sorted names → 0, 1, ...), or -1 when they lie directly in it.
+
+Exact (``flat``) search is the default and returns the neighbours of :func:`dvml.evaluate.knn.search`; ``ivf``
+and ``hnsw`` are approximate, and their recall of the exact top-k (on up to 1,000 gallery rows used as
+queries, each excluding itself) is measured at build time and stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dvml.errors import DvmlError
+from dvml.evaluate import knn
+from dvml.evaluate.knn import IndexKind, Metric
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dvml-index"
+FORMAT_VERSION = 1
+SIDECAR_SUFFIX = ".json"
+MODEL_SUFFIXES = (".pt", ".ts", ".onnx")
+RECALL_QUERIES = 1000
+RECALL_K = 10
+
+
+class IndexFormatError(DvmlError):
+    """An index or its row table that is missing, damaged, or not the pair written together."""
+
+
+def sidecar_path(index_path: str | Path) -> Path:
+    """``INDEX`` → ``INDEX.json``."""
+    p = Path(index_path)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ embedders
+def load_embedder(spec: str | Path, *, weights: str | Path | None = None):
+    """What embeds query images: an exported model file (``.pt``/``.ts``/``.onnx``), a run directory or a cache.
+
+    Returns an object with ``embed_paths(paths) -> (N, E)``, ``embedding_dim`` and ``metric``.
+    """
+    spec = Path(spec)
+    if spec.suffix.lower() in MODEL_SUFFIXES and not spec.is_dir():
+        from dvml.serve.export import load_exported
+
+        return load_exported(spec)
+    from dvml.serve.embedder import from_target
+
+    return from_target(spec, weights=weights)
+
+
+def embedder_record(spec: str | Path) -> dict:
+    """How the sidecar names an embedder: kind, absolute path, and a digest for model files."""
+    spec = Path(spec)
+    if spec.suffix.lower() in MODEL_SUFFIXES and spec.is_file():
+        return {"kind": "model", "path": str(spec.resolve()), "digest": file_digest(spec)}
+    return {"kind": "run" if spec.is_dir() else "cache", "path": str(spec.resolve())}
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly, and the images under named folders (recursive, sorted)."""
+    from dvml.extract.datasets import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DvmlError(f"{p}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DvmlError(f"{p}: no such image file or folder")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ gallery
+@dataclass
+class Gallery:
+    """Rows to index: (N, E) embeddings, labels, paths (relative to ``root`` when it is set)."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    root: str | None
+    source: dict
+    embedder: dict
+    class_names: dict[str, str] = field(default_factory=dict)
+    ids: np.ndarray | None = None
+
+
+def _class_names(info, root: str | None) -> dict[str, str]:
+    names = {str(k): str(v) for k, v in (info.extra or {}).get("class_names", {}).items()}
+    if names or not root:
+        return names
+    try:
+        from dvml.extract.datasets import read_dataset
+
+        return {str(k): v for k, v in read_dataset(info.dataset, root).class_names.items()}
+    except (DvmlError, ValueError):  # the dataset is not at its recorded root any more: names are optional
+        return {}
+
+
+def gallery_from_cache(cache: Path, split: str = "test") -> Gallery:
+    """Raw view-0 features of a cache split."""
+    from dvml.cache import fingerprint, load_split, read_info
+
+    info = read_info(cache)
+    data = load_split(cache, split, views=[0])
+    root = (info.extra or {}).get("root")
+    n = len(data.labels)
+    paths = [str(p) for p in data.paths] if data.paths is not None else [f"{split}[{i}]" for i in range(n)]
+    return Gallery(embeddings=data.features[:, 0, :], labels=data.labels, paths=paths, root=root,
+                   source={"kind": "cache", "cache": str(cache.resolve()), "cache_fingerprint": fingerprint(cache),
+                           "split": split, "dataset": info.dataset},
+                   embedder=embedder_record(cache), class_names=_class_names(info, root))
+
+
+def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
+    """A run's embeddings of a split: z_I of its cache's view-0 features (fit-heads, the cache checked as
+    ``dvml evaluate`` checks it) or of the tuned backbone's features (finetune)."""
+    from dvml.heads import run as R
+
+    info = R.load_run(run_dir)
+    if info.kind == "finetune":
+        import torch
+
+        from dvml.heads.finetune import extract_split, load_finetuned
+
+        ft = load_finetuned(run_dir)
+        feats, labels = extract_split(ft, split, device="cpu")
+        with torch.no_grad():
+            emb = ft.heads.embed(torch.from_numpy(feats)).numpy()
+        root = str(ft.index.root.resolve())
+        return Gallery(embeddings=emb, labels=labels, paths=[s.path for s in ft.index.split(split)], root=root,
+                       source={"kind": "finetune", "run_dir": str(run_dir.resolve()), "split": split,
+                               "dataset": ft.index.name},
+                       embedder=embedder_record(run_dir),
+                       class_names={str(k): v for k, v in ft.index.class_names.items()})
+    from dvml.cache import fingerprint
+
+    if info.cache is None or not Path(info.cache).exists():
+        raise DvmlError(f"{run_dir}: its feature cache {info.cache} no longer exists; restore it or re-fit the heads")
+    cache = Path(info.cache)
+    if fingerprint(cache) != info.cache_fingerprint:
+        raise DvmlError(f"{run_dir}: feature cache {cache} changed since the heads were fit; re-fit the heads or "
+                        "restore the original file")
+    g = gallery_from_cache(cache, split)
+    g.embeddings = R.embed(run_dir, g.embeddings)
+    g.source = {"kind": "heads", "run_dir": str(run_dir.resolve()), **g.source}
+    g.embedder = embedder_record(run_dir)
+    return g
+
+
+def gallery_from_images(folder: Path, model: str | Path, *, weights: str | Path | None = None) -> Gallery:
+    """Every image under ``folder``, embedded by ``model`` (see :func:`load_embedder`)."""
+    files = image_files([folder])
+    rel = [f.relative_to(folder).as_posix() for f in files]
+    tops = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
+    code = {name: i for i, name in enumerate(tops)}
+    labels = np.array([code[r.split("/", 1)[0]] if "/" in r else -1 for r in rel], dtype=np.int64)
+    emb = load_embedder(model, weights=weights).embed_paths(files)
+    return Gallery(embeddings=emb, labels=labels, paths=rel, root=str(folder.resolve()),
+                   source={"kind": "images", "folder": str(folder.resolve()), "n_images": len(files)},
+                   embedder=embedder_record(model), class_names={str(i): n for n, i in code.items()})
+
+
+def gallery_from_source(source: str | Path, *, split: str = "test", model: str | Path | None = None,
+                        weights: str | Path | None = None) -> Gallery:
+    """A run directory or cache (with ``split``), or a folder of images (with ``model``)."""
+    source = Path(source)
+    if not source.exists():
+        raise DvmlError(f"{source}: no such run directory, cache file or image folder")
+    if source.is_dir() and not (source / "config.json").is_file():
+        if model is None:
+            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt/.onnx, a run directory "
+                            "or a cache) to embed them")
+        return gallery_from_images(source, model, weights=weights)
+    if model is not None:
+        raise DvmlError(f"--model applies to a folder of images; {source} is embedded by itself")
+    if split not in ("train", "test"):
+        raise ValueError(f"--split must be train or test, got {split!r}")
+    return gallery_from_run(source, split) if source.is_dir() else gallery_from_cache(source, split)
+
+
+# ------------------------------------------------------------------------------------------------ build
+@dataclass(frozen=True)
+class IndexConfig:
+    """What ``dvml index`` builds. ``nlist``/``nprobe`` for ivf, ``hnsw_m``/``ef_search`` for hnsw."""
+
+    source: Path
+    out: Path
+    split: str = "test"
+    model: Path | None = None
+    weights: Path | None = None
+    kind: IndexKind = IndexKind.flat
+    metric: Metric = Metric.cosine
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 64
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "source", Path(self.source))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "kind", IndexKind(self.kind))
+        object.__setattr__(self, "metric", Metric(self.metric))
+        if self.split not in ("train", "test"):
+            raise ValueError(f"--split must be train or test, got {self.split!r}")
+        for name in ("nprobe", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"--nlist must be >= 1, got {self.nlist}")
+        if self.hnsw_m < 2:
+            raise ValueError(f"--hnsw-m must be >= 2, got {self.hnsw_m}")
+        if self.out.suffix == SIDECAR_SUFFIX:
+            raise ValueError(f"-o {self.out}: name the index file itself (its table goes to INDEX{SIDECAR_SUFFIX})")
+
+
+def recall_vs_exact(gallery: np.ndarray, index, *, metric: Metric, k: int = RECALL_K, queries: int = RECALL_QUERIES,
+                    seed: int = 0, nprobe: int | None = None, ef_search: int | None = None) -> dict:
+    """Mean fraction of the exact top-k (query excluded) that the index returns, on up to ``queries`` gallery
+    rows drawn with ``seed``: ``{"k", "queries", "recall"}``."""
+    n = gallery.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return {"k": 0, "queries": 0, "recall": 1.0}
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    _, exact = knn.search(gallery[rows], k + 1, database=gallery, metric=metric, exclude_self=False)
+    _, approx = knn.search_index(index, gallery[rows], k + 1, metric=metric, nprobe=nprobe, ef_search=ef_search)
+    hits = 0
+    for q, e, a in zip(rows, exact, approx, strict=True):
+        e_set = [i for i in e if i != q][:k]
+        a_set = {i for i in a if i != q and i >= 0}
+        hits += len(a_set.intersection(e_set))
+    return {"k": int(k), "queries": int(rows.size), "recall": hits / (k * rows.size)}
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
+    """Build the index of ``g``, write INDEX and INDEX.json, return the sidecar dict."""
+    from dvml.evaluate.core import versions
+
+    index = knn.build_index(g.embeddings, metric=cfg.metric, kind=cfg.kind, nlist=cfg.nlist, hnsw_m=cfg.hnsw_m,
+                            seed=cfg.seed)
+    facts = knn.index_facts(index)
+    recall = None
+    if cfg.kind is not IndexKind.flat:
+        recall = recall_vs_exact(g.embeddings, index, metric=cfg.metric, seed=cfg.seed, nprobe=cfg.nprobe,
+                                 ef_search=cfg.ef_search)
+        log.info("%s index: recall@%d of the exact neighbours %.4f on %d gallery queries", cfg.kind.value,
+                 recall["k"], recall["recall"], recall["queries"])
+    _atomic(cfg.out, lambda tmp: knn.write_index(index, tmp))
+    n = int(g.embeddings.shape[0])
+    ids = np.arange(n) if g.ids is None else g.ids
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "index_file": cfg.out.name, "index_bytes": cfg.out.stat().st_size, "index_digest": file_digest(cfg.out),
+        **facts,
+        "params": {"nlist": knn.index_nlist(index),
+                   "hnsw_m": cfg.hnsw_m if cfg.kind is IndexKind.hnsw else None, "seed": cfg.seed},
+        "search": {"nprobe": cfg.nprobe if cfg.kind is IndexKind.ivf else None,
+                   "ef_search": cfg.ef_search if cfg.kind is IndexKind.hnsw else None},
+        "recall_vs_exact": recall,
+        "source": g.source, "embedder": g.embedder, "root": g.root, "class_names": g.class_names,
+        "rows": {"ids": [int(i) for i in ids], "labels": [int(v) for v in g.labels], "paths": list(g.paths)},
+        "versions": versions(),
+    }
+    _atomic(sidecar_path(cfg.out), lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    log.info("wrote %s (%s, %s, %d x %d) and %s", cfg.out, facts["kind"], facts["metric"], n, facts["dim"],
+             sidecar_path(cfg.out))
+    return meta
+
+
+def run(cfg: IndexConfig) -> dict:
+    """``dvml index``: gather the gallery of ``cfg.source`` and write INDEX + INDEX.json; returns the sidecar."""
+    for p in (cfg.out, sidecar_path(cfg.out)):
+        if p.exists() and not cfg.overwrite:
+            raise DvmlError(f"{p}: already exists; pass --overwrite to replace it")
+    g = gallery_from_source(cfg.source, split=cfg.split, model=cfg.model, weights=cfg.weights)
+    return write_gallery_index(g, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ load + search
+@dataclass
+class GalleryIndex:
+    """A loaded, checked index: the faiss object and its sidecar."""
+
+    path: Path
+    index: object
+    meta: dict
+
+    @property
+    def metric(self) -> Metric:
+        return Metric(self.meta["metric"])
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def row(self, i: int) -> dict:
+        rows, root = self.meta["rows"], self.meta.get("root")
+        label = rows["labels"][i]
+        path = rows["paths"][i]
+        return {"row": int(i), "id": rows["ids"][i], "label": label,
+                "class_name": self.meta.get("class_names", {}).get(str(label)),
+                "path": path, "file": str(Path(root) / path) if root else path}
+
+
+def load_index(path: str | Path) -> GalleryIndex:
+    """Read INDEX and INDEX.json and check they belong together. Raises :class:`IndexFormatError`."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: no such index file")
+    if not side.is_file():
+        raise IndexFormatError(f"{path}: its row table {side.name} is missing (dvml index writes both files; "
+                               "keep them together)")
+    try:
+        meta = json.loads(side.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{side}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise IndexFormatError(f"{side}: not a dvml index table (format {found!r}, expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(f"{side}: format_version {meta.get('format_version')} is not supported (this dvml "
+                               f"reads {FORMAT_VERSION})")
+    missing = [k for k in ("index_bytes", "index_digest", "kind", "metric", "dim", "n", "rows") if k not in meta]
+    if missing:
+        raise IndexFormatError(f"{side}: missing key(s) {', '.join(missing)}")
+    size = path.stat().st_size
+    if size != meta["index_bytes"] or file_digest(path) != meta["index_digest"]:
+        raise IndexFormatError(f"{path}: does not match {side.name} ({size:,} bytes, digest differs from the recorded "
+                               f"{meta['index_bytes']:,} bytes): the index is damaged or the two files come from "
+                               "different builds; rebuild with dvml index")
+    try:
+        index = knn.read_index(path)
+    except knn.IndexFileError as e:
+        raise IndexFormatError(str(e)) from None
+    facts = knn.index_facts(index)
+    wrong = [f"{k} {facts[k]} != {meta[k]}" for k in ("kind", "metric", "dim", "n") if facts[k] != meta[k]]
+    rows = meta["rows"]
+    for col in ("ids", "labels", "paths"):
+        if not isinstance(rows.get(col), list) or len(rows[col]) != facts["n"]:
+            wrong.append(f"rows.{col} has {len(rows.get(col) or [])} entries for {facts['n']} vectors")
+    if wrong:
+        raise IndexFormatError(f"{path}: does not match {side.name}: {'; '.join(wrong)}")
+    return GalleryIndex(path=path, index=index, meta=meta)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What ``dvml search`` does."""
+
+    index: Path
+    queries: tuple[Path, ...]
+    k: int = 5
+    model: Path | None = None  # default: the embedder recorded in the index
+    weights: Path | None = None
+    exclude_self: bool = False  # drop gallery rows that are the query file itself
+    nprobe: int | None = None
+    ef_search: int | None = None
+    json_path: Path | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "index", Path(self.index))
+        object.__setattr__(self, "queries", tuple(Path(q) for q in self.queries))
+        if not self.queries:
+            raise ValueError("give at least one query image or folder")
+        if self.k < 1:
+            raise ValueError(f"-k must be >= 1, got {self.k}")
+
+
+def search_embeddings(g: GalleryIndex, queries: np.ndarray, k: int, *, exclude_rows: Sequence[int | None] = (),
+                      nprobe: int | None = None, ef_search: int | None = None) -> list[list[dict]]:
+    """Top-k gallery rows of each (Q, E) query embedding; ``exclude_rows[q]`` (a row or None) is skipped.
+
+    Returns one list per query of :meth:`GalleryIndex.row` dicts plus ``rank`` (1-based) and ``distance``.
+    """
+    if queries.ndim != 2 or queries.shape[1] != g.dim:
+        raise DvmlError(f"{g.path}: holds {g.dim}-D embeddings but the queries are {queries.shape[-1]}-D (was the "
+                        "index built with another model?)")
+    excluding = any(r is not None for r in exclude_rows)
+    k_search = min(k + (1 if excluding else 0), g.n)
+    s = g.meta.get("search") or {}
+    dist, ids = knn.search_index(g.index, queries, k_search, metric=g.metric,
+                                 nprobe=nprobe if nprobe is not None else s.get("nprobe"),
+                                 ef_search=ef_search if ef_search is not None else s.get("ef_search"))
+    out = []
+    for q in range(queries.shape[0]):
+        skip = exclude_rows[q] if q < len(exclude_rows) else None
+        hits = []
+        for d, i in zip(dist[q], ids[q], strict=True):
+            if i < 0 or i == skip:
+                continue
+            hits.append({"rank": len(hits) + 1, "distance": float(d), **g.row(int(i))})
+            if len(hits) == k:
+                break
+        out.append(hits)
+    return out
+
+
+def search(cfg: SearchConfig) -> dict:
+    """``dvml search``: embed the query images and return ``{"index", "k", "metric", "embedder", "queries":
+    [{"query", "results": [...]}, ...]}`` (also written to ``cfg.json_path``)."""
+    g = load_index(cfg.index)
+    files = image_files(cfg.queries)
+    rec = g.meta.get("embedder") or {}
+    spec = cfg.model if cfg.model is not None else rec.get("path")
+    if spec is None:
+        raise DvmlError(f"{cfg.index}: records no embedder; pass --model")
+    if cfg.model is None and rec.get("kind") == "model" and Path(spec).is_file() and file_digest(Path(spec)) != rec.get(
+            "digest"):
+        raise DvmlError(f"{spec}: changed since {cfg.index} was built (digest differs); pass --model to use it anyway")
+    embedder = load_embedder(spec, weights=cfg.weights)
+    if embedder.embedding_dim != g.dim:
+        raise DvmlError(f"{spec}: gives {embedder.embedding_dim}-D embeddings but {cfg.index} holds {g.dim}-D ones")
+    emb = embedder.embed_paths(files)
+    exclude: list[int | None] = []
+    if cfg.exclude_self:
+        root = g.meta.get("root")
+        where = {str((Path(root) / p).resolve()) if root else p: i for i, p in enumerate(g.meta["rows"]["paths"])}
+        exclude = [where.get(str(f.resolve())) for f in files]
+    results = search_embeddings(g, emb, cfg.k, exclude_rows=exclude, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    out = {"index": str(cfg.index.resolve()), "k": cfg.k, "metric": g.metric.value, "kind": g.meta["kind"],
+           "embedder": str(spec),
+           "queries": [{"query": str(f), "results": r} for f, r in zip(files, results, strict=True)]}
+    if cfg.json_path is not None:
+        _atomic(cfg.json_path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2) + "\n"))
+        log.info("wrote %s", cfg.json_path)
+    return out
