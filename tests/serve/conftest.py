@@ -70,3 +70,39 @@ def pipeline(tmp_path_factory) -> dict:
         out[f"cache{tag}"] = cache
         out[f"run{tag}"] = _fit(cache, tmp / f"run{tag}")
     return out
+
+
+@pytest.fixture
+def evaluate_embeddings(monkeypatch):
+    """``f(target) -> (N, E)``: the embeddings ``dvml evaluate TARGET`` scores, captured inside its own code path."""
+    import dvml.evaluate.core as core
+
+    def of(target: Path) -> np.ndarray:
+        seen = {}
+        original = core.evaluate_embeddings
+
+        def capture(embeddings, labels, **kw):
+            seen["emb"] = np.array(embeddings, dtype=np.float32, copy=True)
+            return original(embeddings, labels, **kw)
+
+        monkeypatch.setattr(core, "evaluate_embeddings", capture)
+        try:
+            core.evaluate_target(target, clustering=False, write_metrics=False, ks=(1,))
+        finally:
+            monkeypatch.setattr(core, "evaluate_embeddings", original)
+        return seen["emb"]
+
+    return of
+
+
+@pytest.fixture(scope="session")
+def finetuned(pipeline, tmp_path_factory) -> Path:
+    """A tiny finetune run (one step) on the pipeline's folder dataset."""
+    from dvml.heads.finetune import FinetuneConfig, finetune
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    cfg = FinetuneConfig(root=pipeline["root"], out=out, dataset="folder", weights="none", resize=40, crop=32,
+                         batch_size=6, per_class=2, samples=2, embedding_size=16, decoder_hidden=16, workers=0,
+                         phase2_epoch=1, kl_warmup_epochs=1, lr=1e-3, backbone_lr=1e-3, checkpoint_every=0, epochs=1,
+                         steps_per_epoch=1, device="cpu")
+    return finetune(cfg)

@@ -11,9 +11,12 @@ from dvml.cli import (  # noqa: F401  (register the commands, in the order of th
     data,
     demo,
     evaluate,
+    export_cmd,
     extract,
     finetune,
     fit_heads,
+    index_cmd,
+    show_cmd,
     synth,
     tune,
 )

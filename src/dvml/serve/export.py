@@ -237,7 +237,9 @@ def load_exported(path: str | Path) -> ExportedModel:
     if fmt is ExportFormat.torchscript:
         extra = {TORCHSCRIPT_META_FILE: ""}
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated" (torch >= 2.10)
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
             raise ExportError(f"{path}: not a loadable TorchScript file ({type(err).__name__})") from None
         meta = _check_meta(path, extra[TORCHSCRIPT_META_FILE])

@@ -184,7 +184,7 @@ def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
                         "restore the original file")
     g = gallery_from_cache(cache, split)
     g.embeddings = R.embed(run_dir, g.embeddings)
-    g.source = {"kind": "heads", "run_dir": str(run_dir.resolve()), **g.source}
+    g.source = {**g.source, "kind": "heads", "run_dir": str(run_dir.resolve())}
     g.embedder = embedder_record(run_dir)
     return g
 

@@ -1,0 +1,211 @@
+"""dvml export: the file, loaded in a fresh process WITHOUT dvml (TorchScript via torch.jit, ONNX via
+onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; bad input gives one clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dvml.cache import load_split
+from dvml.cli import app
+
+runner = CliRunner()
+
+# A consumer that has only the file: no dvml (imports of it are blocked), just torch/onnxruntime, PIL, numpy.
+# It follows the preprocessing record stored in the file.
+FRESH = r'''
+import json, sys
+sys.modules["dvml"] = None  # any "import dvml..." now raises ImportError
+import numpy as np
+from PIL import Image
+
+model_path, out_path, *images = sys.argv[1:]
+
+def prepare(path, pre):
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = pre["resize"], int(pre["resize"] * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    assert pre["interpolation"] == "bilinear"
+    img = img.resize(size, Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    c = pre["crop"]
+    top, left = int(round((a.shape[0] - c) / 2.0)), int(round((a.shape[1] - c) / 2.0))
+    return a[top:top + c, left:left + c].transpose(2, 0, 1)
+
+if model_path.endswith(".onnx"):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    meta = json.loads(sess.get_modelmeta().custom_metadata_map["dvml"])
+    x = np.stack([prepare(p, meta["preprocess"]) for p in images])
+    z = sess.run([meta["output"]["name"]], {meta["input"]["name"]: x})[0]
+else:
+    import torch
+    extra = {"dvml.json": ""}
+    model = torch.jit.load(model_path, _extra_files=extra)
+    meta = json.loads(extra["dvml.json"])
+    x = np.stack([prepare(p, meta["preprocess"]) for p in images])
+    with torch.no_grad():
+        z = model(torch.from_numpy(x)).numpy()
+assert not any(m == "dvml" or m.startswith("dvml.") for m in sys.modules if sys.modules[m] is not None)
+np.save(out_path, z)
+print(json.dumps({"embedding_dim": meta["embedding_dim"], "shape": list(z.shape)}))
+'''
+
+
+def fresh_embed(model: Path, images: list[Path], tmp_path: Path) -> np.ndarray:
+    out = tmp_path / f"{model.stem}_z.npy"
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(model), str(out), *map(str, images)],
+                          capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out)
+
+
+def split_images(pipeline, cache_key: str = "cache") -> list[Path]:
+    paths = load_split(pipeline[cache_key], "test").paths
+    return [pipeline["root"] / p for p in paths]
+
+
+def _export(target: Path, out: Path, *extra: str) -> None:
+    result = runner.invoke(app, ["export", str(target), "-o", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stdout
+
+
+def test_torchscript_in_a_fresh_process_equals_evaluate(pipeline, tmp_path, evaluate_embeddings):
+    model = tmp_path / "model.pt"
+    _export(pipeline["run"], model)
+    z = fresh_embed(model, split_images(pipeline), tmp_path)
+    ref = evaluate_embeddings(pipeline["run"])  # float16 cache: the model rounds features as the cache did
+    assert z.shape == ref.shape == (12, 16)
+    diff = float(np.abs(z - ref).max())
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("key", ["run32", "cache32"])
+def test_onnx_in_a_fresh_process_equals_evaluate(pipeline, tmp_path, evaluate_embeddings, key):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = tmp_path / "model.onnx"
+    _export(pipeline[key], model)
+    z = fresh_embed(model, split_images(pipeline, "cache32"), tmp_path)
+    ref = evaluate_embeddings(pipeline[key])  # run32: z_I (16-D); cache32: the raw-feature floor (1024-D)
+    assert z.shape == ref.shape
+    diff = float(np.abs(z - ref).max())
+    assert diff <= 1e-4, diff
+
+
+def test_onnx_on_a_float16_cache_is_within_one_float16_step(pipeline, tmp_path, evaluate_embeddings):
+    """ONNX Runtime's kernels move a few features across a float16 rounding boundary (see the export docstring):
+    each such feature moves z_I by at most one float16 step times its embedding weight."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from dvml.cache import read_info
+    from dvml.heads import load_checkpoint
+
+    model = tmp_path / "model16.onnx"
+    _export(pipeline["run"], model)
+    z = fresh_embed(model, split_images(pipeline), tmp_path)
+    ref = evaluate_embeddings(pipeline["run"])
+    w = load_checkpoint(pipeline["run"])["model"]["embedding.weight"].abs()
+    feats = torch.from_numpy(load_split(pipeline["cache"], "test", views=[0]).features[:, 0])
+    step = torch.from_numpy(np.spacing(feats.numpy().astype(np.float16)).astype(np.float32))  # (N, D)
+    bound = (step @ w.T).numpy()  # every feature one step off, with the worst sign: a true upper bound
+    assert read_info(pipeline["cache"]).splits["test"].dtype == "float16"
+    assert (np.abs(z - ref) <= bound + 1e-5).all()
+
+
+def test_finetune_run_exports_its_tuned_backbone(pipeline, finetuned, tmp_path, evaluate_embeddings):
+    from dvml.extract import read_dataset
+
+    model = tmp_path / "ft.pt"
+    _export(finetuned, model)
+    index = read_dataset("folder", pipeline["root"])
+    z = fresh_embed(model, [pipeline["root"] / s.path for s in index.test], tmp_path)
+    ref = evaluate_embeddings(finetuned)
+    assert z.shape == ref.shape == (12, 16)
+    assert float(np.abs(z - ref).max()) <= 1e-4
+
+
+def test_the_record_in_the_file(pipeline, tmp_path):
+    import torch
+
+    from dvml.cache import fingerprint, read_info
+
+    model = tmp_path / "model.pt"
+    _export(pipeline["run"], model)
+    extra = {"dvml.json": ""}
+    torch.jit.load(str(model), _extra_files=extra)
+    meta = json.loads(extra["dvml.json"])
+    info = read_info(pipeline["cache"])
+    pre = info.extra["preprocess"]
+    assert meta["preprocess"]["resize"] == pre["resize"] == 64 and meta["preprocess"]["crop"] == pre["crop"] == 56
+    assert meta["preprocess"]["mean"] == pre["mean"] and meta["preprocess"]["std"] == pre["std"]
+    assert meta["input"]["shape"] == ["batch", 3, 56, 56] and meta["input"]["dtype"] == "uint8"
+    assert meta["embedding_dim"] == 16 and meta["feature_rounding"] == "float16"
+    src = meta["source"]
+    assert src["kind"] == "heads" and src["cache_fingerprint"] == fingerprint(pipeline["cache"])
+    assert src["weights"] == info.weights and src["backbone"] == info.backbone
+
+
+def test_loaded_back_through_dvml(pipeline, tmp_path, evaluate_embeddings):
+    from dvml.serve.export import load_exported
+
+    model = tmp_path / "model.pt"
+    _export(pipeline["run"], model)
+    m = load_exported(model)
+    assert float(np.abs(m.embed_paths(split_images(pipeline)) - evaluate_embeddings(pipeline["run"])).max()) <= 1e-4
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, result.output
+
+
+def test_bad_requests_are_one_line_errors(pipeline, tmp_path):
+    from dvml.extract.synth import SynthConfig, generate
+
+    _one_line_error(runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(tmp_path / "m.zip")]),
+                    "unknown model format")
+    existing = tmp_path / "m.pt"
+    existing.write_bytes(b"x")
+    _one_line_error(runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(existing)]), "already exists")
+    synth = generate(SynthConfig(n_classes=4, images_per_class=2, views=1, feature_dim=8, class_dim=4, hidden_dim=8),
+                     tmp_path / "synth.h5")
+    _one_line_error(runner.invoke(app, ["export", str(synth), "-o", str(tmp_path / "s.pt")]),
+                    "synthetic-nonlinear-map", "export rebuilds torchvision.googlenet only")
+    _one_line_error(runner.invoke(app, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "n.pt")]),
+                    "no such run directory")
+
+
+def test_a_run_whose_cache_moved_is_refused(pipeline, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline["run"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["cache"] = str(tmp_path / "gone.h5")
+    (run / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "m.pt")]), "no longer exists")
+
+
+def test_damaged_model_files_are_named(tmp_path):
+    from dvml.errors import DvmlError
+    from dvml.serve.export import load_exported
+
+    for name in ("bad.pt", "bad.onnx"):
+        (tmp_path / name).write_bytes(b"not a model" * 10)
+        with pytest.raises(DvmlError, match=f"{name}: not a loadable"):
+            load_exported(tmp_path / name)
