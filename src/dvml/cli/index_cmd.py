@@ -64,12 +64,13 @@ def search_cmd(
     res = search(SearchConfig(index=index, queries=tuple(queries), k=k, model=model, weights=weights,
                               exclude_self=exclude_self, nprobe=nprobe, ef_search=ef_search, json_path=json_path))
     for q in res["queries"]:
-        table = Table(title=q["query"], title_justify="left")
+        table = Table(title=q["query"], title_justify="left",
+                      caption=f"paths relative to {res['root']}" if res.get("root") else None, caption_justify="left")
         for col in ("rank", "distance", "label", "class", "path"):
             table.add_column(col, justify="right" if col in ("rank", "distance", "label") else "left")
         for r in q["results"]:
             table.add_row(str(r["rank"]), f"{r['distance']:.4f}", str(r["label"]), r.get("class_name") or "",
-                          r["file"])
+                          r["path"])
         console.print(table)
     if json_path is not None:
         console.print(f"wrote {json_path}")

@@ -286,7 +286,7 @@ def default_nlist(n: int) -> int:
     """IVF lists for ``n`` gallery items: about 4·√n, with at least 39 items per list (faiss' training minimum).
 
     >>> default_nlist(60502), default_nlist(100)
-    (983, 2)
+    (984, 2)
     """
     return max(1, min(int(round(4 * n ** 0.5)), n // 39))
 

@@ -479,7 +479,7 @@ def search(cfg: SearchConfig) -> dict:
         exclude = [where.get(str(f.resolve())) for f in files]
     results = search_embeddings(g, emb, cfg.k, exclude_rows=exclude, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     out = {"index": str(cfg.index.resolve()), "k": cfg.k, "metric": g.metric.value, "kind": g.meta["kind"],
-           "embedder": str(spec),
+           "embedder": str(spec), "root": g.meta.get("root"),
            "queries": [{"query": str(f), "results": r} for f, r in zip(files, results, strict=True)]}
     if cfg.json_path is not None:
         _atomic(cfg.json_path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2) + "\n"))
