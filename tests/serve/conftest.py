@@ -98,7 +98,7 @@ def evaluate_embeddings(monkeypatch):
 @pytest.fixture(scope="session")
 def finetuned(pipeline, tmp_path_factory) -> Path:
     """A tiny finetune run (one step) on the pipeline's folder dataset."""
-    from dvml.heads.finetune import FinetuneConfig, finetune
+    from dvml.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("ft") / "run"
     cfg = FinetuneConfig(root=pipeline["root"], out=out, dataset="folder", weights="none", resize=40, crop=32,

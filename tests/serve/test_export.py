@@ -111,7 +111,7 @@ def test_onnx_on_a_float16_cache_is_within_one_float16_step(pipeline, tmp_path, 
     import torch
 
     from dvml.cache import read_info
-    from dvml.heads import load_checkpoint
+    from dvml.runs import load_checkpoint
 
     model = tmp_path / "model16.onnx"
     _export(pipeline["run"], model)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dvml.cache import load_split
 from dvml.cli import app
-from dvml.evaluate import knn
+from dvml.retrieval import knn
 from dvml.serve.show import pick_queries
 
 runner = CliRunner()

@@ -199,12 +199,13 @@ def from_run(run_dir: str | Path, *, weights: str | Path | None = None) -> Embed
         ExportError / RunError: not a run, its cache missing or changed since the fit (as ``dvml evaluate``
             refuses it), a backbone that cannot be rebuilt.
     """
-    from dvml.heads import run as R
+    from dvml import runs as R
+    from dvml.heads.embed import embedding_layer
 
     run_dir = Path(run_dir)
     info = R.load_run(run_dir)
-    if info.kind == "finetune":
-        from dvml.heads.finetune import load_finetuned
+    if info.kind == R.FINETUNE_KIND:
+        from dvml.finetune import load_finetuned
 
         ft = load_finetuned(run_dir, read_index=False)
         bb = ft.backbone
@@ -214,7 +215,7 @@ def from_run(run_dir: str | Path, *, weights: str | Path | None = None) -> Embed
                   **bb.describe()}
         return Embedding(module=module, preprocess=bb.preprocess, embedding_dim=emb.out_features, source=source,
                          feature_rounding=None)
-    if info.kind != "heads":
+    if info.kind != R.HEADS_KIND:
         raise ExportError(f"{run_dir}: a {info.kind} run; export takes fit-heads and finetune runs")
     if info.cache is None:
         raise ExportError(f"{run_dir}: its config.json names no feature cache")
@@ -227,7 +228,7 @@ def from_run(run_dir: str | Path, *, weights: str | Path | None = None) -> Embed
         raise ExportError(f"{run_dir}: feature cache {cache} changed since the heads were fit (fingerprint {fp} != "
                           f"recorded {info.cache_fingerprint}); re-fit the heads or restore the original file")
     ckpt = R.load_checkpoint(run_dir)
-    layer = R.embedding_layer(ckpt, run_dir / R.HEADS_FILE)
+    layer = embedding_layer(ckpt, run_dir / R.HEADS_FILE)
     if layer.in_features != cinfo.feature_dim:
         raise ExportError(f"{run_dir}: heads take {layer.in_features}-D features, its cache has {cinfo.feature_dim}")
     bb = backbone_of_cache(cinfo, weights)

@@ -113,9 +113,9 @@ def _example(e: Embedding, n: int) -> torch.Tensor:
 
 def _write_torchscript(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer/deprecation chatter; the self-check is the real test
+        warnings.simplefilter("ignore")  # tracer and "torch.jit is deprecated" chatter; the self-check is the test
         traced = torch.jit.trace(e.module.eval(), example, check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
 
 
 def _write_onnx(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:

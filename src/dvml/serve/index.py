@@ -2,7 +2,7 @@
 
 Files (format version 1)::
 
-    INDEX        the faiss index (:func:`dvml.evaluate.knn.build_index`): row i of the gallery is faiss id i;
+    INDEX        the faiss index (:func:`dvml.retrieval.knn.build_index`): row i of the gallery is faiss id i;
                  cosine indexes hold L2-normalised vectors and use the inner product
     INDEX.json   {"format": "dvml-index", "format_version": 1, "index_file", "index_bytes", "index_digest"
                   (blake2b of INDEX), "kind" (flat | ivf | hnsw), "metric", "dim", "n", "params" (nlist,
@@ -19,7 +19,7 @@ cache file (raw features, the floor), or a folder of images with an embedder (``
 ``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
 (sorted names → 0, 1, ...), or -1 when they lie directly in it.
 
-Exact (``flat``) search is the default and returns the neighbours of :func:`dvml.evaluate.knn.search`; ``ivf``
+Exact (``flat``) search is the default and returns the neighbours of :func:`dvml.retrieval.knn.search`; ``ivf``
 and ``hnsw`` are approximate, and their recall of the exact top-k (on up to 1,000 gallery rows used as
 queries, each excluding itself) is measured at build time and stored.
 """
@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dvml import runs as R
 from dvml.errors import DvmlError
-from dvml.evaluate import knn
-from dvml.evaluate.knn import IndexKind, Metric
+from dvml.retrieval import knn
+from dvml.retrieval.knn import IndexKind, Metric
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +157,11 @@ def gallery_from_cache(cache: Path, split: str = "test") -> Gallery:
 def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
     """A run's embeddings of a split: z_I of its cache's view-0 features (fit-heads, the cache checked as
     ``dvml evaluate`` checks it) or of the tuned backbone's features (finetune)."""
-    from dvml.heads import run as R
-
     info = R.load_run(run_dir)
-    if info.kind == "finetune":
+    if info.kind == R.FINETUNE_KIND:
         import torch
 
-        from dvml.heads.finetune import extract_split, load_finetuned
+        from dvml.finetune import extract_split, load_finetuned
 
         ft = load_finetuned(run_dir)
         feats, labels = extract_split(ft, split, device="cpu")
@@ -183,7 +182,9 @@ def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
         raise DvmlError(f"{run_dir}: feature cache {cache} changed since the heads were fit; re-fit the heads or "
                         "restore the original file")
     g = gallery_from_cache(cache, split)
-    g.embeddings = R.embed(run_dir, g.embeddings)
+    from dvml.heads import embed
+
+    g.embeddings = embed(run_dir, g.embeddings)
     g.source = {**g.source, "kind": "heads", "run_dir": str(run_dir.resolve())}
     g.embedder = embedder_record(run_dir)
     return g
@@ -208,7 +209,7 @@ def gallery_from_source(source: str | Path, *, split: str = "test", model: str |
     source = Path(source)
     if not source.exists():
         raise DvmlError(f"{source}: no such run directory, cache file or image folder")
-    if source.is_dir() and not (source / "config.json").is_file():
+    if source.is_dir() and not (source / R.CONFIG_FILE).is_file():
         if model is None:
             raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt/.onnx, a run directory "
                             "or a cache) to embed them")
@@ -290,8 +291,6 @@ def _atomic(path: Path, write) -> None:
 
 def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
     """Build the index of ``g``, write INDEX and INDEX.json, return the sidecar dict."""
-    from dvml.evaluate.core import versions
-
     index = knn.build_index(g.embeddings, metric=cfg.metric, kind=cfg.kind, nlist=cfg.nlist, hnsw_m=cfg.hnsw_m,
                             seed=cfg.seed)
     facts = knn.index_facts(index)
@@ -315,7 +314,7 @@ def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
         "recall_vs_exact": recall,
         "source": g.source, "embedder": g.embedder, "root": g.root, "class_names": g.class_names,
         "rows": {"ids": [int(i) for i in ids], "labels": [int(v) for v in g.labels], "paths": list(g.paths)},
-        "versions": versions(),
+        "versions": R.versions(),
     }
     _atomic(sidecar_path(cfg.out), lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
     log.info("wrote %s (%s, %s, %d x %d) and %s", cfg.out, facts["kind"], facts["metric"], n, facts["dim"],

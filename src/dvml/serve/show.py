@@ -1,7 +1,7 @@
 """``dvml show``: N seeded random test queries and their top-k, marked correct or wrong, as a static page or PNG.
 
 For each target (a run directory, or a cache for the raw-feature floor) the test split is embedded as
-``dvml evaluate`` embeds it and searched with the same exact kNN (:func:`dvml.evaluate.knn.search`, the query
+``dvml evaluate`` embeds it and searched with the same exact kNN (:func:`dvml.retrieval.knn.search`, the query
 excluded). Several targets over the same test split share the queries (same ``seed``), so two runs — or a run
 and its cache — appear side by side, one row each under every query.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from dvml.errors import DvmlError
-from dvml.evaluate import knn
-from dvml.evaluate.knn import Metric
+from dvml.retrieval import knn
+from dvml.retrieval.knn import Metric
 from dvml.serve.index import Gallery, gallery_from_source
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors
-from dvml.evaluate.knn import Metric
+from dvml.retrieval.knn import Metric
 from dvml.serve.show import ShowConfig, run
 
 _D = ShowConfig
