@@ -134,3 +134,20 @@ def test_errors(pipeline, tmp_path):
     _one_line_error(["show", str(synth), "-o", str(tmp_path / "s.html")], "stores no image paths")
     _one_line_error(["show", str(pipeline["run"]), str(synth), "-o", str(tmp_path / "b.html")],
                     "test split differs")
+
+
+def test_finetune_run_beside_a_heads_run(pipeline, finetuned, tmp_path, evaluate_embeddings):
+    """A finetune run's test split is the dataset's (read from its root), the same images as the heads run's
+    cache: they share the page; its marks follow evaluate's kNN on the tuned backbone's embeddings."""
+    out = tmp_path / "ft.html"
+    _ok(["show", str(finetuned), str(pipeline["run"]), "-o", str(out), "--queries", "3", "-k", "2", "--seed", "1"])
+    tree = ET.fromstring(out.read_text(encoding="utf-8").split("\n", 1)[1])
+    labels = load_split(pipeline["cache"], "test").labels
+    rows = pick_queries(len(labels), 3, 1)
+    _, nbrs = knn.search(evaluate_embeddings(finetuned), 2, exclude_self=True)
+    cells = [td for td in tree.iter("td") if td.get("class") in ("ok", "bad")]
+    for qi, r in enumerate(rows):
+        for rank, j in enumerate(nbrs[r]):
+            td = cells[(qi * 2 + 0) * 2 + rank]  # the finetune run is the first target
+            assert td.find("img").get("src").endswith(f"row{j:06d}.jpg")
+            assert td.get("class") == ("ok" if labels[j] == labels[r] else "bad")

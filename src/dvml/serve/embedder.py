@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +164,6 @@ def backbone_of_cache(info, weights: str | Path | None = None) -> Backbone:
     if p:
         pre = Preprocess(resize=int(p["resize"]), crop=int(p["crop"]), mean=tuple(map(float, p["mean"])),
                          std=tuple(map(float, p["std"])), interpolation=str(p.get("interpolation", "bilinear")))
-        from dataclasses import replace
-
         backbone = replace(backbone, preprocess=pre)
     if backbone.feature_dim != info.feature_dim:
         raise ExportError(f"{where}: feature_dim {info.feature_dim} but {BACKBONE_NAME} gives {backbone.feature_dim}")
