@@ -17,6 +17,7 @@ Layer order: a module imports only from the layers before its own (never a later
     heads                DVML heads, objective, sampler, the training core, fit, embed
     finetune             backbone + heads end to end (torchrun/DDP)
     evaluate             embed a target and score it; plots
+    serve                use an embedding: export a model file, gallery index + search, retrieval pages
     experiments          ablate, stats, tune, analyze, demo
     cli                  thin typer commands; the only layer that prints
 """

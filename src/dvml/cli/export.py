@@ -17,7 +17,8 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Model file: .pt (TorchScript) or .onnx (ONNX)."),
     weights: Path | None = typer.Option(None, help="The backbone's weights file, when the run's cache was "
                                                    "extracted from one (the cache keeps its name and digest only)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    overwrite: bool = typer.Option(ExportConfig.overwrite, "--overwrite/--no-overwrite",
+                                   help="Replace an existing file."),
 ):
     """Export backbone + embedding layer (images -> z_I) with its preprocessing; usable without dvml."""
     result = run(ExportConfig(target=target, out=out, weights=weights, overwrite=overwrite))

@@ -31,7 +31,7 @@ def index_cmd(
     hnsw_m: int = typer.Option(_D.hnsw_m, help="HNSW links per vector."),
     ef_search: int = typer.Option(_D.ef_search, help="HNSW search beam (default for search)."),
     seed: int = typer.Option(_D.seed, help="IVF k-means seed and recall-sample seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+    overwrite: bool = typer.Option(_D.overwrite, "--overwrite/--no-overwrite", help="Replace an existing index."),
 ):
     """Build a gallery index with its row ids, labels and paths."""
     meta = run(IndexConfig(source=source, out=out, split=split, model=model, weights=weights, kind=kind,

@@ -16,12 +16,13 @@ from dvml.serve.index import SearchConfig, search
 def search_cmd(
     index: Path = typer.Argument(..., help="Index file written by dvml index."),
     queries: list[Path] = typer.Argument(..., help="Query images or folders of images."),
-    k: int = typer.Option(5, "-k", help="Neighbours per query."),
+    k: int = typer.Option(SearchConfig.k, "-k", help="Neighbours per query."),
     model: Path | None = typer.Option(None, help="Embed the queries with this model/run/cache instead of the one "
                                                  "recorded in the index."),
     weights: Path | None = typer.Option(None, help="Backbone weights file, when the embedder's cache needs one."),
-    exclude_self: bool = typer.Option(False, "--exclude-self", help="Skip gallery rows that are the query file "
-                                                                    "(as dvml evaluate excludes each query)."),
+    exclude_self: bool = typer.Option(SearchConfig.exclude_self, "--exclude-self/--no-exclude-self",
+                                      help="Skip gallery rows that are the query file (as dvml evaluate excludes "
+                                           "each query)."),
     nprobe: int | None = typer.Option(None, help="IVF lists visited (default: the index's)."),
     ef_search: int | None = typer.Option(None, help="HNSW beam (default: the index's)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),

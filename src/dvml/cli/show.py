@@ -26,7 +26,7 @@ def show_cmd(
     seed: int = typer.Option(_D.seed, help="Seed of the query draw (same seed, same queries)."),
     metric: Metric = typer.Option(_D.metric.value, help="Distance (cosine as dvml evaluate)."),
     thumb: int = typer.Option(_D.thumb, help="Thumbnail size in pixels."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: bool = typer.Option(_D.overwrite, "--overwrite/--no-overwrite", help="Replace an existing output."),
 ):
     """Draw N seeded test queries with their top-k, each marked correct or wrong, with class names."""
     res = run(ShowConfig(targets=tuple(targets), out=out, root=root, queries=queries, k=k, seed=seed, metric=metric,
