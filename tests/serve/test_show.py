@@ -3,6 +3,7 @@ kNN, seeded queries shared by targets side by side, a PNG, and clear errors."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -151,3 +152,36 @@ def test_finetune_run_beside_a_heads_run(pipeline, finetuned, tmp_path, evaluate
             td = cells[(qi * 2 + 0) * 2 + rank]  # the finetune run is the first target
             assert td.find("img").get("src").endswith(f"row{j:06d}.jpg")
             assert td.get("class") == ("ok" if labels[j] == labels[r] else "bad")
+
+
+def test_query_gallery_split_follows_evaluate(tiny_inshop, tmp_path, evaluate_embeddings):
+    """In-Shop (a schema-2 cache): queries are query rows, neighbours gallery rows, as dvml evaluate ranks them;
+    dvml index holds the gallery rows with their test-row ids."""
+    from dvml.cache import load_test_roles
+    from dvml.cache import schema as S
+    from dvml.extract import ExtractConfig, run
+
+    from .conftest import _fit
+
+    cache = run(ExtractConfig(dataset="inshop", root=tiny_inshop, out=tmp_path / "inshop.h5", weights="none",
+                              views=1, resize=64, crop=56, workers=0, device="cpu", batch_size=8)).path
+    run_dir = _fit(cache, tmp_path / "run")
+    roles = load_test_roles(cache)
+    q_rows, g_rows = np.flatnonzero(roles & S.ROLE_QUERY), np.flatnonzero(roles & S.ROLE_GALLERY)
+    out = tmp_path / "r.html"
+    _ok(["show", str(run_dir), "-o", str(out), "--queries", "4", "-k", "2", "--seed", "3"])
+    emb = evaluate_embeddings(run_dir)
+    _, idx = knn.search(emb[q_rows], 2, database=emb[g_rows])  # In-Shop has no 'both' rows: nothing to exclude
+    shown = q_rows[pick_queries(q_rows.size, 4, 3)]
+    tree = ET.fromstring(out.read_text().split("\n", 1)[1])
+    cells = [td for td in tree.iter("td") if td.get("class") in ("ok", "bad")]
+    labels = load_split(cache, "test").labels
+    for qi, r in enumerate(shown):
+        want = g_rows[idx[np.searchsorted(q_rows, r)]]
+        got = [int(td.find("img").get("src")[-10:-4]) for td in cells[2 * qi:2 * qi + 2]]
+        assert got == list(want)
+        assert [td.get("class") for td in cells[2 * qi:2 * qi + 2]] == ["ok" if labels[j] == labels[r] else "bad"
+                                                                       for j in want]
+    _ok(["index", str(run_dir), "-o", str(tmp_path / "g.faiss")])
+    meta = json.loads((tmp_path / "g.faiss.json").read_text())
+    assert meta["n"] == g_rows.size and meta["rows"]["ids"] == list(g_rows)

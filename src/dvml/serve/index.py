@@ -17,7 +17,8 @@ and refuses anything else with one :class:`IndexFormatError` naming the file.
 Sources: a run directory (its cache's split, embedded with its heads exactly as ``dvml evaluate`` does), a
 cache file (raw features, the floor), or a folder of images with an embedder (``--model``: an exported
 ``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
-(sorted names → 0, 1, ...), or -1 when they lie directly in it.
+(sorted names → 0, 1, ...), or -1 when they lie directly in it. The test split of a query/gallery cache
+(schema 2, In-Shop) is indexed by its gallery rows, the set ``dvml evaluate`` searches.
 
 Exact (``flat``) search is the default and returns the neighbours of :func:`dvml.retrieval.knn.search`; ``ivf``
 and ``hnsw`` are approximate, and their recall of the exact top-k (on up to 1,000 gallery rows used as
@@ -125,6 +126,7 @@ class Gallery:
     embedder: dict
     class_names: dict[str, str] = field(default_factory=dict)
     ids: np.ndarray | None = None
+    roles: np.ndarray | None = None  # (N,) schema ROLE_* of a query/gallery test split (schema-2 cache, In-Shop)
 
 
 def _class_names(info, root: str | None) -> dict[str, str]:
@@ -141,17 +143,18 @@ def _class_names(info, root: str | None) -> dict[str, str]:
 
 def gallery_from_cache(cache: Path, split: str = "test") -> Gallery:
     """Raw view-0 features of a cache split."""
-    from dvml.cache import fingerprint, load_split, read_info
+    from dvml.cache import fingerprint, load_split, load_test_roles, read_info
 
     info = read_info(cache)
     data = load_split(cache, split, views=[0])
+    roles = load_test_roles(cache) if split == "test" else None
     root = (info.extra or {}).get("root")
     n = len(data.labels)
     paths = [str(p) for p in data.paths] if data.paths is not None else [f"{split}[{i}]" for i in range(n)]
     return Gallery(embeddings=data.features[:, 0, :], labels=data.labels, paths=paths, root=root,
                    source={"kind": "cache", "cache": str(cache.resolve()), "cache_fingerprint": fingerprint(cache),
                            "split": split, "dataset": info.dataset},
-                   embedder=embedder_record(cache), class_names=_class_names(info, root))
+                   embedder=embedder_record(cache), class_names=_class_names(info, root), roles=roles)
 
 
 def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
@@ -172,7 +175,9 @@ def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
                        source={"kind": "finetune", "run_dir": str(run_dir.resolve()), "split": split,
                                "dataset": ft.index.name},
                        embedder=embedder_record(run_dir),
-                       class_names={str(k): v for k, v in ft.index.class_names.items()})
+                       class_names={str(k): v for k, v in ft.index.class_names.items()},
+                       roles=None if split != "test" or ft.index.test_roles is None
+                       else np.asarray(ft.index.test_roles, dtype=np.int8))
     from dvml.cache import fingerprint
 
     if info.cache is None or not Path(info.cache).exists():
@@ -290,7 +295,20 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
-    """Build the index of ``g``, write INDEX and INDEX.json, return the sidecar dict."""
+    """Build the index of ``g``, write INDEX and INDEX.json, return the sidecar dict.
+
+    A query/gallery split (``g.roles``) indexes its gallery rows only, as ``dvml evaluate`` searches them; the
+    row ids are then the rows' positions in the test split.
+    """
+    protocol = "all rows"
+    if g.roles is not None:
+        from dvml.cache import schema as S
+
+        keep = np.flatnonzero((np.asarray(g.roles) & S.ROLE_GALLERY) > 0)
+        g = Gallery(embeddings=g.embeddings[keep], labels=np.asarray(g.labels)[keep], paths=[g.paths[i] for i in keep],
+                    root=g.root, source=g.source, embedder=g.embedder, class_names=g.class_names,
+                    ids=keep if g.ids is None else np.asarray(g.ids)[keep])
+        protocol = "gallery rows of a query/gallery test split (query with the query images)"
     index = knn.build_index(g.embeddings, metric=cfg.metric, kind=cfg.kind, nlist=cfg.nlist, hnsw_m=cfg.hnsw_m,
                             seed=cfg.seed)
     facts = knn.index_facts(index)
@@ -311,7 +329,7 @@ def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
                    "hnsw_m": cfg.hnsw_m if cfg.kind is IndexKind.hnsw else None, "seed": cfg.seed},
         "search": {"nprobe": cfg.nprobe if cfg.kind is IndexKind.ivf else None,
                    "ef_search": cfg.ef_search if cfg.kind is IndexKind.hnsw else None},
-        "recall_vs_exact": recall,
+        "recall_vs_exact": recall, "rows_indexed": protocol,
         "source": g.source, "embedder": g.embedder, "root": g.root, "class_names": g.class_names,
         "rows": {"ids": [int(i) for i in ids], "labels": [int(v) for v in g.labels], "paths": list(g.paths)},
         "versions": R.versions(),

@@ -2,8 +2,9 @@
 
 For each target (a run directory, or a cache for the raw-feature floor) the test split is embedded as
 ``dvml evaluate`` embeds it and searched with the same exact kNN (:func:`dvml.retrieval.knn.search`, the query
-excluded). Several targets over the same test split share the queries (same ``seed``), so two runs — or a run
-and its cache — appear side by side, one row each under every query.
+excluded); a query/gallery test split (a schema-2 cache, In-Shop) draws its queries from the query rows and
+searches the gallery rows, as evaluate does. Several targets over the same test split share the queries (same
+``seed``), so two runs — or a run and its cache — appear side by side, one row each under every query.
 
 Output by suffix:
 
@@ -102,7 +103,9 @@ def build_panels(cfg: ShowConfig) -> tuple[list[Panel], np.ndarray, Path, dict[s
     galleries = [gallery_from_source(t, split="test") for t in cfg.targets]
     first = galleries[0]
     for t, g in zip(cfg.targets[1:], galleries[1:], strict=True):
-        if g.paths != first.paths or not np.array_equal(g.labels, first.labels):
+        same_roles = (g.roles is None) == (first.roles is None) and (g.roles is None or
+                                                                    np.array_equal(g.roles, first.roles))
+        if g.paths != first.paths or not np.array_equal(g.labels, first.labels) or not same_roles:
             raise DvmlError(f"{t}: its test split differs from {cfg.targets[0]}'s (other images or labels); "
                             "targets shown together must share one test split")
     if first.paths and first.paths[0].startswith("test["):
@@ -112,14 +115,31 @@ def build_panels(cfg: ShowConfig) -> tuple[list[Panel], np.ndarray, Path, dict[s
     if root is None:
         raise DvmlError(f"{cfg.targets[0]}: records no dataset root; pass --root")
     n = len(first.paths)
-    k = min(cfg.k, n - 1)
-    if k < 1:
-        raise DvmlError(f"{cfg.targets[0]}: the test split has {n} item(s); need at least 2")
-    rows = pick_queries(n, cfg.queries, cfg.seed)
+    if first.roles is None:  # all against all, each query excluded (dvml evaluate's protocol)
+        q_rows, g_rows = np.arange(n), None
+        k = min(cfg.k, n - 1)
+    else:  # queries against the gallery; a row in both never retrieves itself (dvml evaluate's protocol)
+        from dvml.cache import schema as S
+
+        roles = np.asarray(first.roles)
+        q_rows = np.flatnonzero((roles & S.ROLE_QUERY) > 0)
+        g_rows = np.flatnonzero((roles & S.ROLE_GALLERY) > 0)
+        gallery_pos = np.full(n, -1, dtype=np.int64)
+        gallery_pos[g_rows] = np.arange(g_rows.size)
+        k = min(cfg.k, g_rows.size - 1 if (gallery_pos[q_rows] >= 0).any() else g_rows.size)
+    if k < 1 or not q_rows.size:
+        raise DvmlError(f"{cfg.targets[0]}: the test split has too few items to retrieve from ({n} rows)")
+    rows = q_rows[pick_queries(q_rows.size, cfg.queries, cfg.seed)]
     panels = []
     for t, g in zip(cfg.targets, galleries, strict=True):
-        d, i = knn.search(g.embeddings, k, metric=cfg.metric, exclude_self=True)
-        panels.append(Panel(name=t.name, target=t, gallery=g, neighbours=i[rows], distances=d[rows]))
+        if g_rows is None:
+            d, i = knn.search(g.embeddings, k, metric=cfg.metric, exclude_self=True)
+            d, i = d[rows], i[rows]
+        else:
+            d, i = knn.search(g.embeddings[rows], k, database=g.embeddings[g_rows], metric=cfg.metric,
+                              exclude=gallery_pos[rows])
+            i = g_rows[i]  # gallery positions -> test rows
+        panels.append(Panel(name=t.name, target=t, gallery=g, neighbours=i, distances=d))
     used = sorted({int(r) for r in rows} | {int(j) for p in panels for j in p.neighbours.ravel()})
     missing = [first.paths[r] for r in used if not (root / first.paths[r]).is_file()]
     if missing:
@@ -168,8 +188,10 @@ def write_html(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Pat
            "word-break:break-all}.ok .mark{color:#2a2}.bad .mark{color:#d22}</style>",
            "</head>", "<body>",
            f"<h1>Top-{k} retrievals of {rows.size} test queries</h1>",
-           f"<p>Queries drawn with seed {cfg.seed} from {labels.size} test items; exact kNN, {cfg.metric.value} "
-           "distance, the query excluded (as <code>dvml evaluate</code>). Green: same class as the query; red: "
+           f"<p>Queries drawn with seed {cfg.seed} from {labels.size} test items"
+           + (" (query rows, searched among the gallery rows)" if g.roles is not None else "")
+           + f"; exact kNN, {cfg.metric.value} distance, the query excluded (as <code>dvml evaluate</code>). "
+           "Green: same class as the query; red: "
            f"another class. Images from <code>{e(str(root))}</code>.</p>",
            "<table><tr><th>target</th><th>what</th>"
            f"<th>precision@{k} (shown queries)</th><th>Recall@1 (shown queries)</th></tr>"]
