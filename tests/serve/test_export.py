@@ -186,7 +186,7 @@ def test_bad_requests_are_one_line_errors(pipeline, tmp_path):
     synth = generate(SynthConfig(n_classes=4, images_per_class=2, views=1, feature_dim=8, class_dim=4, hidden_dim=8),
                      tmp_path / "synth.h5")
     _one_line_error(runner.invoke(app, ["export", str(synth), "-o", str(tmp_path / "s.pt")]),
-                    "synthetic-nonlinear-map", "export rebuilds torchvision.googlenet only")
+                    "made by backbone 'synthetic-nonlinear-map', which dvml cannot rebuild")
     _one_line_error(runner.invoke(app, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "n.pt")]),
                     "no such run directory")
 
@@ -210,3 +210,26 @@ def test_damaged_model_files_are_named(tmp_path):
         (tmp_path / name).write_bytes(b"not a model" * 10)
         with pytest.raises(DvmlError, match=f"{name}: not a loadable"):
             load_exported(tmp_path / name)
+
+
+def test_any_backbone_named_by_the_cache(pipeline, tmp_path, evaluate_embeddings):
+    """A fit-heads run on a resnet18 cache (random weights) exports resnet18 with the cache's preprocessing."""
+    from dvml.extract import ExtractConfig, run
+
+    from .conftest import _fit
+
+    cache = run(ExtractConfig(dataset="folder", root=pipeline["root"], out=tmp_path / "r18.h5", backbone="resnet18",
+                              weights="none", views=1, resize=48, crop=40, workers=0, device="cpu", batch_size=8,
+                              dtype="float32")).path
+    run_dir = _fit(cache, tmp_path / "run")
+    for suffix in (".pt", ".onnx"):
+        if suffix == ".onnx":
+            pytest.importorskip("onnxruntime")
+        model = tmp_path / f"r18{suffix}"
+        _export(run_dir, model)
+        z = fresh_embed(model, split_images(pipeline), tmp_path)
+        assert float(np.abs(z - evaluate_embeddings(run_dir)).max()) <= 1e-4
+    from dvml.serve.export import load_exported
+
+    meta = load_exported(tmp_path / "r18.pt").meta
+    assert meta["source"]["backbone"] == "torchvision.resnet18" and meta["preprocess"]["crop"] == 40

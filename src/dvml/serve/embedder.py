@@ -13,16 +13,16 @@
 
 Resize and crop stay outside the module (PIL's antialiased resize is what extract used; a tensor
 resize would give other pixels), described by :func:`preprocess_record`; :func:`load_images` is that
-recipe in dvml (the extract code itself). Backbones: today's GoogLeNet (:mod:`dvml.extract.backbone`);
-caches of other backbones are refused with a message naming the backbone.
+recipe in dvml (the extract code itself). Backbones: whatever the cache records
+(:func:`~dvml.extract.backbone.backbone_from_cache`: torchvision by name, ``timm:NAME``, a TorchScript file),
+with the cache's preprocessing.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,10 @@ from torch import nn
 
 from dvml import __version__
 from dvml.errors import DvmlError
-from dvml.extract.backbone import BACKBONE_NAME, Backbone, Preprocess, build_backbone
+from dvml.extract.backbone import Backbone, Preprocess
 
 log = logging.getLogger(__name__)
 
-_NONE_WEIGHTS = re.compile(r"none\(random he-normal init, seed=(-?\d+)\)")
-_STATE_DICT_WEIGHTS = re.compile(r"state_dict:(?P<name>.*):(?P<digest>[0-9a-f]+)")
 
 
 class ExportError(DvmlError):
@@ -128,45 +126,27 @@ def load_images(paths: Sequence[str | Path], pre: Preprocess) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ builders
 def backbone_of_cache(info, weights: str | Path | None = None) -> Backbone:
-    """Rebuild the backbone that wrote a cache (``info``: :class:`~dvml.cache.CacheInfo`), on the CPU.
+    """Rebuild the backbone that wrote a cache (``info``: :class:`~dvml.cache.CacheInfo`) on the CPU, with the
+    cache's preprocessing (:func:`dvml.extract.backbone.backbone_from_cache`): any torchvision model, ``timm:NAME``
+    or TorchScript file, with the weights the cache names. ``weights`` (a file) is needed when the cache was made
+    from a local state dict, whose path a cache does not keep (its hash is checked).
 
-    ``weights`` (a state dict path) is needed when the cache was made from a weights file, whose path the
-    cache does not keep (only its name and digest, which are checked); for ImageNet weights it may point at
-    the torchvision file when it is not in the torch hub cache.
-    Raises :class:`ExportError` for another backbone, missing weights or a digest mismatch.
+    Raises :class:`ExportError` for a backbone dvml cannot build and DvmlError for weights it cannot have.
     """
-    where = info.path
-    if info.backbone != BACKBONE_NAME:
-        raise ExportError(f"{where}: made by backbone {info.backbone!r}; export rebuilds {BACKBONE_NAME} only "
-                          "(export a model for this backbone yourself, or re-extract with dvml extract)")
-    extra = info.extra or {}
-    ti = extra.get("transform_input")
-    ti = bool(ti) if isinstance(ti, bool) else None
-    m_none = _NONE_WEIGHTS.fullmatch(info.weights)
-    m_sd = _STATE_DICT_WEIGHTS.fullmatch(info.weights)
-    if weights is not None:
-        backbone = build_backbone(weights, transform_input=ti)
-        if m_sd and not backbone.weights.endswith(f":{m_sd['digest']}"):
-            raise ExportError(f"--weights {weights}: not the weights {where} was extracted with "
-                              f"(cache: {info.weights}; this file: {backbone.weights})")
-        if m_none:
-            raise ExportError(f"--weights {weights}: {where} was extracted with random weights ({info.weights})")
-    elif m_none:
-        backbone = build_backbone("none", transform_input=ti, init_seed=int(m_none.group(1)))
-    elif info.weights.startswith("torchvision:"):
-        backbone = build_backbone("imagenet", transform_input=ti)
-    elif m_sd:
-        raise ExportError(f"{where}: extracted with the weights file {m_sd['name']!r} (digest {m_sd['digest']}), "
-                          "whose path a cache does not record; pass --weights PATH to it")
-    else:
-        raise ExportError(f"{where}: unknown weights {info.weights!r}; pass --weights PATH")
-    p = extra.get("preprocess") or {}
-    if p:
-        pre = Preprocess(resize=int(p["resize"]), crop=int(p["crop"]), mean=tuple(map(float, p["mean"])),
-                         std=tuple(map(float, p["std"])), interpolation=str(p.get("interpolation", "bilinear")))
-        backbone = replace(backbone, preprocess=pre)
+    from dvml.extract.backbone import backbone_from_cache, parse_spec
+
+    recorded = backbone_from_cache(info)
+    try:
+        parse_spec(recorded.spec)
+    except DvmlError as e:
+        raise ExportError(f"{info.path}: made by backbone {recorded.spec!r}, which dvml cannot rebuild ({e})") from None
+    try:
+        backbone = recorded.load(weights)
+    except DvmlError as e:
+        raise ExportError(f"{info.path}: {e}") from None
     if backbone.feature_dim != info.feature_dim:
-        raise ExportError(f"{where}: feature_dim {info.feature_dim} but {BACKBONE_NAME} gives {backbone.feature_dim}")
+        raise ExportError(f"{info.path}: feature_dim {info.feature_dim} but {recorded.spec} gives "
+                          f"{backbone.feature_dim}")
     return backbone
 
 
