@@ -61,3 +61,45 @@ def test_draws_cover_every_eligible_class():
 def test_too_few_classes_is_a_dvml_error():
     with pytest.raises(DvmlError, match="--batch-size"):
         ClassBalancedSampler(torch.arange(4).repeat(5), 40, 4, torch.Generator())
+
+
+def test_with_views_a_repeated_image_gets_another_view_never_the_same_pair():
+    """Class 0 has 2 images, per_class 4, 3 views: its slots hold each image twice, with ranks 0 and 1, so the
+    trainer's view (v + rank) mod 3 differs between the two occurrences; (image, view) pairs are all distinct."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    s = ClassBalancedSampler(labels, batch_size=8, per_class=4, generator=torch.Generator().manual_seed(1), views=3)
+    g = torch.Generator().manual_seed(2)
+    small = 0
+    for _ in range(20):
+        idx, ranks = s.epoch_with_ranks()
+        assert idx.shape == ranks.shape
+        v_img = torch.randint(3, (len(labels),), generator=g)  # the epoch's view per image, as the trainer draws
+        for b, r in zip(idx, ranks, strict=True):
+            view = (v_img[b] + r) % 3
+            pairs = list(zip(b.tolist(), view.tolist(), strict=True))
+            assert len(set(pairs)) == len(pairs)  # never the same image and view twice in a batch
+            for row, rr in zip(b.view(2, 4), r.view(2, 4), strict=True):
+                if labels[row[0]] == 0:
+                    small += 1
+                    assert sorted(row.tolist()) == [0, 0, 1, 1] and sorted(rr.tolist()) == [0, 0, 1, 1]
+                else:
+                    assert len(set(row.tolist())) == 4 and (rr == 0).all()
+    assert small > 0
+
+
+def test_with_one_view_classes_smaller_than_per_class_are_never_drawn(caplog):
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])  # class 0: 3 images < per_class 4
+    with caplog.at_level("WARNING"):
+        s = ClassBalancedSampler(labels, 8, 4, torch.Generator().manual_seed(0), views=1)
+    assert "never sampled" in caplog.text
+    drawn = torch.cat([s.epoch_with_ranks()[0].flatten() for _ in range(30)])
+    assert set(labels[drawn].tolist()) == {1, 2, 3}
+    with pytest.raises(DvmlError, match="distinct"):
+        ClassBalancedSampler(labels, 16, 4, torch.Generator(), views=1)  # 4 classes per batch, 3 eligible
+
+
+def test_epoch_and_epoch_with_ranks_draw_the_same_batches():
+    labels = _labels()
+    a = ClassBalancedSampler(labels, 12, 4, torch.Generator().manual_seed(5))
+    b = ClassBalancedSampler(labels, 12, 4, torch.Generator().manual_seed(5), views=4)
+    assert torch.equal(a.epoch(), b.epoch_with_ranks()[0])
