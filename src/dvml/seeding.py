@@ -31,7 +31,7 @@ def noise_seed(seed: int) -> int:
 def proxy_seed(seed: int) -> int:
     """Seed of a fit's proxy initialisation: a stream of its own (not the one ``torch.manual_seed(seed)`` gives the
     layers), so the proxies depend on the seed alone — the same for a baseline and a DVML fit."""
-    return int(np.random.SeedSequence([seed, 0x70726F78]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed), 0x70726F78]).generate_state(1)[0])
 
 
 def step_seed(seed: int, step: int) -> int:
