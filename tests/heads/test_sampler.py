@@ -103,3 +103,20 @@ def test_epoch_and_epoch_with_ranks_draw_the_same_batches():
     a = ClassBalancedSampler(labels, 12, 4, torch.Generator().manual_seed(5))
     b = ClassBalancedSampler(labels, 12, 4, torch.Generator().manual_seed(5), views=4)
     assert torch.equal(a.epoch(), b.epoch_with_ranks()[0])
+
+
+def test_the_batch_fit_counts_the_classes_the_sampler_draws():
+    """fit_batch (the default batch fitted to the data) and the sampler share one rule: with one view, a class
+    of 3 images cannot give 4 distinct (image, view) pairs and counts for neither; with 2 views it does."""
+    import numpy as np
+
+    from dvml.heads.batch import eligible_classes
+
+    labels = np.array([0, 0, 0] + [1] * 4 + [2] * 4 + [3])  # 3, 4, 4, 1 images
+    assert eligible_classes(labels) == 3  # >= 2 images
+    assert eligible_classes(labels, 4, views=1) == 2
+    assert eligible_classes(labels, 4, views=2) == 3
+    for views, want in ((1, {1, 2}), (2, {0, 1, 2})):
+        s = ClassBalancedSampler(torch.from_numpy(labels), 4, 2 * 2, torch.Generator().manual_seed(0), views=views)
+        drawn = torch.cat([s.epoch().flatten() for _ in range(20)])
+        assert set(labels[drawn.numpy()].tolist()) == want

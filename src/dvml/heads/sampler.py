@@ -28,6 +28,16 @@ from dvml.errors import DvmlError
 log = logging.getLogger(__name__)
 
 
+def drawable(counts, per_class: int, views: int | None):
+    """Which classes a batch may draw (the one rule, shared with :mod:`dvml.heads.batch`): at least two images
+    and, with ``views`` given, at least ``per_class`` distinct (image, view) pairs. ``counts``: images per class
+    (numpy or torch array) → a boolean array of the same shape."""
+    ok = counts >= 2
+    if views is not None:
+        ok = ok & (counts * views >= per_class)
+    return ok
+
+
 class ClassBalancedSampler:
     """Batches of indices into the training set.
 
@@ -53,18 +63,16 @@ class ClassBalancedSampler:
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.views = views
-        keep = counts >= 2
-        if not bool(keep.all()):
-            log.warning("%d training class(es) have a single image and are never sampled", int((~keep).sum()))
-        need = "2 images"
-        if views is not None:
-            few = keep & (counts * views < per_class)
-            if bool(few.any()):
-                log.warning("%d training class(es) have fewer than %d distinct (image, view) pairs (%d view(s) per "
-                            "image) and are never sampled; lower --per-class to use them", int(few.sum()),
-                            per_class, views)
-            keep = keep & ~few
-            need = f"2 images and {per_class} distinct (image, view) pairs"
+        single = counts < 2
+        if bool(single.any()):
+            log.warning("%d training class(es) have a single image and are never sampled", int(single.sum()))
+        keep = drawable(counts, per_class, views)
+        few = keep.logical_not() & ~single
+        if bool(few.any()):
+            log.warning("%d training class(es) have fewer than %d distinct (image, view) pairs (%d view(s) per "
+                        "image) and are never sampled; lower --per-class to use them", int(few.sum()), per_class,
+                        views)
+        need = "2 images" if views is None else f"2 images and {per_class} distinct (image, view) pairs"
         if int(keep.sum()) < self.k:
             raise DvmlError(f"a batch of {batch_size} with {per_class} images per class needs {self.k} training "
                             f"classes with >= {need}, but there are {int(keep.sum())}: lower --batch-size "

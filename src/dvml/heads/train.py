@@ -144,7 +144,8 @@ class _HeadsFit:
 
     def __init__(self, cfg: FitConfig, train: Split | None, test: Split | None):
         labels = train.labels if train is not None else load_labels(cfg.cache, "train")
-        cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache))  # before the resume check: same rule
+        views = train.features.shape[1] if train is not None else read_info(cfg.cache).splits["train"].views
+        cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache), views=views)  # before the resume check
         self.cfg, out = cfg, cfg.out
         self.ckpt = ckpt = _prepare_dir(cfg)
         self.info = read_info(cfg.cache)
