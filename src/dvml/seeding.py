@@ -28,6 +28,12 @@ def noise_seed(seed: int) -> int:
     return seed + NOISE_SEED_OFFSET
 
 
+def proxy_seed(seed: int) -> int:
+    """Seed of a fit's proxy initialisation: a stream of its own (not the one ``torch.manual_seed(seed)`` gives the
+    layers), so the proxies depend on the seed alone — the same for a baseline and a DVML fit."""
+    return int(np.random.SeedSequence([int(seed), 0x70726F78]).generate_state(1)[0])
+
+
 def step_seed(seed: int, step: int) -> int:
     """Seed of finetune's per-step generator: a function of (seed, global step) only, so the noise does not
     depend on the number of processes or the resume point."""

@@ -197,3 +197,45 @@ def test_each_epoch_draws_views_beyond_the_centre_one(tiny_cache, tmp_path):
     fit(_cfg(tiny_cache, tmp_path / "centre", epochs=1), train=Split(features=feats[:, :1], labels=train.labels))
     with pytest.raises(DvmlError, match="non-finite loss at epoch 1"):
         fit(_cfg(tiny_cache, tmp_path / "views", epochs=1), train=Split(features=feats, labels=train.labels))
+
+
+@pytest.mark.parametrize("loss", ["proxy-nca-pp", "proxy-anchor"])
+def test_baseline_and_dvml_start_from_the_same_proxies_at_one_seed(tiny_cache, tmp_path, loss):
+    """Proxies frozen (lr ~ 0): the baseline's and DVML's checkpointed proxies are their initialisation; they agree
+    at one seed although DVML builds more layers before the loss, and differ at another seed."""
+    def proxies(dvml, seed):
+        run = fit(_cfg(tiny_cache, tmp_path / f"{dvml}{seed}", epochs=1, loss=loss, proxy_lr=1e-12, dvml=dvml,
+                       seed=seed))
+        return load_checkpoint(run)["loss"]["metric.loss.proxies"]
+
+    base = proxies(False, 0)
+    torch.testing.assert_close(proxies(True, 0), base, rtol=0, atol=1e-9)
+    assert not torch.allclose(proxies(False, 1), base, atol=1e-3)
+
+
+def test_a_small_class_never_puts_the_same_image_and_view_twice_in_a_batch(tiny_cache, tmp_path, monkeypatch):
+    """Every (image, view) feature is unique; class 0 has 2 images, per_class is 4, 3 views: the batches the loss
+    sees hold each of class 0's two images twice, in two different views, and never a repeated row."""
+    rng = np.random.default_rng(0)
+    counts = [2] + [6] * 5
+    labels = np.repeat(np.arange(len(counts)), counts)
+    feats = rng.normal(size=(len(labels), 3, 64)).astype(np.float32)  # the tiny cache's D
+    seen = []
+    original = loss_module.DVMLLoss.forward
+
+    def spy(self, out, x, labels_, lam=None):
+        seen.append((x.detach().clone(), labels_.clone()))
+        return original(self, out, x, labels_, lam)
+
+    monkeypatch.setattr(loss_module.DVMLLoss, "forward", spy)
+    fit(_cfg(tiny_cache, tmp_path / "r", epochs=20, dvml=False, batch_size=8, per_class=4),
+        train=Split(features=feats, labels=labels))
+    small = 0
+    for x, y in seen:
+        assert len(torch.unique(x, dim=0)) == len(x)  # no (image, view) twice
+        rows = x[y == 0].numpy()
+        if len(rows):
+            small += 1
+            hits = [np.argwhere((feats[:2] == r).all(axis=-1))[0] for r in rows]  # (image, view) of each row
+            assert sorted(int(h[0]) for h in hits) == [0, 0, 1, 1]
+    assert small > 0

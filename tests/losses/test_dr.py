@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import distances, losses, miners
+from pytorch_metric_learning import distances, losses, miners, reducers
 
 from dvml.losses.dr import (
     COS_EPS,
     PROXY_LR_MULTIPLIER,
+    PROXY_NCA_PP_TEMPERATURE,
     DRProxyNCALoss,
     DRTripletLoss,
     ProxyNCAPlusPlusLoss,
@@ -66,22 +67,40 @@ def _loop_dr_triplet(x, y, margin, gamma, normalize=True, nonzero=True, triplets
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def _loop_dr_proxy_nca(x, y, proxies, gamma, scale) -> float:
-    """Independent reference: per-sample, per-proxy loop with explicit difference vectors."""
+def _seed_mvr_proxy(x, y, proxies, gamma, temperature=1.0) -> float:
+    """Seed 003's reference (alpoler/mohan2020 ``MVR_Proxy``) as brute-force loops, on normalised embeddings (its
+    network normalises them) and unit proxies: plain distances, the positive proxy in the numerator only,
+    ``−log(exp(−d_y/τ) / Σ_{c≠y} exp(−(d_c + γ·cos(p_y − x, p_c − x))/τ))``, averaged over the batch."""
     total = 0.0
     for i in range(len(y)):
         xi = x[i] / x[i].norm()
         p = [q / q.norm() for q in proxies]
         own = int(y[i])
-        logits = []
+        num = math.exp(-float((xi - p[own]).norm()) / temperature)
+        den = 0.0
         for c in range(len(p)):
-            d = float(((xi - p[c]) ** 2).sum())
             if c != own:
-                d += gamma * _cos(p[own] - xi, p[c] - xi)
-            logits.append(-scale * d)
+                d = float((xi - p[c]).norm())
+                den += math.exp(-(d + gamma * _cos(p[own] - xi, p[c] - xi)) / temperature)
+        total += -math.log(num / den)
+    return total / len(y)
+
+
+def _official_proxy_nca_pp(x, y, proxies, temperature, smoothing) -> float:
+    """Teh et al.'s official ``ProxyNCA_prob`` + ``binarize_and_smooth_labels`` (euwern/proxynca_pp, loss.py) as
+    loops: embeddings and proxies normalised and scaled by √(1/τ), squared distances, targets 1 − ε on the own
+    class and ε/(C − 1) elsewhere, ``Σ_c −t_c log softmax(−D)_c``, mean over the batch."""
+    scale = math.sqrt(1.0 / temperature)
+    n_cls = len(proxies)
+    total = 0.0
+    for i in range(len(y)):
+        xi = scale * x[i] / x[i].norm()
+        logits = [-float(((xi - scale * q / q.norm()) ** 2).sum()) for q in proxies]
         m = max(logits)
         lse = m + math.log(sum(math.exp(v - m) for v in logits))
-        total += lse - logits[own]
+        for c in range(n_cls):
+            t = 1.0 - smoothing if c == int(y[i]) else smoothing / (n_cls - 1)
+            total += -t * (logits[c] - lse)
     return total / len(y)
 
 
@@ -120,15 +139,45 @@ def test_dr_triplet_against_loop_random(seed, reduction):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("margin", [0.05, 0.278, 1.0])
-def test_against_pml_triplet_margin_loss_gamma0(seed, margin):
+@pytest.mark.parametrize("reduction", list(TripletReduction))
+def test_against_pml_triplet_margin_loss_gamma0(seed, margin, reduction):
     x, y = _batch(seed, b=32, e=16, classes=5, dtype=torch.float32)
-    ours = DRTripletLoss(margin=margin, gamma=0.0)(x, y)
-    ref = losses.TripletMarginLoss(margin=margin)(x, y)  # LpDistance(normalize, p=2, power=1), AvgNonZero
+    reducer = reducers.AvgNonZeroReducer() if reduction is TripletReduction.nonzero_mean else reducers.MeanReducer()
+    ours = DRTripletLoss(margin=margin, gamma=0.0, reduction=reduction)(x, y)
+    ref = losses.TripletMarginLoss(margin=margin, reducer=reducer)(x, y)  # LpDistance(normalize, p=2, power=1)
     assert _val(ours) == pytest.approx(_val(ref), rel=1e-5, abs=1e-6)
     # same distance without normalisation
-    ours_raw = DRTripletLoss(margin=margin, gamma=0.0, normalize_embeddings=False)(x, y)
-    ref_raw = losses.TripletMarginLoss(margin=margin, distance=distances.LpDistance(normalize_embeddings=False))(x, y)
+    ours_raw = DRTripletLoss(margin=margin, gamma=0.0, normalize_embeddings=False, reduction=reduction)(x, y)
+    ref_raw = losses.TripletMarginLoss(margin=margin, distance=distances.LpDistance(normalize_embeddings=False),
+                                       reducer=reducer)(x, y)
     assert _val(ours_raw) == pytest.approx(_val(ref_raw), rel=1e-5, abs=1e-6)
+
+
+def _seed_mvr_triplet(x, y, margin, gamma) -> float:
+    """Seed 003's reference (alpoler/mohan2020 ``MVR_Triplet``) on L2-normalised embeddings (its network
+    normalises them): relu(d_ap − d_an + margin − γ·cos(x_p − x_a, x_n − x_a)) averaged over *all* valid
+    triplets, as brute-force python loops."""
+    x = [v / v.norm() for v in x]
+    vals = []
+    for a, p, n in itertools.product(range(len(y)), repeat=3):
+        if a != p and y[a] == y[p] and y[n] != y[a]:
+            u, w = x[p] - x[a], x[n] - x[a]
+            cos = float(u @ w) / (float(u.norm()) * float(w.norm()))
+            vals.append(max(0.0, float(u.norm()) - float(w.norm()) + margin - gamma * cos))
+    return sum(vals) / len(vals)
+
+
+def test_dr_triplet_default_is_the_seed_reference_mean():
+    """The defaults (margin 0.278, γ 0.492, mean over all triplets) reproduce the seed's loss, and the mean is not
+    the mean over non-zero triplets here (so the comparison can fail)."""
+    from dvml.losses import make_metric_loss
+
+    x, y = _batch(8, b=16, e=6, classes=4)
+    ref = _seed_mvr_triplet(x, y, 0.278, 0.492)
+    assert _val(DRTripletLoss()(x, y)) == pytest.approx(ref, rel=1e-10)
+    made = make_metric_loss("dr-triplet", num_classes=4, embedding_size=6)
+    assert _val(made(x, y)) == pytest.approx(ref, rel=1e-10)
+    assert _val(DRTripletLoss(reduction="nonzero-mean")(x, y)) > ref * 1.05
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.492])
@@ -161,10 +210,10 @@ def test_against_pml_with_pml_miner_gamma0_and_loop_gamma_nonzero():
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     triplets = miner(x, y)
     assert len(triplets[0]) > 0
-    ours = DRTripletLoss(0.2, 0.0, miner=miner)(x, y)
+    ours = DRTripletLoss(0.2, 0.0, miner=miner, reduction="nonzero-mean")(x, y)
     assert _val(ours) == pytest.approx(_val(losses.TripletMarginLoss(0.2)(x, y, triplets)), rel=1e-10)
     listed = list(zip(*[t.tolist() for t in triplets], strict=True))
-    ours = DRTripletLoss(0.2, 0.492, miner=miner)(x, y)
+    ours = DRTripletLoss(0.2, 0.492, miner=miner, reduction="nonzero-mean")(x, y)
     assert _val(ours) == pytest.approx(_loop_dr_triplet(x, y, 0.2, 0.492, triplets=listed), rel=1e-10)
 
 
@@ -269,12 +318,93 @@ def test_dr_triplet_rejects_bad_input():
 # ---------------------------------------------------------------- DR-ProxyNCA
 
 
-@pytest.mark.parametrize("scale", [1.0, 3.0, 9.0])
-def test_dr_proxy_nca_against_pml_proxy_nca_gamma0(scale):
-    torch.manual_seed(0)
-    x, y = _batch(1, b=32, e=16, classes=10, dtype=torch.float32)
-    ref = losses.ProxyNCALoss(num_classes=10, embedding_size=16, softmax_scale=scale)
-    ours = DRProxyNCALoss(10, 16, gamma=0.0, softmax_scale=scale)
+def _unit_proxies(loss):
+    with torch.no_grad():
+        loss.proxies.div_(loss.proxies.norm(dim=1, keepdim=True))  # the seed initialises them on the unit sphere
+    return loss.proxies.detach()
+
+
+@pytest.mark.parametrize("gamma, temperature", [(0.45, 1.0), (0.0, 1.0), (1.5, 0.25), (-0.7, 2.0)])
+def test_dr_proxy_nca_against_seed_reference_loop(gamma, temperature):
+    x, y = _batch(2, b=10, e=5, classes=6)
+    loss = DRProxyNCALoss(6, 5, gamma=gamma, temperature=temperature, generator=torch.Generator().manual_seed(1))
+    loss.double()
+    ref = _seed_mvr_proxy(x, y, _unit_proxies(loss), gamma, temperature)
+    assert _val(loss(x, y)) == pytest.approx(ref, rel=1e-10)
+    if gamma:  # the direction term changes the loss (so the comparison above is not vacuous)
+        assert ref != pytest.approx(_seed_mvr_proxy(x, y, loss.proxies.detach(), 0.0, temperature), rel=1e-6)
+
+
+def test_dr_proxy_nca_hand_computed():
+    """2-D: x = (0, 1) of class 0; proxies (1, 0), (−1, 0), (0, −1). d = (√2, √2, 2); x→own proxy (1, −1);
+    cos with x→p1 = (−1, −1) is 0, with x→p2 = (0, −2) is 1/√2. ℓ = √2 + log(e^{−√2} + e^{−(2 + γ/√2)})."""
+    loss = DRProxyNCALoss(3, 2, gamma=0.5).double()
+    with torch.no_grad():
+        loss.proxies.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]]))
+    x, y = torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.tensor([0])
+    r2 = math.sqrt(2.0)
+    assert _val(loss(x, y)) == pytest.approx(r2 + math.log(math.exp(-r2) + math.exp(-(2 + 0.5 / r2))), rel=1e-12)
+    # the issue's deviation: the old definition (squared distances, positive in the denominator, ×9 on the
+    # cos term too) gives a different value on the same input
+    old = -math.log(math.exp(-9 * 2) / (math.exp(-9 * 2) + math.exp(-9 * 2) + math.exp(-9 * (4 + 0.5 / r2))))
+    assert _val(loss(x, y)) != pytest.approx(old, rel=1e-3)
+
+
+def test_dr_proxy_nca_scale_free_in_proxy_norm():
+    """Proxies are normalised in the loss: scaling them changes nothing (the seed's start on the unit sphere)."""
+    x, y = _batch(3, b=8, e=4, classes=5)
+    loss = DRProxyNCALoss(5, 4).double()
+    before = _val(loss(x, y))
+    with torch.no_grad():
+        loss.proxies.mul_(7.0)
+    assert _val(loss(x, y)) == pytest.approx(before, rel=1e-12)
+
+
+def test_dr_proxy_nca_degenerate_finite_gradients():
+    loss = DRProxyNCALoss(3, 4, generator=torch.Generator().manual_seed(0))
+    p = loss.proxies.detach()
+    # embeddings equal to their own proxy, to another proxy, and zero vectors
+    x = torch.stack([p[0], p[1], p[1], torch.zeros(4)]).requires_grad_(True)
+    y = torch.tensor([0, 1, 0, 2])
+    out = loss(x, y)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(loss.proxies.grad).all()
+
+
+def test_dr_proxy_nca_defaults_are_the_seeds():
+    loss = DRProxyNCALoss(4, 3)
+    assert (loss.gamma, loss.temperature) == (0.45, 1.0)  # seed 003: --mvr_reg 0.45, no scale
+
+
+# ---------------------------------------------------------------- ProxyNCA++
+
+
+@pytest.mark.parametrize("temperature, smoothing", [(1 / 9, 0.0), (1 / 9, 0.1), (0.25, 0.0), (0.5, 0.3)])
+def test_proxy_nca_pp_against_official_formula(temperature, smoothing):
+    x, y = _batch(4, b=20, e=8, classes=7)
+    loss = ProxyNCAPlusPlusLoss(7, 8, temperature=temperature, label_smoothing=smoothing).double()
+    ref = _official_proxy_nca_pp(x, y, loss.proxies.detach(), temperature, smoothing)
+    assert _val(loss(x, y)) == pytest.approx(ref, rel=1e-10)
+
+
+def test_proxy_nca_pp_smoothing_spreads_over_negatives_not_all_classes():
+    """ε/(C − 1) on each negative (official) differs from F.cross_entropy's ε/C on every class."""
+    x, y = _batch(5, b=12, e=6, classes=4)
+    loss = ProxyNCAPlusPlusLoss(4, 6, temperature=0.25, label_smoothing=0.2).double()
+    xn = x / x.norm(dim=1, keepdim=True)
+    pn = loss.proxies.detach() / loss.proxies.detach().norm(dim=1, keepdim=True)
+    logits = -((xn[:, None, :] - pn[None, :, :]) ** 2).sum(-1) / 0.25
+    target = torch.full((12, 4), 0.2 / 3, dtype=torch.float64).scatter_(1, y[:, None], 0.8)
+    assert _val(loss(x, y)) == pytest.approx(_val(F.cross_entropy(logits, target)), rel=1e-10)
+    assert _val(loss(x, y)) != pytest.approx(_val(F.cross_entropy(logits, y, label_smoothing=0.2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1 / 9, 0.25])
+def test_proxy_nca_pp_without_smoothing_is_pml_proxy_nca(temperature):
+    """ε = 0: pml's ProxyNCALoss (normalised squared distances, softmax over all proxies) with scale 1/τ."""
+    x, y = _batch(6, b=16, e=8, classes=5, dtype=torch.float32)
+    ref = losses.ProxyNCALoss(num_classes=5, embedding_size=8, softmax_scale=1 / temperature)
+    ours = ProxyNCAPlusPlusLoss(5, 8, temperature=temperature, label_smoothing=0.0)
     with torch.no_grad():
         ours.proxies.copy_(ref.proxies)
     xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -286,57 +416,17 @@ def test_dr_proxy_nca_against_pml_proxy_nca_gamma0(scale):
     torch.testing.assert_close(ours.proxies.grad, ref.proxies.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("gamma, scale", [(0.492, 1.0), (1.5, 4.0), (-0.7, 2.0)])
-def test_dr_proxy_nca_against_loop(gamma, scale):
-    x, y = _batch(2, b=10, e=5, classes=6)
-    loss = DRProxyNCALoss(6, 5, gamma=gamma, softmax_scale=scale, generator=torch.Generator().manual_seed(1))
-    loss.double()
-    ref = _loop_dr_proxy_nca(x, y, loss.proxies.detach(), gamma, scale)
-    assert _val(loss(x, y)) == pytest.approx(ref, rel=1e-10)
-    # the direction term changes the loss (so the comparison above is not vacuous)
-    assert ref != pytest.approx(_loop_dr_proxy_nca(x, y, loss.proxies.detach(), 0.0, scale), rel=1e-6)
-
-
-def test_dr_proxy_nca_degenerate_finite_gradients():
-    loss = DRProxyNCALoss(3, 4, gamma=0.492, generator=torch.Generator().manual_seed(0))
-    p = loss.proxies.detach()
-    # embeddings equal to their own proxy, to another proxy, and zero vectors
-    x = torch.stack([p[0], p[1], p[1], torch.zeros(4)]).requires_grad_(True)
-    y = torch.tensor([0, 1, 0, 2])
-    out = loss(x, y)
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(loss.proxies.grad).all()
-
-
-# ---------------------------------------------------------------- ProxyNCA++
-
-
-@pytest.mark.parametrize("temperature, smoothing", [(1 / 9, 0.0), (1 / 9, 0.1), (0.5, 0.3)])
-def test_proxy_nca_pp_against_cross_entropy(temperature, smoothing):
-    x, y = _batch(4, b=20, e=8, classes=7)
-    loss = ProxyNCAPlusPlusLoss(7, 8, temperature=temperature, label_smoothing=smoothing).double()
-    # independent route: explicit difference vectors for the squared distances, torch's cross entropy
-    xn = x / x.norm(dim=1, keepdim=True)
-    pn = loss.proxies.detach() / loss.proxies.detach().norm(dim=1, keepdim=True)
-    d2 = ((xn[:, None, :] - pn[None, :, :]) ** 2).sum(-1)
-    ref = F.cross_entropy(-d2 / temperature, y, label_smoothing=smoothing)
-    assert _val(loss(x, y)) == pytest.approx(_val(ref), rel=1e-10)
-
-
-def test_proxy_nca_pp_is_scaled_proxy_nca_without_smoothing():
-    x, y = _batch(6, b=16, e=8, classes=5)
-    pp = ProxyNCAPlusPlusLoss(5, 8, temperature=1 / 9, label_smoothing=0.0).double()
-    nca = DRProxyNCALoss(5, 8, gamma=0.0, softmax_scale=9.0).double()
-    with torch.no_grad():
-        nca.proxies.copy_(pp.proxies)
-    assert _val(pp(x, y)) == pytest.approx(_val(nca(x, y)), rel=1e-10)
+def test_proxy_nca_pp_defaults():
+    loss = ProxyNCAPlusPlusLoss(4, 3)
+    assert loss.label_smoothing == 0.0  # the official training's smoothing_const
+    assert loss.temperature == PROXY_NCA_PP_TEMPERATURE == 0.25
 
 
 # ---------------------------------------------------------------- shared proxy behaviour
 
 
 def _proxy_losses():
-    return [DRProxyNCALoss(9, 6, gamma=0.492), ProxyNCAPlusPlusLoss(9, 6, label_smoothing=0.1)]
+    return [DRProxyNCALoss(9, 6), ProxyNCAPlusPlusLoss(9, 6)]
 
 
 @pytest.mark.parametrize("idx", [0, 1])

@@ -105,7 +105,7 @@ def init_model(cfg: FinetuneConfig, n_classes: int, *, backbone: Backbone | None
         torch.manual_seed(cfg.seed)
         heads = DVMLHeads(backbone.feature_dim, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml)
         metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size,
-                                  **cfg.loss_params())
+                                  seed=cfg.seed, **cfg.loss_params())
     loss = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value)
     return Model(backbone, FinetuneNet(model, heads), metric, loss)
 

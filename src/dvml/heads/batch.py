@@ -21,6 +21,7 @@ import numpy as np
 
 from dvml.errors import DvmlError
 from dvml.heads.config import HeadsConfig
+from dvml.heads.sampler import drawable
 from dvml.losses import LossName
 from dvml.seeding import hold_out_classes
 
@@ -34,10 +35,11 @@ def batch_size_given(cfg: HeadsConfig) -> bool:
     return getattr(cfg, "_batch_size_given", True)
 
 
-def eligible_classes(labels: np.ndarray) -> int:
-    """Number of classes with at least two images (the only ones a class-balanced batch can draw)."""
+def eligible_classes(labels: np.ndarray, per_class: int = 2, views: int | None = None) -> int:
+    """Number of classes a class-balanced batch can draw (:func:`dvml.heads.sampler.drawable`: at least two
+    images and, for a feature cache with ``views`` views per image, ``per_class`` distinct (image, view) pairs)."""
     _, counts = np.unique(np.asarray(labels), return_counts=True)
-    return int((counts >= 2).sum())
+    return int(drawable(counts, per_class, views).sum())
 
 
 def fitting_labels(cfg: HeadsConfig, labels: np.ndarray) -> np.ndarray:
@@ -62,7 +64,8 @@ def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -
 
 
 def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "--batch-size",
-              per_class_option: str = "--per-class {}", multiple_of: int = 1) -> tuple[C, dict]:
+              per_class_option: str = "--per-class {}", multiple_of: int = 1,
+              views: int | None = None) -> tuple[C, dict]:
     """``cfg`` with its batch fitted to ``labels`` (the training split's labels, before any hold-out).
 
     Returns:
@@ -73,9 +76,11 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
         DvmlError: a given ``batch_size`` needs more eligible classes than the data has, or fewer than 2 are
             eligible. ``batch_option`` / ``per_class_option`` are how the calling command spells the options
             (a format string, e.g. ``--set per_class={}`` for ablate). ``multiple_of``: a fitted batch is a
-            multiple of this (finetune's global batch is split over that many processes).
+            multiple of this (finetune's global batch is split over that many processes). ``views``: views per
+            image of a feature cache (fit-heads), so classes without ``per_class`` distinct (image, view) pairs
+            do not count (as the sampler never draws them).
     """
-    n = eligible_classes(fitting_labels(cfg, labels))
+    n = eligible_classes(fitting_labels(cfg, labels), cfg.per_class, views)
     k = cfg.classes_per_batch
     prefix = f"{where}: " if where else ""
     given = batch_size_given(cfg)

@@ -144,7 +144,8 @@ class _HeadsFit:
 
     def __init__(self, cfg: FitConfig, train: Split | None, test: Split | None):
         labels = train.labels if train is not None else load_labels(cfg.cache, "train")
-        cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache))  # before the resume check: same rule
+        views = train.features.shape[1] if train is not None else read_info(cfg.cache).splits["train"].views
+        cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache), views=views)  # before the resume check
         self.cfg, out = cfg, cfg.out
         self.ckpt = ckpt = _prepare_dir(cfg)
         self.info = read_info(cfg.cache)
@@ -158,7 +159,7 @@ class _HeadsFit:
         d = self.dims[2]
         self.model = DVMLHeads(d, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml).to(device)
         metric = make_metric_loss(cfg.loss, num_classes=len(self.train_classes), embedding_size=cfg.embedding_size,
-                                  **cfg.loss_params())
+                                  seed=cfg.seed, **cfg.loss_params())  # same proxies for baseline and DVML
         self.loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value).to(device)
         self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
         self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
@@ -166,7 +167,7 @@ class _HeadsFit:
         if hasattr(metric, "generator"):
             metric.generator = self.gen_dev
         self.sampler = ClassBalancedSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, cfg.per_class,
-                                            self.gen_cpu)
+                                            self.gen_cpu, views=self.dims[1])
         self.steps = len(self.sampler)
         self.start_epoch, self.best = 0, None  # best: {"epoch", "val_recall@1", "model", "loss"}
         if ckpt is not None:
@@ -281,7 +282,7 @@ class _HeadsFit:
         cfg, steps, device, model = self.cfg, self.steps, self.device, self.model
         n, p = self.dims[:2]
         views = torch.randint(p, (n,), generator=self.gen_cpu).to(device)
-        batches = self.sampler.epoch().to(device)
+        batches, ranks = (b.to(device) for b in self.sampler.epoch_with_ranks())
         sums = torch.zeros(len(TERMS), device=device)
         finite = torch.ones(steps, dtype=torch.bool, device=device)
         model.train()
@@ -289,7 +290,7 @@ class _HeadsFit:
         try:
             for step in range(steps):
                 idx = batches[step]
-                x = self.feats[idx, views[idx]].float()
+                x = self.feats[idx, (views[idx] + ranks[step]) % p].float()  # a repeated image: another view
                 lam = cfg.lambdas(epoch + step / steps)
                 heads_out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=self.gen_dev)
                 terms = self.loss_fn(heads_out, x, self.labels[idx], lam)

@@ -20,37 +20,41 @@ L2-normalised) embeddings, for each triplet ``(a, p, n)`` (``y_a = y_p``, ``a �
     ℓ(a, p, n) = relu( d(x_a, x_p) − d(x_a, x_n) + margin − γ · cos(x_p − x_a, x_n − x_a) )
 
 A negative lying in the positive's direction from the anchor (cos → 1) counts less, so the gradient
-pushes negatives away perpendicular to the anchor–positive line. The batch loss is the mean of ``ℓ``
-over the triplets with ``ℓ > 0`` (``TripletReduction.nonzero_mean``, the reduction of
-pytorch-metric-learning's ``TripletMarginLoss``: its default ``AvgNonZeroReducer``), 0 when there is
-none; ``TripletReduction.mean`` averages over all triplets instead. With γ = 0 and the defaults this is
-pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised embeddings, p = 2, power 1), up to
-float rounding.
+pushes negatives away perpendicular to the anchor–positive line. The batch loss is the **mean of ``ℓ`` over
+all triplets** (``TripletReduction.mean``), as the reference implementation of seed ``003_…``
+(alpoler/mohan2020, ``loss/mvrloss.py``, ``MVR_Triplet``: ``torch.mean(penalties)``) computes it — its Optuna-tuned
+margin 0.278 and γ 0.492 (the defaults here) were found with that mean. ``TripletReduction.nonzero_mean`` (the
+reduction of pytorch-metric-learning's ``TripletMarginLoss``: ``AvgNonZeroReducer``) averages over the triplets
+with ``ℓ > 0`` instead; with it and γ = 0 this is pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised
+embeddings, p = 2, power 1), up to float rounding.
 Triplets are all valid triplets of the batch, or those a pml-style miner returns.
 
-**DR-ProxyNCA**. ProxyNCA (Movshovitz-Attias et al., ICCV 2017) as pml's ``ProxyNCALoss`` computes it:
-normalised embeddings ``x̂_i`` and proxies ``p̂_c`` (``c = 0..C−1``), squared distances
-``D_ic = ‖x̂_i − p̂_c‖²``, and a softmax over *all* proxies (the positive included, unlike the
-paper's denominator)::
+**DR-ProxyNCA** as seed ``003_…``'s reference implementation defines it (alpoler/mohan2020, ``loss/mvrloss.py``,
+``MVR_Proxy``; ProxyNCA of Movshovitz-Attias et al., ICCV 2017, whose denominator holds the *negative* proxies
+only). With ``x̂_i`` the normalised embedding, ``p̂_c`` the normalised proxies and ``d_ic = ‖x̂_i − p̂_c‖`` the
+plain (not squared) distance::
 
-    ℓ_i = −log softmax_c( −s · D'_ic )[y_i],        s = softmax_scale (default 9; pml's default is 1)
-    D'_ic = D_ic + γ · cos(p̂_{y_i} − x̂_i, p̂_c − x̂_i)    for c ≠ y_i,      D'_{i y_i} = D_{i y_i}
+    ℓ_i = s·d_{i y_i} + log Σ_{c ≠ y_i} exp( −s · (d_ic + γ · cos(p̂_{y_i} − x̂_i, p̂_c − x̂_i)) )
 
-i.e. the direction term between ``x → own proxy`` and ``x → proxy c`` is added to the negative proxy's
-squared distance before the softmax: negative proxies in the direction of the own proxy repel less.
-Batch loss: mean of ``ℓ_i``. At γ = 0, ``D' = D`` and this is pml's ``ProxyNCALoss(softmax_scale=s)``.
-The default s = 9 (embeddings and proxies of norm 3, as in the ProxyNCA reference implementations) is the
-scale dvml's ``proxy-nca`` loss uses, so ``dr-proxy-nca`` differs from it only by the direction term; with
-s = 1 the softmax over squared distances in [0, 4] is almost flat. (pml drops samples whose softmax
-probability underflows to exactly 0; the log-softmax here never does.)
+i.e. ``−log( exp(−s·d_iy) / Σ_{c≠y} exp(−s·(d_ic + γ·cos_ic)) )``: a negative proxy lying in the direction of the
+sample's own proxy repels less. ``s`` (``1 / temperature``) multiplies the whole exponent, so the relative weight of
+the direction term is the reference's at every ``s``; the reference has none (s = 1, the default). ℓ can be
+negative (the positive is not in the denominator). Batch loss: mean of ``ℓ_i``. The reference's network
+L2-normalises its embeddings and its proxies start on the unit sphere without being renormalised; here both are
+normalised in the loss (identical at initialisation; keeps the loss scale-free when the proxies train with a
+larger learning rate than the heads). The seed's command line trains it with γ = 0.45 (``--mvr_reg 0.45``), the
+default.
 
-**ProxyNCA++** (Teh et al., ECCV 2020): the same normalised squared distances, a temperature ``τ``
-(default 1/9, the paper's low temperature) and optional label smoothing ``ε``::
+**ProxyNCA++** (Teh et al., ECCV 2020; official code euwern/proxynca_pp, ``loss.py``, ``ProxyNCA_prob``): the
+normalised squared distances ``D_ic = ‖x̂_i − p̂_c‖²``, a temperature ``τ`` (the code scales embeddings and proxies
+by ``√(1/τ)``) and the positive proxy in the denominator::
 
     log q_ic = log_softmax_c( −D_ic / τ )
-    ℓ_i = −(1 − ε) · log q_{i y_i} − (ε / C) · Σ_c log q_ic
+    ℓ_i = −Σ_c t_ic · log q_ic,   t_{i y_i} = 1 − ε,  t_ic = ε / (C − 1) for c ≠ y_i
 
-(the targets of ``torch.nn.functional.cross_entropy(..., label_smoothing=ε)``). Batch loss: mean.
+the smoothed targets of the official ``binarize_and_smooth_labels`` (which the official training calls with
+ε = 0: the default here; ε spreads over the C − 1 negatives, unlike ``F.cross_entropy(label_smoothing=ε)``'s ε/C
+over every class). Batch loss: mean. τ's default is :data:`PROXY_NCA_PP_TEMPERATURE` (see there).
 
 Proxies are ``nn.Parameter`` of shape (C, E), initialised ``N(0, 1)`` as in pml, so they are in the
 loss ``state_dict`` and can form their own optimizer group: ``loss.proxy_lr_multiplier`` (default
@@ -68,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName
 
 #: Learning-rate factor for proxies relative to the heads (proxy losses' default ``proxy_lr_multiplier``).
 PROXY_LR_MULTIPLIER = 100.0
@@ -77,8 +81,17 @@ DR_TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["margin"]
 DR_TRIPLET_GAMMA = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["gamma"]
 #: Norms at or below this give cos := 0 (see the module docstring).
 COS_EPS = 1e-3
-#: ProxyNCA++ default temperature (Teh et al.: 1/9).
+#: DR-ProxyNCA defaults: γ from seed 003's command line for its proxy loss (``--mvr_reg 0.45``); temperature 1
+#: (the reference has no scale).
+DR_PROXY_NCA_GAMMA = LOSS_PARAM_DEFAULTS[LossName.dr_proxy_nca]["gamma"]
+DR_PROXY_NCA_TEMPERATURE = LOSS_PARAM_DEFAULTS[LossName.dr_proxy_nca]["temperature"]
+#: ProxyNCA++ default temperature. Teh et al. use 1/9 (scale 3 on 2048-D embeddings of a finetuned ResNet-50);
+#: on dvml's linear heads that softmax saturates while classes are still loose (the loss is won at cos(z, own
+#: proxy) ≈ 0.35–0.45 and its gradient vanishes), and 1/4 was chosen on held-out *training* classes
+#: (``--val-classes``) of a synth world and wordnet_dev (README, "Proxy losses").
 PROXY_NCA_PP_TEMPERATURE = LOSS_PARAM_DEFAULTS[LossName.proxy_nca_pp]["temperature"]
+#: ProxyNCA++ default label smoothing: 0, as the official training code calls it.
+PROXY_NCA_PP_LABEL_SMOOTHING = LOSS_PARAM_DEFAULTS[LossName.proxy_nca_pp]["label_smoothing"]
 
 Miner = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 
@@ -160,7 +173,7 @@ class DRTripletLoss(nn.Module):
         miner: optional pml-style miner ``miner(embeddings (B, E), labels (B,)) -> (a, p, n)``; without
             one, all valid triplets of the batch are used.
         normalize_embeddings: L2-normalise embeddings first (pml ``LpDistance`` default).
-        reduction: :class:`TripletReduction` (default: pml's mean over non-zero losses).
+        reduction: :class:`TripletReduction` (default: ``mean`` over all triplets, the seed reference's).
         eps: norms ≤ eps make the cosine 0 (see :func:`safe_cosine`).
 
     All valid triplets are computed without a python loop: class-balanced batches (every class m ≥ 2
@@ -175,7 +188,7 @@ class DRTripletLoss(nn.Module):
         miner: Miner | None = None,
         *,
         normalize_embeddings: bool = True,
-        reduction: TripletReduction | str = TripletReduction.nonzero_mean,
+        reduction: TripletReduction | str = TripletReduction.mean,
         eps: float = COS_EPS,
     ) -> None:
         super().__init__()
@@ -371,15 +384,14 @@ class _ProxyLoss(nn.Module):
 
 
 class DRProxyNCALoss(_ProxyLoss):
-    """ProxyNCA with Direction Regularization on the negative proxies (module docstring has the formula).
+    """DR-ProxyNCA as seed 003's reference defines it (module docstring has the formula and its source).
 
     Args:
         num_classes: C, number of training classes (labels in [0, C)).
         embedding_size: E.
-        gamma: weight γ of the direction term; 0 gives pml's ProxyNCA. No tuned value exists in the
-            seed for proxies; the default borrows the DR-Triplet one.
-        softmax_scale: s (default 9, dvml's ``proxy-nca`` scale; pml ``NCALoss`` default 1); it multiplies
-            the whole of ``D'``, the direction term included.
+        gamma: weight γ of the direction term (default 0.45, the seed's command line); 0 gives ProxyNCA over
+            plain distances with the negatives-only denominator.
+        temperature: τ > 0; the exponent ``−(d + γ·cos)`` is divided by it (default 1: the reference's).
         eps: norms ≤ eps make the cosine 0.
         proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
@@ -389,45 +401,47 @@ class DRProxyNCALoss(_ProxyLoss):
         self,
         num_classes: int,
         embedding_size: int,
-        gamma: float = DR_TRIPLET_GAMMA,
-        softmax_scale: float = PROXY_NCA_SCALE,
+        gamma: float = DR_PROXY_NCA_GAMMA,
+        temperature: float = DR_PROXY_NCA_TEMPERATURE,
         *,
         eps: float = COS_EPS,
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_classes, embedding_size, proxy_lr_multiplier=proxy_lr_multiplier, generator=generator)
-        if softmax_scale <= 0:
-            raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.gamma = float(gamma)
-        self.softmax_scale = float(softmax_scale)
+        self.temperature = float(temperature)
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gamma={self.gamma}, softmax_scale={self.softmax_scale}"
+        return f"{super().extra_repr()}, gamma={self.gamma}, temperature={self.temperature}"
 
     def per_sample(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x, p, d2 = self._normalised(embeddings)  # (N, E), (C, E), (N, C)
+        d = safe_sqrt(d2)  # plain distances ‖x̂_i − p̂_c‖
+        exponent = d
         if self.gamma != 0.0:
             u = p[labels] - x  # x -> own proxy, (N, E)
             # ⟨p̂_y − x̂, p̂_c − x̂⟩ = ⟨u, p̂_c⟩ − ⟨u, x̂⟩, (N, C)
             dot = u @ p.T - (u * x).sum(dim=1, keepdim=True)
             norm_u = safe_sqrt(u.square().sum(dim=1, keepdim=True))  # ‖p̂_y − x̂‖, (N, 1), exact
-            cos = safe_cosine(dot, norm_u, safe_sqrt(d2), self.eps)
-            negative = torch.ones_like(d2).scatter_(1, labels[:, None], 0.0)
-            d2 = d2 + self.gamma * cos * negative
-        logp = torch.log_softmax(-self.softmax_scale * d2, dim=1)
-        return -logp.gather(1, labels[:, None]).squeeze(1)
+            exponent = d + self.gamma * safe_cosine(dot, norm_u, d, self.eps)
+        own = torch.zeros_like(d2, dtype=torch.bool).scatter_(1, labels[:, None], True)
+        negatives = (-exponent / self.temperature).masked_fill(own, float("-inf"))
+        return d.gather(1, labels[:, None]).squeeze(1) / self.temperature + torch.logsumexp(negatives, dim=1)
 
 
 class ProxyNCAPlusPlusLoss(_ProxyLoss):
-    """ProxyNCA++ (Teh et al., ECCV 2020): temperature softmax over −D/τ, label smoothing ε.
+    """ProxyNCA++ (Teh et al., ECCV 2020; module docstring has the formula and the official code it follows).
 
     Args:
         num_classes: C, number of training classes (labels in [0, C)).
         embedding_size: E.
-        temperature: τ > 0 (default 1/9).
-        label_smoothing: ε in [0, 1) (default 0.1, seed 000 trains with label smoothing).
+        temperature: τ > 0 (default :data:`PROXY_NCA_PP_TEMPERATURE`).
+        label_smoothing: ε in [0, 1): target 1 − ε on the own proxy, ε / (C − 1) on each other one (default 0,
+            the official training's).
         proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
     """
@@ -437,7 +451,7 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         num_classes: int,
         embedding_size: int,
         temperature: float = PROXY_NCA_PP_TEMPERATURE,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = PROXY_NCA_PP_LABEL_SMOOTHING,
         *,
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
@@ -456,6 +470,9 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
     def per_sample(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         _, _, d2 = self._normalised(embeddings)
         logq = torch.log_softmax(-d2 / self.temperature, dim=1)  # (N, C)
-        eps = self.label_smoothing
         nll = -logq.gather(1, labels[:, None]).squeeze(1)
-        return (1.0 - eps) * nll - (eps / self.num_classes) * logq.sum(dim=1)
+        eps = self.label_smoothing
+        if eps == 0.0:
+            return nll
+        others = -logq.sum(dim=1) - nll  # −Σ_{c≠y} log q_c
+        return (1.0 - eps) * nll + (eps / (self.num_classes - 1)) * others

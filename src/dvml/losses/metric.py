@@ -33,9 +33,13 @@ proxy-nca               pml ProxyNCALoss with softmax scale 9 (= proxies and emb
                         as in the reference implementations; scale 1 gives almost flat softmaxes)
 multi-similarity        pml MultiSimilarityLoss (alpha 2, beta 50, base 0.5) + MultiSimilarityMiner (eps 0.1)
 proxy-anchor            pml ProxyAnchorLoss (margin 0.1, alpha 32)
-dr-triplet              DRTripletLoss(margin=0.278, gamma=0.492) (dvml.losses.dr; 003_ tuned values)
-dr-proxy-nca            DRProxyNCALoss(num_classes, embedding_size, gamma=0.492)
-proxy-nca-pp            ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=1/9, label_smoothing=0.1)
+dr-triplet              DRTripletLoss(margin=0.278, gamma=0.492), mean over all triplets (dvml.losses.dr;
+                        seed 003's reference definition and its tuned values)
+dr-proxy-nca            DRProxyNCALoss(num_classes, embedding_size, gamma=0.45, temperature=1) (seed 003's
+                        reference definition and command line)
+proxy-nca-pp            ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=1/4, label_smoothing=0)
+                        (Teh et al. 2020's definition and official smoothing 0; τ chosen on held-out training
+                        classes, their 1/9 saturates on linear heads)
 ======================  =======================================================================================
 
 Every margin, γ, temperature and label smoothing above is the default of a fit option (``--margin``,
@@ -43,7 +47,9 @@ Every margin, γ, temperature and label smoothing above is the default of a fit 
 loss takes which): the contrastive and lifted ``--margin`` is their negative margin, proxy-anchor's its margin.
 
 Proxy losses hold their proxies as ``nn.Parameter`` s (in ``parameters()`` of the returned module); labels must
-be 0..C-1 (the trainer maps them).
+be 0..C-1 (the trainer maps them). ``make_metric_loss(..., seed=s)`` draws them from an RNG stream of their own
+derived from ``s`` (the global RNG is left as it was), so a baseline and a DVML fit at one seed start from the
+same proxies whatever layers were built before.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvml.losses.names import LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName
+from dvml.seeding import proxy_seed
 
 TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
 DWS_CUTOFF = 0.5
@@ -357,7 +364,7 @@ def pml_reference(name: LossName | str, *, num_classes: int, embedding_size: int
 
 
 def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: int,
-                     **params: float) -> MetricLoss:
+                     seed: int | None = None, **params: float) -> MetricLoss:
     """The :class:`MetricLoss` for ``name`` (settings in the module docstring).
 
     Args:
@@ -367,8 +374,19 @@ def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: 
         params: the loss's parameters (``margin``, ``gamma``, ``temperature``, ``label_smoothing``: those
             :data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS` lists for it, e.g. ``FitConfig.loss_params()``);
             missing or ``None`` ones take the defaults; one the loss does not take raises ``ValueError``.
+        seed: the fit's seed; when given, every random draw of the construction (the proxies' initialisation)
+            comes from a torch RNG seeded with :func:`dvml.seeding.proxy_seed` ``(seed)`` inside
+            :func:`torch.random.fork_rng` (CPU), so the proxies depend on the seed alone (the same for a baseline
+            and a DVML fit) and the caller's global RNG is untouched.
     """
-    name = LossName(name)
+    if seed is None:
+        return _make_metric_loss(LossName(name), num_classes, embedding_size, params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(proxy_seed(seed))
+        return _make_metric_loss(LossName(name), num_classes, embedding_size, params)
+
+
+def _make_metric_loss(name: LossName, num_classes: int, embedding_size: int, params: dict) -> MetricLoss:
     p = _params(name, params)
     if name is LossName.triplet:
         return BatchedTripletLoss(margin=p["margin"], squared=True)
@@ -382,7 +400,8 @@ def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: 
         if name is LossName.dr_triplet:
             return ForwardBatched(dr_losses.DRTripletLoss(margin=p["margin"], gamma=p["gamma"]))
         if name is LossName.dr_proxy_nca:
-            return ForwardBatched(dr_losses.DRProxyNCALoss(num_classes, embedding_size, gamma=p["gamma"]))
+            return ForwardBatched(dr_losses.DRProxyNCALoss(num_classes, embedding_size, gamma=p["gamma"],
+                                                           temperature=p["temperature"]))
         return ForwardBatched(dr_losses.ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=p["temperature"],
                                                              label_smoothing=p["label_smoothing"]))
     loss, miner = pml_reference(name, num_classes=num_classes, embedding_size=embedding_size, **p)
