@@ -121,15 +121,16 @@ def dvml_step(cache: Path, device: torch.device):
     x = torch.from_numpy(train.features[idx.numpy(), 0]).to(device)
     y = torch.searchsorted(classes, labels[idx]).to(device)
     torch.manual_seed(0)
-    model = DVMLHeads(x.shape[1], cfg.embedding_size, cfg.decoder_hidden).to(device)
-    loss_fn = DVMLLoss(make_metric_loss(cfg.loss, num_classes=len(classes), embedding_size=cfg.embedding_size),
-                       reduction=cfg.reduction.value).to(device)
+    model = DVMLHeads(x.shape[1], **cfg.heads_kwargs()).to(device)
+    metric = make_metric_loss(cfg.loss, num_classes=len(classes), embedding_size=cfg.embedding_size)
+    metric.reducer = cfg.metric_reduction
+    loss_fn = DVMLLoss(metric, reduction=cfg.reduction.value, likelihood=cfg.likelihood).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator(device=device).manual_seed(0)
     lam = cfg.lambdas(0)
 
     def step():
-        out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=gen)
+        out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=gen, labels=y)
         total = loss_fn(out, x, y, lam)["total"]
         opt.zero_grad(set_to_none=True)
         total.backward()

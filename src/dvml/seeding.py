@@ -14,6 +14,9 @@ import torch
 #: Offsets of the derived seeds (``seed + offset``): the z_V / DWS noise generator and the held-out classes.
 NOISE_SEED_OFFSET = 1
 HOLD_OUT_SEED_OFFSET = 7919
+#: Offsets of the diagnostics' own seeds (their image subset and noise): streams the fit itself never draws from.
+DIAG_SUBSET_SEED_OFFSET = 104729
+DIAG_NOISE_SEED_OFFSET = 15485863
 
 
 def seed_everything(seed: int) -> None:
@@ -32,6 +35,11 @@ def proxy_seed(seed: int) -> int:
     """Seed of a fit's proxy initialisation: a stream of its own (not the one ``torch.manual_seed(seed)`` gives the
     layers), so the proxies depend on the seed alone — the same for a baseline and a DVML fit."""
     return int(np.random.SeedSequence([int(seed), 0x70726F78]).generate_state(1)[0])
+
+
+def diag_seeds(seed: int) -> tuple[int, int]:
+    """(image subset, noise) seeds of a heads fit's per-epoch diagnostics (:mod:`dvml.heads.diagnostics`)."""
+    return seed + DIAG_SUBSET_SEED_OFFSET, seed + DIAG_NOISE_SEED_OFFSET
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -67,6 +67,13 @@ def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):
     assert "KS p" in r.stdout and "run: triplet+DVML" in r.stdout and "baseline: triplet" in r.stdout
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert set(saved["splits"]) == {"train", "test"}
+    # issue 14: the branch diagnostics with their acceptance checks, for both runs (checks only for DVML)
+    assert "run: DVML branch diagnostics" in r.stdout and "baseline: DVML branch diagnostics" in r.stdout
+    assert "active units" in r.stdout and "class consistency of z_hat" in r.stdout  # (1 epoch: no phase 2)
+    branch = saved["dvml_branch"]
+    assert set(branch["run"]["checks"]) == {"active_frac", "kl_sum", "hardness", "syn_consistency",
+                                            "grad_cos_phase2"}
+    assert branch["baseline"]["checks"] is None and "img_consistency" in branch["baseline"]["final"]
     assert (tmp_path / "an" / "test_run_pca.png").exists() and not (tmp_path / "an" / "test_run_tsne.png").exists()
     bad = runner.invoke(app, ["analyze", str(runs / "triplet-dvml-s0"), "--splits", "val"])
     assert bad.exit_code == 1 and "splits" in bad.output

@@ -49,3 +49,30 @@ def test_help_shows_the_paper_defaults():
     assert r.exit_code == 0
     for text in ("--no-dvml", "--resume", "--overwrite", "--val-classes", "1,1,0.1,1", "0.8,1,0.2,0.8", "0.0001"):
         assert text in r.output, text
+
+
+def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
+    """Issue 14's options reach the run (config.json) and the log (diagnostics); bad values are one-line errors."""
+    cache = tmp_path / "w.h5"
+    assert runner.invoke(app, ["synth", str(cache), "--classes", "12", "--images-per-class", "6", "--views", "2",
+                               "--feature-dim", "32", "--class-dim", "16"]).exit_code == 0
+    out = tmp_path / "paper"
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--epochs", "2", *FAST,
+                            "--variance-space", "raw", "--variance-scale", "unit", "--likelihood", "l2",
+                            "--reduction", "mean", "--triplet-input", "--batch-size", "15", "--diag-images", "30"])
+    assert r.exit_code == 0, r.output
+    c = json.loads((out / "config.json").read_text())["config"]
+    assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"],
+            c["triplet_input"]) == ("raw", "unit", "l2", "mean", "nonzero", True)
+    rec = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert {"active_frac", "syn_consistency", "grad_cos_invariant"} <= set(rec)
+    default = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "d"), "--epochs", "1", *FAST])
+    assert default.exit_code == 0, default.output
+    c = json.loads((tmp_path / "d" / "config.json").read_text())["config"]
+    assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"]) == (
+        "normalized", "class", "gaussian", "sum", "sum")
+    for bad, word in ((["--likelihood", "laplace"], "--likelihood"), (["--variance-space", "x"], "--variance-space"),
+                      (["--loss", "npair", "--triplet-input"], "--triplet-input"),
+                      (["--metric-reduction", "max"], "--metric-reduction")):
+        r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), *bad])
+        assert r.exit_code == 1 and word in r.output and "Traceback" not in r.output, r.output

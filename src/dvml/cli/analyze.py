@@ -34,7 +34,8 @@ def analyze_cmd(
     tsne_iter: int = typer.Option(_D.tsne_iter, help="t-SNE iterations (>= 250)."),
     seed: int = typer.Option(_D.seed, help="Seed of the plot subsample and t-SNE."),
 ):
-    """The paper's Table 4 evidence: KS p-values of central features and average relative deviation, plots."""
+    """The paper's Table 4 evidence (KS p-values of central features, average relative deviation, plots) and, for a
+    fit-heads run, how alive its variational branch is (dvml.heads.diagnostics, with issue 14's checks)."""
     from dvml.experiments import analyze
 
     cfg = analyze.AnalyzeConfig(target=target, baseline=baseline, raw=raw,
@@ -57,5 +58,52 @@ def analyze_cmd(
             std = "" if ks["std"] is None or math.isnan(ks["std"]) else f" ± {100 * ks['std']:.1f}"
             t.add_row(split, label, f"{100 * ks['mean']:.1f}{std}", str(ks["n_classes"]), f"{100 * rd['mean']:.1f}")
     console.print(t)
+    for name, rep in result.get("dvml_branch", {}).items():
+        console.print(_branch_table(name, rep))
     console.print(f"wrote {Path(result['out']) / analyze.ANALYSIS_FILE}" +
                   (f" and {len(result['plots'])} plots" if result["plots"] else ""))
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
+
+
+def _branch_table(name: str, rep: dict) -> Table:
+    """The DVML branch diagnostics of one run (dvml.heads.diagnostics.run_report) as a rich table."""
+    f, tt = rep["final"], rep["train_time"]
+    t = Table(title=f"{name}: DVML branch diagnostics ({'DVML' if rep['dvml'] else 'baseline'}; training classes, "
+                    f"{rep['n_images']} images, final model; gradients: phase-2 means)", title_justify="left")
+    t.add_column("diagnostic", justify="left")
+    t.add_column("value", justify="right")
+    t.add_column("check", justify="left")
+    checks = rep.get("checks") or {}
+    rows = [("active units (Var_x(mu_j) > 0.01)", "active_frac", True), ("KL per image (nats)", "kl_sum", False),
+            ("mean sigma", "sigma_mean", False), ("||z_I||", "z_i_norm", False), ("||mu||", "mu_norm", False),
+            ("||z_hat - z_I|| (z_I/||z_I|| on the sphere)", "z_v_norm", False), ("cos(z_hat, z_I)", "cos_syn", False),
+            ("synthetic-to-source distance (normalised)", "syn_to_source", False),
+            ("image-to-class-centre distance (normalised)", "img_to_centre", False),
+            ("class consistency of z_hat (nearest centre)", "syn_consistency", True),
+            ("class consistency of z_I (nearest centre)", "img_consistency", True)]
+    for label, key, pct in rows:
+        if key in f:
+            c = checks.get(key)
+            t.add_row(label, _fmt(f[key], pct), _check(c))
+    t.add_row("Lm(z_hat) last epoch", _fmt(tt.get("metric_synthetic")), "")
+    t.add_row("Lm(z_I) last epoch", _fmt(tt.get("metric_invariant")), _check(checks.get("hardness")))
+    for k in ("recon", "metric_synthetic", "metric_invariant"):
+        if tt.get(f"grad_norm_{k}_phase2") is not None:
+            t.add_row(f"grad norm on embedding layer: {k}", _fmt(tt[f"grad_norm_{k}_phase2"]), "")
+    if tt.get("grad_cos_invariant_phase2") is not None:
+        t.add_row("cos(total gradient, Lm(z_I) gradient)", _fmt(tt["grad_cos_invariant_phase2"]),
+                  _check(checks.get("grad_cos_phase2")))
+    return t
+
+
+def _check(c: dict | None) -> str:
+    if not c or c.get("ok") is None:
+        return ""
+    return f"{'ok' if c['ok'] else 'FAIL'} ({c['op']} {c['threshold']:g})"

@@ -177,11 +177,37 @@ def metric_names(metrics: dict) -> list[str]:
     return recalls + rest
 
 
+#: Diagnostics of the variational branch (dvml.heads.diagnostics) shown as columns: (row key, source, title).
+DIAG_COLUMNS = (("diag_active_frac", "active_frac", "active units"), ("diag_kl_sum", "kl_sum", "KL (nats)"),
+                ("diag_syn_consistency", "syn_consistency", "ẑ class consistency"),
+                ("diag_hardness", "hardness", "Lm(ẑ) − Lm(z_I)"),
+                ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"))
+
+
+def run_diagnostics(run: Path) -> dict:
+    """The ``diag_*`` columns of one run from its ``log.jsonl``: the last epoch's branch statistics and
+    Lm(ẑ) − Lm(z_I), and the phase-2 mean of the gradient cosine (None where not logged, e.g. the baseline)."""
+    from dvml.runs import read_log
+
+    try:
+        recs = read_log(run)
+    except DvmlError:
+        recs = []
+    last = recs[-1] if recs else {}
+    p2 = [r["grad_cos_invariant"] for r in recs if r.get("phase") == 2 and "grad_cos_invariant" in r]
+    src = {k: last.get(k) for k in ("active_frac", "kl_sum", "syn_consistency")}
+    src["hardness"] = (last["metric_synthetic"] - last["metric_invariant"]
+                       if last.get("phase") and "metric_synthetic" in last else None)
+    src["grad_cos_phase2"] = sum(p2) / len(p2) if p2 else None
+    return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
+
+
 def _row(cell: Cell, metrics: dict, run: Path) -> dict:
     ab = metrics["ablate"]
     row = {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed}
     row.update({k: float(metrics[k]) for k in metric_names(metrics)})
     row.update({"run_dir": str(run), "fit_seconds": ab.get("fit_seconds"), "eval_seconds": ab.get("eval_seconds")})
+    row.update(run_diagnostics(run))
     return row
 
 
@@ -263,6 +289,13 @@ def summarize(rows: Sequence[dict], *, confidence: float = 0.95) -> dict:
                                                              [by[False][s][k] for s in ok],
                                                              confidence=confidence)) if ok else None
             entry["metrics"][k] = e
+        entry["diagnostics"] = {}
+        for col, _, _ in DIAG_COLUMNS:
+            e = {}
+            for mode, name in ((False, "baseline"), (True, "DVML")):
+                vals = [r[col] for _, r in sorted(by[mode].items()) if r.get(col) is not None]
+                e[name] = dataclasses.asdict(mean_std(vals)) if vals else None
+            entry["diagnostics"][col] = e
         out["losses"][loss] = entry
     return out
 
@@ -300,6 +333,14 @@ def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
             lines.append(f"| {k} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} | {_fmt_diff(m['diff'])} "
                          f"| {_fmt_p(m['diff'])} |")
         lines.append("")
+        diag = {col: d for col, d in e.get("diagnostics", {}).items() if d.get("DVML") or d.get("baseline")}
+        if diag:
+            titles = {col: title for col, _, title in DIAG_COLUMNS}
+            lines += ["DVML branch diagnostics (last epoch; gradient cosine: phase-2 mean), mean ± std over seeds:",
+                      "", "| diagnostic | baseline | DVML |", "|---|---|---|"]
+            for col, d in diag.items():
+                lines.append(f"| {titles[col]} | {_fmt_raw(d['baseline'])} | {_fmt_raw(d['DVML'])} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -350,9 +391,17 @@ def _write_rows_csv(rows: Sequence[dict], path: Path) -> None:
     files.write_text(buf.getvalue(), path)
 
 
+def _fmt_raw(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    std = "" if d.get("std") is None or math.isnan(d["std"]) else f" ± {d['std']:.3f}"
+    return f"{d['mean']:.3f}{std}"
+
+
 def write_results_csv(rows: Sequence[dict], path: Path) -> None:
     metrics = summarize(rows)["metrics"] if rows else []
-    cols = ["loss", "dvml", "seed", *metrics, "run_dir", "fit_seconds", "eval_seconds"]
+    cols = ["loss", "dvml", "seed", *metrics, *(c for c, _, _ in DIAG_COLUMNS), "run_dir", "fit_seconds",
+            "eval_seconds"]
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()

@@ -278,7 +278,14 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
 
     out = cfg.out_dir()
     files.make_dir(out)
-    result: dict = {"cache": str(cache), "cache_fingerprint": fp, "normalized": cfg.normalize,
+    branch = {}
+    for name in ("run", "baseline"):
+        if name in sources and sources[name]["kind"] == "heads":
+            from dvml.heads.diagnostics import run_report
+
+            step(f"{name}: DVML branch diagnostics")
+            branch[name] = run_report(Path(sources[name]["run_dir"]))
+    result: dict = {"dvml_branch": branch, "cache": str(cache), "cache_fingerprint": fp, "normalized": cfg.normalize,
                     "min_class_size": cfg.min_class_size, "sources": sources, "splits": {}, "plots": [],
                     "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                     "dvml_version": __version__,

@@ -10,7 +10,7 @@ from pathlib import Path
 from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
-from dvml.heads.config import HeadsConfig
+from dvml.heads.config import HeadsConfig, Reduction
 
 #: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
 #: dataset's index digest is checked instead.
@@ -25,7 +25,10 @@ class FinetuneConfig(HeadsConfig):
         dataset, root: the image dataset (official format, zero-shot split; see :mod:`dvml.extract.datasets`).
         out: run directory.
         loss ... seed: :class:`~dvml.heads.config.HeadsConfig` (``lr`` is the heads' learning rate; ``batch_size``
-            is the global batch over all processes; ``weight_decay`` applies to backbone and heads).
+            is the global batch over all processes; ``weight_decay`` applies to backbone and heads). Unlike
+            fit-heads (issue 14), finetune trains the paper's heads (raw z_V with a unit prior, the L2
+            reconstruction), so its ``reduction`` default stays ``mean``: the L2 reconstruction summed over D
+            would swamp the metric loss.
         backbone_lr: Adam learning rate of the backbone. Default 1e-4, the paper's single rate for the whole
             network; 1e-5 is a gentler choice with ``init_heads``.
         backbone: the network, as for ``dvml extract --backbone`` (``googlenet``, any torchvision classifier,
@@ -49,6 +52,7 @@ class FinetuneConfig(HeadsConfig):
     dataset: DatasetName
     root: Path
     out: Path
+    reduction: Reduction | None = Reduction.mean  # the paper's heads with L2 recon: see the class docstring
     backbone_lr: float = 1e-4
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
@@ -78,6 +82,8 @@ class FinetuneConfig(HeadsConfig):
         s(self, "out", Path(self.out))
         if self.init_heads is not None:
             s(self, "init_heads", Path(self.init_heads))
+        if self.reduction is None:  # the CLI's shared option: finetune's own default, not fit-heads' per-loss one
+            s(self, "reduction", Reduction.mean)
         super().__post_init__()  # the head-training fields
         if not self.backbone_lr > 0:
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")

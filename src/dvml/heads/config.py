@@ -1,8 +1,11 @@
 """Configuration of a heads fit: :class:`FitConfig` (frozen, validated once) and the λ/phase schedule.
 
 The paper's settings (section 3.5) are the defaults: embedding size 512, T = 20 synthetic draws, Adam with
-lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, batch 120 for the triplet loss
-("triplet input") and 128 for every other loss. What the paper leaves open has a documented default here:
+lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, the sums of eqs. 2, 4, 8 and 9,
+batch 120 for the triplet loss and 128 for every other loss. Two defaults deviate from the paper, by
+measurement (issue 14; README's deviation table): the reconstruction likelihood is calibrated
+(``likelihood="gaussian"``) and z_V lives on the unit sphere at the class's scale (``variance_space``,
+``variance_scale``); the paper's forms are options. What the paper leaves open has a documented default here:
 when phase 2 starts (``phase2_epoch``), the KL warm-up (λ1 ramped linearly from 0 over the first
 ``kl_warmup_epochs`` epochs, as in the implementation summary ``000_…``), the number of epochs, the
 images per class in a batch, and the proxies' learning rate.
@@ -21,8 +24,8 @@ from dvml.losses.names import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName
 class Reduction(str, Enum):
     """How the two variational terms are reduced over their vector dimension (KL over E, recon over D)."""
 
-    sum = "sum"  # the paper's eqs. 8-9: KL summed over E, ‖x − x̂‖² summed over D
-    mean = "mean"  # both divided by their dimension: per-dimension KL and mean squared error
+    sum = "sum"  # the paper's eqs. 8-9 (KL over E, recon over D) and 2/4 (triplet losses over their triplets)
+    mean = "mean"  # per dimension (KL, recon) and per non-zero triplet
 
 
 class DeviceChoice(str, Enum):
@@ -54,7 +57,7 @@ PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
 
 # Fields that control how a run is executed, not what is trained: they may differ on --resume and are
 # not part of the recorded model config.
-CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs"})
+CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs", "diag_images", "grad_every"})
 
 
 def plain_dict(config) -> dict:
@@ -73,6 +76,17 @@ def plain_dict(config) -> dict:
 def default_batch_size(loss: LossName) -> int:
     """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
     return 120 if loss is LossName.triplet else 128
+
+
+#: Losses whose paper definition sums over triplets (eqs. 2 and 4): ``reduction=None`` resolves to ``sum`` for them.
+SUMMED_LOSSES = frozenset({LossName.triplet, LossName.triplet_dws})
+
+
+def default_reduction(loss: LossName) -> Reduction:
+    """``sum`` (the paper's eqs. 2, 4, 8, 9) for the triplet losses; ``mean`` for every loss that averages over
+    its pairs or samples (N-pair's eq. 3, the proxy and pml losses): summed ELBO terms (nats per image) next to a
+    per-pair mean swamp the metric loss (measured, issue 14: DVML+N-pair Recall@1 −22 points on the demo world)."""
+    return Reduction.sum if loss in SUMMED_LOSSES else Reduction.mean
 
 
 def default_per_class(loss: LossName) -> int:
@@ -97,12 +111,14 @@ class HeadsConfig:
             keeps phase 1 throughout.
         kl_warmup_epochs: λ1 rises linearly from 0 to its phase value over this many epochs (0 = off).
         lambdas_phase1 / lambdas_phase2: (λ1 KL, λ2 recon, λ3 Lm(ẑ), λ4 Lm(z_I)).
-        reduction: ``mean`` (default) = KL averaged over E and ‖x − x̂‖² over D; ``sum`` = both summed (the
-            letter of the paper's eqs. 8-9). Why ``mean`` is the default: with sums the reconstruction term is
-            O(100) (‖x‖² of 1024-D pooled features) against O(0.1-1) metric terms, and once phase 2 lets it
-            reach z_I it swamps the metric loss — on a synth world test Recall@1 fell from 0.64 to 0.09 within
-            a few phase-2 epochs, while ``mean`` kept 0.63. Per-dimension means keep the ratio of the two
-            variational terms within a factor E/D of the paper's and make all four terms commensurate.
+        reduction: ``None`` = :func:`default_reduction`: ``sum`` for triplet and triplet-dws, ``mean`` for the
+            other losses. ``sum`` (the paper's eqs. 2, 4, 8, 9) = KL summed over E, the reconstruction term
+            summed over D, the triplet losses summed over their triplets (N-pair keeps eq. 3's mean over pairs);
+            ``mean`` = KL averaged over E, recon over D, the triplet losses averaged over their non-zero
+            triplets (dvml's earlier default). With the paper's L2 reconstruction the sums made recon O(100)
+            against O(0.1-1) metric terms (a synth world's test Recall@1 fell from 0.64 to 0.09 once phase 2
+            opened); with the calibrated ``likelihood="gaussian"`` the reconstruction no longer scales with
+            the features' units, and the sums weigh the four terms as the paper's λs assume (issue 14).
         lr: Adam learning rate of the heads (the paper: 1e-4).
         proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
             proxies start random and must move far faster than the heads).
@@ -127,7 +143,7 @@ class HeadsConfig:
     kl_warmup_epochs: int = 30
     lambdas_phase1: tuple[float, float, float, float] = PHASE1_LAMBDAS
     lambdas_phase2: tuple[float, float, float, float] = PHASE2_LAMBDAS
-    reduction: Reduction = Reduction.mean
+    reduction: Reduction | None = None
     lr: float = 1e-4
     proxy_lr: float | None = None
     weight_decay: float = 0.0
@@ -147,7 +163,8 @@ class HeadsConfig:
             raise ValueError(f"--loss must be one of {', '.join(m.value for m in LossName)}, "
                              f"got {self.loss!r}") from None
         try:
-            s(self, "reduction", Reduction(self.reduction))
+            s(self, "reduction", default_reduction(LossName(self.loss)) if self.reduction is None
+              else Reduction(self.reduction))
         except ValueError:
             raise ValueError(f"--reduction must be sum or mean, got {self.reduction!r}") from None
         for name in ("embedding_size", "decoder_hidden", "samples", "epochs"):
@@ -178,7 +195,8 @@ class HeadsConfig:
         if self.loss is LossName.npair and self.per_class != 2:
             raise ValueError(f"the npair loss takes exactly 2 images per class (its pairs), got per_class="
                              f"{self.per_class}")
-        if self.batch_size < 2 * self.per_class or self.batch_size % self.per_class:
+        triplets = getattr(self, "triplet_input", False)  # a FitConfig field: batches of triplets, not of classes
+        if not triplets and (self.batch_size < 2 * self.per_class or self.batch_size % self.per_class):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
                              "covering at least 2 classes")
         self._resolve_loss_params()
@@ -243,13 +261,50 @@ class FitConfig(HeadsConfig):
             validation Recall@1 (otherwise the last epoch). Never selects on test classes.
         resume: continue an interrupted run in ``out``.
         overwrite: replace a run already in ``out``.
+        metric_reduction: how the triplet losses reduce over their triplets: ``sum``, ``mean`` (over all
+            triplets) or ``nonzero`` (over the non-zero ones, pml's reducer); ``None`` = ``sum`` with
+            ``reduction="sum"``, ``nonzero`` with ``"mean"``.
+        likelihood: the reconstruction term: ``gaussian`` (default; the NLL of x under N(x̂, s²I) with s² the
+            batch's mean squared error, the "optimal σ" calibrated decoder of Rybkin et al. 2021: independent of
+            the features' units) or ``l2`` (the paper's ‖x − x̂‖²; its balance against the KL depends on the
+            backbone's units: on unit-norm text features it collapses the posterior).
+        standardize: reconstruct per-dimension standardised features (training statistics) instead of x.
+        free_bits: KL free bits per dimension (Kingma et al. 2016); 0 = off.
+        variance_space: ``normalized`` (default): ẑ = z_I/‖z_I‖ + s·z_V, the variance lives on the unit sphere
+            where every metric loss compares embeddings; ``raw`` (the paper): ẑ = z_I + s·z_V.
+        variance_scale: ``class`` (default): s = the batch's pooled within-class standard deviation per
+            dimension of the embedding z_V is added to (so a prior draw moves an embedding about as far as its
+            class's members lie from their centre); ``unit`` (the paper): s = 1.
+        variance_kappa: multiplier of s.
+        metric_grad_to_variance: False keeps Lm(ẑ)'s gradient off μ and σ (they learn from KL + recon only).
+        centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
+            information).
+        triplet_input: triplet loss only: batches of batch_size/3 explicit (anchor, positive, negative)
+            triplets, the paper's "triplet input" (section 3.5: 120 images = 40 triplets), instead of every
+            triplet of a class-balanced batch.
+        diag_images: images (view 0, a fixed seeded subset of the training split) the per-epoch diagnostics
+            are computed on (:mod:`dvml.heads.diagnostics`); 0 = off.
+        grad_every: the per-term gradients on the embedding layer are sampled at the first step of every
+            epoch and every this many global steps; 0 = off.
     """
 
     cache: Path
     out: Path
+    metric_reduction: str | None = None
+    likelihood: str = "gaussian"
+    standardize: bool = False
+    free_bits: float = 0.0
+    variance_space: str = "normalized"
+    variance_scale: str = "class"
+    variance_kappa: float = 1.0
+    metric_grad_to_variance: bool = True
+    centre_mu: bool = False
+    triplet_input: bool = False
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
     val_classes: int = 0
+    diag_images: int = 2048
+    grad_every: int = 100
     resume: bool = False
     overwrite: bool = False
 
@@ -267,6 +322,40 @@ class FitConfig(HeadsConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.val_classes and not self.eval_every:
             raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
+        from dvml.heads.model import VARIANCE_SCALES, VARIANCE_SPACES
+        from dvml.heads.objective import LIKELIHOODS
+
+        for name, allowed in (("likelihood", LIKELIHOODS), ("variance_space", VARIANCE_SPACES),
+                              ("variance_scale", VARIANCE_SCALES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        if not self.variance_kappa > 0:
+            raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
+        if self.free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0, got {self.free_bits}")
+        if self.diag_images < 0 or self.grad_every < 0:
+            raise ValueError("diag_images and grad_every must be >= 0")
+        if self.metric_reduction is None:
+            s(self, "metric_reduction", "sum" if self.reduction is Reduction.sum else "nonzero")
+        from dvml.losses.metric import TRIPLET_REDUCERS
+
+        if self.metric_reduction not in TRIPLET_REDUCERS:
+            raise ValueError(f"--metric-reduction must be one of {', '.join(TRIPLET_REDUCERS)}, got "
+                             f"{self.metric_reduction!r}")
+        if self.triplet_input:
+            if self.loss is not LossName.triplet:
+                raise ValueError(f"--triplet-input applies to --loss triplet only, got {self.loss.value}")
+            if self.batch_size % 3:
+                raise ValueError(f"--triplet-input needs a batch size divisible by 3, got {self.batch_size}")
+
+    def heads_kwargs(self) -> dict:
+        """Keyword arguments of :class:`~dvml.heads.model.DVMLHeads` after ``in_dim``: sizes and the variance
+        branch's options."""
+        return {"embedding_size": self.embedding_size, "decoder_hidden": self.decoder_hidden, "dvml": self.dvml,
+                "variance_space": self.variance_space, "variance_scale": self.variance_scale,
+                "variance_kappa": self.variance_kappa, "metric_grad_to_variance": self.metric_grad_to_variance,
+                "centre_mu": self.centre_mu}
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""

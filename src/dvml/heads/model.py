@@ -31,7 +31,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+VARIANCE_SPACES = ("raw", "normalized")
+VARIANCE_SCALES = ("unit", "class")
 
 
 class HeadsOutput(NamedTuple):
@@ -48,6 +52,16 @@ class HeadsOutput(NamedTuple):
     logvar: torch.Tensor | None
     z_syn: torch.Tensor | None
     x_hat: torch.Tensor | None
+
+
+def class_centred(v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(B, E) rows minus the mean row of their class in the batch (a class seen once becomes 0)."""
+    if labels is None:
+        raise ValueError("centre_mu needs the batch's labels")
+    classes, inv = torch.unique(labels, return_inverse=True)
+    sums = torch.zeros((len(classes), v.shape[1]), dtype=v.dtype, device=v.device).index_add(0, inv, v)
+    counts = torch.bincount(inv, minlength=len(classes)).to(v.dtype)
+    return v - (sums / counts[:, None])[inv]
 
 
 class Decoder(nn.Module):
@@ -73,9 +87,20 @@ class DVMLHeads(nn.Module):
             created first, so the same seed gives the baseline and DVML the same initial embedding layer.
     """
 
-    def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True):
+    def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True,
+                 variance_space: str = "raw", variance_scale: str = "unit", variance_kappa: float = 1.0,
+                 metric_grad_to_variance: bool = True, centre_mu: bool = False):
         super().__init__()
+        if variance_space not in VARIANCE_SPACES:
+            raise ValueError(f"variance_space must be one of {VARIANCE_SPACES}, got {variance_space!r}")
+        if variance_scale not in VARIANCE_SCALES:
+            raise ValueError(f"variance_scale must be one of {VARIANCE_SCALES}, got {variance_scale!r}")
+        if not variance_kappa > 0:
+            raise ValueError(f"variance_kappa must be > 0, got {variance_kappa}")
         self.in_dim, self.embedding_size, self.dvml = in_dim, embedding_size, dvml
+        self.variance_space, self.variance_scale, self.variance_kappa = variance_space, variance_scale, variance_kappa
+        self.metric_grad_to_variance = metric_grad_to_variance
+        self.centre_mu = centre_mu
         self.embedding = nn.Linear(in_dim, embedding_size)
         if dvml:
             self.mu = nn.Linear(in_dim, embedding_size)
@@ -86,8 +111,31 @@ class DVMLHeads(nn.Module):
         """Test-time output: z_I only. x (B, D) → (B, E)."""
         return self.embedding(x)
 
+    def zv_scale(self, base: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | float:
+        """The factor s in ẑ = base + s·z_V (detached): κ for ``variance_scale="unit"``; for ``"class"``,
+        κ · the batch's pooled within-class standard deviation per dimension of ``base`` (B, E), i.e.
+        ``sqrt(Σ_i ‖base_i − c_{y_i}‖² / ((B − C)·E))`` with c the batch's class means — so a draw from the prior
+        moves an embedding about as far as its class's members lie from their centre."""
+        if self.variance_scale == "unit":
+            return self.variance_kappa
+        if labels is None:
+            raise ValueError("variance_scale='class' needs the batch's labels")
+        b = base.detach()
+        classes, inv = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros((len(classes), b.shape[1]), dtype=b.dtype, device=b.device).index_add_(0, inv, b)
+        counts = torch.bincount(inv, minlength=len(classes)).to(b.dtype)
+        dev = b - (sums / counts[:, None])[inv]
+        dof = max(1, b.shape[0] - len(classes))
+        return self.variance_kappa * (dev.square().sum() / (dof * b.shape[1])).sqrt()
+
+    def synthesize(self, x: torch.Tensor, *, samples: int = 20, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> HeadsOutput:
+        """The forward pass without the decoder (``x_hat`` is None); arguments as :meth:`forward`."""
+        return self.forward(x, samples=samples, generator=generator, eps=eps, labels=labels, decode=False)
+
     def forward(self, x: torch.Tensor, *, samples: int = 20, stop_recon_grad: bool = False,
-                generator: torch.Generator | None = None, eps: torch.Tensor | None = None) -> HeadsOutput:
+                generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, decode: bool = True) -> HeadsOutput:
         """Training forward pass.
 
         Args:
@@ -97,23 +145,42 @@ class DVMLHeads(nn.Module):
                 x); see the module docstring.
             generator: source of ε (on x's device); ignored when ``eps`` is given.
             eps: (T, B, E) standard-normal noise to use instead of drawing (tests).
+            labels: (B,) class ids; needed by ``variance_scale="class"`` and ``centre_mu`` only.
+            (With ``centre_mu`` the posterior mean is centred within each class of the batch, μ − mean_class(μ):
+            z_V then carries no class information in its mean, only how an image deviates from its class.)
+            (With ``metric_grad_to_variance=False`` the returned ``z_syn`` carries z_V detached: the metric term
+            Lm(ẑ) then trains the embedding, while μ and σ learn from the KL and reconstruction terms alone.)
+            decode: False skips the decoder (``x_hat`` None).
         Returns:
-            :class:`HeadsOutput`; all T draws go through the decoder as one (T·B, E) batch.
+            :class:`HeadsOutput`; all T draws go through the decoder as one (T·B, E) batch. With
+            ``variance_space="raw"`` (the paper) ẑ = z_I + s·z_V; with ``"normalized"`` ẑ = z_I/‖z_I‖ + s·z_V
+            (the variance is modelled where the metric loss looks: on the unit sphere); s from :meth:`zv_scale`.
         """
         z_i = self.embedding(x)
         if not self.dvml:
             return HeadsOutput(z_i, None, None, None, None)
         mu, logvar = self.mu(x), self.logvar(x)
+        if self.centre_mu:
+            mu = class_centred(mu, labels)
         if eps is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z_v = mu + (0.5 * logvar).exp() * eps  # (T, B, E): reparameterised, gradient reaches μ and σ
-        z_syn = z_i + z_v
+        base = z_i if self.variance_space == "raw" else F.normalize(z_i, dim=-1)
+        scale = self.zv_scale(base, labels)
+        z_syn = base + scale * z_v
+        if not self.metric_grad_to_variance:  # Lm(ẑ) trains z_I only; μ, σ learn from the ELBO alone
+            z_syn_metric = base + scale * z_v.detach()
+        else:
+            z_syn_metric = z_syn
+        if not decode:
+            return HeadsOutput(z_i, mu, logvar, z_syn_metric, None)
         if stop_recon_grad:
             if x.requires_grad:  # a trainable backbone below: recompute the variance branch on a detached x
                 xd = x.detach()
-                z_v = self.mu(xd) + (0.5 * self.logvar(xd)).exp() * eps
-            dec_in = z_i.detach() + z_v
+                mu_d = class_centred(self.mu(xd), labels) if self.centre_mu else self.mu(xd)
+                z_v = mu_d + (0.5 * self.logvar(xd)).exp() * eps
+            dec_in = base.detach() + scale * z_v
         else:
             dec_in = z_syn
         x_hat = self.decoder(dec_in)
-        return HeadsOutput(z_i, mu, logvar, z_syn, x_hat)
+        return HeadsOutput(z_i, mu, logvar, z_syn_metric, x_hat)

@@ -9,6 +9,8 @@ dimension unless ``reduction="mean"``) and Lm a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ def _reduce(per_dim: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-def kl_term(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def kl_term(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum", free_bits: float = 0.0) -> torch.Tensor:
     """KL(N(μ, σ²I) ‖ N(0, I)) summed over the E dimensions, averaged over the batch (paper eq. 8).
 
     ``0.5 · Σ_j (σ_j² + μ_j² − 1 − log σ_j²)``, mean over rows.
@@ -35,26 +37,52 @@ def kl_term(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum") -> t
         mu: (B, E) means.
         logvar: (B, E) log variances log σ².
         reduction: ``"sum"`` over E (the paper) or ``"mean"`` over E (the same divided by E).
+        free_bits: > 0: each dimension's batch-mean KL counts as at least this many nats, ``Σ_j max(λ,
+            mean_i KL_ij)`` (Kingma et al. 2016, "free bits"): below λ a dimension pays nothing, so the KL no
+            longer pushes it all the way back to the prior. 0 = the plain KL.
     Returns:
         scalar tensor.
     """
-    return _reduce(0.5 * (logvar.exp() + mu.square() - 1.0 - logvar), reduction)
+    per = 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar)
+    if free_bits > 0:
+        per_dim = per.mean(dim=0).clamp_min(free_bits)  # (E,)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        return per_dim.sum() if reduction == "sum" else per_dim.mean()
+    return _reduce(per, reduction)
 
 
-def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Squared reconstruction error ‖x − x̂‖² summed over D, averaged over the T draws and B images (eq. 9).
+LIKELIHOODS = ("l2", "gaussian")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum", likelihood: str = "l2") -> torch.Tensor:
+    """Reconstruction term of eq. 9, averaged over the T draws and B images.
+
+    ``likelihood="l2"`` (the paper's simplification): ``‖x − x̂‖²`` summed over D. ``"gaussian"``: the negative
+    log-likelihood of x under N(x̂, s²I) with the shared variance s² set to its maximum-likelihood value, the
+    mean squared error over the batch (the "optimal σ" calibrated decoder of Rybkin et al. 2021, σ-VAE):
+    ``(D/2)·(log mse + 1 + log 2π)`` nats per image. Its value and gradient do not depend on the features' units
+    (scaling x by a rescales nothing but a constant), so its balance against the KL holds for any backbone.
 
     Args:
         x: (B, D) targets (the cached backbone features).
         x_hat: (T, B, D) reconstructions of the T synthetic embeddings of each image (or (B, D)).
         reduction: ``"sum"`` over D (the paper) or ``"mean"`` over D (the same divided by D).
+        likelihood: ``"l2"`` or ``"gaussian"``.
     Returns:
-        scalar tensor: ``(1 / (T·B)) Σ_i Σ_t ‖x_i − x̂_{i,t}‖²`` (divided by D for ``"mean"``).
+        scalar tensor: ``(1 / (T·B)) Σ_i Σ_t ‖x_i − x̂_{i,t}‖²`` (divided by D for ``"mean"``) for ``"l2"``.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     # one fused kernel (forward and backward) over the (T, B, D) draws instead of sub/square/sum passes
     total = F.mse_loss(x_hat, x.expand_as(x_hat), reduction="sum")
+    if likelihood == "gaussian":
+        mse = total / x_hat.numel()
+        per_dim = 0.5 * (torch.log(mse.clamp_min(1e-12)) + 1.0 + _LOG_2PI)
+        return per_dim * (x_hat.shape[-1] if reduction == "sum" else 1.0)
     rows = x_hat.numel() // x_hat.shape[-1]
     return total / (rows if reduction == "sum" else x_hat.numel())
 
@@ -69,13 +97,31 @@ class DVMLLoss(nn.Module):
         metric: Lm.
         dvml: False = baseline: only Lm(z_I), with weight 1 (``--no-dvml``).
         reduction: ``"mean"`` (default) or ``"sum"`` (the letter of the paper's eqs. 8-9): KL over E, recon over D.
+        likelihood: the reconstruction term's form, ``"l2"`` (the paper) or ``"gaussian"`` (calibrated decoder;
+            :func:`recon_term`).
+        free_bits: nats per dimension the KL does not charge (:func:`kl_term`); 0 = off.
+        target_mean, target_std: (D,) per-dimension statistics of the training features: when given, the
+            reconstruction target is the standardised feature ``(x − mean) / std`` (the decoder predicts it).
     """
 
-    def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean"):
+    def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean", likelihood: str = "l2",
+                 free_bits: float = 0.0, target_mean: torch.Tensor | None = None,
+                 target_std: torch.Tensor | None = None):
         super().__init__()
         self.metric = metric
         self.dvml = dvml
         self.reduction = reduction
+        self.likelihood = likelihood
+        self.free_bits = float(free_bits)
+        self.standardize = target_mean is not None
+        if self.standardize:  # not persistent: recomputed from the training split by every fit (and --resume)
+            self.register_buffer("target_mean", torch.as_tensor(target_mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("target_scale", 1.0 / torch.as_tensor(target_std, dtype=torch.float32).clamp_min(
+                1e-6), persistent=False)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction target of features x (B, D): x itself, or standardised."""
+        return (x - self.target_mean) * self.target_scale if self.standardize else x
 
     def forward(self, out: HeadsOutput, x: torch.Tensor, labels: torch.Tensor,
                 lam: Lambdas | None = None) -> dict[str, torch.Tensor]:
@@ -96,8 +142,8 @@ class DVMLLoss(nn.Module):
             return {"kl": zero, "recon": zero, "metric_invariant": m_inv, "metric_synthetic": zero, "total": m_inv}
         if lam is None:
             raise ValueError("DVMLLoss needs the step's Lambdas when dvml=True")
-        kl = kl_term(out.mu, out.logvar, self.reduction)
-        recon = recon_term(x, out.x_hat, self.reduction)
+        kl = kl_term(out.mu, out.logvar, self.reduction, self.free_bits)
+        recon = recon_term(self.target(x), out.x_hat, self.reduction, self.likelihood)
         m_syn = self.metric(out.z_syn, labels)
         total = lam.kl * kl + lam.recon * recon + lam.synthetic * m_syn + lam.invariant * m_inv
         return {"kl": kl, "recon": recon, "metric_invariant": m_inv, "metric_synthetic": m_syn, "total": total}

@@ -27,6 +27,7 @@ from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
 from dvml.files import make_dir
+from dvml.heads import diagnostics as diag
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.heads.core import (
@@ -42,8 +43,10 @@ from dvml.heads.core import (
 from dvml.heads.model import DVMLHeads
 from dvml.heads.objective import TERMS, DVMLLoss
 from dvml.heads.sampler import ClassBalancedSampler
+from dvml.heads.triplet_input import TripletInputSampler
 from dvml.losses import make_metric_loss
-from dvml.seeding import hold_out_classes, noise_seed, seed_everything
+from dvml.losses.metric import BatchedTripletLoss
+from dvml.seeding import diag_seeds, hold_out_classes, noise_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -157,18 +160,31 @@ class _HeadsFit:
         self._load_data(train, test)
         seed_everything(cfg.seed)
         d = self.dims[2]
-        self.model = DVMLHeads(d, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml).to(device)
+        self.model = DVMLHeads(d, **cfg.heads_kwargs()).to(device)
         metric = make_metric_loss(cfg.loss, num_classes=len(self.train_classes), embedding_size=cfg.embedding_size,
                                   seed=cfg.seed, **cfg.loss_params())  # same proxies for baseline and DVML
-        self.loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value).to(device)
+        if isinstance(metric, BatchedTripletLoss):  # the paper's eqs. 2 and 4 sum over triplets
+            metric.reducer = cfg.metric_reduction
+            metric.fixed_triplets = cfg.triplet_input
+        t_mean = t_std = None
+        if cfg.dvml and cfg.standardize:  # per-dimension statistics of the training features (all views)
+            flat = self.feats.float().reshape(-1, d)
+            t_mean, t_std = flat.mean(0), flat.std(0)
+            del flat
+        self.loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
+                                free_bits=cfg.free_bits, target_mean=t_mean, target_std=t_std).to(device)
         self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
         self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
         self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
         if hasattr(metric, "generator"):
             metric.generator = self.gen_dev
-        self.sampler = ClassBalancedSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, cfg.per_class,
-                                            self.gen_cpu, views=self.dims[1])
+        if cfg.triplet_input:
+            self.sampler = TripletInputSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, self.gen_cpu)
+        else:
+            self.sampler = ClassBalancedSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, cfg.per_class,
+                                                self.gen_cpu, views=self.dims[1])
         self.steps = len(self.sampler)
+        self._diag_setup()
         self.start_epoch, self.best = 0, None  # best: {"epoch", "val_recall@1", "model", "loss"}
         if ckpt is not None:
             self._restore(ckpt)
@@ -204,6 +220,29 @@ class _HeadsFit:
 
         self.test_t = to_t(test_x) if test_x is not None else None
         self.val_t, self.val_y = (to_t(val_x) if val_x is not None else None), val_y
+
+    def _diag_setup(self) -> None:
+        """The diagnostics' fixed subset of training images (view 0) and their own seeds: drawn from generators
+        the fit never uses, so diagnostics cannot change its trajectory (:mod:`dvml.heads.diagnostics`)."""
+        cfg, n = self.cfg, self.dims[0]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(diag_seeds(cfg.seed)[0]))
+        idx = torch.sort(idx[:cfg.diag_images]).values.to(self.device)
+        self.diag_x = self.feats[idx, 0].float() if len(idx) else None
+        self.diag_y = self.labels[idx] if len(idx) else None
+        self.emb_params = [self.model.embedding.weight, self.model.embedding.bias]
+
+    def _diagnostics(self, grad_stats: list[dict]) -> dict:
+        """The epoch's diagnostics: branch statistics on the fixed subset (the same noise every epoch) and the
+        mean of the gradient statistics sampled during the epoch."""
+        out: dict = {}
+        if self.diag_x is not None:
+            g = torch.Generator(device=self.device).manual_seed(diag_seeds(self.cfg.seed)[1])
+            out.update(diag.heads_branch_stats(self.model, self.diag_x, self.diag_y, samples=2, generator=g))
+        if grad_stats:
+            for k in grad_stats[0]:
+                out[k] = float(np.mean([gs[k] for gs in grad_stats]))
+            out["grad_samples"] = len(grad_stats)
+        return out
 
     def _restore(self, ckpt: dict) -> None:
         rs = ckpt["resume"]
@@ -259,9 +298,10 @@ class _HeadsFit:
                  steps, self.device)
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            means = self._epoch(epoch, callback)
+            means, grad_stats = self._epoch(epoch, callback)
             dt = time.perf_counter() - t0
             record = epoch_record(cfg, epoch, means, dt, steps * cfg.batch_size / dt)
+            record.update(self._diagnostics(grad_stats))
             last = epoch + 1 == cfg.epochs
             if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
                 self._evaluate(epoch, record)
@@ -277,14 +317,16 @@ class _HeadsFit:
         if callback:
             callback(FitEvent("end", cfg.epochs, cfg.epochs, steps, steps))
 
-    def _epoch(self, epoch: int, callback: Callback | None) -> list[float]:
-        """One epoch of steps; returns the mean of every term. Raises at the first non-finite loss."""
+    def _epoch(self, epoch: int, callback: Callback | None) -> tuple[list[float], list[dict]]:
+        """One epoch of steps; returns the mean of every term and the sampled gradient statistics (the first step
+        and every ``grad_every``-th global step). Raises at the first non-finite loss."""
         cfg, steps, device, model = self.cfg, self.steps, self.device, self.model
         n, p = self.dims[:2]
         views = torch.randint(p, (n,), generator=self.gen_cpu).to(device)
         batches, ranks = (b.to(device) for b in self.sampler.epoch_with_ranks())
         sums = torch.zeros(len(TERMS), device=device)
         finite = torch.ones(steps, dtype=torch.bool, device=device)
+        grad_stats: list[dict] = []
         model.train()
         step = 0
         try:
@@ -292,8 +334,12 @@ class _HeadsFit:
                 idx = batches[step]
                 x = self.feats[idx, (views[idx] + ranks[step]) % p].float()  # a repeated image: another view
                 lam = cfg.lambdas(epoch + step / steps)
-                heads_out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=self.gen_dev)
-                terms = self.loss_fn(heads_out, x, self.labels[idx], lam)
+                y = self.labels[idx]
+                heads_out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=self.gen_dev,
+                                  labels=y)
+                terms = self.loss_fn(heads_out, x, y, lam)
+                if cfg.dvml and cfg.grad_every and (step == 0 or (epoch * steps + step) % cfg.grad_every == 0):
+                    grad_stats.append(diag.term_gradients(diag.weighted_terms(terms, lam, cfg.dvml), self.emb_params))
                 self.optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 self.optimizer.step()
@@ -313,7 +359,7 @@ class _HeadsFit:
                                 f"epoch finished, so no checkpoint was written; {hint}")
             raise non_finite_error(epoch + 1, int(bad[0]) + 1, steps, detail,
                                    f"good checkpoint (epoch {epoch}) is kept in {cfg.out / R.HEADS_FILE}", hint)
-        return (sums / steps).tolist()
+        return (sums / steps).tolist(), grad_stats
 
     def _evaluate(self, epoch: int, record: dict) -> None:
         """Watch-only test Recall@1 and validation Recall@1 (keeping the best epoch's state) into ``record``."""

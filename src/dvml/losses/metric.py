@@ -167,6 +167,26 @@ def _avg_nonzero(v: torch.Tensor) -> torch.Tensor:
     return per_t.mean()
 
 
+TRIPLET_REDUCERS = ("nonzero", "sum", "mean")
+
+
+def _reduce_triplets(v: torch.Tensor, reducer: str, count: torch.Tensor | int | None = None) -> torch.Tensor:
+    """(T, K) per-triplet losses → scalar, mean over t of: ``"nonzero"`` = the mean over the triplets with a
+    non-zero loss (:func:`_avg_nonzero`, pml's default reducer); ``"sum"`` = the sum over the K triplets (the
+    paper's eqs. 2 and 4); ``"mean"`` = the plain mean over the K triplets (the sum / K: the paper's relative
+    weights of Lm(ẑ) and Lm(z_I) at a batch-size-independent scale). ``count``: the number of real triplets
+    per t (int or (T,) tensor) when ``v`` also holds zeros for impossible ones (default K); only ``"mean"`` uses
+    it."""
+    if reducer == "sum":
+        return v.sum(dim=1).mean()
+    if reducer == "mean":
+        n = v.shape[1] if count is None else count
+        if isinstance(n, torch.Tensor):
+            n = n.clamp_min(1)
+        return (v.sum(dim=1) / n).mean()
+    return _avg_nonzero(v)
+
+
 class BatchedTripletLoss(MetricLoss):
     """Triplet loss over all triplets of each batch (paper eq. 2), or over distance-weighted negatives (eq. 4).
 
@@ -185,20 +205,41 @@ class BatchedTripletLoss(MetricLoss):
     strategy = "batched"
 
     def __init__(self, margin: float = TRIPLET_MARGIN, squared: bool = True, dws: bool = False,
-                 cutoff: float = DWS_CUTOFF, nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF):
+                 cutoff: float = DWS_CUTOFF, nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF,
+                 reducer: str = "nonzero", fixed_triplets: bool = False):
         super().__init__()
+        if reducer not in TRIPLET_REDUCERS:
+            raise ValueError(f"reducer must be one of {TRIPLET_REDUCERS}, got {reducer!r}")
+        if fixed_triplets and dws:
+            raise ValueError("fixed_triplets (the triplet input) and dws exclude each other")
         self.margin, self.squared, self.dws = float(margin), squared, dws
+        self.reducer, self.fixed_triplets = reducer, fixed_triplets
         self.cutoff, self.nonzero_loss_cutoff = float(cutoff), float(nonzero_loss_cutoff)
         self.generator: torch.Generator | None = None
         self.embedding_dim = 0
 
     def forward_tb(self, z, labels):
+        if self.fixed_triplets:
+            return self._fixed(z, labels)
         if self.dws:
             return self._dws(z, labels)
         blocks = _sorted_blocks(labels)
         if blocks is not None:
             return self._all_triplets_blocks(z, *blocks)
         return self._all_triplets_general(z, labels)
+
+    def _fixed(self, z, labels):
+        """The triplet input (paper section 3.5): the batch is [anchors; positives; negatives], K = B/3 each."""
+        b = z.shape[1]
+        if b % 3:
+            raise ValueError(f"the triplet input needs a batch of 3·K rows (anchors, positives, negatives), got {b}")
+        k = b // 3
+        u = F.normalize(z, p=2, dim=-1)
+        a, p, n = u[:, :k], u[:, k:2 * k], u[:, 2 * k:]
+        dap, dan = (a - p).square().sum(-1), (a - n).square().sum(-1)  # (T, K)
+        if not self.squared:
+            dap, dan = dap.clamp_min(1e-12).sqrt(), dan.clamp_min(1e-12).sqrt()
+        return _reduce_triplets(F.relu(dap - dan + self.margin), self.reducer)
 
     def _all_triplets_blocks(self, z, order, m):
         """Every class has m images: sort into blocks, then one dense (T, C, m, m, B) broadcast."""
@@ -213,7 +254,7 @@ class BatchedTripletLoss(MetricLoss):
         same_block = torch.eye(c, dtype=torch.bool, device=d.device).repeat_interleave(m, dim=1)  # (C, B)
         an = d.view(t, c, m, b).masked_fill(same_block[None, :, None, :], float("inf"))  # (T, C, m, B)
         v = F.relu(ap.unsqueeze(-1) - an.unsqueeze(-2) + self.margin)  # (T, C, m, m, B)
-        return _avg_nonzero(v.reshape(t, -1))
+        return _reduce_triplets(v.reshape(t, -1), self.reducer, max(1, c * m * (m - 1) * (b - m)))
 
     def _all_triplets_general(self, z, labels):
         d = _pair_distances(z, self.squared)
@@ -223,7 +264,7 @@ class BatchedTripletLoss(MetricLoss):
         if a.numel() == 0:
             return z.sum() * 0.0
         v = F.relu(d[:, a, p] - d[:, a, n] + self.margin)  # (T, K)
-        return _avg_nonzero(v)
+        return _reduce_triplets(v, self.reducer)
 
     def dws_weights(self, d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(T, B, B) non-squared distances of E-dimensional unit vectors → (T, B, B) row-normalised weights.
@@ -276,7 +317,7 @@ class BatchedTripletLoss(MetricLoss):
             return z.sum() * 0.0
         ap = d[:, a, p]  # (T, K)
         an = torch.gather(d[:, a, :], 2, n.unsqueeze(-1)).squeeze(-1)  # (T, K)
-        return _avg_nonzero(F.relu(ap - an + self.margin) * valid)
+        return _reduce_triplets(F.relu(ap - an + self.margin) * valid, self.reducer, valid.sum(dim=1))
 
 
 class BatchedNPairLoss(MetricLoss):
