@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dvml.errors import DvmlError
+from dvml.files import write_file, write_text
 from dvml.retrieval import knn
 from dvml.retrieval.knn import Metric
 from dvml.serve.index import Gallery, gallery_from_source
@@ -219,9 +219,7 @@ def write_html(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Pat
             out.append("</tr>")
         out.append("</table>")
     out += ["</body>", "</html>", ""]
-    tmp = cfg.out.with_name(f".{cfg.out.name}.tmp")
-    tmp.write_text("\n".join(out), encoding="utf-8")
-    os.replace(tmp, cfg.out)
+    write_text("\n".join(out), cfg.out)
     return cfg.out
 
 
@@ -269,10 +267,10 @@ def write_png(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path
                 cell(axes[r, c], int(j), f"{'✓' if ok else '✗'} {_label_name(int(labels[j]), names)[:16]}\nd={d:.3f}",
                      "#22aa22" if ok else "#dd2222")
     fig.tight_layout()
-    tmp = cfg.out.with_name(f".{cfg.out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, cfg.out)
+    try:
+        write_file(cfg.out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return cfg.out
 
 
