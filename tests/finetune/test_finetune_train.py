@@ -99,24 +99,32 @@ def test_few_steps_lower_the_loss_and_evaluate_works(tiny_cub: Path, tmp_path: P
     assert metrics["run_kind"] == "finetune" and metrics["n_test"] == 9 and 0.0 <= metrics["recall@1"] <= 1.0
 
 
-def test_against_extract_with_tuned_weights(tiny_cub: Path, tmp_path: Path):
-    """embed_test_split == the run's heads applied to `dvml extract --weights RUN_DIR/backbone.pt` features."""
+def _assert_heads_on_extracted_features(out: Path, root: Path, tmp_path: Path, emb: np.ndarray, labels: np.ndarray,
+                                        **extract_kw) -> None:
+    """``emb, labels`` (a finetune run's test embedding) == the run's heads on ``dvml extract --weights
+    RUN_DIR/backbone.pt`` features of the same test images (float32 cache, centre view)."""
     from dvml.cache import load_split
     from dvml.extract.extractor import ExtractConfig
     from dvml.extract.extractor import run as extract
 
-    out = tmp_path / "run"
-    finetune(small_cfg(tiny_cub, out, epochs=1, steps_per_epoch=1, transform_input=False))
-    emb, labels = embed_test_split(out, device="cpu")
-    cache = extract(ExtractConfig(dataset="cub", root=tiny_cub, out=tmp_path / "tuned.h5",
-                                  weights=str(out / BACKBONE_FILE), views=1, resize=40, crop=32, workers=0,
-                                  device="cpu", dtype="float32", transform_input=False)).path
+    cache = extract(ExtractConfig(dataset="cub", root=root, out=tmp_path / "tuned.h5",
+                                  weights=str(out / BACKBONE_FILE), views=1, workers=0, device="cpu",
+                                  dtype="float32", **extract_kw)).path
     test = load_split(cache, "test")
     heads = load_finetuned(out, read_index=False).heads
     with torch.no_grad():
         ref = heads.embed(torch.from_numpy(test.features[:, 0])).numpy()
     np.testing.assert_array_equal(labels, test.labels)
     np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_against_extract_with_tuned_weights(tiny_cub: Path, tmp_path: Path):
+    """embed_test_split == the run's heads applied to `dvml extract --weights RUN_DIR/backbone.pt` features."""
+    out = tmp_path / "run"
+    finetune(small_cfg(tiny_cub, out, epochs=1, steps_per_epoch=1, transform_input=False))
+    emb, labels = embed_test_split(out, device="cpu")
+    _assert_heads_on_extracted_features(out, tiny_cub, tmp_path, emb, labels, resize=40, crop=32,
+                                        transform_input=False)
 
 
 def test_resume_equals_uninterrupted(tiny_cub: Path, tmp_path: Path):
@@ -311,10 +319,7 @@ def test_other_backbones_finetune_and_evaluate_re_extracts_with_them(tiny_cub: P
     RUN_DIR/backbone.pt` features through the run's heads."""
     if backbone.startswith("timm:"):
         pytest.importorskip("timm")
-    from dvml.cache import load_split
     from dvml.extract.backbone import load_backbone
-    from dvml.extract.extractor import ExtractConfig
-    from dvml.extract.extractor import run as extract
 
     out = tmp_path / "run"
     sizes = dict(resize=40, crop=32) if crop else dict(resize=None, crop=None)  # test_vit: its own 168/160
@@ -337,15 +342,7 @@ def test_other_backbones_finetune_and_evaluate_re_extracts_with_them(tiny_cub: P
     assert res.exit_code == 0, res.output
     emb, labels = embed_test_split(out, device="cpu")
     assert load_backbone(backbone, out / BACKBONE_FILE).weights.startswith("state_dict:backbone.pt:")
-    cache = extract(ExtractConfig(dataset="cub", root=tiny_cub, out=tmp_path / "tuned.h5", backbone=backbone,
-                                  weights=str(out / BACKBONE_FILE), views=1, workers=0, device="cpu",
-                                  dtype="float32", **sizes)).path
-    test = load_split(cache, "test")
-    heads = load_finetuned(out, read_index=False).heads
-    with torch.no_grad():
-        ref = heads.embed(torch.from_numpy(test.features[:, 0])).numpy()
-    np.testing.assert_array_equal(labels, test.labels)
-    np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
+    _assert_heads_on_extracted_features(out, tiny_cub, tmp_path, emb, labels, backbone=backbone, **sizes)
 
 
 def test_finetune_refuses_a_torchscript_file(tmp_path: Path, tiny_cub: Path):

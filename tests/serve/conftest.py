@@ -106,3 +106,22 @@ def finetuned(pipeline, tmp_path_factory) -> Path:
                          phase2_epoch=1, kl_warmup_epochs=1, lr=1e-3, backbone_lr=1e-3, checkpoint_every=0, epochs=1,
                          steps_per_epoch=1, device="cpu")
     return finetune(cfg)
+
+
+@pytest.fixture
+def one_line_error():
+    """``check(args, *needles)``: ``dvml ARGS`` exits 1 with no traceback and its output (whitespace folded)
+    contains every needle."""
+    from typer.testing import CliRunner
+
+    from dvml.cli import app
+
+    def check(args: list[str], *needles: str) -> None:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        text = " ".join(result.output.split())
+        for needle in needles:
+            assert needle in text, result.output
+
+    return check

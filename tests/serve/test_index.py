@@ -24,15 +24,6 @@ def _ok(args: list[str]) -> str:
     return result.stdout
 
 
-def _one_line_error(args: list[str], *needles: str) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for needle in needles:
-        assert needle in text, result.output
-
-
 @pytest.fixture(scope="module")
 def flat_index(pipeline, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index") / "gallery.faiss"
@@ -139,13 +130,13 @@ def pair(flat_index, tmp_path) -> Path:
     return out
 
 
-def test_truncated_index(pair, pipeline):
+def test_truncated_index(pair, pipeline, one_line_error):
     data = pair.read_bytes()
     pair.write_bytes(data[: len(data) // 2])
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], str(pair), "does not match copy.faiss.json")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], str(pair), "does not match copy.faiss.json")
 
 
-def test_garbage_index_with_a_matching_table(pair, pipeline):
+def test_garbage_index_with_a_matching_table(pair, pipeline, one_line_error):
     """A table rewritten to vouch for a garbage file still fails on faiss' own reading, naming the file."""
     from dvml.serve.index import file_digest
 
@@ -154,39 +145,39 @@ def test_garbage_index_with_a_matching_table(pair, pipeline):
     meta = json.loads(side.read_text())
     meta.update(index_bytes=pair.stat().st_size, index_digest=file_digest(pair))
     side.write_text(json.dumps(meta))
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], str(pair), "not a readable faiss index")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], str(pair), "not a readable faiss index")
 
 
-def test_table_of_another_index(pair, pipeline, tmp_path):
+def test_table_of_another_index(pair, pipeline, tmp_path, one_line_error):
     other = tmp_path / "other.faiss"
     _ok(["index", str(pipeline["cache32"]), "-o", str(other)])
     shutil.copy(tmp_path / "other.faiss.json", pair.with_name(pair.name + ".json"))
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "does not match", "different builds")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "does not match", "different builds")
 
 
-def test_missing_or_unreadable_table(pair, pipeline):
+def test_missing_or_unreadable_table(pair, pipeline, one_line_error):
     side = pair.with_name(pair.name + ".json")
     side.write_text("{not json")
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "copy.faiss.json: not valid JSON")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "copy.faiss.json: not valid JSON")
     side.unlink()
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "row table copy.faiss.json is missing")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "row table copy.faiss.json is missing")
 
 
-def test_table_rows_disagree_with_the_index(pair, pipeline):
+def test_table_rows_disagree_with_the_index(pair, pipeline, one_line_error):
     side = pair.with_name(pair.name + ".json")
     meta = json.loads(side.read_text())
     meta["rows"]["paths"] = meta["rows"]["paths"][:-1]
     side.write_text(json.dumps(meta))
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "rows.paths has 11 entries for 12 vectors")
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel")], "rows.paths has 11 entries for 12 vectors")
 
 
-def test_query_model_of_another_dimension(pair, pipeline, tmp_path):
-    _one_line_error(["search", str(pair), str(pipeline["root"] / "eel"), "--model", str(pipeline["cache"])],
+def test_query_model_of_another_dimension(pair, pipeline, tmp_path, one_line_error):
+    one_line_error(["search", str(pair), str(pipeline["root"] / "eel"), "--model", str(pipeline["cache"])],
                     "1024-D", "16-D")
 
 
-def test_existing_output_and_bad_sources(pipeline, flat_index, tmp_path):
-    _one_line_error(["index", str(pipeline["run"]), "-o", str(flat_index)], "already exists")
-    _one_line_error(["index", str(pipeline["root"]), "-o", str(tmp_path / "x.faiss")], "needs --model")
-    _one_line_error(["index", str(tmp_path / "nope"), "-o", str(tmp_path / "x.faiss")], "no such run directory")
-    _one_line_error(["search", str(flat_index), str(tmp_path / "none.jpg")], "no such image file or folder")
+def test_existing_output_and_bad_sources(pipeline, flat_index, tmp_path, one_line_error):
+    one_line_error(["index", str(pipeline["run"]), "-o", str(flat_index)], "already exists")
+    one_line_error(["index", str(pipeline["root"]), "-o", str(tmp_path / "x.faiss")], "needs --model")
+    one_line_error(["index", str(tmp_path / "nope"), "-o", str(tmp_path / "x.faiss")], "no such run directory")
+    one_line_error(["search", str(flat_index), str(tmp_path / "none.jpg")], "no such image file or folder")

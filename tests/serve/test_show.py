@@ -111,29 +111,20 @@ def test_png(pipeline, tmp_path):
     assert (w, h) == (680, 760)  # 1 + k = 4 columns of 1.7 in, 2 queries x 2 targets = 4 rows of 1.9 in, 100 dpi
 
 
-def _one_line_error(args: list[str], *needles: str) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for needle in needles:
-        assert needle in text, result.output
-
-
-def test_errors(pipeline, tmp_path):
+def test_errors(pipeline, tmp_path, one_line_error):
     from dvml.extract.synth import SynthConfig, generate
 
     root = tmp_path / "root"
     shutil.copytree(pipeline["root"], root)
     for f in (root / "eel").iterdir():
         f.unlink()
-    _one_line_error(["show", str(pipeline["run"]), "--root", str(root), "-o", str(tmp_path / "a.html")],
+    one_line_error(["show", str(pipeline["run"]), "--root", str(root), "-o", str(tmp_path / "a.html")],
                     "image not found", "is --root the dataset directory?")
-    _one_line_error(["show", str(pipeline["run"]), "-o", str(tmp_path / "a.gif")], "use a .html or .png file")
+    one_line_error(["show", str(pipeline["run"]), "-o", str(tmp_path / "a.gif")], "use a .html or .png file")
     synth = generate(SynthConfig(n_classes=4, images_per_class=2, views=1, feature_dim=8, class_dim=4, hidden_dim=8),
                      tmp_path / "synth.h5")
-    _one_line_error(["show", str(synth), "-o", str(tmp_path / "s.html")], "stores no image paths")
-    _one_line_error(["show", str(pipeline["run"]), str(synth), "-o", str(tmp_path / "b.html")],
+    one_line_error(["show", str(synth), "-o", str(tmp_path / "s.html")], "stores no image paths")
+    one_line_error(["show", str(pipeline["run"]), str(synth), "-o", str(tmp_path / "b.html")],
                     "test split differs")
 
 
