@@ -469,6 +469,14 @@ def test_proxy_init_seeded_and_lr_multiplier():
     assert ProxyNCAPlusPlusLoss(5, 4, proxy_lr_multiplier=10.0).proxy_lr_multiplier == 10.0
 
 
+@pytest.mark.parametrize("cls", [DRProxyNCALoss, ProxyNCAPlusPlusLoss])
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_proxy_losses_reject_a_temperature_not_above_zero(cls, temperature):
+    with pytest.raises(ValueError, match=rf"^temperature must be > 0, got {temperature}$"):
+        cls(5, 4, temperature=temperature)
+    assert cls(5, 4, temperature=0.5).temperature == 0.5
+
+
 @pytest.mark.parametrize("idx", [0, 1])
 def test_proxy_losses_reject_bad_labels(idx):
     loss = _proxy_losses()[idx]

@@ -322,7 +322,8 @@ class DRTripletLoss(nn.Module):
 
 
 class _ProxyLoss(nn.Module):
-    """Shared part of the proxy losses: proxies (C, E), label checks, normalised distances."""
+    """Shared part of the proxy losses: proxies (C, E), the temperature τ > 0, label checks, normalised
+    distances."""
 
     proxy_lr_multiplier: float = PROXY_LR_MULTIPLIER
 
@@ -331,6 +332,7 @@ class _ProxyLoss(nn.Module):
         num_classes: int,
         embedding_size: int,
         *,
+        temperature: float,
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -339,8 +341,11 @@ class _ProxyLoss(nn.Module):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
+        self.temperature = float(temperature)
         if proxy_lr_multiplier is not None:
             if proxy_lr_multiplier <= 0:
                 raise ValueError(f"proxy_lr_multiplier must be > 0, got {proxy_lr_multiplier}")
@@ -408,11 +413,9 @@ class DRProxyNCALoss(_ProxyLoss):
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, proxy_lr_multiplier=proxy_lr_multiplier, generator=generator)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+                         generator=generator)
         self.gamma = float(gamma)
-        self.temperature = float(temperature)
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
@@ -456,12 +459,10 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, proxy_lr_multiplier=proxy_lr_multiplier, generator=generator)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+                         generator=generator)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.temperature = float(temperature)
         self.label_smoothing = float(label_smoothing)
 
     def extra_repr(self) -> str:
