@@ -5,7 +5,9 @@
   the old or the new file, never half of one, and no temporary file. A symlink is written *through*: the file it
   points to is replaced and the link stays a link. A target that exists and is not a regular file (a terminal, a
   pipe or FIFO, ``/dev/stdout``, a character device) is opened and written directly; ``-`` means standard
-  output. A directory as target is refused before anything is created.
+  output. A directory as target is refused before anything is created. :func:`write_via_path` does the same
+  for a library that writes only to a file name (ONNX export), or a writer that reads its file back before it
+  counts: it is handed the temporary file's path.
 * :class:`WriteError`: every failed write is reported as ``cannot write PATH: CAUSE`` (``CAUSE`` from
   :func:`describe`, which also reads HDF5's error text), a :class:`~dvml.errors.DvmlError` the CLI prints as one
   line.
@@ -24,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -190,6 +193,50 @@ def write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         except OSError as e:
             raise WriteError(path, e) from None
         return
+    with _replacing(path, st) as (fd, _):
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            write(f)
+
+
+def write_via_path(path: str | Path, write: Callable[[Path], object]) -> None:
+    """:func:`write_file` for a library that writes only to a file *name* (``torch.onnx.export``, ``onnx.save``),
+    or a writer that checks its file before it counts (``dvml export`` loads it back): ``write(tmp)`` writes a
+    temporary file, which then replaces ``path`` exactly as :func:`write_file`'s does (through a symlink, the old
+    file's mode kept, fsynced).
+
+    ``tmp`` is ``.NAME.XXXXXXXX.tmp`` beside the file ``path`` lands on; ``write`` must write it in place (open
+    and truncate it, as those libraries do) and may read it back (a self-check); if it raises, nothing replaces
+    ``path``. A terminal, pipe, device or ``-`` gets the finished temporary file (made in the system's
+    temporary directory) copied to it.
+
+    Raises:
+        WriteError: the target is a directory, or writing it failed (an ``OSError`` from ``write`` included); no
+            temporary file is left behind and the old file, if any, is unchanged. Any other exception of
+            ``write`` passes through, also leaving no temporary file.
+    """
+    if not is_stdout(path):
+        path = Path(path)
+        st = _target_stat(path)
+        if st is None or stat.S_ISREG(st.st_mode):
+            with _replacing(path, st) as (_, tmp):
+                write(tmp)
+            return
+    with tempfile.TemporaryDirectory(prefix="dvml-") as d:  # for a stream: write it whole, then copy it
+        tmp = Path(d) / "data"
+        try:
+            write(tmp)
+        except OSError as e:
+            raise WriteError("standard output" if is_stdout(path) else path, e) from None
+        with open(tmp, "rb") as src:
+            write_file(path, lambda f: shutil.copyfileobj(src, f))
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, st: os.stat_result | None) -> Iterator[tuple[int, Path]]:
+    """A new temporary file beside where ``path`` lands (a symlink's target), as ``(fd, tmp)`` (``fd`` open for
+    writing). When the block ends it is flushed to disk, given the old file's mode (``st``; else the umask's,
+    not mkstemp's 0600) and renamed over the target; when the block raises it is removed, and an ``OSError``
+    becomes a :class:`WriteError` naming ``path``."""
     real = Path(os.path.realpath(path))  # a symlink's target (or the path itself)
     make_dir(real.parent, target=path)
     try:
@@ -197,11 +244,12 @@ def write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except OSError as e:
         raise WriteError(path, e) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk may only say so here
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) if st is not None else _new_file_mode())
+        try:
+            yield fd, Path(tmp)
+            os.fsync(fd)  # a full disk may only say so here
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else _new_file_mode())
+        finally:
+            os.close(fd)
         os.replace(tmp, real)
     except BaseException as e:
         with contextlib.suppress(OSError):

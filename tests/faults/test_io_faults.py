@@ -128,10 +128,8 @@ def _json_reader(fd: int, box: list) -> None:
             continue
 
 
-def test_json_into_a_fifo_writes_it_directly(world, tmp_path):
-    fifo = tmp_path / "metrics.fifo"
-    os.mkfifo(fifo)
-    box: list = []
+def _fifo_json_reader(fifo: Path, box: list) -> threading.Thread:
+    """A started thread that opens ``fifo`` for reading and appends the JSON document it reads to ``box``."""
 
     def read():
         fd = os.open(fifo, os.O_RDONLY)
@@ -142,6 +140,14 @@ def test_json_into_a_fifo_writes_it_directly(world, tmp_path):
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
+    return t
+
+
+def test_json_into_a_fifo_writes_it_directly(world, tmp_path):
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    box: list = []
+    t = _fifo_json_reader(fifo, box)
     r, out = invoke("evaluate", world, "--json", fifo, "--no-clustering")
     t.join(30)
     assert r.exit_code == 0, out
@@ -470,3 +476,59 @@ def test_a_failed_log_append_leaves_no_half_line(tmp_path, monkeypatch):
         files.append_line(log, json.dumps({"epoch": 2}))
     monkeypatch.setattr(files.os, "fsync", real_fsync)
     assert log.read_text() == '{"epoch": 1}\n'
+
+
+# --------------------------------------------------------------------------------------------------
+# write_via_path: write_file's guarantees for a writer that needs a file name (dvml export)
+
+
+def test_write_via_path_replaces_through_a_symlink_and_leaves_nothing_on_failure(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "real.bin").write_bytes(b"old")
+    (store / "real.bin").chmod(0o640)
+    (tmp_path / "link.bin").symlink_to(store / "real.bin")
+    (tmp_path / "dangling.bin").symlink_to(store / "new.bin")
+
+    def write(tmp: Path) -> None:  # writes by name, then reads its file back (a self-check)
+        tmp.write_bytes(b"new")
+        assert tmp.read_bytes() == b"new" and tmp.parent == store
+
+    for name in ("link.bin", "dangling.bin"):
+        files.write_via_path(tmp_path / name, write)
+        assert (tmp_path / name).is_symlink()
+    assert (store / "real.bin").read_bytes() == (store / "new.bin").read_bytes() == b"new"
+    assert stat.S_IMODE(os.stat(store / "real.bin").st_mode) == 0o640
+
+    def full(tmp: Path) -> None:
+        tmp.write_bytes(b"ne")
+        _enospc()
+
+    def refused(tmp: Path) -> None:
+        tmp.write_bytes(b"bad")
+        raise ValueError("the self-check failed")
+
+    link = tmp_path / "link.bin"
+    with pytest.raises(files.WriteError, match=f"^cannot write {link}: No space left on device$"):
+        files.write_via_path(link, full)
+    with pytest.raises(ValueError, match="the self-check failed"):  # not a write error: passes through
+        files.write_via_path(link, refused)
+    with pytest.raises(files.WriteError, match=f"^cannot write {store}: is a directory$"):
+        files.write_via_path(store, write)
+    assert (store / "real.bin").read_bytes() == b"new" and leftovers(tmp_path) == []
+
+
+def test_write_via_path_copies_into_a_fifo_and_standard_output(tmp_path, capsysbinary):
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps({"a": 1}))
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    box: list = []
+    t = _fifo_json_reader(fifo, box)
+    files.write_via_path(fifo, write)
+    t.join(30)
+    assert box == [{"a": 1}] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    files.write_via_path("-", write)
+    assert json.loads(capsysbinary.readouterr().out) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fifo"]
