@@ -191,3 +191,28 @@ def test_search_exclude_drops_exactly_the_named_row():
         knn.search(q, 3, database=db, exclude=exclude[:4])
     with pytest.raises(ValueError, match="k=30 is larger than the set: only 29"):
         knn.search(q, 30, database=db, exclude=exclude)
+
+
+def test_write_index_streams_faiss_format_and_a_failed_write_is_the_oserror(tmp_path):
+    """The blocks ``write_index`` hands out are the bytes ``faiss.write_index`` writes to a file (read back as the
+    same index); a write that fails raises its own OSError, not faiss' RuntimeError."""
+    import errno
+
+    import faiss
+
+    x = _data(n=3000, e=128)  # 1.5 MiB of vectors: more than one block
+    index = knn.build_index(x, metric="euclidean")
+    blocks: list[bytes] = []
+    knn.write_index(index, lambda b: blocks.append(bytes(b)) or len(b))
+    faiss.write_index(index, str(tmp_path / "native.faiss"))
+    assert len(blocks) > 1 and b"".join(blocks) == (tmp_path / "native.faiss").read_bytes()
+    (tmp_path / "streamed.faiss").write_bytes(b"".join(blocks))
+    _, ids = knn.search_index(knn.read_index(tmp_path / "streamed.faiss"), x[:5], 3, metric="euclidean")
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+    def full(b: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        knn.write_index(index, full)
+    assert type(e.value) is OSError and e.value.errno == errno.ENOSPC

@@ -3,7 +3,9 @@ one clear error for a damaged or mismatched pair of files."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from typer.testing import CliRunner
 from dvml.cache import load_split
 from dvml.cli import app
 from dvml.retrieval import knn
+
+from ..faults.test_io_faults import assert_one_line_error, leftovers
 
 runner = CliRunner()
 
@@ -121,6 +125,71 @@ def test_ivf_cli_prints_recall(pipeline, tmp_path):
     assert "recall@10 of the exact neighbours: 1.0000" in " ".join(stdout.split())  # 1 list for 12 items: exact
 
 
+# ------------------------------------------------------------------------------------------ where the files go
+def test_index_and_search_json_write_through_symlinks(pipeline, tmp_path):
+    """INDEX through a symlink (the link stays; its table goes beside the link, named after it), and search reads
+    the pair through the link; ``--json`` through a dangling symlink creates the file it names."""
+    from dvml.serve.index import file_digest
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "real.faiss").write_bytes(b"an older index")
+    link = tmp_path / "link.faiss"
+    link.symlink_to(store / "real.faiss")
+    _ok(["index", str(pipeline["run"]), "-o", str(link), "--overwrite"])
+    meta = json.loads((tmp_path / "link.faiss.json").read_text())
+    assert link.is_symlink() and not (tmp_path / "link.faiss.json").is_symlink()
+    assert (meta["index_bytes"], meta["index_digest"]) == ((store / "real.faiss").stat().st_size,
+                                                           file_digest(store / "real.faiss"))
+    (tmp_path / "hits.json").symlink_to(store / "hits.json")
+    _ok(["search", str(link), str(pipeline["root"] / "eel" / "eel_1.jpg"), "-k", "1", "--json",
+         str(tmp_path / "hits.json")])
+    assert (tmp_path / "hits.json").is_symlink()
+    assert json.loads((store / "hits.json").read_text())["queries"][0]["results"][0]["path"] == "eel/eel_1.jpg"
+    assert leftovers(tmp_path) == []
+
+
+def test_search_json_dash_is_standard_output(pipeline, flat_index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["search", str(flat_index), str(pipeline["root"] / "eel" / "eel_1.jpg"), "-k", "2",
+                            "--json", "-"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)  # standard output holds the JSON alone; the table went to standard error
+    assert res["queries"][0]["results"][0]["path"] == "eel/eel_1.jpg" and "rank" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
+def test_a_directory_as_index_table_or_json_target_is_one_line(pipeline, flat_index, tmp_path):
+    for name, out_name in (("d.faiss", "d.faiss"), ("t.faiss.json", "t.faiss")):  # INDEX, then its table
+        target, out = tmp_path / name, tmp_path / out_name
+        target.mkdir()
+        for extra in ([], ["--overwrite"]):
+            r = runner.invoke(app, ["index", str(pipeline["run"]), "-o", str(out), *extra])
+            assert_one_line_error(r, r.output, f"cannot write {target}: is a directory")
+        assert list(target.iterdir()) == []
+    assert not (tmp_path / "d.faiss.json").exists() and not (tmp_path / "t.faiss").exists()
+    r = runner.invoke(app, ["search", str(flat_index), str(pipeline["root"] / "eel"), "--json", str(tmp_path)])
+    assert_one_line_error(r, r.output, f"cannot write {tmp_path}: is a directory")
+    assert "rank" not in r.output and leftovers(tmp_path) == []  # refused before the search
+
+
+def test_a_failed_index_write_is_one_line_and_keeps_the_old_pair(pair, pipeline, monkeypatch):
+    """The serializer fails half-way (a full disk): one line naming INDEX; the old INDEX and its table are intact
+    (search still reads them) and no temporary file is left."""
+    side = pair.with_name(pair.name + ".json")
+    before = pair.read_bytes(), side.read_bytes()
+
+    def write_index(index, write) -> None:
+        write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(knn, "write_index", write_index)
+    r = runner.invoke(app, ["index", str(pipeline["run"]), "-o", str(pair), "--overwrite"])
+    assert_one_line_error(r, r.output, f"cannot write {pair}: No space left on device")
+    assert (pair.read_bytes(), side.read_bytes()) == before and leftovers(pair.parent) == []
+    _ok(["search", str(pair), str(pipeline["root"] / "eel" / "eel_1.jpg"), "-k", "1"])
+
+
 # ------------------------------------------------------------------------------------------ damaged / mismatched
 @pytest.fixture
 def pair(flat_index, tmp_path) -> Path:
@@ -178,6 +247,7 @@ def test_query_model_of_another_dimension(pair, pipeline, tmp_path, one_line_err
 
 def test_existing_output_and_bad_sources(pipeline, flat_index, tmp_path, one_line_error):
     one_line_error(["index", str(pipeline["run"]), "-o", str(flat_index)], "already exists")
+    one_line_error(["index", str(pipeline["run"]), "-o", "-"], "an index is a file with its row table beside it")
     one_line_error(["index", str(pipeline["root"]), "-o", str(tmp_path / "x.faiss")], "needs --model")
     one_line_error(["index", str(tmp_path / "nope"), "-o", str(tmp_path / "x.faiss")], "no such run directory")
     one_line_error(["search", str(flat_index), str(tmp_path / "none.jpg")], "no such image file or folder")

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from dvml.cli.app import app, console, handle_errors
+from dvml.cli.app import app, console, err_console, handle_errors
+from dvml.files import is_stdout
 from dvml.serve.index import SearchConfig, search
 
 
@@ -25,11 +26,13 @@ def search_cmd(
                                            "each query)."),
     nprobe: int | None = typer.Option(None, help="IVF lists visited (default: the index's)."),
     ef_search: int | None = typer.Option(None, help="HNSW beam (default: the index's)."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file ('-': "
+                                                               "standard output, the tables going to standard error)."),
 ):
     """Top-k gallery items of each query image, with distances, labels and paths."""
     res = search(SearchConfig(index=index, queries=tuple(queries), k=k, model=model, weights=weights,
                               exclude_self=exclude_self, nprobe=nprobe, ef_search=ef_search, json_path=json_path))
+    out = err_console if is_stdout(json_path) else console  # standard output holds only the JSON
     for q in res["queries"]:
         table = Table(title=q["query"], title_justify="left",
                       caption=f"paths relative to {res['root']}" if res.get("root") else None, caption_justify="left")
@@ -38,6 +41,6 @@ def search_cmd(
         for r in q["results"]:
             table.add_row(str(r["rank"]), f"{r['distance']:.4f}", str(r["label"]), r.get("class_name") or "",
                           r["path"])
-        console.print(table)
-    if json_path is not None:
+        out.print(table)
+    if json_path is not None and not is_stdout(json_path):
         console.print(f"wrote {json_path}")

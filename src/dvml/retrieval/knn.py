@@ -379,9 +379,14 @@ def index_nlist(index) -> int | None:
     return None if ivf is None else int(ivf.nlist)
 
 
-def write_index(index, path) -> None:
-    """``faiss.write_index`` to ``path`` (the caller makes it atomic)."""
-    faiss.write_index(index, str(path))
+def write_index(index, write: Callable[[bytes], object]) -> None:
+    """``index`` in faiss' file format (what ``faiss.write_index`` writes), streamed in blocks of up to 1 MiB
+    through ``write`` (a binary file's ``write``; the caller makes the file atomic: :func:`dvml.files.write_file`).
+
+    Python does the I/O, so a failed write raises the ``OSError`` of ``write``; faiss' own file writer would turn
+    it into a RuntimeError, or ignore it when it only shows at ``fclose``.
+    """
+    faiss.write_index(index, faiss.PyCallbackIOWriter(write))
 
 
 def read_index(path):

@@ -30,14 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dvml import files
 from dvml import runs as R
 from dvml.errors import DvmlError
 from dvml.retrieval import knn
@@ -63,8 +62,13 @@ def sidecar_path(index_path: str | Path) -> Path:
     return p.with_name(p.name + SIDECAR_SUFFIX)
 
 
+def _digest():
+    """The hash behind ``index_digest`` (and the embedder record's ``digest``): blake2b, 16 bytes."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = _digest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -197,14 +201,14 @@ def gallery_from_run(run_dir: Path, split: str = "test") -> Gallery:
 
 def gallery_from_images(folder: Path, model: str | Path, *, weights: str | Path | None = None) -> Gallery:
     """Every image under ``folder``, embedded by ``model`` (see :func:`load_embedder`)."""
-    files = image_files([folder])
-    rel = [f.relative_to(folder).as_posix() for f in files]
+    images = image_files([folder])
+    rel = [f.relative_to(folder).as_posix() for f in images]
     tops = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
     code = {name: i for i, name in enumerate(tops)}
     labels = np.array([code[r.split("/", 1)[0]] if "/" in r else -1 for r in rel], dtype=np.int64)
-    emb = load_embedder(model, weights=weights).embed_paths(files)
+    emb = load_embedder(model, weights=weights).embed_paths(images)
     return Gallery(embeddings=emb, labels=labels, paths=rel, root=str(folder.resolve()),
-                   source={"kind": "images", "folder": str(folder.resolve()), "n_images": len(files)},
+                   source={"kind": "images", "folder": str(folder.resolve()), "n_images": len(images)},
                    embedder=embedder_record(model), class_names={str(i): n for n, i in code.items()})
 
 
@@ -259,6 +263,8 @@ class IndexConfig:
             raise ValueError(f"--nlist must be >= 1, got {self.nlist}")
         if self.hnsw_m < 2:
             raise ValueError(f"--hnsw-m must be >= 2, got {self.hnsw_m}")
+        if files.is_stdout(self.out):
+            raise ValueError("-o -: an index is a file with its row table beside it; name the index file")
         if self.out.suffix == SIDECAR_SUFFIX:
             raise ValueError(f"-o {self.out}: name the index file itself (its table goes to INDEX{SIDECAR_SUFFIX})")
 
@@ -282,20 +288,9 @@ def recall_vs_exact(gallery: np.ndarray, index, *, metric: Metric, k: int = RECA
     return {"k": int(k), "queries": int(rows.size), "recall": hits / (k * rows.size)}
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
-    """Build the index of ``g``, write INDEX and INDEX.json, return the sidecar dict.
+    """Build the index of ``g``, write INDEX and INDEX.json (each atomically, through :mod:`dvml.files`), return
+    the sidecar dict.
 
     A query/gallery split (``g.roles``) indexes its gallery rows only, as ``dvml evaluate`` searches them; the
     row ids are then the rows' positions in the test split.
@@ -318,12 +313,23 @@ def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
                                  ef_search=cfg.ef_search)
         log.info("%s index: recall@%d of the exact neighbours %.4f on %d gallery queries", cfg.kind.value,
                  recall["k"], recall["recall"], recall["queries"])
-    _atomic(cfg.out, lambda tmp: knn.write_index(index, tmp))
+    digest, size = _digest(), 0  # of the bytes as they are written: INDEX may be a pipe, and is not read back
+
+    def write(f) -> None:
+        def block(data: bytes) -> int:
+            nonlocal size
+            digest.update(data)
+            size += len(data)
+            return f.write(data)
+
+        knn.write_index(index, block)
+
+    files.write_file(cfg.out, write)
     n = int(g.embeddings.shape[0])
     ids = np.arange(n) if g.ids is None else g.ids
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "index_file": cfg.out.name, "index_bytes": cfg.out.stat().st_size, "index_digest": file_digest(cfg.out),
+        "index_file": cfg.out.name, "index_bytes": size, "index_digest": digest.hexdigest(),
         **facts,
         "params": {"nlist": knn.index_nlist(index),
                    "hnsw_m": cfg.hnsw_m if cfg.kind is IndexKind.hnsw else None, "seed": cfg.seed},
@@ -334,15 +340,21 @@ def write_gallery_index(g: Gallery, cfg: IndexConfig) -> dict:
         "rows": {"ids": [int(i) for i in ids], "labels": [int(v) for v in g.labels], "paths": list(g.paths)},
         "versions": R.versions(),
     }
-    _atomic(sidecar_path(cfg.out), lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    files.write_text(json.dumps(meta) + "\n", sidecar_path(cfg.out))
     log.info("wrote %s (%s, %s, %d x %d) and %s", cfg.out, facts["kind"], facts["metric"], n, facts["dim"],
              sidecar_path(cfg.out))
     return meta
 
 
 def run(cfg: IndexConfig) -> dict:
-    """``dvml index``: gather the gallery of ``cfg.source`` and write INDEX + INDEX.json; returns the sidecar."""
+    """``dvml index``: gather the gallery of ``cfg.source`` and write INDEX + INDEX.json; returns the sidecar.
+
+    Raises:
+        WriteError: an output that cannot be written (a directory, a path under a regular file: found before the
+            gallery is embedded), or a failed write.
+    """
     for p in (cfg.out, sidecar_path(cfg.out)):
+        files.check_target(p)
         if p.exists() and not cfg.overwrite:
             raise DvmlError(f"{p}: already exists; pass --overwrite to replace it")
     g = gallery_from_source(cfg.source, split=cfg.split, model=cfg.model, weights=cfg.weights)
@@ -476,8 +488,10 @@ def search_embeddings(g: GalleryIndex, queries: np.ndarray, k: int, *, exclude_r
 def search(cfg: SearchConfig) -> dict:
     """``dvml search``: embed the query images and return ``{"index", "k", "metric", "embedder", "queries":
     [{"query", "results": [...]}, ...]}`` (also written to ``cfg.json_path``)."""
+    if cfg.json_path is not None:
+        files.check_target(cfg.json_path)  # a directory or an impossible path fails now, not after the embedding
     g = load_index(cfg.index)
-    files = image_files(cfg.queries)
+    queries = image_files(cfg.queries)
     rec = g.meta.get("embedder") or {}
     spec = cfg.model if cfg.model is not None else rec.get("path")
     if spec is None:
@@ -488,17 +502,17 @@ def search(cfg: SearchConfig) -> dict:
     embedder = load_embedder(spec, weights=cfg.weights)
     if embedder.embedding_dim != g.dim:
         raise DvmlError(f"{spec}: gives {embedder.embedding_dim}-D embeddings but {cfg.index} holds {g.dim}-D ones")
-    emb = embedder.embed_paths(files)
+    emb = embedder.embed_paths(queries)
     exclude: list[int | None] = []
     if cfg.exclude_self:
         root = g.meta.get("root")
         where = {str((Path(root) / p).resolve()) if root else p: i for i, p in enumerate(g.meta["rows"]["paths"])}
-        exclude = [where.get(str(f.resolve())) for f in files]
+        exclude = [where.get(str(f.resolve())) for f in queries]
     results = search_embeddings(g, emb, cfg.k, exclude_rows=exclude, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     out = {"index": str(cfg.index.resolve()), "k": cfg.k, "metric": g.metric.value, "kind": g.meta["kind"],
            "embedder": str(spec), "root": g.meta.get("root"),
-           "queries": [{"query": str(f), "results": r} for f, r in zip(files, results, strict=True)]}
+           "queries": [{"query": str(f), "results": r} for f, r in zip(queries, results, strict=True)]}
     if cfg.json_path is not None:
-        _atomic(cfg.json_path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2) + "\n"))
+        files.write_json(out, cfg.json_path)
         log.info("wrote %s", cfg.json_path)
     return out
