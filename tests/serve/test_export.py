@@ -3,7 +3,9 @@ onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; b
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from typer.testing import CliRunner
 
 from dvml.cache import load_split
 from dvml.cli import app
+
+from ..faults.test_io_faults import assert_one_line_error, leftovers
 
 runner = CliRunner()
 
@@ -167,31 +171,21 @@ def test_loaded_back_through_dvml(pipeline, tmp_path, evaluate_embeddings):
     assert float(np.abs(m.embed_paths(split_images(pipeline)) - evaluate_embeddings(pipeline["run"])).max()) <= 1e-4
 
 
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for needle in needles:
-        assert needle in text, result.output
-
-
-def test_bad_requests_are_one_line_errors(pipeline, tmp_path):
+def test_bad_requests_are_one_line_errors(pipeline, tmp_path, one_line_error):
     from dvml.extract.synth import SynthConfig, generate
 
-    _one_line_error(runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(tmp_path / "m.zip")]),
-                    "unknown model format")
+    one_line_error(["export", str(pipeline["run"]), "-o", str(tmp_path / "m.zip")], "unknown model format")
     existing = tmp_path / "m.pt"
     existing.write_bytes(b"x")
-    _one_line_error(runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(existing)]), "already exists")
+    one_line_error(["export", str(pipeline["run"]), "-o", str(existing)], "already exists")
     synth = generate(SynthConfig(n_classes=4, images_per_class=2, views=1, feature_dim=8, class_dim=4, hidden_dim=8),
                      tmp_path / "synth.h5")
-    _one_line_error(runner.invoke(app, ["export", str(synth), "-o", str(tmp_path / "s.pt")]),
-                    "made by backbone 'synthetic-nonlinear-map', which dvml cannot rebuild")
-    _one_line_error(runner.invoke(app, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "n.pt")]),
-                    "no such run directory")
+    one_line_error(["export", str(synth), "-o", str(tmp_path / "s.pt")],
+                   "made by backbone 'synthetic-nonlinear-map', which dvml cannot rebuild")
+    one_line_error(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "n.pt")], "no such run directory")
 
 
-def test_a_run_whose_cache_moved_is_refused(pipeline, tmp_path):
+def test_a_run_whose_cache_moved_is_refused(pipeline, tmp_path, one_line_error):
     import shutil
 
     run = tmp_path / "run"
@@ -199,7 +193,7 @@ def test_a_run_whose_cache_moved_is_refused(pipeline, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["cache"] = str(tmp_path / "gone.h5")
     (run / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "m.pt")]), "no longer exists")
+    one_line_error(["export", str(run), "-o", str(tmp_path / "m.pt")], "no longer exists")
 
 
 def test_damaged_model_files_are_named(tmp_path):
@@ -233,3 +227,67 @@ def test_any_backbone_named_by_the_cache(pipeline, tmp_path, evaluate_embeddings
 
     meta = load_exported(tmp_path / "r18.pt").meta
     assert meta["source"]["backbone"] == "torchvision.resnet18" and meta["preprocess"]["crop"] == 40
+
+
+# ------------------------------------------------------------------------------------------ where the file goes
+def test_export_writes_through_a_symlink(pipeline, tmp_path):
+    from dvml.serve.export import load_exported
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "new.pt").symlink_to(store / "new.pt")  # dangling: the file it names is created
+    (store / "old.pt").write_bytes(b"an older model")
+    (tmp_path / "old.pt").symlink_to(store / "old.pt")
+    _export(pipeline["run"], tmp_path / "new.pt")
+    _export(pipeline["run"], tmp_path / "old.pt", "--overwrite")
+    for name in ("new.pt", "old.pt"):
+        assert (tmp_path / name).is_symlink() and (store / name).is_file()
+        assert load_exported(tmp_path / name).embedding_dim == 16
+    assert leftovers(tmp_path) == []
+
+
+def test_a_directory_as_export_target_is_one_line(pipeline, tmp_path):
+    target = tmp_path / "m.pt"
+    target.mkdir()
+    for extra in ([], ["--overwrite"]):
+        r = runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(target), *extra])
+        assert_one_line_error(r, r.output, f"cannot write {target}: is a directory")
+    assert list(target.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def _fill_then_fail(f) -> None:
+    """A serializer's write on a full disk: part of the file, then ENOSPC."""
+    f.write(b"\0" * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _onnx_save_on_a_full_disk(model, path, *a, **k) -> None:
+    with open(path, "wb") as f:
+        _fill_then_fail(f)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_a_failed_export_write_is_one_line_and_keeps_the_old_file(pipeline, tmp_path, monkeypatch, suffix):
+    """The serializer (torch.jit.save, onnx.save) fails half-way: one line naming the file, the old file intact, no
+    temporary file; likewise when the written file fails its self-check."""
+    import torch
+
+    from dvml.serve import export
+
+    if suffix == ".onnx":
+        onnx = pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
+        monkeypatch.setattr(onnx, "save", _onnx_save_on_a_full_disk)
+    else:
+        monkeypatch.setattr(torch.jit, "save", lambda m, f, *a, **k: _fill_then_fail(f))
+    model = tmp_path / f"m{suffix}"
+    model.write_bytes(b"the old model")
+    args = ["export", str(pipeline["run"]), "-o", str(model), "--overwrite"]
+    r = runner.invoke(app, args)
+    assert_one_line_error(r, r.output, f"cannot write {model}: No space left on device")
+    assert model.read_bytes() == b"the old model" and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(export, "SELF_CHECK_TOLERANCE", -1.0)
+    r = runner.invoke(app, args)
+    assert_one_line_error(r, r.output, f"{model}: the exported model disagrees with dvml's", "not written")
+    assert model.read_bytes() == b"the old model" and leftovers(tmp_path) == []

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -44,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dvml import files
 from dvml.extract.backbone import Preprocess
 from dvml.serve.embedder import Embedding, ExportError, describe, from_target, load_images
 
@@ -115,7 +114,8 @@ def _write_torchscript(e: Embedding, example: torch.Tensor, meta: dict, path: Pa
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and "torch.jit is deprecated" chatter; the self-check is the test
         traced = torch.jit.trace(e.module.eval(), example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
+    with open(path, "wb") as f:  # a python file: a failed write is an OSError (torch's own writer: RuntimeError)
+        torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
 
 
 def _write_onnx(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
@@ -144,28 +144,32 @@ def _write_onnx(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> 
 
 
 def run(cfg: ExportConfig, *, embedding: Embedding | None = None) -> ExportResult:
-    """Export ``cfg.target`` to ``cfg.out`` (atomic: a temporary file renamed over it) and check it back.
+    """Export ``cfg.target`` to ``cfg.out`` and check it back, by :func:`dvml.files.write_via_path`: a temporary
+    file is written, loaded and compared with dvml's module, and only then renamed over ``cfg.out`` (through a
+    symlink; no temporary file is left when anything fails).
 
     Raises:
         ExportError: an existing output without ``overwrite``, a target that cannot be embedded (see
             :func:`dvml.serve.embedder.from_run`), a missing ONNX package, a file that disagrees with its module.
+        WriteError: an output that cannot be written (a directory, a path under a regular file: found before the
+            model is built), or a failed write.
     """
+    files.check_target(cfg.out)
     if cfg.out.exists() and not cfg.overwrite:
         raise ExportError(f"{cfg.out}: already exists; pass --overwrite to replace it")
     e = embedding or from_target(cfg.target, weights=cfg.weights)
     meta = describe(e)
     meta["format_name"] = cfg.format.value
     example = _example(e, cfg.batch)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cfg.out.name}.", suffix=cfg.out.suffix, dir=cfg.out.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    diff = float("nan")  # the self-check's max |exported - dvml|
+
+    def write_and_check(tmp: Path) -> None:
+        nonlocal diff
         if cfg.format is ExportFormat.torchscript:
             _write_torchscript(e, example, meta, tmp)
         else:
             _write_onnx(e, example, meta, tmp)
-        loaded = load_exported(tmp)
+        loaded = load_exported(tmp, fmt=cfg.format)
         check = torch.randint(0, 256, example.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             want = e.module.eval()(check).numpy()
@@ -173,10 +177,8 @@ def run(cfg: ExportConfig, *, embedding: Embedding | None = None) -> ExportResul
         if not diff <= SELF_CHECK_TOLERANCE:
             raise ExportError(f"{cfg.out}: the exported model disagrees with dvml's by {diff:.3g} (> "
                               f"{SELF_CHECK_TOLERANCE}); not written")
-        os.replace(tmp, cfg.out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    files.write_via_path(cfg.out, write_and_check)
     log.info("exported %s (%s, %d-D z_I, input uint8 %dx%d); self-check max |diff| %.3g", cfg.out, cfg.format.value,
              e.embedding_dim, e.preprocess.crop, e.preprocess.crop, diff)
     return ExportResult(path=cfg.out, format=cfg.format, meta=meta, self_check_max_abs_diff=diff)
@@ -225,15 +227,16 @@ def _check_meta(path: Path, raw: str | bytes | None) -> dict:
     return meta
 
 
-def load_exported(path: str | Path) -> ExportedModel:
-    """Load a file written by :func:`run` (TorchScript with torch.jit, ONNX with onnxruntime) on the CPU.
+def load_exported(path: str | Path, *, fmt: ExportFormat | None = None) -> ExportedModel:
+    """Load a file written by :func:`run` (TorchScript with torch.jit, ONNX with onnxruntime) on the CPU; ``fmt``
+    defaults to the one its suffix names (:func:`format_of`).
 
     Raises :class:`ExportError` naming the file when it is missing, damaged or not a dvml export.
     """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such model file")
-    fmt = format_of(path)
+    fmt = format_of(path) if fmt is None else fmt
     if fmt is ExportFormat.torchscript:
         extra = {TORCHSCRIPT_META_FILE: ""}
         try:
