@@ -53,3 +53,37 @@ def test_losses_and_fit_devices_are_choices_with_the_same_values():
 def test_every_command_has_help(command):
     r = typer.testing.CliRunner().invoke(app, [command, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_fit_heads_and_finetune_share_the_objective_options():
+    """The DVML objective's options are declared once (cli.options.objective_options): the same flags, choices,
+    default and help in both commands."""
+    import typing
+
+    from dvml.cli.options import objective_options
+    from dvml.heads.config import HeadsConfig
+
+    def params(command):
+        return {p.name: p for p in COMMANDS[command].params}
+
+    fit, ft = params("fit-heads"), params("finetune")
+    types = typing.get_type_hints(HeadsConfig)
+    for name in objective_options():
+        a, b = fit[name], ft[name]
+        assert (a.opts, a.secondary_opts, a.default, a.help) == (b.opts, b.secondary_opts, b.default, b.help), name
+        field = [t for t in typing.get_args(types[name]) if t is not type(None)] or [types[name]]  # X | None: X
+        assert _annotation(a) is _annotation(b) is field[0], name  # typed as the config field
+    assert "finetune refuses it" in ft["standardize"].help
+
+
+def test_set_and_config_values_are_checked_against_the_enums():
+    from dvml.cli.options import check_field_types, parse_set
+    from dvml.heads.config import FitConfig
+
+    assert parse_set(["likelihood=l2", "variance-scale=unit", "metric_reduction=nonzero"]) == {
+        "likelihood": "l2", "variance_scale": "unit", "metric_reduction": "nonzero"}
+    with pytest.raises(ValueError, match="likelihood: expected one of l2, gaussian, got 'laplace'"):
+        parse_set(["likelihood=laplace"])
+    with pytest.raises(ValueError, match="variance_space: expected one of raw, normalized"):
+        check_field_types(FitConfig, {"variance_space": "sphere"}, "--config c.json")
+    check_field_types(FitConfig, {"metric_reduction": None, "variance_scale": "class"}, "--config c.json")

@@ -141,3 +141,75 @@ def test_against_single_process_full_batch_gradient(tmp_path: Path):
     got = torch.load(out, weights_only=True)
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _dvml_setup(tmp: str):
+    """A finetune config with every gathered batch statistic on (class scale, class centring, gaussian s²), a
+    linear "backbone" under DVML heads (so phase 1 recomputes μ on a detached x), and its two losses."""
+    from dvml.finetune import FinetuneConfig
+    from dvml.finetune.model import FinetuneNet, metric_loss
+    from dvml.heads.model import DVMLHeads
+
+    cfg = FinetuneConfig(dataset="cub", root=tmp, out=tmp, weights="none", embedding_size=4, decoder_hidden=8,
+                         samples=3, batch_size=6, per_class=2, centre_mu=True)
+    torch.manual_seed(0)
+    net = FinetuneNet(torch.nn.Linear(5, 6), DVMLHeads(6, **cfg.heads_kwargs()))
+    return cfg, net, metric_loss(cfg, 3)
+
+
+def _dvml_grads(net, loss, x, y, eps, cfg, mean=lambda t: t) -> dict:
+    """Per phase (1 at epoch 15, 2 at epoch 30): the loss terms (``mean``: over processes, as finetune logs them)
+    and the gradient of every parameter."""
+    out = {}
+    for epoch in (15.0, 30.0):
+        lam = cfg.lambdas(epoch)
+        net.zero_grad()
+        feats, heads_out = net(x, y, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, eps=eps)
+        terms = loss(heads_out, feats.detach(), y, lam)
+        terms["total"].backward()
+        module = getattr(net, "module", net)
+        out[lam.phase] = ({k: float(mean(v.detach())) for k, v in terms.items()},
+                          {n: p.grad.clone() for n, p in module.named_parameters()})
+    return out
+
+
+def _dvml_worker(rank: int, world: int, port: int, tmp: str, x, y, eps, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dvml.finetune.distributed import all_reduce_mean, gather_batch, init_distributed, shutdown
+    from dvml.finetune.model import GatheredMetric, dvml_loss
+
+    ctx = init_distributed("cpu")
+    cfg, net, metric = _dvml_setup(tmp)
+    loss = dvml_loss(cfg, GatheredMetric(metric), gather=gather_batch)  # as finetune's training loss
+    b = len(y) // world
+    sl = slice(rank * b, (rank + 1) * b)
+    got = _dvml_grads(torch.nn.parallel.DistributedDataParallel(net), loss, x[sl], y[sl], eps[:, sl], cfg,
+                      all_reduce_mean)
+    if rank == 0:
+        torch.save(got, out)
+    shutdown(ctx)
+
+
+def test_dvml_batch_statistics_against_single_process_full_batch(tmp_path: Path):
+    """The heads' class scale and class centring of z_V and the gaussian likelihood's s² are the global batch's:
+    2 gloo processes give the single-process loss terms and gradients, in both phases, also when a class is
+    split over the processes (3 classes x 2 images over 2 ranks: class 1 on both)."""
+    from dvml.finetune.model import dvml_loss
+
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2])
+    eps = torch.randn(3, 6, 4)
+    cfg, net, metric = _dvml_setup(str(tmp_path))
+    want = _dvml_grads(net, dvml_loss(cfg, metric), x, y, eps, cfg)
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_dvml_worker, args=(2, free_port(), str(tmp_path), x, y, eps, out), nprocs=2, join=True,
+                       start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    for phase in (1, 2):
+        (terms_w, grads_w), (terms_g, grads_g) = want[phase], got[phase]
+        for k, v in terms_w.items():
+            assert terms_g[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (phase, k)
+        for n, g in grads_w.items():
+            torch.testing.assert_close(grads_g[n], g, rtol=1e-4, atol=1e-6, msg=f"phase {phase} {n}")

@@ -67,3 +67,51 @@ def test_dict_round_trip_and_model_dict():
     assert FitConfig.from_dict(d) == c
     md = c.model_dict()
     assert "epochs" not in md and "resume" not in md and "cache" not in md and md["val_classes"] == 3
+
+
+def test_string_options_are_enums_and_recorded_as_strings():
+    """likelihood, variance_space, variance_scale, metric_reduction take their strings (config files, --set, old
+    runs) and hold enum members; config.json records the plain strings."""
+    import json
+
+    from dvml.heads.config import Likelihood, Reduction, VarianceScale, VarianceSpace
+    from dvml.losses import MetricReduction
+
+    d = cfg()
+    assert (d.likelihood, d.variance_space, d.variance_scale) == (Likelihood.gaussian, VarianceSpace.normalized,
+                                                                  VarianceScale.class_)
+    assert d.reduction is Reduction.sum and d.metric_reduction is MetricReduction.sum  # triplet: the paper's sums
+    assert cfg(reduction="mean").metric_reduction is MetricReduction.nonzero
+    c = cfg(likelihood="l2", variance_space="raw", variance_scale="unit", metric_reduction="mean")
+    assert c.likelihood is Likelihood.l2 and c.variance_space is VarianceSpace.raw
+    assert c.variance_scale is VarianceScale.unit and c.metric_reduction is MetricReduction.mean
+    rec = c.to_dict()
+    for name, value in (("likelihood", "l2"), ("variance_space", "raw"), ("variance_scale", "unit"),
+                        ("metric_reduction", "mean"), ("reduction", "sum")):
+        assert type(rec[name]) is str and rec[name] == value, name
+    assert json.loads(json.dumps(rec)) == rec and FitConfig.from_dict(rec) == c
+    assert c.heads_kwargs()["variance_space"] is VarianceSpace.raw
+
+
+def test_an_old_config_with_strings_loads():
+    """A run's config as dvml wrote it before the enums (plain strings, fit-heads' remedies) reads back."""
+    old = {"cache": "c.h5", "out": "run", "loss": "triplet", "reduction": "sum", "metric_reduction": "sum",
+           "likelihood": "gaussian", "standardize": False, "free_bits": 0.0, "variance_space": "normalized",
+           "variance_scale": "class", "variance_kappa": 1.0, "metric_grad_to_variance": True, "centre_mu": False,
+           "triplet_input": False, "lambdas_phase1": [1.0, 1.0, 0.1, 1.0], "device": "cpu"}
+    c = FitConfig.from_dict(old)
+    assert c == cfg(device="cpu")
+    assert {k: v for k, v in c.to_dict().items() if k in old} == old
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(likelihood="laplace"), "--likelihood must be one of l2, gaussian, got 'laplace'"),
+    (dict(variance_space="sphere"), "--variance-space must be one of raw, normalized"),
+    (dict(variance_scale="batch"), "--variance-scale must be one of unit, class"),
+    (dict(metric_reduction="max"), "--metric-reduction must be one of nonzero, sum, mean"),
+    (dict(variance_kappa=0), "variance_kappa"),
+    (dict(free_bits=-1), "free_bits"),
+])
+def test_invalid_choices_name_the_option_and_its_choices(kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(**kw)

@@ -10,11 +10,10 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, parse_lambdas
+from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, objective, parse_lambdas
 from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
-from dvml.heads.config import Reduction
 from dvml.losses import LossName
 
 _F = FinetuneConfig  # option defaults are the config dataclass defaults
@@ -25,6 +24,7 @@ TORCHRUN = "torchrun --standalone --nproc_per_node=N --no-python dvml finetune .
 @app.command("finetune", epilog=f"Multi-GPU (one process per GPU, DDP over NCCL; gloo on CPU): {TORCHRUN} "
                                 "--batch-size is the global batch and must be divisible by N.")
 @handle_errors
+@objective
 def finetune_cmd(
     dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
     root: Path = typer.Option(..., "--root", help="Dataset directory (as for dvml extract)."),
@@ -49,7 +49,6 @@ def finetune_cmd(
     kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
     lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
     lambdas_phase2: str = HEAD_OPTS["lambdas_phase2"],
-    reduction: Reduction = HEAD_OPTS["reduction"],
     embedding_size: int = HEAD_OPTS["embedding_size"],
     decoder_hidden: int = HEAD_OPTS["decoder_hidden"],
     samples: int = HEAD_OPTS["samples"],
@@ -78,12 +77,14 @@ def finetune_cmd(
     overwrite: bool = HEAD_OPTS["overwrite"],
     skip_bad: bool = typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
                                   "decoding pass before training; listed in config.json) instead of stopping."),
+    **objective_opts,
 ):
     """Train the backbone (GoogLeNet by default) and the DVML heads together from images (the paper's end-to-end
     setting).
 
-    Augmentation: resize, random crop, horizontal flip. Two phases and loss weights as in fit-heads. Evaluate
-    the result with `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
+    Augmentation: resize, random crop, horizontal flip. Two phases, loss weights and the DVML objective options
+    (and their defaults) as in fit-heads; --standardize is fit-heads only. Evaluate the result with
+    `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
     """
     from dvml.finetune import distributed as D
     from dvml.finetune import finetune
@@ -93,13 +94,13 @@ def finetune_cmd(
                          weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
                          phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
                          lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
-                         lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"), reduction=reduction,
+                         lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
                          embedding_size=embedding_size, decoder_hidden=decoder_hidden, samples=samples,
                          batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
                          temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
                          resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
                          checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
-                         overwrite=overwrite, workers=workers, skip_bad=skip_bad)
+                         overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
     state = {"last": None, "epoch": 0}
     progress = make_progress("step", TextColumn("{task.fields[terms]}"))

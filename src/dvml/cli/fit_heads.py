@@ -8,9 +8,9 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, check_field_types, parse_lambdas
+from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, check_field_types, objective, parse_lambdas
 from dvml.cli.render import format_terms
-from dvml.heads.config import DeviceChoice, FitConfig, Reduction
+from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.losses import LossName
 
 
@@ -42,6 +42,7 @@ def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
 
 @app.command("fit-heads")
 @handle_errors
+@objective
 def fit_heads_cmd(
     ctx: typer.Context,
     cache: Path = typer.Argument(..., help="HDF5 feature cache (dvml extract / dvml synth)."),
@@ -56,33 +57,6 @@ def fit_heads_cmd(
     kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
     lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
     lambdas_phase2: str = HEAD_OPTS["lambdas_phase2"],
-    reduction: Reduction = typer.Option(None,
-                                        help="sum (the paper's eqs. 2, 4, 8, 9: KL over E, recon over D, triplet "
-                                             "losses over their triplets) or mean (per dimension / non-zero "
-                                             "triplet) (default: sum for triplet and triplet-dws, mean for the "
-                                             "other losses)."),
-    metric_reduction: str = typer.Option(None, help="Triplet losses over their triplets: sum, mean or nonzero "
-                                                    "[default: sum with --reduction sum, else nonzero]."),
-    likelihood: str = typer.Option(FitConfig.likelihood,
-                                   help="Reconstruction term: l2 (the paper) or gaussian (calibrated decoder: NLL at "
-                                        "the maximum-likelihood shared variance, independent of the features' units)."),
-    standardize: bool = typer.Option(FitConfig.standardize, "--standardize/--no-standardize",
-                                     help="Reconstruct per-dimension standardised features (training statistics)."),
-    free_bits: float = typer.Option(FitConfig.free_bits,
-                                    help="KL free bits: nats per dimension not charged (0 = off)."),
-    variance_space: str = typer.Option(FitConfig.variance_space,
-                                       help="raw: z_hat = z_I + s*z_V (the paper); normalized: z_hat = z_I/||z_I|| + "
-                                            "s*z_V (the variance lives where the metric loss looks)."),
-    variance_scale: str = typer.Option(FitConfig.variance_scale,
-                                       help="s: unit (1, the paper) or class (the batch's within-class std per "
-                                            "dimension of the embedding z_V is added to)."),
-    variance_kappa: float = typer.Option(FitConfig.variance_kappa, help="Multiplier of s."),
-    metric_grad_to_variance: bool = typer.Option(FitConfig.metric_grad_to_variance,
-                                                 "--metric-grad-to-variance/--no-metric-grad-to-variance",
-                                                 help="Whether Lm(z_hat) trains mu and sigma too (the paper) or only "
-                                                      "z_I (mu, sigma then learn from the KL and reconstruction)."),
-    centre_mu: bool = typer.Option(FitConfig.centre_mu, "--centre-mu/--no-centre-mu",
-                                   help="Centre the posterior mean within each class of the batch."),
     diag_images: int = typer.Option(FitConfig.diag_images,
                                     help="Training images (view 0, seeded subset) of the per-epoch diagnostics; "
                                          "0 = off."),
@@ -113,6 +87,7 @@ def fit_heads_cmd(
     config: Path = typer.Option(None, "--config",
                                 help="JSON file of fit options (e.g. dvml tune's best_config.json); options given "
                                      "on the command line override it."),
+    **objective_opts,
 ):
     """Train the DVML heads (z_I, mu, log sigma^2, decoder) on cached features with the four-term loss."""
     from dvml.heads import fit  # lazily: torch is heavy and other commands do not need it
@@ -122,15 +97,11 @@ def fit_heads_cmd(
               kl_warmup_epochs=kl_warmup_epochs,
               lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
               lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
-              reduction=reduction, metric_reduction=metric_reduction, likelihood=likelihood, standardize=standardize,
-              free_bits=free_bits,
-              variance_space=variance_space, variance_scale=variance_scale, variance_kappa=variance_kappa,
-              metric_grad_to_variance=metric_grad_to_variance, centre_mu=centre_mu, diag_images=diag_images,
-              grad_every=grad_every, triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
+              diag_images=diag_images, grad_every=grad_every, triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
               weight_decay=weight_decay,
               batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma, temperature=temperature,
               label_smoothing=label_smoothing, seed=seed, device=device, eval_every=eval_every,
-              val_classes=val_classes, resume=resume, overwrite=overwrite)
+              val_classes=val_classes, resume=resume, overwrite=overwrite, **objective_opts)
     if config is not None:
         kw = _merge_config_file(ctx, kw, config)
     cfg = FitConfig(cache=cache, out=out, **kw)

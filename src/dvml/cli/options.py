@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import types
 import typing
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -49,8 +52,6 @@ def head_options() -> dict:
                                          help="KL weight rises linearly from 0 over this many epochs (0 = off)."),
         "lambdas_phase1": typer.Option(format_lambdas(H.lambdas_phase1), help="Phase-1 " + lam),
         "lambdas_phase2": typer.Option(format_lambdas(H.lambdas_phase2), help="Phase-2 " + lam),
-        "reduction": typer.Option(H.reduction, help="KL over E and recon over D: sum (the paper's eqs. 8-9) or "
-                                                    "mean."),
         "lr": typer.Option(H.lr, help="Adam learning rate of the heads."),
         "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies (default: 100 x --lr; "
                                                    "only proxy losses use it)."),
@@ -65,6 +66,68 @@ def head_options() -> dict:
         "overwrite": typer.Option(FitConfig.overwrite, "--overwrite/--no-overwrite",
                                   help="Replace a run already in --out."),
     }
+
+
+def objective_options() -> dict[str, typer.models.OptionInfo]:
+    """The typer options of the DVML objective's and variance branch's :class:`~dvml.heads.config.HeadsConfig`
+    fields (issue 14), shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
+    H = HeadsConfig
+    options = {
+        "reduction": typer.Option(H.reduction, help="sum (the paper's eqs. 2, 4, 8, 9: KL over E, recon over D, "
+                                                    "triplet losses over their triplets) or mean (per dimension / "
+                                                    "non-zero triplet) (default: sum for triplet and triplet-dws, "
+                                                    "mean for the other losses)."),
+        "metric_reduction": typer.Option(H.metric_reduction, help="Triplet losses over their triplets (default: sum "
+                                                                  "with --reduction sum, else nonzero)."),
+        "likelihood": typer.Option(H.likelihood, help="Reconstruction term: l2 (the paper) or gaussian (calibrated "
+                                                      "decoder: NLL at the maximum-likelihood shared variance, "
+                                                      "independent of the features' units)."),
+        "standardize": typer.Option(H.standardize, "--standardize/--no-standardize",
+                                    help="Reconstruct per-dimension standardised features (training statistics). "
+                                         "fit-heads only: finetune refuses it (its features change as the backbone "
+                                         "trains)."),
+        "free_bits": typer.Option(H.free_bits, help="KL free bits: nats per dimension not charged (0 = off)."),
+        "variance_space": typer.Option(H.variance_space, help="raw: z_hat = z_I + s*z_V (the paper); normalized: "
+                                                              "z_hat = z_I/||z_I|| + s*z_V (the variance lives where "
+                                                              "the metric loss looks)."),
+        "variance_scale": typer.Option(H.variance_scale, help="s: unit (1, the paper) or class (the batch's "
+                                                              "within-class std per dimension of the embedding z_V "
+                                                              "is added to)."),
+        "variance_kappa": typer.Option(H.variance_kappa, help="Multiplier of s."),
+        "metric_grad_to_variance": typer.Option(H.metric_grad_to_variance,
+                                                "--metric-grad-to-variance/--no-metric-grad-to-variance",
+                                                help="Whether Lm(z_hat) trains mu and sigma too (the paper) or only "
+                                                     "z_I (mu, sigma then learn from the KL and reconstruction)."),
+        "centre_mu": typer.Option(H.centre_mu, "--centre-mu/--no-centre-mu",
+                                  help="Centre the posterior mean within each class of the batch."),
+    }
+    for option in options.values():
+        option.rich_help_panel = "DVML objective and variance branch"
+    return options
+
+
+def with_options(config: type, options: dict[str, typer.models.OptionInfo]) -> Callable[[Callable], Callable]:
+    """Decorator: give a typer command the keyword ``options`` (field name -> typer option, typed as the field of
+    the dataclass ``config``), which it receives in its ``**kwargs``: one declaration of a group of options for
+    every command that takes it (typer reads the signature this sets). The command's own parameters come first
+    in ``--help``."""
+    types_ = typing.get_type_hints(config)
+
+    def add(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=types_[name])
+                 for name, option in options.items()]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=[*own, *added])
+        command.__annotations__ = {**typing.get_type_hints(fn), **{p.name: p.annotation for p in added}}
+        return command
+
+    return add
 
 
 def parse_lambdas(text: str, option: str) -> tuple[float, float, float, float]:
@@ -185,3 +248,4 @@ def fit_overrides(**opts) -> dict:
 
 
 HEAD_OPTS = head_options()
+objective = with_options(HeadsConfig, objective_options())  # @objective: fit-heads' and finetune's options

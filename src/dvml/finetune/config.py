@@ -10,12 +10,19 @@ from pathlib import Path
 from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
-from dvml.heads.config import HeadsConfig, Reduction
+from dvml.heads.config import HeadsConfig
 
 #: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
 #: dataset's index digest is checked instead.
 CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "checkpoint_every", "resume",
                             "overwrite"})
+
+#: What a finetune run from before these fields were recorded trained with (the paper's heads and objective: L2
+#: reconstruction, raw z_V at unit scale; the triplet losses' pml ``nonzero`` reducer): read under its checkpoint's
+#: config on --resume and by :func:`~dvml.finetune.inference.load_finetuned`, so old runs keep their meaning.
+LEGACY_HEAD_FIELDS = {"metric_reduction": "nonzero", "likelihood": "l2", "standardize": False, "free_bits": 0.0,
+                      "variance_space": "raw", "variance_scale": "unit", "variance_kappa": 1.0,
+                      "metric_grad_to_variance": True, "centre_mu": False}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(HeadsConfig):
@@ -25,10 +32,16 @@ class FinetuneConfig(HeadsConfig):
         dataset, root: the image dataset (official format, zero-shot split; see :mod:`dvml.extract.datasets`).
         out: run directory.
         loss ... seed: :class:`~dvml.heads.config.HeadsConfig` (``lr`` is the heads' learning rate; ``batch_size``
-            is the global batch over all processes; ``weight_decay`` applies to backbone and heads). Unlike
-            fit-heads (issue 14), finetune trains the paper's heads (raw z_V with a unit prior, the L2
-            reconstruction), so its ``reduction`` default stays ``mean``: the L2 reconstruction summed over D
-            would swamp the metric loss.
+            is the global batch over all processes; ``weight_decay`` applies to backbone and heads). The DVML
+            objective and variance branch have fit-heads' defaults (issue 14): the calibrated ``gaussian``
+            likelihood, z_V on the unit sphere at the class's scale (``normalized``, ``class``) and the
+            per-loss ``reduction`` (``sum`` for triplet and triplet-dws, ``mean`` otherwise): the gaussian
+            reconstruction does not scale with the backbone's feature units, so the summed terms weigh as the
+            paper's λs assume end to end too; the paper's heads are ``likelihood="l2", variance_space="raw",
+            variance_scale="unit"`` (with ``reduction="mean"``, finetune's default before issue 14, since the
+            L2 reconstruction summed over D swamps the metric loss). The batch statistics (class scale, class
+            centring, the gaussian's s²) are the global batch's under torchrun. ``standardize`` is refused: it
+            needs fixed training features, and the backbone's change as it trains.
         backbone_lr: Adam learning rate of the backbone. Default 1e-4, the paper's single rate for the whole
             network; 1e-5 is a gentler choice with ``init_heads``.
         backbone: the network, as for ``dvml extract --backbone`` (``googlenet``, any torchvision classifier,
@@ -52,7 +65,6 @@ class FinetuneConfig(HeadsConfig):
     dataset: DatasetName
     root: Path
     out: Path
-    reduction: Reduction | None = Reduction.mean  # the paper's heads with L2 recon: see the class docstring
     backbone_lr: float = 1e-4
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
@@ -82,9 +94,10 @@ class FinetuneConfig(HeadsConfig):
         s(self, "out", Path(self.out))
         if self.init_heads is not None:
             s(self, "init_heads", Path(self.init_heads))
-        if self.reduction is None:  # the CLI's shared option: finetune's own default, not fit-heads' per-loss one
-            s(self, "reduction", Reduction.mean)
         super().__post_init__()  # the head-training fields
+        if self.standardize:
+            raise ValueError("--standardize is for fit-heads only: it needs fixed training features, and finetune's "
+                             "change as the backbone trains")
         if not self.backbone_lr > 0:
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
         check_image_options(self)

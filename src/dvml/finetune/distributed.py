@@ -14,7 +14,9 @@ How a multi-GPU run is laid out (``torchrun --standalone --nproc_per_node=N --no
   (``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients that flow to each
   rank's slice). Every rank computes the same loss on the same gathered batch, so each rank's local
   gradient is ``world_size`` times its share of the full-batch gradient and DistributedDataParallel's
-  gradient *average* over ranks gives back exactly the single-process full-batch gradient (tested).
+  gradient *average* over ranks gives back exactly the single-process full-batch gradient (tested). The
+  other batch statistics are gathered the same way (:func:`gather_batch`): the heads' class scale and class
+  centring of z_V and the gaussian likelihood's s² (the mean squared error) are the global batch's.
 
 Everything here degrades to a no-op in a single process, so the training loop has one code path.
 """
@@ -171,6 +173,13 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` concatenated (rank order): :func:`gather_with_grad` for a tensor that carries a
+    gradient, :func:`gather_no_grad` otherwise (labels, detached statistics). What the heads' batch statistics
+    and the gaussian likelihood's s² use (:data:`dvml.heads.model.Gather`). Identity in a single process."""
+    return gather_with_grad(x) if x.requires_grad else gather_no_grad(x)
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:

@@ -27,6 +27,8 @@ from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.extractor import DEFAULT_WORKERS, FeatureModel
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views
 from dvml.extract.transforms import worker_init as _extract_worker_init
+from dvml.finetune.config import LEGACY_HEAD_FIELDS
+from dvml.heads.config import HEADS_KWARGS
 from dvml.heads.model import DVMLHeads
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,8 @@ def load_finetuned(run_dir: str | Path, *, read_index: bool = True) -> Finetuned
         backbone.preprocess.with_sizes(p.get("resize"), p.get("crop"))
     backbone = replace(backbone, preprocess=pre)
     cfgd = info.config
-    heads = DVMLHeads(int(ckpt["in_dim"]), int(cfgd["embedding_size"]), int(cfgd["decoder_hidden"]),
-                      dvml=bool(cfgd["dvml"]))
+    recorded = {**LEGACY_HEAD_FIELDS, **cfgd}  # a run from before the DVML options: the paper's heads
+    heads = DVMLHeads(int(ckpt["in_dim"]), **{k: recorded[k] for k in HEADS_KWARGS})
     heads.load_state_dict(ckpt["model"])
     heads.eval()
     index = None

@@ -17,31 +17,34 @@ from dvml.extract.backbone import Backbone, load_backbone
 from dvml.extract.extractor import preprocess_for
 from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
-from dvml.heads.model import DVMLHeads, HeadsOutput
+from dvml.heads.model import DVMLHeads, Gather, HeadsOutput
 from dvml.heads.objective import DVMLLoss
 from dvml.losses import MetricLoss, make_metric_loss
+from dvml.losses.metric import BatchedTripletLoss
 
 log = logging.getLogger(__name__)
 
 class FinetuneNet(nn.Module):
     """Backbone + heads as one module (what DistributedDataParallel wraps).
 
-    ``forward(images (B, 3, c, c) normalised) -> (x (B, D) float32, HeadsOutput)``: the backbone under
-    autocast when ``amp_dtype`` is set, the heads in float32.
+    ``forward(images (B, 3, c, c) normalised, labels (B,)) -> (x (B, D) float32, HeadsOutput)``: the backbone
+    under autocast when ``amp_dtype`` is set, the heads in float32, their batch statistics over the global batch
+    (:func:`~dvml.finetune.distributed.gather_batch`).
     """
 
     def __init__(self, backbone: nn.Module, heads: DVMLHeads, amp_dtype: torch.dtype | None = None):
         super().__init__()
         self.backbone, self.heads, self.amp_dtype = backbone, heads, amp_dtype
 
-    def forward(self, images: torch.Tensor, *, samples: int, stop_recon_grad: bool,
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, *, samples: int, stop_recon_grad: bool,
                 eps: torch.Tensor | None) -> tuple[torch.Tensor, HeadsOutput]:
         dev = images.device.type
         with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             x = self.backbone(images)
         x = x.float()
         with torch.autocast(dev, enabled=False):
-            out = self.heads(x, samples=samples, stop_recon_grad=stop_recon_grad, eps=eps)
+            out = self.heads(x, samples=samples, stop_recon_grad=stop_recon_grad, eps=eps, labels=labels,
+                             gather=D.gather_batch)
         return x, out
 
 
@@ -103,11 +106,25 @@ def init_model(cfg: FinetuneConfig, n_classes: int, *, backbone: Backbone | None
         set_bn_frozen(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        heads = DVMLHeads(backbone.feature_dim, cfg.embedding_size, cfg.decoder_hidden, dvml=cfg.dvml)
-        metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size,
-                                  seed=cfg.seed, **cfg.loss_params())
-    loss = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value)
-    return Model(backbone, FinetuneNet(model, heads), metric, loss)
+        heads = DVMLHeads(backbone.feature_dim, **cfg.heads_kwargs())
+        metric = metric_loss(cfg, n_classes)
+    return Model(backbone, FinetuneNet(model, heads), metric, dvml_loss(cfg, metric))
+
+
+def metric_loss(cfg: FinetuneConfig, n_classes: int) -> MetricLoss:
+    """``cfg``'s metric loss Lm: its parameters, and the triplet losses' ``metric_reduction`` (as fit-heads)."""
+    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
+                              **cfg.loss_params())
+    if isinstance(metric, BatchedTripletLoss):  # the paper's eqs. 2 and 4 sum over triplets
+        metric.reducer = cfg.metric_reduction
+    return metric
+
+
+def dvml_loss(cfg: FinetuneConfig, metric: MetricLoss, gather: Gather | None = None) -> DVMLLoss:
+    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits); ``gather`` as
+    :class:`~dvml.heads.objective.DVMLLoss`'s (the training loss under torchrun)."""
+    return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
+                    free_bits=cfg.free_bits, gather=gather)
 
 
 def load_init_heads(run_dir: Path, model: Model, cfg: FinetuneConfig, train_classes: np.ndarray,

@@ -18,15 +18,18 @@ Training, per step (one global class-balanced batch of ``batch_size`` images, ``
   scaler) → x (B, D), cast to float32; the **heads and the loss run in float32** (they are a tiny part of
   the cost, and exp(log σ²) and the metric losses are the numerically delicate part).
 * **Loss**: the four DVML terms with the fit-heads schedule (phase 1 then phase 2 at ``phase2_epoch``, KL
-  warm-up), or Lm(z_I) alone with ``dvml=False``. The metric terms see the batch gathered over all
-  processes (:mod:`dvml.finetune.distributed`).
+  warm-up) and fit-heads' objective options and defaults (the calibrated ``gaussian`` likelihood, z_V on the
+  unit sphere at the class's scale, the per-loss reduction; :class:`~dvml.finetune.config.FinetuneConfig`), or
+  Lm(z_I) alone with ``dvml=False``. The metric terms see the batch gathered over all processes, and so do the
+  batch statistics (the class scale and centring of z_V, the gaussian's s²; :mod:`dvml.finetune.distributed`).
 * **Optimiser**: Adam with separate learning rates — ``backbone_lr`` for the backbone, ``lr`` for the heads,
   ``proxy_lr`` for a proxy loss's proxies.
 
 Decisions (what the paper leaves open):
 
 * **The reconstruction target is detached.** The decoder reconstructs the backbone's D-dimensional feature x, and
-  ``recon = ‖x.detach() − dec(ẑ)‖²``. If the target carried gradient, the backbone could lower the
+  the reconstruction term compares ``x.detach()`` with ``dec(ẑ)`` (``‖x.detach() − dec(ẑ)‖²`` with
+  ``likelihood="l2"``). If the target carried gradient, the backbone could lower the
   reconstruction error by *changing x itself* — shrinking or flattening its features towards whatever the
   decoder already outputs — a shortcut with a degenerate optimum (constant features) that fights the metric
   loss. The paper reconstructs "the output features of GoogLeNet's last average pooling layer" as a target,
@@ -110,9 +113,9 @@ from dvml.extract.datasets import DatasetIndex, read_dataset
 from dvml.extract.transforms import worker_init as _extract_worker_init
 from dvml.files import check_not_busy, make_dir
 from dvml.finetune import distributed as D
-from dvml.finetune.config import FinetuneConfig
+from dvml.finetune.config import LEGACY_HEAD_FIELDS, FinetuneConfig
 from dvml.finetune.data import AugmentedImages, KeyedBatches, collate, drop_unreadable
-from dvml.finetune.model import GatheredMetric, init_model, load_init_heads, set_train_mode
+from dvml.finetune.model import GatheredMetric, dvml_loss, init_model, load_init_heads, set_train_mode
 from dvml.heads.batch import fit_batch
 from dvml.heads.core import (
     Callback,
@@ -124,7 +127,7 @@ from dvml.heads.core import (
     optimizer,
     start_log,
 )
-from dvml.heads.objective import TERMS, DVMLLoss
+from dvml.heads.objective import TERMS
 from dvml.seeding import step_seed
 
 log = logging.getLogger(__name__)
@@ -151,7 +154,8 @@ def _prepare_dir(cfg: FinetuneConfig, ctx: D.DistContext) -> dict | None:
                 state = "a finished" if ckpt.get("finished") else "an unfinished"
                 raise DvmlError(f"{out}: holds {state} finetune run (epoch {ckpt['epochs_done']}, step "
                                 f"{ckpt['global_step']}); pass --resume to continue it or --overwrite to replace it")
-            old = {"backbone": DEFAULT_BACKBONE, **ckpt["config"]}  # runs from before --backbone: GoogLeNet
+            # runs from before --backbone: GoogLeNet; from before the DVML options: the paper's heads
+            old = {"backbone": DEFAULT_BACKBONE, **LEGACY_HEAD_FIELDS, **ckpt["config"]}
             check_resume_config(out, old, cfg.model_dict())
             resume_from = ckpt
     D.barrier()
@@ -244,7 +248,7 @@ class _Finetune:
         self.ddp = self.net
         if ctx.distributed:
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=[device] if self.cuda else None)
-        self.train_loss = DVMLLoss(GatheredMetric(model.metric), dvml=cfg.dvml, reduction=cfg.reduction.value)
+        self.train_loss = dvml_loss(cfg, GatheredMetric(model.metric), gather=D.gather_batch)
         self.dataset = AugmentedImages(index.root, index.train, y, self.pre, cfg.seed)
         self.header = {"kind": R.FINETUNE_KIND, "cache": None, "cache_fingerprint": None, "seed": cfg.seed,
                        "versions": R.versions(), "dataset": index.name, "index_digest": self.digest,
@@ -392,7 +396,7 @@ class _Finetune:
                               device=device)[:, lo:hi]
         if hasattr(self.model.metric, "generator"):
             self.model.metric.generator = gen
-        x, heads_out = self.ddp(images, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, eps=eps)
+        x, heads_out = self.ddp(images, labels, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, eps=eps)
         terms = self.train_loss(heads_out, x.detach(), labels, lam)  # the reconstruction target is detached
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["total"]).backward()

@@ -1,11 +1,13 @@
-"""Configuration of a heads fit: :class:`FitConfig` (frozen, validated once) and the λ/phase schedule.
+"""Configuration of a heads fit: :class:`FitConfig` (frozen, validated once) and the λ/phase schedule;
+:class:`HeadsConfig`, its head-training part, is also the base of finetune's config.
 
 The paper's settings (section 3.5) are the defaults: embedding size 512, T = 20 synthetic draws, Adam with
 lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, the sums of eqs. 2, 4, 8 and 9,
 batch 120 for the triplet loss and 128 for every other loss. Two defaults deviate from the paper, by
 measurement (issue 14; README's deviation table): the reconstruction likelihood is calibrated
 (``likelihood="gaussian"``) and z_V lives on the unit sphere at the class's scale (``variance_space``,
-``variance_scale``); the paper's forms are options. What the paper leaves open has a documented default here:
+``variance_scale``); the paper's forms are options (fit-heads and finetune alike). What the paper leaves open
+has a documented default here:
 when phase 2 starts (``phase2_epoch``), the KL warm-up (λ1 ramped linearly from 0 over the first
 ``kl_warmup_epochs`` epochs, as in the implementation summary ``000_…``), the number of epochs, the
 images per class in a batch, and the proxies' learning rate.
@@ -18,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName, MetricReduction
 
 
 class Reduction(str, Enum):
@@ -26,6 +28,27 @@ class Reduction(str, Enum):
 
     sum = "sum"  # the paper's eqs. 8-9 (KL over E, recon over D) and 2/4 (triplet losses over their triplets)
     mean = "mean"  # per dimension (KL, recon) and per non-zero triplet
+
+
+class Likelihood(str, Enum):
+    """The reconstruction term's form (:func:`~dvml.heads.objective.recon_term`)."""
+
+    l2 = "l2"  # the paper's ‖x − x̂‖² (eq. 9)
+    gaussian = "gaussian"  # −log N(x; x̂, s²I) at the batch's maximum-likelihood s² (calibrated decoder)
+
+
+class VarianceSpace(str, Enum):
+    """Where z_V is added (:class:`~dvml.heads.model.DVMLHeads`)."""
+
+    raw = "raw"  # the paper: ẑ = z_I + s·z_V
+    normalized = "normalized"  # ẑ = z_I/‖z_I‖ + s·z_V, on the unit sphere where the metric losses compare
+
+
+class VarianceScale(str, Enum):
+    """The factor s of z_V (:meth:`~dvml.heads.model.DVMLHeads.zv_scale`)."""
+
+    unit = "unit"  # the paper: s = 1 (times variance_kappa)
+    class_ = "class"  # the batch's pooled within-class standard deviation per dimension (times variance_kappa)
 
 
 class DeviceChoice(str, Enum):
@@ -58,6 +81,23 @@ PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
 # Fields that control how a run is executed, not what is trained: they may differ on --resume and are
 # not part of the recorded model config.
 CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs", "diag_images", "grad_every"})
+
+
+def set_choice(config, name: str, choices: type[Enum]) -> None:
+    """Set the field ``name`` of the frozen ``config`` to the member of ``choices`` its value (member or string)
+    names; a ValueError naming the option and its choices otherwise."""
+    value = getattr(config, name)
+    try:
+        object.__setattr__(config, name, choices(value))
+    except ValueError:
+        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(m.value for m in choices)}, "
+                         f"got {value!r}") from None
+
+
+#: The fields of :class:`HeadsConfig` that are :class:`~dvml.heads.model.DVMLHeads`' keyword arguments after
+#: ``in_dim`` (sizes and the variance branch's options).
+HEADS_KWARGS = ("embedding_size", "decoder_hidden", "dvml", "variance_space", "variance_scale", "variance_kappa",
+                "metric_grad_to_variance", "centre_mu")
 
 
 def plain_dict(config) -> dict:
@@ -119,6 +159,25 @@ class HeadsConfig:
             against O(0.1-1) metric terms (a synth world's test Recall@1 fell from 0.64 to 0.09 once phase 2
             opened); with the calibrated ``likelihood="gaussian"`` the reconstruction no longer scales with
             the features' units, and the sums weigh the four terms as the paper's λs assume (issue 14).
+        metric_reduction: how the triplet losses reduce over their triplets: ``sum``, ``mean`` (over all
+            triplets) or ``nonzero`` (over the non-zero ones, pml's reducer); ``None`` = ``sum`` with
+            ``reduction="sum"``, ``nonzero`` with ``"mean"``.
+        likelihood: the reconstruction term: ``gaussian`` (default; the NLL of x under N(x̂, s²I) with s² the
+            batch's mean squared error, the "optimal σ" calibrated decoder of Rybkin et al. 2021: independent of
+            the features' units) or ``l2`` (the paper's ‖x − x̂‖²; its balance against the KL depends on the
+            backbone's units: on unit-norm text features it collapses the posterior).
+        standardize: reconstruct per-dimension standardised features (training statistics) instead of x. Needs
+            fixed features: fit-heads only (finetune refuses it; its features change as the backbone trains).
+        free_bits: KL free bits per dimension (Kingma et al. 2016); 0 = off.
+        variance_space: ``normalized`` (default): ẑ = z_I/‖z_I‖ + s·z_V, the variance lives on the unit sphere
+            where every metric loss compares embeddings; ``raw`` (the paper): ẑ = z_I + s·z_V.
+        variance_scale: ``class`` (default): s = the batch's pooled within-class standard deviation per
+            dimension of the embedding z_V is added to (so a prior draw moves an embedding about as far as its
+            class's members lie from their centre); ``unit`` (the paper): s = 1.
+        variance_kappa: multiplier of s.
+        metric_grad_to_variance: False keeps Lm(ẑ)'s gradient off μ and σ (they learn from KL + recon only).
+        centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
+            information).
         lr: Adam learning rate of the heads (the paper: 1e-4).
         proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
             proxies start random and must move far faster than the heads).
@@ -144,6 +203,15 @@ class HeadsConfig:
     lambdas_phase1: tuple[float, float, float, float] = PHASE1_LAMBDAS
     lambdas_phase2: tuple[float, float, float, float] = PHASE2_LAMBDAS
     reduction: Reduction | None = None
+    metric_reduction: MetricReduction | None = None
+    likelihood: Likelihood = Likelihood.gaussian
+    standardize: bool = False
+    free_bits: float = 0.0
+    variance_space: VarianceSpace = VarianceSpace.normalized
+    variance_scale: VarianceScale = VarianceScale.class_
+    variance_kappa: float = 1.0
+    metric_grad_to_variance: bool = True
+    centre_mu: bool = False
     lr: float = 1e-4
     proxy_lr: float | None = None
     weight_decay: float = 0.0
@@ -157,16 +225,20 @@ class HeadsConfig:
 
     def __post_init__(self):
         s = object.__setattr__
-        try:
-            s(self, "loss", LossName(self.loss))
-        except ValueError:
-            raise ValueError(f"--loss must be one of {', '.join(m.value for m in LossName)}, "
-                             f"got {self.loss!r}") from None
-        try:
-            s(self, "reduction", default_reduction(LossName(self.loss)) if self.reduction is None
-              else Reduction(self.reduction))
-        except ValueError:
-            raise ValueError(f"--reduction must be sum or mean, got {self.reduction!r}") from None
+        set_choice(self, "loss", LossName)
+        if self.reduction is None:
+            s(self, "reduction", default_reduction(self.loss))
+        set_choice(self, "reduction", Reduction)
+        if self.metric_reduction is None:
+            s(self, "metric_reduction", MetricReduction.sum if self.reduction is Reduction.sum
+              else MetricReduction.nonzero)
+        for name, choices in (("metric_reduction", MetricReduction), ("likelihood", Likelihood),
+                              ("variance_space", VarianceSpace), ("variance_scale", VarianceScale)):
+            set_choice(self, name, choices)
+        if not self.variance_kappa > 0:
+            raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
+        if self.free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0, got {self.free_bits}")
         for name in ("embedding_size", "decoder_hidden", "samples", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -221,6 +293,11 @@ class HeadsConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             object.__setattr__(self, name, value)
 
+    def heads_kwargs(self) -> dict:
+        """Keyword arguments of :class:`~dvml.heads.model.DVMLHeads` after ``in_dim``: sizes and the variance
+        branch's options (:data:`HEADS_KWARGS`)."""
+        return {name: getattr(self, name) for name in HEADS_KWARGS}
+
     def loss_params(self) -> dict[str, float]:
         """The metric loss's parameters (resolved): keyword arguments of ``make_metric_loss``."""
         return {k: getattr(self, k) for k in LOSS_PARAM_DEFAULTS.get(self.loss, {})}
@@ -261,24 +338,6 @@ class FitConfig(HeadsConfig):
             validation Recall@1 (otherwise the last epoch). Never selects on test classes.
         resume: continue an interrupted run in ``out``.
         overwrite: replace a run already in ``out``.
-        metric_reduction: how the triplet losses reduce over their triplets: ``sum``, ``mean`` (over all
-            triplets) or ``nonzero`` (over the non-zero ones, pml's reducer); ``None`` = ``sum`` with
-            ``reduction="sum"``, ``nonzero`` with ``"mean"``.
-        likelihood: the reconstruction term: ``gaussian`` (default; the NLL of x under N(x̂, s²I) with s² the
-            batch's mean squared error, the "optimal σ" calibrated decoder of Rybkin et al. 2021: independent of
-            the features' units) or ``l2`` (the paper's ‖x − x̂‖²; its balance against the KL depends on the
-            backbone's units: on unit-norm text features it collapses the posterior).
-        standardize: reconstruct per-dimension standardised features (training statistics) instead of x.
-        free_bits: KL free bits per dimension (Kingma et al. 2016); 0 = off.
-        variance_space: ``normalized`` (default): ẑ = z_I/‖z_I‖ + s·z_V, the variance lives on the unit sphere
-            where every metric loss compares embeddings; ``raw`` (the paper): ẑ = z_I + s·z_V.
-        variance_scale: ``class`` (default): s = the batch's pooled within-class standard deviation per
-            dimension of the embedding z_V is added to (so a prior draw moves an embedding about as far as its
-            class's members lie from their centre); ``unit`` (the paper): s = 1.
-        variance_kappa: multiplier of s.
-        metric_grad_to_variance: False keeps Lm(ẑ)'s gradient off μ and σ (they learn from KL + recon only).
-        centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
-            information).
         triplet_input: triplet loss only: batches of batch_size/3 explicit (anchor, positive, negative)
             triplets, the paper's "triplet input" (section 3.5: 120 images = 40 triplets), instead of every
             triplet of a class-balanced batch.
@@ -290,15 +349,6 @@ class FitConfig(HeadsConfig):
 
     cache: Path
     out: Path
-    metric_reduction: str | None = None
-    likelihood: str = "gaussian"
-    standardize: bool = False
-    free_bits: float = 0.0
-    variance_space: str = "normalized"
-    variance_scale: str = "class"
-    variance_kappa: float = 1.0
-    metric_grad_to_variance: bool = True
-    centre_mu: bool = False
     triplet_input: bool = False
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
@@ -313,49 +363,19 @@ class FitConfig(HeadsConfig):
         s(self, "cache", Path(self.cache))
         s(self, "out", Path(self.out))
         super().__post_init__()
-        try:
-            s(self, "device", DeviceChoice(self.device))
-        except ValueError:
-            raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}") from None
+        set_choice(self, "device", DeviceChoice)
         for name in ("eval_every", "val_classes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.val_classes and not self.eval_every:
             raise ValueError("val_classes needs eval_every >= 1 (validation picks the best evaluated epoch)")
-        from dvml.heads.model import VARIANCE_SCALES, VARIANCE_SPACES
-        from dvml.heads.objective import LIKELIHOODS
-
-        for name, allowed in (("likelihood", LIKELIHOODS), ("variance_space", VARIANCE_SPACES),
-                              ("variance_scale", VARIANCE_SCALES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        if not self.variance_kappa > 0:
-            raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
-        if self.free_bits < 0:
-            raise ValueError(f"free_bits must be >= 0, got {self.free_bits}")
         if self.diag_images < 0 or self.grad_every < 0:
             raise ValueError("diag_images and grad_every must be >= 0")
-        if self.metric_reduction is None:
-            s(self, "metric_reduction", "sum" if self.reduction is Reduction.sum else "nonzero")
-        from dvml.losses.metric import TRIPLET_REDUCERS
-
-        if self.metric_reduction not in TRIPLET_REDUCERS:
-            raise ValueError(f"--metric-reduction must be one of {', '.join(TRIPLET_REDUCERS)}, got "
-                             f"{self.metric_reduction!r}")
         if self.triplet_input:
             if self.loss is not LossName.triplet:
                 raise ValueError(f"--triplet-input applies to --loss triplet only, got {self.loss.value}")
             if self.batch_size % 3:
                 raise ValueError(f"--triplet-input needs a batch size divisible by 3, got {self.batch_size}")
-
-    def heads_kwargs(self) -> dict:
-        """Keyword arguments of :class:`~dvml.heads.model.DVMLHeads` after ``in_dim``: sizes and the variance
-        branch's options."""
-        return {"embedding_size": self.embedding_size, "decoder_hidden": self.decoder_hidden, "dvml": self.dvml,
-                "variance_space": self.variance_space, "variance_scale": self.variance_scale,
-                "variance_kappa": self.variance_kappa, "metric_grad_to_variance": self.metric_grad_to_variance,
-                "centre_mu": self.centre_mu}
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""

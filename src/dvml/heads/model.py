@@ -28,14 +28,18 @@ layer in both phases.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANCE_SPACES = ("raw", "normalized")
-VARIANCE_SCALES = ("unit", "class")
+from dvml.heads.config import VarianceScale, VarianceSpace
+
+#: Concatenates a tensor's rows over the processes of a distributed run, keeping the gradient (finetune under
+#: torchrun: :func:`dvml.finetune.distributed.gather_batch`); the batch statistics are then the global batch's.
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 class HeadsOutput(NamedTuple):
@@ -54,14 +58,24 @@ class HeadsOutput(NamedTuple):
     x_hat: torch.Tensor | None
 
 
-def class_centred(v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """(B, E) rows minus the mean row of their class in the batch (a class seen once becomes 0)."""
+def _class_means(v: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None):
+    """The class means of the rows of v (B, E) → (means (C, E), the index of each row's class (B,)); with
+    ``gather``, the classes and means of every process's rows."""
+    all_v, all_labels = (v, labels) if gather is None else (gather(v), gather(labels))
+    classes, inv = torch.unique(all_labels, return_inverse=True)
+    sums = torch.zeros((len(classes), v.shape[1]), dtype=v.dtype, device=v.device).index_add(0, inv, all_v)
+    counts = torch.bincount(inv, minlength=len(classes)).to(v.dtype)
+    mine = inv if gather is None else torch.searchsorted(classes, labels)
+    return sums / counts[:, None], mine
+
+
+def class_centred(v: torch.Tensor, labels: torch.Tensor | None, gather: Gather | None = None) -> torch.Tensor:
+    """(B, E) rows minus the mean row of their class in the batch (a class seen once becomes 0); with
+    ``gather``, the class means of the global batch (every process's rows)."""
     if labels is None:
         raise ValueError("centre_mu needs the batch's labels")
-    classes, inv = torch.unique(labels, return_inverse=True)
-    sums = torch.zeros((len(classes), v.shape[1]), dtype=v.dtype, device=v.device).index_add(0, inv, v)
-    counts = torch.bincount(inv, minlength=len(classes)).to(v.dtype)
-    return v - (sums / counts[:, None])[inv]
+    means, mine = _class_means(v, labels, gather)
+    return v - means[mine]
 
 
 class Decoder(nn.Module):
@@ -85,16 +99,17 @@ class DVMLHeads(nn.Module):
         decoder_hidden: decoder hidden width (the paper: 512).
         dvml: False builds only the embedding layer (the ``--no-dvml`` baseline). The embedding layer is
             created first, so the same seed gives the baseline and DVML the same initial embedding layer.
+        variance_space, variance_scale, variance_kappa, metric_grad_to_variance, centre_mu: the variance
+            branch's options (:class:`~dvml.heads.config.HeadsConfig`; members or their strings). The defaults
+            here are the paper's heads; the configs' defaults (``normalized``, ``class``) are dvml's.
     """
 
     def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True,
-                 variance_space: str = "raw", variance_scale: str = "unit", variance_kappa: float = 1.0,
+                 variance_space: VarianceSpace | str = VarianceSpace.raw,
+                 variance_scale: VarianceScale | str = VarianceScale.unit, variance_kappa: float = 1.0,
                  metric_grad_to_variance: bool = True, centre_mu: bool = False):
         super().__init__()
-        if variance_space not in VARIANCE_SPACES:
-            raise ValueError(f"variance_space must be one of {VARIANCE_SPACES}, got {variance_space!r}")
-        if variance_scale not in VARIANCE_SCALES:
-            raise ValueError(f"variance_scale must be one of {VARIANCE_SCALES}, got {variance_scale!r}")
+        variance_space, variance_scale = VarianceSpace(variance_space), VarianceScale(variance_scale)
         if not variance_kappa > 0:
             raise ValueError(f"variance_kappa must be > 0, got {variance_kappa}")
         self.in_dim, self.embedding_size, self.dvml = in_dim, embedding_size, dvml
@@ -111,21 +126,21 @@ class DVMLHeads(nn.Module):
         """Test-time output: z_I only. x (B, D) → (B, E)."""
         return self.embedding(x)
 
-    def zv_scale(self, base: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | float:
+    def zv_scale(self, base: torch.Tensor, labels: torch.Tensor | None,
+                 gather: Gather | None = None) -> torch.Tensor | float:
         """The factor s in ẑ = base + s·z_V (detached): κ for ``variance_scale="unit"``; for ``"class"``,
         κ · the batch's pooled within-class standard deviation per dimension of ``base`` (B, E), i.e.
         ``sqrt(Σ_i ‖base_i − c_{y_i}‖² / ((B − C)·E))`` with c the batch's class means — so a draw from the prior
-        moves an embedding about as far as its class's members lie from their centre."""
-        if self.variance_scale == "unit":
+        moves an embedding about as far as its class's members lie from their centre. With ``gather``, B, C
+        and the sum are the global batch's (every process's rows)."""
+        if self.variance_scale is VarianceScale.unit:
             return self.variance_kappa
         if labels is None:
             raise ValueError("variance_scale='class' needs the batch's labels")
-        b = base.detach()
-        classes, inv = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros((len(classes), b.shape[1]), dtype=b.dtype, device=b.device).index_add_(0, inv, b)
-        counts = torch.bincount(inv, minlength=len(classes)).to(b.dtype)
-        dev = b - (sums / counts[:, None])[inv]
-        dof = max(1, b.shape[0] - len(classes))
+        b, y = (base.detach(), labels) if gather is None else (gather(base.detach()), gather(labels))
+        means, inv = _class_means(b, y)
+        dev = b - means[inv]
+        dof = max(1, b.shape[0] - means.shape[0])
         return self.variance_kappa * (dev.square().sum() / (dof * b.shape[1])).sqrt()
 
     def synthesize(self, x: torch.Tensor, *, samples: int = 20, generator: torch.Generator | None = None,
@@ -135,7 +150,8 @@ class DVMLHeads(nn.Module):
 
     def forward(self, x: torch.Tensor, *, samples: int = 20, stop_recon_grad: bool = False,
                 generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, decode: bool = True) -> HeadsOutput:
+                labels: torch.Tensor | None = None, decode: bool = True,
+                gather: Gather | None = None) -> HeadsOutput:
         """Training forward pass.
 
         Args:
@@ -151,6 +167,9 @@ class DVMLHeads(nn.Module):
             (With ``metric_grad_to_variance=False`` the returned ``z_syn`` carries z_V detached: the metric term
             Lm(ẑ) then trains the embedding, while μ and σ learn from the KL and reconstruction terms alone.)
             decode: False skips the decoder (``x_hat`` None).
+            gather: when this process holds a shard of a distributed batch (finetune under torchrun): how the
+                batch statistics (``variance_scale="class"``, ``centre_mu``) see every process's rows, so that
+                they are the global batch's, as in one process (:data:`Gather`). None = ``x`` is the batch.
         Returns:
             :class:`HeadsOutput`; all T draws go through the decoder as one (T·B, E) batch. With
             ``variance_space="raw"`` (the paper) ẑ = z_I + s·z_V; with ``"normalized"`` ẑ = z_I/‖z_I‖ + s·z_V
@@ -161,12 +180,12 @@ class DVMLHeads(nn.Module):
             return HeadsOutput(z_i, None, None, None, None)
         mu, logvar = self.mu(x), self.logvar(x)
         if self.centre_mu:
-            mu = class_centred(mu, labels)
+            mu = class_centred(mu, labels, gather)
         if eps is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z_v = mu + (0.5 * logvar).exp() * eps  # (T, B, E): reparameterised, gradient reaches μ and σ
-        base = z_i if self.variance_space == "raw" else F.normalize(z_i, dim=-1)
-        scale = self.zv_scale(base, labels)
+        base = z_i if self.variance_space is VarianceSpace.raw else F.normalize(z_i, dim=-1)
+        scale = self.zv_scale(base, labels, gather)
         z_syn = base + scale * z_v
         if not self.metric_grad_to_variance:  # Lm(ẑ) trains z_I only; μ, σ learn from the ELBO alone
             z_syn_metric = base + scale * z_v.detach()
@@ -177,7 +196,7 @@ class DVMLHeads(nn.Module):
         if stop_recon_grad:
             if x.requires_grad:  # a trainable backbone below: recompute the variance branch on a detached x
                 xd = x.detach()
-                mu_d = class_centred(self.mu(xd), labels) if self.centre_mu else self.mu(xd)
+                mu_d = class_centred(self.mu(xd), labels, gather) if self.centre_mu else self.mu(xd)
                 z_v = mu_d + (0.5 * self.logvar(xd)).exp() * eps
             dec_in = base.detach() + scale * z_v
         else:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import Lambdas
-from dvml.heads.model import HeadsOutput
+from dvml.heads.config import Lambdas, Likelihood
+from dvml.heads.model import Gather, HeadsOutput
 from dvml.losses.metric import MetricLoss
 
 
@@ -52,11 +52,11 @@ def kl_term(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum", free
     return _reduce(per, reduction)
 
 
-LIKELIHOODS = ("l2", "gaussian")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum", likelihood: str = "l2") -> torch.Tensor:
+def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum", likelihood: Likelihood | str = "l2",
+               gather: Gather | None = None) -> torch.Tensor:
     """Reconstruction term of eq. 9, averaged over the T draws and B images.
 
     ``likelihood="l2"`` (the paper's simplification): ``‖x − x̂‖²`` summed over D. ``"gaussian"``: the negative
@@ -69,18 +69,24 @@ def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum", lik
         x: (B, D) targets (the cached backbone features).
         x_hat: (T, B, D) reconstructions of the T synthetic embeddings of each image (or (B, D)).
         reduction: ``"sum"`` over D (the paper) or ``"mean"`` over D (the same divided by D).
-        likelihood: ``"l2"`` or ``"gaussian"``.
+        likelihood: ``"l2"`` or ``"gaussian"`` (:class:`~dvml.heads.config.Likelihood`).
+        gather: ``x`` is this process's shard of a distributed batch (:data:`~dvml.heads.model.Gather`): the
+            gaussian's s² is then the global batch's mean squared error, as in one process (``"l2"`` is a mean
+            over rows and needs no gather).
     Returns:
         scalar tensor: ``(1 / (T·B)) Σ_i Σ_t ‖x_i − x̂_{i,t}‖²`` (divided by D for ``"mean"``) for ``"l2"``.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    likelihood = Likelihood(likelihood)
     # one fused kernel (forward and backward) over the (T, B, D) draws instead of sub/square/sum passes
     total = F.mse_loss(x_hat, x.expand_as(x_hat), reduction="sum")
-    if likelihood == "gaussian":
-        mse = total / x_hat.numel()
+    if likelihood is Likelihood.gaussian:
+        if gather is None:
+            mse = total / x_hat.numel()
+        else:  # every process's (squared error, count): the global batch's s²
+            total, count = gather(torch.stack([total, total.new_tensor(float(x_hat.numel()))])[None]).sum(dim=0)
+            mse = total / count
         per_dim = 0.5 * (torch.log(mse.clamp_min(1e-12)) + 1.0 + _LOG_2PI)
         return per_dim * (x_hat.shape[-1] if reduction == "sum" else 1.0)
     rows = x_hat.numel() // x_hat.shape[-1]
@@ -100,18 +106,22 @@ class DVMLLoss(nn.Module):
         likelihood: the reconstruction term's form, ``"l2"`` (the paper) or ``"gaussian"`` (calibrated decoder;
             :func:`recon_term`).
         free_bits: nats per dimension the KL does not charge (:func:`kl_term`); 0 = off.
+        gather: set when each process holds a shard of a distributed batch (finetune under torchrun): the
+            gaussian likelihood's s² is then the global batch's (:func:`recon_term`).
         target_mean, target_std: (D,) per-dimension statistics of the training features: when given, the
             reconstruction target is the standardised feature ``(x − mean) / std`` (the decoder predicts it).
     """
 
-    def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean", likelihood: str = "l2",
-                 free_bits: float = 0.0, target_mean: torch.Tensor | None = None,
-                 target_std: torch.Tensor | None = None):
+    def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean",
+                 likelihood: Likelihood | str = Likelihood.l2, free_bits: float = 0.0,
+                 target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None,
+                 gather: Gather | None = None):
         super().__init__()
         self.metric = metric
         self.dvml = dvml
         self.reduction = reduction
-        self.likelihood = likelihood
+        self.likelihood = Likelihood(likelihood)
+        self.gather = gather
         self.free_bits = float(free_bits)
         self.standardize = target_mean is not None
         if self.standardize:  # not persistent: recomputed from the training split by every fit (and --resume)
@@ -143,7 +153,7 @@ class DVMLLoss(nn.Module):
         if lam is None:
             raise ValueError("DVMLLoss needs the step's Lambdas when dvml=True")
         kl = kl_term(out.mu, out.logvar, self.reduction, self.free_bits)
-        recon = recon_term(self.target(x), out.x_hat, self.reduction, self.likelihood)
+        recon = recon_term(self.target(x), out.x_hat, self.reduction, self.likelihood, self.gather)
         m_syn = self.metric(out.z_syn, labels)
         total = lam.kl * kl + lam.recon * recon + lam.synthetic * m_syn + lam.invariant * m_inv
         return {"kl": kl, "recon": recon, "metric_invariant": m_inv, "metric_synthetic": m_syn, "total": total}

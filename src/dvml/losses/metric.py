@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName, MetricReduction
 from dvml.seeding import proxy_seed
 
 TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
@@ -167,7 +167,7 @@ def _avg_nonzero(v: torch.Tensor) -> torch.Tensor:
     return per_t.mean()
 
 
-TRIPLET_REDUCERS = ("nonzero", "sum", "mean")
+TRIPLET_REDUCERS = tuple(r.value for r in MetricReduction)
 
 
 def _reduce_triplets(v: torch.Tensor, reducer: str, count: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -206,10 +206,12 @@ class BatchedTripletLoss(MetricLoss):
 
     def __init__(self, margin: float = TRIPLET_MARGIN, squared: bool = True, dws: bool = False,
                  cutoff: float = DWS_CUTOFF, nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF,
-                 reducer: str = "nonzero", fixed_triplets: bool = False):
+                 reducer: MetricReduction | str = MetricReduction.nonzero, fixed_triplets: bool = False):
         super().__init__()
-        if reducer not in TRIPLET_REDUCERS:
-            raise ValueError(f"reducer must be one of {TRIPLET_REDUCERS}, got {reducer!r}")
+        try:
+            reducer = MetricReduction(reducer)
+        except ValueError:
+            raise ValueError(f"reducer must be one of {', '.join(TRIPLET_REDUCERS)}, got {reducer!r}") from None
         if fixed_triplets and dws:
             raise ValueError("fixed_triplets (the triplet input) and dws exclude each other")
         self.margin, self.squared, self.dws = float(margin), squared, dws

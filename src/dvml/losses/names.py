@@ -27,6 +27,14 @@ class LossName(str, Enum):
     proxy_nca_pp = "proxy-nca-pp"  # Proxy-NCA++ (dvml.losses.dr)
 
 
+class MetricReduction(str, Enum):
+    """How the triplet losses (triplet, triplet-dws) reduce over their triplets (``--metric-reduction``)."""
+
+    nonzero = "nonzero"  # the mean over the triplets with a non-zero loss (pml's AvgNonZeroReducer)
+    sum = "sum"  # the paper's eqs. 2 and 4
+    mean = "mean"  # the plain mean over all triplets
+
+
 PROXY_LOSSES = frozenset({LossName.proxy_nca, LossName.proxy_anchor, LossName.dr_proxy_nca,
                           LossName.proxy_nca_pp})
 
