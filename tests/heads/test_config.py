@@ -115,3 +115,18 @@ def test_an_old_config_with_strings_loads():
 def test_invalid_choices_name_the_option_and_its_choices(kw, match):
     with pytest.raises(ValueError, match=match):
         cfg(**kw)
+
+
+def test_variance_space_follows_the_losses_geometry():
+    """z_V is added where the metric loss compares: on the unit sphere for the losses that L2-normalise, to raw
+    z_I for N-pair's dot products; an explicit choice is kept and recorded."""
+    from dvml.heads.config import VarianceSpace
+    from dvml.losses.names import DOT_PRODUCT_LOSSES
+
+    assert DOT_PRODUCT_LOSSES == {LossName.npair}
+    for loss in LossName:
+        want = VarianceSpace.raw if loss is LossName.npair else VarianceSpace.normalized
+        assert cfg(loss=loss).variance_space is want, loss
+    assert cfg(loss="npair", variance_space="normalized").variance_space is VarianceSpace.normalized
+    assert cfg(loss="triplet", variance_space="raw").to_dict()["variance_space"] == "raw"
+    assert cfg(loss="npair").to_dict()["variance_space"] == "raw"

@@ -88,8 +88,9 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
                                          "trains)."),
         "free_bits": typer.Option(H.free_bits, help="KL free bits: nats per dimension not charged (0 = off)."),
         "variance_space": typer.Option(H.variance_space, help="raw: z_hat = z_I + s*z_V (the paper); normalized: "
-                                                              "z_hat = z_I/||z_I|| + s*z_V (the variance lives where "
-                                                              "the metric loss looks)."),
+                                                              "z_hat = z_I/||z_I|| + s*z_V (default: where the metric "
+                                                              "loss compares: normalized, raw for npair's dot "
+                                                              "products)."),
         "variance_scale": typer.Option(H.variance_scale, help="s: unit (1, the paper) or class (the batch's "
                                                               "within-class std per dimension of the embedding z_V "
                                                               "is added to)."),

@@ -35,6 +35,10 @@ class MetricReduction(str, Enum):
     mean = "mean"  # the plain mean over all triplets
 
 
+#: Losses that compare raw, unnormalised embeddings (N-pair's dot-product logits, eq. 3); every other loss
+#: L2-normalises its embeddings first (or compares them by cosine).
+DOT_PRODUCT_LOSSES = frozenset({LossName.npair})
+
 PROXY_LOSSES = frozenset({LossName.proxy_nca, LossName.proxy_anchor, LossName.dr_proxy_nca,
                           LossName.proxy_nca_pp})
 
