@@ -30,7 +30,8 @@ SMALL = dict(dataset="cub", weights="none", resize=40, crop=32, batch_size=6, pe
 
 
 #: The paper's heads and objective (finetune's defaults before issue 14).
-PAPER_HEADS = dict(likelihood="l2", variance_space="raw", variance_scale="unit", reduction="mean")
+PAPER_HEADS = dict(likelihood="l2", variance_space="raw", variance_scale="unit", reduction="mean",
+                   metric_grad_to_variance=True)
 
 
 def small_cfg(root: Path, out: Path, **kw) -> FinetuneConfig:

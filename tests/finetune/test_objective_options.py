@@ -27,14 +27,14 @@ from .test_finetune_train import PAPER_HEADS, cli_args, small_cfg
 
 #: Every option away from its default.
 REMEDIES = dict(likelihood="l2", variance_space="raw", variance_scale="unit", variance_kappa=0.5, free_bits=0.05,
-                metric_grad_to_variance=False, centre_mu=True, reduction="mean", metric_reduction="mean")
+                metric_grad_to_variance=True, centre_mu=True, reduction="mean", metric_reduction="mean")
 
 
 def test_the_model_and_both_losses_receive_the_options(tiny_cub: Path, tmp_path: Path):
     """init_model's heads, metric and DVML loss, and the training loop's gathered loss, carry the options."""
     for kw, want in ((REMEDIES, REMEDIES),
                      ({}, dict(likelihood="gaussian", variance_space="normalized", variance_scale="class",
-                               variance_kappa=1.0, free_bits=0.0, metric_grad_to_variance=True, centre_mu=False,
+                               variance_kappa=1.0, free_bits=0.0, metric_grad_to_variance=False, centre_mu=False,
                                reduction="sum", metric_reduction="sum"))):  # fit-heads' defaults for triplet
         cfg = small_cfg(tiny_cub, tmp_path / f"run{len(kw)}", **kw)
         run = _Finetune(cfg, D.DistContext(), None, None)  # what finetune() trains with (one process)
