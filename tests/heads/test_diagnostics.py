@@ -104,6 +104,10 @@ def test_term_gradients_against_separate_backward():
     cos = float(total @ flat["metric_invariant"] / total.norm() / flat["metric_invariant"].norm())
     assert np.isclose(got["grad_cos_invariant"], cos, rtol=1e-9)
     assert got["grad_cos_invariant"] < 1.0
+    other = total - flat["metric_invariant"]
+    ratio = float(other.norm() / flat["metric_invariant"].norm())
+    assert np.isclose(got["grad_ratio_other"], ratio, rtol=1e-9) and ratio > 0
+    assert got["grad_cos_invariant"] >= np.sqrt(1 - ratio ** 2) - 1e-12 if ratio < 1 else True  # the stated bound
 
 
 def test_term_gradients_phase1_recon_is_zero():

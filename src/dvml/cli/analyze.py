@@ -97,6 +97,9 @@ def _branch_table(name: str, rep: dict) -> Table:
     for k in ("recon", "metric_synthetic", "metric_invariant"):
         if tt.get(f"grad_norm_{k}_phase2") is not None:
             t.add_row(f"grad norm on embedding layer: {k}", _fmt(tt[f"grad_norm_{k}_phase2"]), "")
+    if tt.get("grad_ratio_other_phase2") is not None:
+        t.add_row("||other terms' gradient|| / ||Lm(z_I)'s|| (cos < 0.95 needs > 0.31)",
+                  _fmt(tt["grad_ratio_other_phase2"]), "")
     if tt.get("grad_cos_invariant_phase2") is not None:
         t.add_row("cos(total gradient, Lm(z_I) gradient)", _fmt(tt["grad_cos_invariant_phase2"]),
                   _check(checks.get("grad_cos_phase2")))

@@ -28,6 +28,7 @@ random generators):
   Lm(z_I) alone (``grad_cos_invariant``: the baseline's gradient direction; 1.0 means DVML changes nothing in
   how z_I learns). Computed from the step's own graph with ``torch.autograd.grad`` before the step's
   ``backward``, so the step itself is unchanged. DVML fits only: the baseline's gradient is Lm(z_I)'s.
+  ``grad_ratio_other`` = ‖total − Lm(z_I)'s‖ / ‖Lm(z_I)'s‖ bounds that cosine from below (√(1 − r²) for r < 1).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ACTIVE_VAR = 0.01
 GRAD_TERMS = ("recon", "metric_synthetic", "metric_invariant")
 BRANCH_KEYS = ("z_i_norm", "mu_norm", "sigma_mean", "active_units", "active_frac", "kl_sum", "z_v_norm", "cos_syn",
                "syn_to_source", "img_to_centre", "syn_consistency", "img_consistency")
-GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant",)
+GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant", "grad_ratio_other")
 
 
 def class_centres(u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +135,11 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -
             :data:`GRAD_TERMS` that are present and require grad are included. Their graphs are retained.
         params: the parameters to differentiate (the embedding layer's weight and bias).
     Returns:
-        ``grad_norm_<term>`` for each present term and ``grad_cos_invariant``.
+        ``grad_norm_<term>`` for each present term, ``grad_cos_invariant``, and ``grad_ratio_other`` =
+        r = ‖g_total − g_inv‖ / ‖g_inv‖, how large the other terms' gradient is next to Lm(z_I)'s. It bounds how
+        far DVML can turn the baseline's direction: for r < 1, cos(g_total, g_inv) ≥ √(1 − r²) whatever the
+        other terms' direction, so a cosine below 0.95 needs r > 0.31 (with the paper's phase-2 λ3/λ4 = 1/4,
+        Lm(ẑ)'s own gradient must then be ≥ 1.25× Lm(z_I)'s even when orthogonal to it).
     """
     flat: dict[str, torch.Tensor] = {}
     for name in GRAD_TERMS:
@@ -149,6 +154,7 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -
     if inv is not None:
         total = torch.stack(list(flat.values())).sum(0)
         out["grad_cos_invariant"] = float(F.cosine_similarity(total, inv, dim=0))
+        out["grad_ratio_other"] = float((total - inv).norm() / inv.norm().clamp_min(1e-30))
     return out
 
 
