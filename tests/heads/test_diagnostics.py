@@ -203,3 +203,6 @@ def test_run_report_and_ablate_columns_read_the_run(tiny_cache, tmp_path):
     cols = run_diagnostics(run)
     assert cols["diag_grad_cos"] == pytest.approx(np.mean(p2)) and cols["diag_hardness"] == pytest.approx(hard)
     assert cols["diag_active_frac"] == recs[-1]["active_frac"]
+    ratio = np.mean([r["grad_ratio_other"] for r in recs if r["phase"] == 2])
+    assert cols["diag_grad_ratio"] == pytest.approx(ratio) and rep["train_time"]["grad_ratio_other_phase2"] == \
+        pytest.approx(ratio)

@@ -181,12 +181,14 @@ def metric_names(metrics: dict) -> list[str]:
 DIAG_COLUMNS = (("diag_active_frac", "active_frac", "active units"), ("diag_kl_sum", "kl_sum", "KL (nats)"),
                 ("diag_syn_consistency", "syn_consistency", "ẑ class consistency"),
                 ("diag_hardness", "hardness", "Lm(ẑ) − Lm(z_I)"),
-                ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"))
+                ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"),
+                ("diag_grad_ratio", "grad_ratio_phase2", "‖other grads‖ / ‖Lm(z_I)'s‖, phase 2"))
 
 
 def run_diagnostics(run: Path) -> dict:
     """The ``diag_*`` columns of one run from its ``log.jsonl``: the last epoch's branch statistics and
-    Lm(ẑ) − Lm(z_I), and the phase-2 mean of the gradient cosine (None where not logged, e.g. the baseline)."""
+    Lm(ẑ) − Lm(z_I), and the phase-2 means of the gradient cosine and ratio (None where not logged, e.g. the
+    baseline)."""
     from dvml.runs import read_log
 
     try:
@@ -194,11 +196,15 @@ def run_diagnostics(run: Path) -> dict:
     except DvmlError:
         recs = []
     last = recs[-1] if recs else {}
-    p2 = [r["grad_cos_invariant"] for r in recs if r.get("phase") == 2 and "grad_cos_invariant" in r]
+    def phase2_mean(key: str) -> float | None:
+        vals = [r[key] for r in recs if r.get("phase") == 2 and key in r]
+        return sum(vals) / len(vals) if vals else None
+
     src = {k: last.get(k) for k in ("active_frac", "kl_sum", "syn_consistency")}
     src["hardness"] = (last["metric_synthetic"] - last["metric_invariant"]
                        if last.get("phase") and "metric_synthetic" in last else None)
-    src["grad_cos_phase2"] = sum(p2) / len(p2) if p2 else None
+    src["grad_cos_phase2"] = phase2_mean("grad_cos_invariant")
+    src["grad_ratio_phase2"] = phase2_mean("grad_ratio_other")
     return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
 
 
