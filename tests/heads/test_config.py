@@ -130,3 +130,11 @@ def test_variance_space_follows_the_losses_geometry():
     assert cfg(loss="npair", variance_space="normalized").variance_space is VarianceSpace.normalized
     assert cfg(loss="triplet", variance_space="raw").to_dict()["variance_space"] == "raw"
     assert cfg(loss="npair").to_dict()["variance_space"] == "raw"
+
+
+def test_lm_zhat_does_not_train_the_variance_branch_by_default():
+    """Issue 14: through μ and σ, Lm(ẑ) trained the generator of its own inputs towards easy samples and an
+    input-independent μ; by default μ and σ learn from the KL and reconstruction only (the paper's form is an
+    option, recorded)."""
+    assert cfg().metric_grad_to_variance is False and cfg().heads_kwargs()["metric_grad_to_variance"] is False
+    assert cfg(metric_grad_to_variance=True).to_dict()["metric_grad_to_variance"] is True
