@@ -98,7 +98,9 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
         "metric_grad_to_variance": typer.Option(H.metric_grad_to_variance,
                                                 "--metric-grad-to-variance/--no-metric-grad-to-variance",
                                                 help="Whether Lm(z_hat) trains mu and sigma too (the paper) or only "
-                                                     "z_I (mu, sigma then learn from the KL and reconstruction)."),
+                                                     "z_I (mu, sigma then learn from the KL and reconstruction; the "
+                                                     "default: through mu and sigma, Lm(z_hat) made its own samples "
+                                                     "easy and mu input-independent)."),
         "centre_mu": typer.Option(H.centre_mu, "--centre-mu/--no-centre-mu",
                                   help="Centre the posterior mean within each class of the batch."),
     }
