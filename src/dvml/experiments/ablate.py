@@ -189,6 +189,7 @@ def run_diagnostics(run: Path) -> dict:
     """The ``diag_*`` columns of one run from its ``log.jsonl``: the last epoch's branch statistics and
     Lm(ẑ) − Lm(z_I), and the phase-2 means of the gradient cosine and ratio (None where not logged, e.g. the
     baseline)."""
+    from dvml.heads.diagnostics import phase2_mean
     from dvml.runs import read_log
 
     try:
@@ -196,15 +197,11 @@ def run_diagnostics(run: Path) -> dict:
     except DvmlError:
         recs = []
     last = recs[-1] if recs else {}
-    def phase2_mean(key: str) -> float | None:
-        vals = [r[key] for r in recs if r.get("phase") == 2 and key in r]
-        return sum(vals) / len(vals) if vals else None
-
     src = {k: last.get(k) for k in ("active_frac", "kl_sum", "syn_consistency")}
     src["hardness"] = (last["metric_synthetic"] - last["metric_invariant"]
                        if last.get("phase") and "metric_synthetic" in last else None)
-    src["grad_cos_phase2"] = phase2_mean("grad_cos_invariant")
-    src["grad_ratio_phase2"] = phase2_mean("grad_ratio_other")
+    src["grad_cos_phase2"] = phase2_mean(recs, "grad_cos_invariant")
+    src["grad_ratio_phase2"] = phase2_mean(recs, "grad_ratio_other")
     return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
 
 

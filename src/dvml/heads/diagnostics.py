@@ -113,8 +113,7 @@ def heads_branch_stats(model, x: torch.Tensor, labels: torch.Tensor, *, samples:
         if not model.dvml:
             return branch_stats(model.embed(x), labels)
         out = model.synthesize(x, samples=samples, generator=generator, labels=labels if batch_labels else None)
-        base = out.z_i if model.variance_space == "raw" else F.normalize(out.z_i, dim=-1)
-        return branch_stats(out.z_i, labels, out.mu, out.logvar, out.z_syn, base)
+        return branch_stats(out.z_i, labels, out.mu, out.logvar, out.z_syn, model.variance_base(out.z_i))
     finally:
         model.train(was)
 
@@ -156,6 +155,13 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -
         out["grad_cos_invariant"] = float(F.cosine_similarity(total, inv, dim=0))
         out["grad_ratio_other"] = float((total - inv).norm() / inv.norm().clamp_min(1e-30))
     return out
+
+
+def phase2_mean(log: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the phase-2 records of a run's ``log.jsonl`` that hold it (the sampled gradient
+    statistics); None where none does (a baseline, or a run that never reached phase 2)."""
+    vals = [r[key] for r in log if r.get("phase") == 2 and key in r]
+    return sum(vals) / len(vals) if vals else None
 
 
 #: Issue 14's acceptance thresholds for a DVML run: (key, comparison, threshold, meaning).
@@ -202,12 +208,10 @@ def run_report(run_dir, *, samples: int = 2, max_images: int = 20000) -> dict:
     stats = heads_branch_stats(model, x, y, samples=samples, generator=torch.Generator().manual_seed(cfg.seed))
     log = R.read_log(run_dir)
     last = log[-1] if log else {}
-    p2 = [r for r in log if r.get("phase") == 2 and "grad_cos_invariant" in r]
     train_time = {"epochs": len(log), "kl_term": last.get("kl"), "recon_term": last.get("recon"),
                   "metric_synthetic": last.get("metric_synthetic"), "metric_invariant": last.get("metric_invariant")}
     for k in GRAD_KEYS:
-        vals = [r[k] for r in p2 if k in r]
-        train_time[f"{k}_phase2"] = float(np.mean(vals)) if vals else None
+        train_time[f"{k}_phase2"] = phase2_mean(log, k)
     out = {"run_dir": str(run_dir), "dvml": cfg.dvml, "n_images": int(len(rows)), "final": stats,
            "train_time": train_time, "checks": None}
     if cfg.dvml:

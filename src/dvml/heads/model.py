@@ -101,7 +101,8 @@ class DVMLHeads(nn.Module):
             created first, so the same seed gives the baseline and DVML the same initial embedding layer.
         variance_space, variance_scale, variance_kappa, metric_grad_to_variance, centre_mu: the variance
             branch's options (:class:`~dvml.heads.config.HeadsConfig`; members or their strings). The defaults
-            here are the paper's heads; the configs' defaults (``normalized``, ``class``) are dvml's.
+            here are the paper's heads; the configs' defaults (the loss's own space, ``class``, no Lm(ẑ) gradient on μ
+            and σ) are dvml's.
     """
 
     def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True,
@@ -125,6 +126,10 @@ class DVMLHeads(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Test-time output: z_I only. x (B, D) → (B, E)."""
         return self.embedding(x)
+
+    def variance_base(self, z_i: torch.Tensor) -> torch.Tensor:
+        """What z_V is added to: z_I (``variance_space="raw"``) or z_I/‖z_I‖ (``"normalized"``); (..., E)."""
+        return z_i if self.variance_space is VarianceSpace.raw else F.normalize(z_i, dim=-1)
 
     def zv_scale(self, base: torch.Tensor, labels: torch.Tensor | None,
                  gather: Gather | None = None) -> torch.Tensor | float:
@@ -184,7 +189,7 @@ class DVMLHeads(nn.Module):
         if eps is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z_v = mu + (0.5 * logvar).exp() * eps  # (T, B, E): reparameterised, gradient reaches μ and σ
-        base = z_i if self.variance_space is VarianceSpace.raw else F.normalize(z_i, dim=-1)
+        base = self.variance_base(z_i)
         scale = self.zv_scale(base, labels, gather)
         z_syn = base + scale * z_v
         if not self.metric_grad_to_variance:  # Lm(ẑ) trains z_I only; μ, σ learn from the ELBO alone
