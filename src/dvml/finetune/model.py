@@ -17,10 +17,10 @@ from dvml.extract.backbone import Backbone, load_backbone
 from dvml.extract.extractor import preprocess_for
 from dvml.finetune import distributed as D
 from dvml.finetune.config import FinetuneConfig
-from dvml.heads.model import DVMLHeads, Gather, HeadsOutput
+from dvml.heads.core import dvml_loss, metric_loss
+from dvml.heads.model import DVMLHeads, HeadsOutput
 from dvml.heads.objective import DVMLLoss
-from dvml.losses import MetricLoss, make_metric_loss
-from dvml.losses.metric import BatchedTripletLoss
+from dvml.losses import MetricLoss
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +109,6 @@ def init_model(cfg: FinetuneConfig, n_classes: int, *, backbone: Backbone | None
         heads = DVMLHeads(backbone.feature_dim, **cfg.heads_kwargs())
         metric = metric_loss(cfg, n_classes)
     return Model(backbone, FinetuneNet(model, heads), metric, dvml_loss(cfg, metric))
-
-
-def metric_loss(cfg: FinetuneConfig, n_classes: int) -> MetricLoss:
-    """``cfg``'s metric loss Lm: its parameters, and the triplet losses' ``metric_reduction`` (as fit-heads)."""
-    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
-                              **cfg.loss_params())
-    if isinstance(metric, BatchedTripletLoss):  # the paper's eqs. 2 and 4 sum over triplets
-        metric.reducer = cfg.metric_reduction
-    return metric
-
-
-def dvml_loss(cfg: FinetuneConfig, metric: MetricLoss, gather: Gather | None = None) -> DVMLLoss:
-    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits); ``gather`` as
-    :class:`~dvml.heads.objective.DVMLLoss`'s (the training loss under torchrun)."""
-    return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
-                    free_bits=cfg.free_bits, gather=gather)
 
 
 def load_init_heads(run_dir: Path, model: Model, cfg: FinetuneConfig, train_classes: np.ndarray,

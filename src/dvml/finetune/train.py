@@ -115,13 +115,14 @@ from dvml.files import check_not_busy, make_dir
 from dvml.finetune import distributed as D
 from dvml.finetune.config import LEGACY_HEAD_FIELDS, FinetuneConfig
 from dvml.finetune.data import AugmentedImages, KeyedBatches, collate, drop_unreadable
-from dvml.finetune.model import GatheredMetric, dvml_loss, init_model, load_init_heads, set_train_mode
+from dvml.finetune.model import GatheredMetric, init_model, load_init_heads, set_train_mode
 from dvml.heads.batch import fit_batch
 from dvml.heads.core import (
     Callback,
     FitEvent,
     check_out_dir,
     check_resume_config,
+    dvml_loss,
     epoch_record,
     non_finite_error,
     optimizer,

@@ -2,6 +2,7 @@
 the same way, so each keeps only what differs (where x comes from, how a step is distributed, what is resumed).
 
 * :class:`FitEvent` / :data:`Callback`: progress reports to the CLI.
+* :func:`metric_loss`, :func:`dvml_loss`: the config's metric loss Lm and the four-term loss around it.
 * :func:`optimizer`: Adam over (extra groups, heads, proxies): the heads at ``lr`` with ``weight_decay``, a proxy
   loss's proxies at ``proxy_lr`` without decay.
 * :func:`check_out_dir`, :func:`check_resume_config`: the run directory against ``--resume`` / ``--overwrite``.
@@ -20,8 +21,29 @@ import torch
 
 from dvml import runs as R
 from dvml.errors import DvmlError
-from dvml.heads.objective import TERMS
-from dvml.losses import PROXY_LOSSES
+from dvml.heads.config import HeadsConfig
+from dvml.heads.model import Gather
+from dvml.heads.objective import TERMS, DVMLLoss
+from dvml.losses import PROXY_LOSSES, MetricLoss, make_metric_loss
+from dvml.losses.metric import BatchedTripletLoss
+
+
+def metric_loss(cfg: HeadsConfig, n_classes: int) -> MetricLoss:
+    """``cfg``'s metric loss Lm: its parameters, proxies seeded by ``cfg.seed`` (the same for a baseline and a DVML
+    fit), and the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4 sum over triplets)."""
+    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
+                              **cfg.loss_params())
+    if isinstance(metric, BatchedTripletLoss):
+        metric.reducer = cfg.metric_reduction
+    return metric
+
+
+def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None,
+              target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None) -> DVMLLoss:
+    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits); ``gather``,
+    ``target_mean``, ``target_std`` as :class:`~dvml.heads.objective.DVMLLoss`'s."""
+    return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
+                    free_bits=cfg.free_bits, target_mean=target_mean, target_std=target_std, gather=gather)
 
 
 @dataclass(frozen=True)

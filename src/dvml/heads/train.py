@@ -35,16 +35,17 @@ from dvml.heads.core import (
     FitEvent,
     check_out_dir,
     check_resume_config,
+    dvml_loss,
     epoch_record,
+    metric_loss,
     non_finite_error,
     optimizer,
     start_log,
 )
 from dvml.heads.model import DVMLHeads
-from dvml.heads.objective import TERMS, DVMLLoss
+from dvml.heads.objective import TERMS
 from dvml.heads.sampler import ClassBalancedSampler
 from dvml.heads.triplet_input import TripletInputSampler
-from dvml.losses import make_metric_loss
 from dvml.losses.metric import BatchedTripletLoss
 from dvml.seeding import diag_seeds, hold_out_classes, noise_seed, seed_everything
 
@@ -161,18 +162,15 @@ class _HeadsFit:
         seed_everything(cfg.seed)
         d = self.dims[2]
         self.model = DVMLHeads(d, **cfg.heads_kwargs()).to(device)
-        metric = make_metric_loss(cfg.loss, num_classes=len(self.train_classes), embedding_size=cfg.embedding_size,
-                                  seed=cfg.seed, **cfg.loss_params())  # same proxies for baseline and DVML
-        if isinstance(metric, BatchedTripletLoss):  # the paper's eqs. 2 and 4 sum over triplets
-            metric.reducer = cfg.metric_reduction
+        metric = metric_loss(cfg, len(self.train_classes))  # same proxies for baseline and DVML
+        if isinstance(metric, BatchedTripletLoss):
             metric.fixed_triplets = cfg.triplet_input
         t_mean = t_std = None
         if cfg.dvml and cfg.standardize:  # per-dimension statistics of the training features (all views)
             flat = self.feats.float().reshape(-1, d)
             t_mean, t_std = flat.mean(0), flat.std(0)
             del flat
-        self.loss_fn = DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
-                                free_bits=cfg.free_bits, target_mean=t_mean, target_std=t_std).to(device)
+        self.loss_fn = dvml_loss(cfg, metric, target_mean=t_mean, target_std=t_std).to(device)
         self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
         self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
         self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
