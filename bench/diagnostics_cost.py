@@ -2,7 +2,8 @@
 
 On the CUB-sized cache of ``bench/fit_heads.py`` (generated there; pass ``--cache``), for the DVML default, the
 paper's settings and the baseline: the median time of one training step, of one step with a gradient sample
-(``dvml.heads.diagnostics.term_gradients``: extra partial backward passes) and of one per-epoch branch-statistics
+(``dvml.heads.diagnostics.step_gradients``: extra partial backward passes, and the loss on each half of the
+T draws) and of one per-epoch branch-statistics
 call on 2,048 images, timed rep after rep so that all see the same machine load. Prints the projected
 samples/s ratio with vs without diagnostics for an epoch of 49 steps with 2 gradient samples (DVML; the
 baseline samples none).
@@ -50,8 +51,7 @@ def measure(cache: str, name: str, reps: int) -> str:
         out = model(x, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, generator=g, labels=y)
         terms = loss_fn(out, x, y, lam)
         if with_grad:
-            diag.term_gradients(diag.weighted_terms(terms, lam, cfg.dvml), [model.embedding.weight,
-                                                                            model.embedding.bias])
+            diag.step_gradients(loss_fn, out, x, y, lam, terms, [model.embedding.weight, model.embedding.bias])
         opt.zero_grad()
         terms["total"].backward()
         opt.step()

@@ -59,26 +59,31 @@ def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
     out = tmp_path / "paper"
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--epochs", "2", *FAST,
                             "--variance-space", "raw", "--variance-scale", "unit", "--likelihood", "l2",
-                            "--reduction", "mean", "--triplet-input", "--batch-size", "15", "--diag-images", "30"])
+                            "--reduction", "mean", "--triplet-input", "--batch-size", "15", "--diag-images", "30",
+                            "--synthetic-pairs", "cross"])
     assert r.exit_code == 0, r.output
     c = json.loads((out / "config.json").read_text())["config"]
     assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"],
-            c["triplet_input"]) == ("raw", "unit", "l2", "mean", "nonzero", True)
+            c["triplet_input"], c["synthetic_pairs"]) == ("raw", "unit", "l2", "mean", "nonzero", True, "cross")
     rec = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert {"active_frac", "syn_consistency", "grad_cos_invariant"} <= set(rec)
     default = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "d"), "--epochs", "1", *FAST])
     assert default.exit_code == 0, default.output
     c = json.loads((tmp_path / "d" / "config.json").read_text())["config"]
-    assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"]) == (
-        "normalized", "class", "gaussian", "sum", "sum")
+    assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"],
+            c["synthetic_pairs"]) == ("normalized", "class", "gaussian", "sum", "sum", "within")
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), "--loss", "npair",
                             "--triplet-input"])
     assert r.exit_code == 1 and "--triplet-input" in r.output and "Traceback" not in r.output, r.output
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), "--loss", "proxy-nca-pp",
+                            "--synthetic-pairs", "cross"])
+    assert r.exit_code == 1 and "--synthetic-pairs cross" in r.output and "Traceback" not in r.output, r.output
     # the choices are enums: typer itself refuses a value outside them (usage error, exit 2) and lists them
     for option, bad, choices in (("--likelihood", "laplace", ("l2", "gaussian")),
                                  ("--variance-space", "x", ("raw", "normalized")),
                                  ("--variance-scale", "batch", ("unit", "class")),
-                                 ("--metric-reduction", "max", ("nonzero", "sum", "mean"))):
+                                 ("--metric-reduction", "max", ("nonzero", "sum", "mean")),
+                                 ("--synthetic-pairs", "both", ("within", "cross"))):
         r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), option, bad])
         assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output, r.output
         assert all(f"'{c}'" in r.output for c in choices), r.output

@@ -143,7 +143,7 @@ def test_against_single_process_full_batch_gradient(tmp_path: Path):
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
 
 
-def _dvml_setup(tmp: str):
+def _dvml_setup(pairs: str, tmp: str):
     """A finetune config with every gathered batch statistic on (class scale, class centring, gaussian s²), a
     linear "backbone" under DVML heads (so phase 1 recomputes μ on a detached x), and its two losses."""
     from dvml.finetune import FinetuneConfig
@@ -151,7 +151,7 @@ def _dvml_setup(tmp: str):
     from dvml.heads.model import DVMLHeads
 
     cfg = FinetuneConfig(dataset="cub", root=tmp, out=tmp, weights="none", embedding_size=4, decoder_hidden=8,
-                         samples=3, batch_size=6, per_class=2, centre_mu=True)
+                         samples=3, batch_size=6, per_class=2, centre_mu=True, synthetic_pairs=pairs)
     torch.manual_seed(0)
     net = FinetuneNet(torch.nn.Linear(5, 6), DVMLHeads(6, **cfg.heads_kwargs()))
     return cfg, net, metric_loss(cfg, 3)
@@ -173,7 +173,7 @@ def _dvml_grads(net, loss, x, y, eps, cfg, mean=lambda t: t) -> dict:
     return out
 
 
-def _dvml_worker(rank: int, world: int, port: int, tmp: str, x, y, eps, out: str):
+def _dvml_worker(rank: int, world: int, port: int, tmp: str, x, y, eps, out: str, pairs: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -181,7 +181,7 @@ def _dvml_worker(rank: int, world: int, port: int, tmp: str, x, y, eps, out: str
     from dvml.finetune.model import GatheredMetric, dvml_loss
 
     ctx = init_distributed("cpu")
-    cfg, net, metric = _dvml_setup(tmp)
+    cfg, net, metric = _dvml_setup(pairs, tmp)
     loss = dvml_loss(cfg, GatheredMetric(metric), gather=gather_batch)  # as finetune's training loss
     b = len(y) // world
     sl = slice(rank * b, (rank + 1) * b)
@@ -192,19 +192,21 @@ def _dvml_worker(rank: int, world: int, port: int, tmp: str, x, y, eps, out: str
     shutdown(ctx)
 
 
-def test_dvml_batch_statistics_against_single_process_full_batch(tmp_path: Path):
+@pytest.mark.parametrize("pairs", ["within", "cross"])
+def test_dvml_batch_statistics_against_single_process_full_batch(tmp_path: Path, pairs: str):
     """The heads' class scale and class centring of z_V and the gaussian likelihood's s² are the global batch's:
     2 gloo processes give the single-process loss terms and gradients, in both phases, also when a class is
-    split over the processes (3 classes x 2 images over 2 ranks: class 1 on both)."""
+    split over the processes (3 classes x 2 images over 2 ranks: class 1 on both); with cross synthetic pairs the
+    anchors z_I are gathered too."""
     from dvml.finetune.model import dvml_loss
 
     torch.manual_seed(1)
     x, y = torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2])
     eps = torch.randn(3, 6, 4)
-    cfg, net, metric = _dvml_setup(str(tmp_path))
+    cfg, net, metric = _dvml_setup(pairs, str(tmp_path))
     want = _dvml_grads(net, dvml_loss(cfg, metric), x, y, eps, cfg)
     out = str(tmp_path / "grads.pt")
-    mp.start_processes(_dvml_worker, args=(2, free_port(), str(tmp_path), x, y, eps, out), nprocs=2, join=True,
+    mp.start_processes(_dvml_worker, args=(2, free_port(), str(tmp_path), x, y, eps, out, pairs), nprocs=2, join=True,
                        start_method="spawn")
     got = torch.load(out, weights_only=True)
     for phase in (1, 2):

@@ -27,7 +27,8 @@ from .test_finetune_train import PAPER_HEADS, cli_args, small_cfg
 
 #: Every option away from its default.
 REMEDIES = dict(likelihood="l2", variance_space="raw", variance_scale="unit", variance_kappa=0.5, free_bits=0.05,
-                metric_grad_to_variance=True, centre_mu=True, reduction="mean", metric_reduction="mean")
+                metric_grad_to_variance=True, centre_mu=True, reduction="mean", metric_reduction="mean",
+                synthetic_pairs="cross")
 
 
 def test_the_model_and_both_losses_receive_the_options(tiny_cub: Path, tmp_path: Path):
@@ -35,7 +36,8 @@ def test_the_model_and_both_losses_receive_the_options(tiny_cub: Path, tmp_path:
     for kw, want in ((REMEDIES, REMEDIES),
                      ({}, dict(likelihood="gaussian", variance_space="normalized", variance_scale="class",
                                variance_kappa=1.0, free_bits=0.0, metric_grad_to_variance=False, centre_mu=False,
-                               reduction="sum", metric_reduction="sum"))):  # fit-heads' defaults for triplet
+                               reduction="sum", metric_reduction="sum", synthetic_pairs="within"))):  # fit-heads'
+        # defaults for triplet
         cfg = small_cfg(tiny_cub, tmp_path / f"run{len(kw)}", **kw)
         run = _Finetune(cfg, D.DistContext(), None, None)  # what finetune() trains with (one process)
         for model in (init_model(cfg, n_classes=3), run.model):
@@ -45,8 +47,8 @@ def test_the_model_and_both_losses_receive_the_options(tiny_cub: Path, tmp_path:
                                                                  "metric_grad_to_variance", "centre_mu"))
             assert model.metric.reducer == want["metric_reduction"]
         for loss in (run.model.loss, run.train_loss):
-            assert (loss.likelihood, loss.reduction, loss.free_bits) == (want["likelihood"], want["reduction"],
-                                                                         want["free_bits"])
+            assert (loss.likelihood, loss.reduction, loss.free_bits, loss.synthetic_pairs) == (
+                want["likelihood"], want["reduction"], want["free_bits"], want["synthetic_pairs"])
         assert run.train_loss.gather is D.gather_batch and run.model.loss.gather is None
         assert run.train_loss.metric.inner is run.model.metric  # GatheredMetric around the same metric loss
 

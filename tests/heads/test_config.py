@@ -117,6 +117,21 @@ def test_invalid_choices_name_the_option_and_its_choices(kw, match):
         cfg(**kw)
 
 
+def test_synthetic_pairs_default_and_which_losses_take_cross():
+    """within (the paper's eq. 10) by default for every loss; cross only where a pair has an anchor."""
+    from dvml.losses import CROSS_PAIR_LOSSES, SyntheticPairs
+
+    assert all(cfg(loss=loss).synthetic_pairs is SyntheticPairs.within for loss in LossName)
+    assert CROSS_PAIR_LOSSES == {LossName.triplet, LossName.triplet_dws, LossName.npair}
+    for loss in CROSS_PAIR_LOSSES:
+        c = cfg(loss=loss, synthetic_pairs="cross")
+        assert c.synthetic_pairs is SyntheticPairs.cross and c.to_dict()["synthetic_pairs"] == "cross"
+    with pytest.raises(ValueError, match="--synthetic-pairs cross needs anchors to pair.*not --loss proxy-nca-pp"):
+        cfg(loss="proxy-nca-pp", synthetic_pairs="cross")
+    with pytest.raises(ValueError, match="--synthetic-pairs must be one of within, cross, got 'both'"):
+        cfg(synthetic_pairs="both")
+
+
 def test_variance_space_follows_the_losses_geometry():
     """z_V is added where the metric loss compares: on the unit sphere for the losses that L2-normalise, to raw
     z_I for N-pair's dot products; an explicit choice is kept and recorded."""

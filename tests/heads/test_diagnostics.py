@@ -110,6 +110,68 @@ def test_term_gradients_against_separate_backward():
     assert got["grad_cos_invariant"] >= np.sqrt(1 - ratio ** 2) - 1e-12 if ratio < 1 else True  # the stated bound
 
 
+def _halves_setup(t, eps_halves=None, seed=0):
+    torch.manual_seed(seed)
+    model = DVMLHeads(10, 8, 12).double()
+    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8), likelihood="gaussian").double()
+    x = torch.randn(12, 10, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(4)
+    eps = torch.randn(t, 12, 8, dtype=torch.float64) if eps_halves is None else eps_halves
+    lam = Lambdas(0.8, 1.0, 0.2, 0.8, stop_recon_grad=False, phase=2)
+    params = [model.embedding.weight, model.embedding.bias]
+    out = model(x, eps=eps)
+    terms = loss(out, x, y, lam)
+    halves = tuple(diag.weighted_terms(loss(h, x, y, lam), lam, True) for h in diag.draw_halves(out))
+    return model, loss, x, y, lam, params, out, terms, halves
+
+
+def test_expected_gradient_cosine_against_separate_backward():
+    """grad_cos_expected and grad_noise_ratio from the two halves' gradients, each by its own backward pass."""
+    model, loss, x, y, lam, params, out, terms, halves = _halves_setup(t=6)
+    got = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, halves)
+    g = []
+    for part in diag.draw_halves(out):
+        model.zero_grad()
+        loss(part, x, y, lam)["total"].backward(retain_graph=True)  # the KL does not reach the embedding layer
+        g.append(torch.cat([q.grad.flatten() for q in params]).clone())
+    model.zero_grad()
+    terms["metric_invariant"].backward(retain_graph=True)
+    inv = lam.invariant * torch.cat([q.grad.flatten() for q in params])
+    e2 = float(g[0] @ g[1])
+    assert np.isclose(got["grad_cos_expected"], float((g[0] + g[1]) @ inv / 2 / np.sqrt(e2) / inv.norm()), rtol=1e-9)
+    assert np.isclose(got["grad_noise_ratio"], float((g[0] - g[1]).norm() / 2 / np.sqrt(e2)), rtol=1e-9)
+    assert got["grad_noise_ratio"] > 0
+
+
+def test_expected_gradient_cosine_without_draw_noise():
+    """Both halves drawing the same noise: no draw noise, and the expectation is the step's own gradient."""
+    e = torch.randn(3, 12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, _, _, _, lam, params, _, terms, halves = _halves_setup(t=6, eps_halves=torch.cat([e, e]))
+    got = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, halves)
+    assert got["grad_noise_ratio"] < 1e-9
+    assert np.isclose(got["grad_cos_expected"], got["grad_cos_invariant"], rtol=1e-9)
+    assert got["grad_cos_invariant"] < 1.0
+
+
+def test_expected_gradient_cosine_converges_with_many_draws():
+    """With thousands of draws each half is the expectation itself: the estimate and the step's cosine agree and
+    the draw noise vanishes; with two draws it is many times larger."""
+    _, _, _, _, lam, params, _, terms, halves = _halves_setup(t=4000)
+    many = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, halves)
+    assert many["grad_noise_ratio"] < 0.05
+    assert abs(many["grad_cos_expected"] - many["grad_cos_invariant"]) < 2e-3
+    *_, lam2, params2, _, terms2, halves2 = _halves_setup(t=2)
+    few = diag.term_gradients(diag.weighted_terms(terms2, lam2, True), params2, halves2)
+    assert few["grad_noise_ratio"] > 10 * many["grad_noise_ratio"]
+
+
+def test_draw_halves_needs_two_draws():
+    model = DVMLHeads(10, 8, 12)
+    assert diag.draw_halves(model(torch.randn(4, 10), samples=1)) is None
+    a, b = diag.draw_halves(model(torch.randn(4, 10), samples=5))
+    assert a.z_syn.shape[0] == b.z_syn.shape[0] == 2 and a.x_hat.shape[0] == 2
+
+
 def test_term_gradients_phase1_recon_is_zero():
     torch.manual_seed(0)
     model = DVMLHeads(10, 8, 12).double()
@@ -174,12 +236,15 @@ def test_logged_epoch_diagnostics_equal_a_direct_computation(tiny_cache, tmp_pat
     assert "grad_cos_invariant" not in rb and "active_frac" not in rb and "img_consistency" in rb
 
 
-def test_diagnostics_do_not_change_the_fit(tiny_cache, tmp_path):
+@pytest.mark.parametrize("loss", ["triplet", "triplet-dws"])  # dws draws negatives: the halves must put them back
+def test_diagnostics_do_not_change_the_fit(tiny_cache, tmp_path, loss):
     from dvml.heads import FitConfig, fit
-    from dvml.runs import load_checkpoint
+    from dvml.runs import load_checkpoint, read_log
 
-    a = load_checkpoint(fit(FitConfig(cache=tiny_cache, out=tmp_path / "a", **FAST)))["model"]
-    b = load_checkpoint(fit(FitConfig(cache=tiny_cache, out=tmp_path / "b", diag_images=0, grad_every=0,
+    run = fit(FitConfig(cache=tiny_cache, out=tmp_path / "a", loss=loss, **FAST))
+    assert set(diag.GRAD_DRAW_KEYS) <= set(read_log(run)[-1])
+    a = load_checkpoint(run)["model"]
+    b = load_checkpoint(fit(FitConfig(cache=tiny_cache, out=tmp_path / "b", diag_images=0, grad_every=0, loss=loss,
                                       **{k: v for k, v in FAST.items() if k != "grad_every"})))["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -204,5 +269,8 @@ def test_run_report_and_ablate_columns_read_the_run(tiny_cache, tmp_path):
     assert cols["diag_grad_cos"] == pytest.approx(np.mean(p2)) and cols["diag_hardness"] == pytest.approx(hard)
     assert cols["diag_active_frac"] == recs[-1]["active_frac"]
     ratio = np.mean([r["grad_ratio_other"] for r in recs if r["phase"] == 2])
+    expected = np.mean([r["grad_cos_expected"] for r in recs if r["phase"] == 2])
+    assert cols["diag_grad_cos_expected"] == pytest.approx(expected)
+    assert rep["train_time"]["grad_cos_expected_phase2"] == pytest.approx(expected)
     assert cols["diag_grad_ratio"] == pytest.approx(ratio) and rep["train_time"]["grad_ratio_other_phase2"] == \
         pytest.approx(ratio)

@@ -63,3 +63,25 @@ def test_sum_reduction_is_the_papers_formula():
     terms = loss_fn(out, x, labels, FitConfig(cache="c", out="o").lambdas(40))
     torch.testing.assert_close(terms["recon"], recon_term(x, out.x_hat, "sum"))
     torch.testing.assert_close(terms["kl"], kl_term(out.mu, out.logvar, "sum"))
+
+
+def test_cross_synthetic_pairs_anchor_on_z_i():
+    """--synthetic-pairs cross: Lm(ẑ) is the metric loss of each synthetic batch against z_I as anchors, so its
+    gradient reaches z_I directly (not only through ẑ); a loss without anchors is refused."""
+    import pytest
+
+    for loss in ("triplet", "npair"):
+        model, _, metric, x, labels = _setup(loss=loss)
+        if loss == "npair":
+            labels = torch.arange(6).repeat_interleave(2)
+        cross = DVMLLoss(metric, synthetic_pairs="cross")
+        within = DVMLLoss(metric)
+        out = model(x, samples=T, generator=torch.Generator().manual_seed(3))
+        lam = FitConfig(cache="c", out="o").lambdas(0)
+        got = cross(out, x, labels, lam)["metric_synthetic"]
+        torch.testing.assert_close(got, metric(out.z_syn, labels, anchors=out.z_i))
+        assert not torch.isclose(got, within(out, x, labels, lam)["metric_synthetic"])
+        (g_anchor,) = torch.autograd.grad(got, out.z_i, retain_graph=True)
+        assert g_anchor.abs().sum() > 0
+    with pytest.raises(ValueError, match="synthetic_pairs='cross' needs a loss with anchors"):
+        DVMLLoss(make_metric_loss("proxy-nca-pp", num_classes=3, embedding_size=E), synthetic_pairs="cross")

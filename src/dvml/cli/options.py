@@ -103,6 +103,11 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
                                                      "easy and mu input-independent)."),
         "centre_mu": typer.Option(H.centre_mu, "--centre-mu/--no-centre-mu",
                                   help="Centre the posterior mean within each class of the batch."),
+        "synthetic_pairs": typer.Option(H.synthetic_pairs, help="What Lm(z_hat) pairs: within (the paper's eq. 10: "
+                                                                "each synthetic batch alone) or cross (Lm(z_I)'s "
+                                                                "pairs and triplets, anchors real z_I, positives and "
+                                                                "negatives synthetic; triplet, triplet-dws, npair) "
+                                                                "(default: within)."),
     }
     for option in options.values():
         option.rich_help_panel = "DVML objective and variance branch"

@@ -182,7 +182,8 @@ DIAG_COLUMNS = (("diag_active_frac", "active_frac", "active units"), ("diag_kl_s
                 ("diag_syn_consistency", "syn_consistency", "ẑ class consistency"),
                 ("diag_hardness", "hardness", "Lm(ẑ) − Lm(z_I)"),
                 ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"),
-                ("diag_grad_ratio", "grad_ratio_phase2", "‖other grads‖ / ‖Lm(z_I)'s‖, phase 2"))
+                ("diag_grad_ratio", "grad_ratio_phase2", "‖other grads‖ / ‖Lm(z_I)'s‖, phase 2"),
+                ("diag_grad_cos_expected", "grad_cos_expected_phase2", "grad cos, draw noise removed, phase 2"))
 
 
 def run_diagnostics(run: Path) -> dict:
@@ -202,6 +203,7 @@ def run_diagnostics(run: Path) -> dict:
                        if last.get("phase") and "metric_synthetic" in last else None)
     src["grad_cos_phase2"] = phase2_mean(recs, "grad_cos_invariant")
     src["grad_ratio_phase2"] = phase2_mean(recs, "grad_ratio_other")
+    src["grad_cos_expected_phase2"] = phase2_mean(recs, "grad_cos_expected")
     return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
 
 

@@ -51,17 +51,22 @@ class FinetuneNet(nn.Module):
 class GatheredMetric(MetricLoss):
     """A metric loss applied to the batch gathered over all processes (embeddings keep their gradient).
 
-    ``forward(embeddings (B, E) | (T, B, E), labels (B,))``: gathers along the batch dimension, then calls the
-    wrapped loss. Holds the wrapped loss without registering it, so state dicts keep fit-heads' key names.
+    ``forward(embeddings (B, E) | (T, B, E), labels (B,), anchors (B, E) | None)``: gathers along the batch
+    dimension, then calls the wrapped loss. Holds the wrapped loss without registering it, so state dicts keep
+    fit-heads' key names.
     """
 
     def __init__(self, inner: MetricLoss):
         super().__init__()
         object.__setattr__(self, "inner", inner)
+        self.takes_anchors = inner.takes_anchors
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                anchors: torch.Tensor | None = None) -> torch.Tensor:
         z = D.gather_with_grad(embeddings, dim=embeddings.dim() - 2)  # the batch dimension of (B, E) / (T, B, E)
-        return self.inner(z, D.gather_no_grad(labels))
+        if anchors is not None:
+            anchors = D.gather_with_grad(anchors, dim=0)
+        return self.inner(z, D.gather_no_grad(labels), anchors=anchors)
 
 
 def set_bn_frozen(module: nn.Module) -> int:

@@ -21,7 +21,8 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
-from dvml.losses.names import DOT_PRODUCT_LOSSES, LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName, MetricReduction
+from dvml.losses.names import (CROSS_PAIR_LOSSES, DOT_PRODUCT_LOSSES, LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName,
+                               MetricReduction, SyntheticPairs)
 
 
 class Reduction(str, Enum):
@@ -114,6 +115,11 @@ def plain_dict(config) -> dict:
     return d
 
 
+def default_synthetic_pairs(loss: LossName) -> SyntheticPairs:
+    """What Lm(ẑ) pairs by default: ``within`` (the paper's eq. 10) for every loss."""
+    return SyntheticPairs.within
+
+
 def default_batch_size(loss: LossName) -> int:
     """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
     return 120 if loss is LossName.triplet else 128
@@ -194,6 +200,10 @@ class HeadsConfig:
             (κ 1.5).
         centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
             information).
+        synthetic_pairs: what Lm(ẑ) pairs: ``within`` (the paper's eq. 10: each synthetic batch alone) or
+            ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
+            paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
+            :func:`default_synthetic_pairs`. ``cross`` is for triplet, triplet-dws and npair.
         lr: Adam learning rate of the heads (the paper: 1e-4).
         proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
             proxies start random and must move far faster than the heads).
@@ -228,6 +238,7 @@ class HeadsConfig:
     variance_kappa: float = 1.0
     metric_grad_to_variance: bool = False
     centre_mu: bool = False
+    synthetic_pairs: SyntheticPairs | None = None
     lr: float = 1e-4
     proxy_lr: float | None = None
     weight_decay: float = 0.0
@@ -250,9 +261,15 @@ class HeadsConfig:
         if self.metric_reduction is None:
             s(self, "metric_reduction", MetricReduction.sum if self.reduction is Reduction.sum
               else MetricReduction.nonzero)
+        if self.synthetic_pairs is None:
+            s(self, "synthetic_pairs", default_synthetic_pairs(self.loss))
         for name, choices in (("metric_reduction", MetricReduction), ("likelihood", Likelihood),
-                              ("variance_space", VarianceSpace), ("variance_scale", VarianceScale)):
+                              ("variance_space", VarianceSpace), ("variance_scale", VarianceScale),
+                              ("synthetic_pairs", SyntheticPairs)):
             set_choice(self, name, choices)
+        if self.synthetic_pairs is SyntheticPairs.cross and self.loss not in CROSS_PAIR_LOSSES:
+            raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for "
+                             f"{', '.join(sorted(x.value for x in CROSS_PAIR_LOSSES))}, not --loss {self.loss.value}")
         if not self.variance_kappa > 0:
             raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
         if self.free_bits < 0:

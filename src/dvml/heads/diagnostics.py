@@ -29,6 +29,12 @@ random generators):
   how z_I learns). Computed from the step's own graph with ``torch.autograd.grad`` before the step's
   ``backward``, so the step itself is unchanged. DVML fits only: the baseline's gradient is Lm(z_I)'s.
   ``grad_ratio_other`` = ‖total − Lm(z_I)'s‖ / ‖Lm(z_I)'s‖ bounds that cosine from below (√(1 − r²) for r < 1).
+  Part of what turns the total away from Lm(z_I)'s is the draws' own noise (z_V is random; its noise averages
+  out over steps like any minibatch noise); what DVML changes *systematically* is the gradient's expectation
+  over the draws. From the step's two halves of the T draws (independent given the batch): ``grad_cos_expected``
+  = the cosine of that expectation with Lm(z_I)'s gradient (unbiased estimates of the dot products:
+  ⟨E g, g_inv⟩ ≈ mean_h ⟨g_h, g_inv⟩, ‖E g‖² ≈ ⟨g_1, g_2⟩), and ``grad_noise_ratio`` = the draws' noise in the
+  step's gradient over its expected norm (‖g_1 − g_2‖ / 2 / √⟨g_1, g_2⟩). T ≥ 2 only.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ GRAD_TERMS = ("recon", "metric_synthetic", "metric_invariant")
 BRANCH_KEYS = ("z_i_norm", "mu_norm", "sigma_mean", "active_units", "active_frac", "kl_sum", "z_v_norm", "cos_syn",
                "syn_to_source", "img_to_centre", "syn_consistency", "img_consistency")
 GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant", "grad_ratio_other")
+#: Logged besides :data:`GRAD_KEYS` when T ≥ 2 (:func:`term_gradients` with ``halves``).
+GRAD_DRAW_KEYS = ("grad_cos_expected", "grad_noise_ratio")
 
 
 def class_centres(u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +134,33 @@ def weighted_terms(terms: dict, lam, dvml: bool) -> dict:
             "metric_invariant": lam.invariant * terms["metric_invariant"]}
 
 
-def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+def draw_halves(out):
+    """A :class:`~dvml.heads.model.HeadsOutput` of T ≥ 2 draws → the two outputs of its first and its next
+    ⌊T/2⌋ draws (``z_syn`` and ``x_hat`` sliced along T; the middle draw of an odd T left out); None for T < 2
+    or the baseline."""
+    if out.z_syn is None or out.z_syn.shape[0] < 2:
+        return None
+    h = out.z_syn.shape[0] // 2
+    return tuple(out._replace(z_syn=out.z_syn[part], x_hat=None if out.x_hat is None else out.x_hat[part])
+                 for part in (slice(0, h), slice(h, 2 * h)))
+
+
+def _flat_grad(v: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    gs = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params, strict=True)])
+
+
+def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor],
+                   halves: tuple[dict, dict] | None = None) -> dict[str, float]:
     """Norms of each weighted term's gradient on ``params`` and the cosine of their sum with Lm(z_I)'s.
 
     Args:
         terms: weighted terms (λ·term) by name, at least ``"metric_invariant"``; the others of
             :data:`GRAD_TERMS` that are present and require grad are included. Their graphs are retained.
         params: the parameters to differentiate (the embedding layer's weight and bias).
+        halves: the same step's weighted terms computed from each half of its T draws (:func:`draw_halves`);
+            their ``recon`` and ``metric_synthetic`` (Lm(z_I)'s gradient is the step's) give
+            :data:`GRAD_DRAW_KEYS`.
     Returns:
         ``grad_norm_<term>`` for each present term, ``grad_cos_invariant``, and ``grad_ratio_other`` =
         r = ‖g_total − g_inv‖ / ‖g_inv‖, how large the other terms' gradient is next to Lm(z_I)'s. It bounds how
@@ -145,16 +173,40 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -
         v = terms.get(name)
         if v is None or not v.requires_grad:
             continue
-        gs = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
-        flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                for g, p in zip(gs, params, strict=True)])
+        flat[name] = _flat_grad(v, params)
     out = {f"grad_norm_{k}": float(v.norm()) for k, v in flat.items()}
     inv = flat.get("metric_invariant")
     if inv is not None:
         total = torch.stack(list(flat.values())).sum(0)
         out["grad_cos_invariant"] = float(F.cosine_similarity(total, inv, dim=0))
         out["grad_ratio_other"] = float((total - inv).norm() / inv.norm().clamp_min(1e-30))
+        if halves is not None:
+            g1, g2 = (inv + sum((_flat_grad(h[k], params) for k in GRAD_TERMS
+                                 if k != "metric_invariant" and k in h and h[k].requires_grad),
+                                torch.zeros_like(inv)) for h in halves)
+            expected_sq = (g1 @ g2).clamp_min(1e-30)  # unbiased for ‖E g‖² (independent halves)
+            out["grad_cos_expected"] = float(0.5 * (g1 + g2) @ inv / expected_sq.sqrt() / inv.norm().clamp_min(1e-30))
+            out["grad_noise_ratio"] = float(0.5 * (g1 - g2).norm() / expected_sq.sqrt())
     return out
+
+
+def step_gradients(loss_fn, out, x: torch.Tensor, labels: torch.Tensor, lam, terms: dict[str, torch.Tensor],
+                   params: list[torch.Tensor], generator: torch.Generator | None = None) -> dict[str, float]:
+    """One training step's gradient statistics (:func:`term_gradients` with the halves of its T draws).
+
+    Args:
+        loss_fn: the step's :class:`~dvml.heads.objective.DVMLLoss`; out: its heads output for ``x``;
+        labels: (B,); lam: the step's weights; terms: ``loss_fn(out, x, labels, lam)`` (graphs retained);
+        params: the embedding layer's parameters; generator: the loss's random generator (triplet-dws draws
+            negatives from it): its state is put back after the halves, so the fit is unchanged.
+    """
+    halves = draw_halves(out)
+    if halves is not None:
+        state = None if generator is None else generator.get_state()
+        halves = tuple(weighted_terms(loss_fn(h, x, labels, lam), lam, True) for h in halves)
+        if generator is not None:
+            generator.set_state(state)
+    return term_gradients(weighted_terms(terms, lam, True), params, halves)
 
 
 def phase2_mean(log: list[dict], key: str) -> float | None:
@@ -210,7 +262,7 @@ def run_report(run_dir, *, samples: int = 2, max_images: int = 20000) -> dict:
     last = log[-1] if log else {}
     train_time = {"epochs": len(log), "kl_term": last.get("kl"), "recon_term": last.get("recon"),
                   "metric_synthetic": last.get("metric_synthetic"), "metric_invariant": last.get("metric_invariant")}
-    for k in GRAD_KEYS:
+    for k in GRAD_KEYS + GRAD_DRAW_KEYS:
         train_time[f"{k}_phase2"] = phase2_mean(log, k)
     out = {"run_dir": str(run_dir), "dvml": cfg.dvml, "n_images": int(len(rows)), "final": stats,
            "train_time": train_time, "checks": None}

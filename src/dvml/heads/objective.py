@@ -4,7 +4,8 @@
 eqs. 8 and 9: per-image quantities averaged over the batch and the T draws, summed over their vector
 dimension unless ``reduction="mean"``) and Lm a
 :class:`~dvml.losses.metric.MetricLoss`: Lm(ẑ) is the metric loss of each of the T synthetic batches
-(labels of their source images), averaged over T. The baseline (``dvml=False``) is ``L = Lm(z_I)``.
+(labels of their source images), averaged over T — with ``synthetic_pairs="cross"``, of each synthetic batch
+against the real z_I as anchors. The baseline (``dvml=False``) is ``L = Lm(z_I)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from dvml.heads.config import Lambdas, Likelihood
 from dvml.heads.model import Gather, HeadsOutput
 from dvml.losses.metric import MetricLoss
+from dvml.losses.names import SyntheticPairs
 
 
 def _reduce(per_dim: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -110,14 +112,21 @@ class DVMLLoss(nn.Module):
             gaussian likelihood's s² is then the global batch's (:func:`recon_term`).
         target_mean, target_std: (D,) per-dimension statistics of the training features: when given, the
             reconstruction target is the standardised feature ``(x − mean) / std`` (the decoder predicts it).
+        synthetic_pairs: ``within`` (the paper's eq. 10): Lm(ẑ) over each synthetic batch alone; ``cross``: the
+            pairs and triplets of Lm(z_I) with each anchor real (z_I) and each positive and negative synthetic
+            (ẑ_t) — the metric's ``anchors`` argument.
     """
 
     def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean",
                  likelihood: Likelihood | str = Likelihood.l2, free_bits: float = 0.0,
                  target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None,
-                 gather: Gather | None = None):
+                 gather: Gather | None = None, synthetic_pairs: SyntheticPairs | str = SyntheticPairs.within):
         super().__init__()
         self.metric = metric
+        self.synthetic_pairs = SyntheticPairs(synthetic_pairs)
+        if self.synthetic_pairs is SyntheticPairs.cross and not metric.takes_anchors:
+            raise ValueError(f"synthetic_pairs='cross' needs a loss with anchors (triplet, triplet-dws, npair), got "
+                             f"{type(metric).__name__}")
         self.dvml = dvml
         self.reduction = reduction
         self.likelihood = Likelihood(likelihood)
@@ -154,6 +163,7 @@ class DVMLLoss(nn.Module):
             raise ValueError("DVMLLoss needs the step's Lambdas when dvml=True")
         kl = kl_term(out.mu, out.logvar, self.reduction, self.free_bits)
         recon = recon_term(self.target(x), out.x_hat, self.reduction, self.likelihood, self.gather)
-        m_syn = self.metric(out.z_syn, labels)
+        anchors = out.z_i if self.synthetic_pairs is SyntheticPairs.cross else None
+        m_syn = self.metric(out.z_syn, labels, anchors=anchors)
         total = lam.kl * kl + lam.recon * recon + lam.synthetic * m_syn + lam.invariant * m_inv
         return {"kl": kl, "recon": recon, "metric_invariant": m_inv, "metric_synthetic": m_syn, "total": total}

@@ -337,7 +337,8 @@ class _HeadsFit:
                                   labels=y)
                 terms = self.loss_fn(heads_out, x, y, lam)
                 if cfg.dvml and cfg.grad_every and (step == 0 or (epoch * steps + step) % cfg.grad_every == 0):
-                    grad_stats.append(diag.term_gradients(diag.weighted_terms(terms, lam, cfg.dvml), self.emb_params))
+                    grad_stats.append(diag.step_gradients(self.loss_fn, heads_out, x, y, lam, terms, self.emb_params,
+                                                          self.gen_dev))
                 self.optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 self.optimizer.step()

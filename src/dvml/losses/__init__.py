@@ -7,7 +7,8 @@
 """
 
 from dvml.losses.metric import MetricLoss, make_metric_loss
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, PROXY_LOSSES, LossName, MetricReduction
+from dvml.losses.names import (CROSS_PAIR_LOSSES, LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, PROXY_LOSSES, LossName,
+                               MetricReduction, SyntheticPairs)
 
-__all__ = ["LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName", "MetricLoss", "MetricReduction",
+__all__ = ["CROSS_PAIR_LOSSES", "LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName", "MetricLoss", "MetricReduction", "SyntheticPairs",
            "make_metric_loss"]

@@ -82,9 +82,30 @@ class MetricLoss(nn.Module):
     """
 
     strategy = "loop"
+    #: Whether :meth:`forward` takes ``anchors`` (the cross pairs of the synthetic term, ``--synthetic-pairs cross``).
+    takes_anchors = False
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.forward_tb(_as_tb(embeddings), labels)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over t of Lm(embeddings[t], labels).
+
+        Args:
+            embeddings: (T, B, E) or (B, E).
+            labels: (B,) class ids.
+            anchors: optional (B, E) embeddings of the same B images (z_I) to take every pair's and triplet's
+                *anchor* from, while its positive and negative come from ``embeddings[t]``: the pairs and
+                triplets of the batch are those of ``Lm(anchors)``, each positive and negative replaced by its row
+                of ``embeddings[t]`` (only losses with ``takes_anchors``; ``--synthetic-pairs cross``).
+        """
+        if anchors is None:
+            return self.forward_tb(_as_tb(embeddings), labels)
+        if not self.takes_anchors:
+            raise ValueError(f"{type(self).__name__} takes no anchors (cross pairs are for triplet, triplet-dws "
+                             "and npair)")
+        z = _as_tb(embeddings)
+        if anchors.shape != z.shape[1:]:
+            raise ValueError(f"anchors must be (B, E) = {tuple(z.shape[1:])}, got {tuple(anchors.shape)}")
+        return self.forward_tb(z, labels, anchors)
 
     def forward_tb(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -149,14 +170,16 @@ def _sorted_blocks(labels: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return order, m
 
 
-def _pair_distances(z: torch.Tensor, squared: bool) -> torch.Tensor:
-    """(T, B, E) → (T, B, B) euclidean distances of the L2-normalised rows (squared if asked).
+def _pair_distances(z: torch.Tensor, squared: bool, anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, B, E) → (T, B, B) euclidean distances of the L2-normalised rows (squared if asked): ``d[t, i, j]`` =
+    D(z[t, i], z[t, j]), or D(anchors[i], z[t, j]) with (B, E) ``anchors``.
 
     ‖a − b‖² = 2 − 2 a·b for unit vectors: one batched matmul. The non-squared distance is clamped at 1e-12
     before the square root, so identical rows give a finite (zero) gradient.
     """
     u = F.normalize(z, p=2, dim=-1)
-    d2 = (2.0 - 2.0 * torch.bmm(u, u.transpose(1, 2))).clamp_min(0.0)
+    ua = u if anchors is None else F.normalize(anchors, p=2, dim=-1).expand_as(u)
+    d2 = (2.0 - 2.0 * torch.bmm(ua, u.transpose(1, 2))).clamp_min(0.0)
     return d2 if squared else d2.clamp_min(1e-12).sqrt()
 
 
@@ -203,6 +226,7 @@ class BatchedTripletLoss(MetricLoss):
     """
 
     strategy = "batched"
+    takes_anchors = True
 
     def __init__(self, margin: float = TRIPLET_MARGIN, squared: bool = True, dws: bool = False,
                  cutoff: float = DWS_CUTOFF, nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF,
@@ -220,32 +244,34 @@ class BatchedTripletLoss(MetricLoss):
         self.generator: torch.Generator | None = None
         self.embedding_dim = 0
 
-    def forward_tb(self, z, labels):
+    def forward_tb(self, z, labels, anchors=None):
         if self.fixed_triplets:
-            return self._fixed(z, labels)
+            return self._fixed(z, labels, anchors)
         if self.dws:
-            return self._dws(z, labels)
+            return self._dws(z, labels, anchors)
         blocks = _sorted_blocks(labels)
         if blocks is not None:
-            return self._all_triplets_blocks(z, *blocks)
-        return self._all_triplets_general(z, labels)
+            return self._all_triplets_blocks(z, *blocks, anchors)
+        return self._all_triplets_general(z, labels, anchors)
 
-    def _fixed(self, z, labels):
+    def _fixed(self, z, labels, anchors=None):
         """The triplet input (paper section 3.5): the batch is [anchors; positives; negatives], K = B/3 each."""
         b = z.shape[1]
         if b % 3:
             raise ValueError(f"the triplet input needs a batch of 3·K rows (anchors, positives, negatives), got {b}")
         k = b // 3
         u = F.normalize(z, p=2, dim=-1)
-        a, p, n = u[:, :k], u[:, k:2 * k], u[:, 2 * k:]
+        a = u[:, :k] if anchors is None else F.normalize(anchors[:k], p=2, dim=-1).expand_as(u[:, :k])
+        p, n = u[:, k:2 * k], u[:, 2 * k:]
         dap, dan = (a - p).square().sum(-1), (a - n).square().sum(-1)  # (T, K)
         if not self.squared:
             dap, dan = dap.clamp_min(1e-12).sqrt(), dan.clamp_min(1e-12).sqrt()
         return _reduce_triplets(F.relu(dap - dan + self.margin), self.reducer)
 
-    def _all_triplets_blocks(self, z, order, m):
+    def _all_triplets_blocks(self, z, order, m, anchors=None):
         """Every class has m images: sort into blocks, then one dense (T, C, m, m, B) broadcast."""
-        d = _pair_distances(z[:, order], self.squared)  # (T, B, B), classes in contiguous blocks
+        d = _pair_distances(z[:, order], self.squared,  # (T, B, B), classes in contiguous blocks
+                            None if anchors is None else anchors[order])
         t, b, _ = d.shape
         c = b // m
         d5 = d.view(t, c, m, c, m)
@@ -258,8 +284,8 @@ class BatchedTripletLoss(MetricLoss):
         v = F.relu(ap.unsqueeze(-1) - an.unsqueeze(-2) + self.margin)  # (T, C, m, m, B)
         return _reduce_triplets(v.reshape(t, -1), self.reducer, max(1, c * m * (m - 1) * (b - m)))
 
-    def _all_triplets_general(self, z, labels):
-        d = _pair_distances(z, self.squared)
+    def _all_triplets_general(self, z, labels, anchors=None):
+        d = _pair_distances(z, self.squared, anchors)
         same = labels[:, None] == labels[None, :]
         pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         a, p, n = torch.nonzero(pos[:, :, None] & ~same[:, None, :], as_tuple=True)
@@ -312,8 +338,8 @@ class BatchedTripletLoss(MetricLoss):
         draws = torch.multinomial(rows, k_max, replacement=True, generator=self.generator).view(t, b, k_max)
         return a, p, draws[:, a, rank[a, p]], has_neg[:, a]
 
-    def _dws(self, z, labels):
-        d = _pair_distances(z, squared=False)
+    def _dws(self, z, labels, anchors=None):
+        d = _pair_distances(z, squared=False, anchors=anchors)
         a, p, n, valid = self.sample_negatives(d.detach(), labels, z.shape[-1])
         if a.numel() == 0:
             return z.sum() * 0.0
@@ -332,6 +358,7 @@ class BatchedNPairLoss(MetricLoss):
     """
 
     strategy = "batched"
+    takes_anchors = True
 
     def __init__(self, l2_reg: float = NPAIR_L2_REG):
         super().__init__()
@@ -349,12 +376,13 @@ class BatchedNPairLoss(MetricLoss):
         start = torch.nonzero(first & has_second, as_tuple=True)[0]
         return order[start], order[start + 1]
 
-    def forward_tb(self, z, labels):
+    def forward_tb(self, z, labels, anchors=None):
         a, p = self.pairs(labels)
         reg = self.l2_reg * z.square().sum(dim=-1).mean() if self.l2_reg else 0.0
         if a.numel() == 0:
             return z.sum() * 0.0 + reg
-        logits = torch.bmm(z[:, a], z[:, p].transpose(1, 2))  # (T, N, N)
+        za = z[:, a] if anchors is None else anchors[a].expand(z.shape[0], -1, -1)
+        logits = torch.bmm(za, z[:, p].transpose(1, 2))  # (T, N, N)
         t, n, _ = logits.shape
         target = torch.arange(n, device=z.device).repeat(t)
         return F.cross_entropy(logits.reshape(t * n, n), target) + reg

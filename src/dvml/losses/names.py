@@ -35,6 +35,16 @@ class MetricReduction(str, Enum):
     mean = "mean"  # the plain mean over all triplets
 
 
+class SyntheticPairs(str, Enum):
+    """Which embeddings the synthetic term Lm(ẑ) pairs (``--synthetic-pairs``)."""
+
+    within = "within"  # the paper's eq. 10: Lm over each synthetic batch alone, every pair synthetic
+    cross = "cross"  # each real z_I as the anchor, its positives and negatives synthetic (z_I against ẑ_t)
+
+
+#: Losses that take ``--synthetic-pairs cross`` (anchor-based pairs: the paper's three losses).
+CROSS_PAIR_LOSSES = frozenset({LossName.triplet, LossName.triplet_dws, LossName.npair})
+
 #: Losses that compare raw, unnormalised embeddings (N-pair's dot-product logits, eq. 3); every other loss
 #: L2-normalises its embeddings first (or compares them by cosine).
 DOT_PRODUCT_LOSSES = frozenset({LossName.npair})
