@@ -21,8 +21,15 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
-from dvml.losses.names import (CROSS_PAIR_LOSSES, DOT_PRODUCT_LOSSES, LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, LossName,
-                               MetricReduction, SyntheticPairs)
+from dvml.losses.names import (
+    CROSS_PAIR_LOSSES,
+    DOT_PRODUCT_LOSSES,
+    LOSS_PARAM_DEFAULTS,
+    LOSS_PARAM_NAMES,
+    LossName,
+    MetricReduction,
+    SyntheticPairs,
+)
 
 
 class Reduction(str, Enum):

@@ -40,8 +40,8 @@ def metric_loss(cfg: HeadsConfig, n_classes: int) -> MetricLoss:
 
 def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None,
               target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None) -> DVMLLoss:
-    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits, synthetic pairs); ``gather``,
-    ``target_mean``, ``target_std`` as :class:`~dvml.heads.objective.DVMLLoss`'s."""
+    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits, synthetic pairs);
+    ``gather``, ``target_mean``, ``target_std`` as :class:`~dvml.heads.objective.DVMLLoss`'s."""
     return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
                     free_bits=cfg.free_bits, target_mean=target_mean, target_std=target_std, gather=gather,
                     synthetic_pairs=cfg.synthetic_pairs)

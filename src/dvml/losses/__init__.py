@@ -1,14 +1,21 @@
 """Metric losses by name, over T synthetic batches at once.
 
-* :mod:`dvml.losses.names`   :class:`LossName`, :class:`MetricReduction`, the proxy losses, every loss
-  parameter's default (defined once)
+* :mod:`dvml.losses.names`   :class:`LossName`, :class:`MetricReduction`, :class:`SyntheticPairs`, the proxy
+  losses, every loss parameter's default (defined once)
 * :mod:`dvml.losses.metric`  :func:`make_metric_loss` and the batched triplet / N-pair losses; pml for the rest
 * :mod:`dvml.losses.dr`      direction-regularised triplet / Proxy-NCA and Proxy-NCA++
 """
 
 from dvml.losses.metric import MetricLoss, make_metric_loss
-from dvml.losses.names import (CROSS_PAIR_LOSSES, LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES, PROXY_LOSSES, LossName,
-                               MetricReduction, SyntheticPairs)
+from dvml.losses.names import (
+    CROSS_PAIR_LOSSES,
+    LOSS_PARAM_DEFAULTS,
+    LOSS_PARAM_NAMES,
+    PROXY_LOSSES,
+    LossName,
+    MetricReduction,
+    SyntheticPairs,
+)
 
-__all__ = ["CROSS_PAIR_LOSSES", "LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName", "MetricLoss", "MetricReduction", "SyntheticPairs",
-           "make_metric_loss"]
+__all__ = ["CROSS_PAIR_LOSSES", "LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName", "MetricLoss",
+           "MetricReduction", "SyntheticPairs", "make_metric_loss"]
