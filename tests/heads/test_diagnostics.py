@@ -108,6 +108,9 @@ def test_term_gradients_against_separate_backward():
     ratio = float(other.norm() / flat["metric_invariant"].norm())
     assert np.isclose(got["grad_ratio_other"], ratio, rtol=1e-9) and ratio > 0
     assert got["grad_cos_invariant"] >= np.sqrt(1 - ratio ** 2) - 1e-12 if ratio < 1 else True  # the stated bound
+    syn = flat["metric_invariant"] + flat["metric_synthetic"]
+    assert np.isclose(got["grad_cos_synthetic"], float(syn @ flat["metric_invariant"] / syn.norm()
+                                                       / flat["metric_invariant"].norm()), rtol=1e-9)
 
 
 def _halves_setup(t, eps_halves=None, seed=0):

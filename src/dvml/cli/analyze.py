@@ -103,6 +103,9 @@ def _branch_table(name: str, rep: dict) -> Table:
     if tt.get("grad_cos_invariant_phase2") is not None:
         t.add_row("cos(total gradient, Lm(z_I) gradient)", _fmt(tt["grad_cos_invariant_phase2"]),
                   _check(checks.get("grad_cos_phase2")))
+    if tt.get("grad_cos_synthetic_phase2") is not None:
+        t.add_row("  the same without the reconstruction's gradient (Lm(z_hat)'s part)",
+                  _fmt(tt["grad_cos_synthetic_phase2"]), "")
     if tt.get("grad_cos_expected_phase2") is not None:
         t.add_row("  the same for its expectation over the z_V draws (draw noise removed)",
                   _fmt(tt["grad_cos_expected_phase2"]), "")

@@ -29,6 +29,7 @@ random generators):
   how z_I learns). Computed from the step's own graph with ``torch.autograd.grad`` before the step's
   ``backward``, so the step itself is unchanged. DVML fits only: the baseline's gradient is Lm(z_I)'s.
   ``grad_ratio_other`` = ‖total − Lm(z_I)'s‖ / ‖Lm(z_I)'s‖ bounds that cosine from below (√(1 − r²) for r < 1).
+  ``grad_cos_synthetic``: the same cosine with the reconstruction's gradient left out (what Lm(ẑ) alone turns).
   Part of what turns the total away from Lm(z_I)'s is the draws' own noise (z_V is random; its noise averages
   out over steps like any minibatch noise); what DVML changes *systematically* is the gradient's expectation
   over the draws. From the step's two halves of the T draws (independent given the batch): ``grad_cos_expected``
@@ -46,7 +47,8 @@ ACTIVE_VAR = 0.01
 GRAD_TERMS = ("recon", "metric_synthetic", "metric_invariant")
 BRANCH_KEYS = ("z_i_norm", "mu_norm", "sigma_mean", "active_units", "active_frac", "kl_sum", "z_v_norm", "cos_syn",
                "syn_to_source", "img_to_centre", "syn_consistency", "img_consistency")
-GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant", "grad_ratio_other")
+GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant", "grad_ratio_other",
+                                                             "grad_cos_synthetic")
 #: Logged besides :data:`GRAD_KEYS` when T ≥ 2 (:func:`term_gradients` with ``halves``).
 GRAD_DRAW_KEYS = ("grad_cos_expected", "grad_noise_ratio")
 
@@ -162,7 +164,8 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor],
             their ``recon`` and ``metric_synthetic`` (Lm(z_I)'s gradient is the step's) give
             :data:`GRAD_DRAW_KEYS`.
     Returns:
-        ``grad_norm_<term>`` for each present term, ``grad_cos_invariant``, and ``grad_ratio_other`` =
+        ``grad_norm_<term>`` for each present term, ``grad_cos_invariant``, ``grad_cos_synthetic`` (the cosine of
+        Lm(z_I)'s + Lm(ẑ)'s gradient with Lm(z_I)'s), and ``grad_ratio_other`` =
         r = ‖g_total − g_inv‖ / ‖g_inv‖, how large the other terms' gradient is next to Lm(z_I)'s. It bounds how
         far DVML can turn the baseline's direction: for r < 1, cos(g_total, g_inv) ≥ √(1 − r²) whatever the
         other terms' direction, so a cosine below 0.95 needs r > 0.31 (with the paper's phase-2 λ3/λ4 = 1/4,
@@ -180,6 +183,8 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor],
         total = torch.stack(list(flat.values())).sum(0)
         out["grad_cos_invariant"] = float(F.cosine_similarity(total, inv, dim=0))
         out["grad_ratio_other"] = float((total - inv).norm() / inv.norm().clamp_min(1e-30))
+        if "metric_synthetic" in flat:  # Lm(ẑ)'s share of the change alone (the reconstruction's left out)
+            out["grad_cos_synthetic"] = float(F.cosine_similarity(inv + flat["metric_synthetic"], inv, dim=0))
         if halves is not None:
             g1, g2 = (inv + sum((_flat_grad(h[k], params) for k in GRAD_TERMS
                                  if k != "metric_invariant" and k in h and h[k].requires_grad),
