@@ -274,6 +274,8 @@ def test_run_report_and_ablate_columns_read_the_run(tiny_cache, tmp_path):
     ratio = np.mean([r["grad_ratio_other"] for r in recs if r["phase"] == 2])
     expected = np.mean([r["grad_cos_expected"] for r in recs if r["phase"] == 2])
     assert cols["diag_grad_cos_expected"] == pytest.approx(expected)
+    assert cols["diag_grad_cos_synthetic"] == pytest.approx(np.mean([r["grad_cos_synthetic"] for r in recs
+                                                                     if r["phase"] == 2]))
     assert rep["train_time"]["grad_cos_expected_phase2"] == pytest.approx(expected)
     assert cols["diag_grad_ratio"] == pytest.approx(ratio) and rep["train_time"]["grad_ratio_other_phase2"] == \
         pytest.approx(ratio)

@@ -183,13 +183,14 @@ DIAG_COLUMNS = (("diag_active_frac", "active_frac", "active units"), ("diag_kl_s
                 ("diag_hardness", "hardness", "Lm(ẑ) − Lm(z_I)"),
                 ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"),
                 ("diag_grad_ratio", "grad_ratio_phase2", "‖other grads‖ / ‖Lm(z_I)'s‖, phase 2"),
-                ("diag_grad_cos_expected", "grad_cos_expected_phase2", "grad cos, draw noise removed, phase 2"))
+                ("diag_grad_cos_expected", "grad_cos_expected_phase2", "grad cos, draw noise removed, phase 2"),
+                ("diag_grad_cos_synthetic", "grad_cos_synthetic_phase2", "grad cos without recon, phase 2"))
 
 
 def run_diagnostics(run: Path) -> dict:
     """The ``diag_*`` columns of one run from its ``log.jsonl``: the last epoch's branch statistics and
-    Lm(ẑ) − Lm(z_I), and the phase-2 means of the gradient cosine and ratio (None where not logged, e.g. the
-    baseline)."""
+    Lm(ẑ) − Lm(z_I), and the phase-2 means of the gradient cosines and ratio (None where not logged, e.g. the
+    baseline or a run from before a statistic existed)."""
     from dvml.heads.diagnostics import phase2_mean
     from dvml.runs import read_log
 
@@ -204,6 +205,7 @@ def run_diagnostics(run: Path) -> dict:
     src["grad_cos_phase2"] = phase2_mean(recs, "grad_cos_invariant")
     src["grad_ratio_phase2"] = phase2_mean(recs, "grad_ratio_other")
     src["grad_cos_expected_phase2"] = phase2_mean(recs, "grad_cos_expected")
+    src["grad_cos_synthetic_phase2"] = phase2_mean(recs, "grad_cos_synthetic")
     return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
 
 
