@@ -108,7 +108,9 @@ def test_best_config_feeds_fit_heads_and_study_continues(cache, tmp_path):
     params = first["best"]["params"]
     assert best["lr"] == pytest.approx(params["lr"]) and best["embedding_size"] == params["embedding_size"]
     assert best["samples"] == params["samples"]
-    assert best["lambdas_phase2"] == pytest.approx([params[f"lambda{i}"] for i in range(1, 5)])
+    k = params["recon_share"]  # scales λ1 and λ2 together
+    assert best["lambdas_phase2"] == pytest.approx([k * params["lambda1"], k * params["lambda2"], params["lambda3"],
+                                                    params["lambda4"]])
     assert best["epochs"] == 1 and best["loss"] == "triplet" and best["dvml"] is True
     fc = FitConfig.from_dict({**best, "cache": str(cache), "out": str(tmp_path / "run")})
     assert fc.lr == pytest.approx(params["lr"]) and fc.lambdas_phase2 == tuple(best["lambdas_phase2"])
@@ -132,7 +134,7 @@ def test_baseline_study_searches_no_dvml_parameters(cache, tmp_path):
     npair = tune.TuneConfig(cache=cache, loss="npair", dvml=False, trials=1, out=tmp_path, fit=FIT)
     assert tune.search_space(npair) == ["lr", "embedding_size"]  # npair has no margin
     dr = tune.TuneConfig(cache=cache, loss="dr-triplet", trials=1, out=tmp_path, fit={**FIT, "margin": 0.3})
-    assert tune.search_space(dr) == ["lr", "gamma", *tune.LAMBDA_NAMES, "samples", "embedding_size"]
+    assert tune.search_space(dr) == ["lr", "gamma", *tune.LAMBDA_NAMES, "recon_share", "samples", "embedding_size"]
     fixed = tune.TuneConfig(cache=cache, loss="triplet", trials=1, out=tmp_path, fit={**FIT, "samples": 4},
                             search=("lr", "lambda3"))
     assert tune.search_space(fixed) == ["lr", "lambda3"]
@@ -141,3 +143,22 @@ def test_baseline_study_searches_no_dvml_parameters(cache, tmp_path):
                                           dvml=False, search=("samples",)))
     with pytest.raises(ValueError, match="set by tune"):
         tune.TuneConfig(cache=cache, fit={"seed": 1})
+
+
+def test_recon_share_scales_lambda1_and_lambda2_together():
+    """k multiplies the phase-2 KL and reconstruction weights (their ratio, the variance branch's β, kept), the
+    same way for a trial's fit and for the best config read back from Optuna's flat parameters."""
+    import optuna
+
+    from dvml.heads.config import PHASE2_LAMBDAS
+
+    space = ["lambda1", "lambda2", "lambda3", "lambda4", "recon_share"]
+    trial = optuna.trial.FixedTrial({"lambda1": 0.5, "lambda2": 1.5, "lambda3": 0.2, "lambda4": 0.7,
+                                     "recon_share": 8.0})
+    p = tune.suggest(trial, space)
+    assert p == {"lambdas_phase2": (4.0, 12.0, 0.2, 0.7)}
+    assert tune.params_to_fit(trial.params) == p
+    only_k = optuna.trial.FixedTrial({"recon_share": 16.0})
+    want = (16 * PHASE2_LAMBDAS[0], 16 * PHASE2_LAMBDAS[1], PHASE2_LAMBDAS[2], PHASE2_LAMBDAS[3])
+    assert tune.suggest(only_k, ["recon_share"]) == {"lambdas_phase2": want}
+    assert tune.params_to_fit({"recon_share": 16.0, "lr": 1e-3}) == {"lr": 1e-3, "lambdas_phase2": want}

@@ -30,7 +30,8 @@ def tune_cmd(
     objective: str = typer.Option(_D.objective, help="recall@1 or map@r on the held-out validation classes."),
     val_fraction: float = typer.Option(_D.val_fraction, help="Share of TRAINING classes held out for validation."),
     search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
-                                                 "samples, embedding_size (default all that apply)."),
+                                                 "recon_share (k: scales phase-2 lambda1 and lambda2 together, "
+                                                 "0.25-64), samples, embedding_size (default all that apply)."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
                                                     "triplet, 128 otherwise; fitted to the data when it has fewer "
