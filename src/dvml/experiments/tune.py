@@ -7,8 +7,9 @@ scored by ``objective`` (Recall@1 or MAP@R) on the validation classes. The cache
 loaded, so no test label can reach a fit or the objective (asserted by ``tests/heads/test_tune.py``).
 
 Search space (each only where it applies): ``lr`` (log-uniform), the loss's ``margin`` and (DR losses)
-``gamma``, the four λ of DVML's loss, the number of draws ``T`` and the embedding size. ``trials`` is the
-number of *finished* trials the study should hold: running the command again continues the study up to that number.
+``gamma``, the four λ of DVML's loss and the reconstruction's share k (``recon_share``), the number of draws ``T``
+and the embedding size. ``trials`` is the number of *finished* trials the study should hold: running the command
+again continues the study up to that number.
 
 Several machines can work on one study: give each the same ``--storage`` URL of a shared relational
 database (any SQLAlchemy URL Optuna accepts, e.g. ``postgresql://user@host/db`` or
