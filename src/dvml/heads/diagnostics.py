@@ -43,6 +43,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dvml.heads.model import class_means
+
 ACTIVE_VAR = 0.01
 GRAD_TERMS = ("recon", "metric_synthetic", "metric_invariant")
 BRANCH_KEYS = ("z_i_norm", "mu_norm", "sigma_mean", "active_units", "active_frac", "kl_sum", "z_v_norm", "cos_syn",
@@ -51,14 +53,6 @@ GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant",
                                                              "grad_cos_synthetic")
 #: Logged besides :data:`GRAD_KEYS` when T ≥ 2 (:func:`term_gradients` with ``halves``).
 GRAD_DRAW_KEYS = ("grad_cos_expected", "grad_noise_ratio")
-
-
-def class_centres(u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, E) rows and (N,) labels → (classes (C,) sorted, centres (C, E) = per-class mean rows)."""
-    classes, inv = torch.unique(labels, return_inverse=True)
-    sums = torch.zeros((len(classes), u.shape[1]), dtype=u.dtype, device=u.device).index_add_(0, inv, u)
-    counts = torch.bincount(inv, minlength=len(classes)).to(u.dtype)
-    return classes, sums / counts[:, None]
 
 
 def nearest_centre_share(points: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
@@ -85,8 +79,8 @@ def branch_stats(z_i: torch.Tensor, labels: torch.Tensor, mu: torch.Tensor | Non
     """
     z_i = z_i.float()
     u = F.normalize(z_i, dim=-1)
-    classes, centres = class_centres(u, labels)
-    own = centres[torch.searchsorted(classes, labels)]
+    classes, centres, inv = class_means(u, labels)
+    own = centres[inv]
     out = {"z_i_norm": float(z_i.norm(dim=-1).mean()),
            "img_to_centre": float((u - own).norm(dim=-1).mean()),
            "img_consistency": nearest_centre_share(u, labels, centres, classes)}

@@ -58,15 +58,16 @@ class HeadsOutput(NamedTuple):
     x_hat: torch.Tensor | None
 
 
-def _class_means(v: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None):
-    """The class means of the rows of v (B, E) → (means (C, E), the index of each row's class (B,)); with
-    ``gather``, the classes and means of every process's rows."""
+def class_means(v: torch.Tensor, labels: torch.Tensor,
+                gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class means of the rows of v (B, E) → (classes (C,) sorted, means (C, E), the index of each row's class
+    (B,)); with ``gather``, the classes and means of every process's rows."""
     all_v, all_labels = (v, labels) if gather is None else (gather(v), gather(labels))
     classes, inv = torch.unique(all_labels, return_inverse=True)
     sums = torch.zeros((len(classes), v.shape[1]), dtype=v.dtype, device=v.device).index_add(0, inv, all_v)
     counts = torch.bincount(inv, minlength=len(classes)).to(v.dtype)
     mine = inv if gather is None else torch.searchsorted(classes, labels)
-    return sums / counts[:, None], mine
+    return classes, sums / counts[:, None], mine
 
 
 def class_centred(v: torch.Tensor, labels: torch.Tensor | None, gather: Gather | None = None) -> torch.Tensor:
@@ -74,7 +75,7 @@ def class_centred(v: torch.Tensor, labels: torch.Tensor | None, gather: Gather |
     ``gather``, the class means of the global batch (every process's rows)."""
     if labels is None:
         raise ValueError("centre_mu needs the batch's labels")
-    means, mine = _class_means(v, labels, gather)
+    _, means, mine = class_means(v, labels, gather)
     return v - means[mine]
 
 
@@ -143,7 +144,7 @@ class DVMLHeads(nn.Module):
         if labels is None:
             raise ValueError("variance_scale='class' needs the batch's labels")
         b, y = (base.detach(), labels) if gather is None else (gather(base.detach()), gather(labels))
-        means, inv = _class_means(b, y)
+        _, means, inv = class_means(b, y)
         dev = b - means[inv]
         dof = max(1, b.shape[0] - means.shape[0])
         return self.variance_kappa * (dev.square().sum() / (dof * b.shape[1])).sqrt()
