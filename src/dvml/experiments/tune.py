@@ -186,9 +186,9 @@ def search_space(cfg: TuneConfig) -> list[str]:
 
 
 def suggest(trial, space: list[str]) -> dict[str, Any]:
-    """Draw one point of the search space from an Optuna trial (λs folded into ``lambdas_phase2``)."""
+    """Draw one point of the search space from an Optuna trial, as FitConfig fields (:func:`params_to_fit`: the
+    λs and ``recon_share`` folded into ``lambdas_phase2``)."""
     p: dict[str, Any] = {}
-    lam = list(PHASE2_LAMBDAS)
     for name in space:
         if name == "lr":
             p[name] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
@@ -197,7 +197,7 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
         elif name == "gamma":
             p[name] = trial.suggest_float("gamma", 0.0, 1.0)
         elif name in LAMBDA_NAMES:
-            lam[LAMBDA_NAMES.index(name)] = trial.suggest_float(name, 0.05, 2.0, log=True)
+            p[name] = trial.suggest_float(name, 0.05, 2.0, log=True)
         elif name == RECON_SHARE:
             p[name] = trial.suggest_float(name, *RECON_SHARE_RANGE, log=True)
         elif name == "samples":
@@ -206,15 +206,13 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
             p[name] = trial.suggest_categorical("embedding_size", list(EMBEDDING_SIZES))
         else:  # pragma: no cover - search_space only yields the names above
             raise ValueError(name)
-    if any(n in space for n in PHASE2_NAMES):
-        k = p.pop(RECON_SHARE, 1.0)
-        p["lambdas_phase2"] = (k * lam[0], k * lam[1], lam[2], lam[3])
-    return p
+    return params_to_fit(p)
 
 
 def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's flat parameters (``lambda1``.., ``recon_share``) -> FitConfig fields (``lambdas_phase2``), as
-    :func:`suggest` folds them."""
+    """Optuna's flat parameters (``lambda1``.., ``recon_share``) -> FitConfig fields: ``lambdas_phase2`` =
+    (k·λ1, k·λ2, λ3, λ4), each λ not searched at the paper's phase-2 value, k = ``recon_share`` (1 if not
+    searched)."""
     out = {k: v for k, v in params.items() if k not in PHASE2_NAMES}
     if any(n in params for n in PHASE2_NAMES):
         lam = [params.get(n, PHASE2_LAMBDAS[i]) for i, n in enumerate(LAMBDA_NAMES)]
