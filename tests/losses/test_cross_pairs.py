@@ -145,3 +145,13 @@ def test_losses_without_anchors_refuse_them():
             loss(z, labels, anchors=anchors)
     with pytest.raises(ValueError, match="anchors must be"):
         make_metric_loss("triplet", num_classes=C, embedding_size=E)(z, labels, anchors=anchors[:-1])
+
+
+def test_the_losses_that_take_anchors_are_the_cross_pair_losses():
+    """The config's list (CROSS_PAIR_LOSSES, what --synthetic-pairs cross accepts) and the modules' takes_anchors
+    say the same for every loss."""
+    from dvml.losses import CROSS_PAIR_LOSSES, LossName
+
+    for name in LossName:
+        loss = make_metric_loss(name, num_classes=C, embedding_size=E)
+        assert loss.takes_anchors == (name in CROSS_PAIR_LOSSES), name

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from dvml.losses.names import (
     CROSS_PAIR_LOSSES,
+    CROSS_PAIR_NAMES,
     DOT_PRODUCT_LOSSES,
     LOSS_PARAM_DEFAULTS,
     LOSS_PARAM_NAMES,
@@ -277,8 +278,8 @@ class HeadsConfig:
                               ("synthetic_pairs", SyntheticPairs)):
             set_choice(self, name, choices)
         if self.synthetic_pairs is SyntheticPairs.cross and self.loss not in CROSS_PAIR_LOSSES:
-            raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for "
-                             f"{', '.join(sorted(x.value for x in CROSS_PAIR_LOSSES))}, not --loss {self.loss.value}")
+            raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
+                             f"--loss {self.loss.value}")
         if not self.variance_kappa > 0:
             raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
         if self.free_bits < 0:

@@ -19,7 +19,7 @@ from torch import nn
 from dvml.heads.config import Lambdas, Likelihood
 from dvml.heads.model import Gather, HeadsOutput
 from dvml.losses.metric import MetricLoss
-from dvml.losses.names import SyntheticPairs
+from dvml.losses.names import CROSS_PAIR_NAMES, SyntheticPairs
 
 
 def _reduce(per_dim: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -125,7 +125,7 @@ class DVMLLoss(nn.Module):
         self.metric = metric
         self.synthetic_pairs = SyntheticPairs(synthetic_pairs)
         if self.synthetic_pairs is SyntheticPairs.cross and not metric.takes_anchors:
-            raise ValueError(f"synthetic_pairs='cross' needs a loss with anchors (triplet, triplet-dws, npair), got "
+            raise ValueError(f"synthetic_pairs='cross' needs a loss with anchors ({CROSS_PAIR_NAMES}), got "
                              f"{type(metric).__name__}")
         self.dvml = dvml
         self.reduction = reduction

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName, MetricReduction
+from dvml.losses.names import CROSS_PAIR_NAMES, LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName, MetricReduction
 from dvml.seeding import proxy_seed
 
 TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
@@ -100,8 +100,7 @@ class MetricLoss(nn.Module):
         if anchors is None:
             return self.forward_tb(_as_tb(embeddings), labels)
         if not self.takes_anchors:
-            raise ValueError(f"{type(self).__name__} takes no anchors (cross pairs are for triplet, triplet-dws "
-                             "and npair)")
+            raise ValueError(f"{type(self).__name__} takes no anchors (cross pairs are for {CROSS_PAIR_NAMES})")
         z = _as_tb(embeddings)
         if anchors.shape != z.shape[1:]:
             raise ValueError(f"anchors must be (B, E) = {tuple(z.shape[1:])}, got {tuple(anchors.shape)}")

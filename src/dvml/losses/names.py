@@ -44,6 +44,7 @@ class SyntheticPairs(str, Enum):
 
 #: Losses that take ``--synthetic-pairs cross`` (anchor-based pairs: the paper's three losses).
 CROSS_PAIR_LOSSES = frozenset({LossName.triplet, LossName.triplet_dws, LossName.npair})
+CROSS_PAIR_NAMES = ", ".join(sorted(n.value for n in CROSS_PAIR_LOSSES))  # for messages
 
 #: Losses that compare raw, unnormalised embeddings (N-pair's dot-product logits, eq. 3); every other loss
 #: L2-normalises its embeddings first (or compares them by cosine).
