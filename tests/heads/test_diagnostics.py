@@ -111,6 +111,12 @@ def test_term_gradients_against_separate_backward():
     syn = flat["metric_invariant"] + flat["metric_synthetic"]
     assert np.isclose(got["grad_cos_synthetic"], float(syn @ flat["metric_invariant"] / syn.norm()
                                                        / flat["metric_invariant"].norm()), rtol=1e-9)
+    # its two factors: Lm(ẑ)'s own direction and weight against Lm(z_I)'s, and the identity that joins them
+    s, i = flat["metric_synthetic"], flat["metric_invariant"]
+    assert np.isclose(got["grad_cos_syn_term"], float(s @ i / s.norm() / i.norm()), rtol=1e-9)
+    assert np.isclose(got["grad_ratio_synthetic"], float(s.norm() / i.norm()), rtol=1e-9)
+    rho, c = got["grad_ratio_synthetic"], got["grad_cos_syn_term"]
+    assert np.isclose(got["grad_cos_synthetic"], (1 + rho * c) / np.sqrt(1 + rho ** 2 + 2 * rho * c), rtol=1e-9)
 
 
 def _halves_setup(t, eps_halves=None, seed=0):
@@ -144,6 +150,31 @@ def test_expected_gradient_cosine_against_separate_backward():
     assert np.isclose(got["grad_cos_expected"], float((g[0] + g[1]) @ inv / 2 / np.sqrt(e2) / inv.norm()), rtol=1e-9)
     assert np.isclose(got["grad_noise_ratio"], float((g[0] - g[1]).norm() / 2 / np.sqrt(e2)), rtol=1e-9)
     assert got["grad_noise_ratio"] > 0
+    s = []  # Lm(ẑ)'s weighted gradient alone from each half
+    for part in diag.draw_halves(out):
+        model.zero_grad()
+        (lam.synthetic * loss(part, x, y, lam)["metric_synthetic"]).backward(retain_graph=True)
+        s.append(torch.cat([q.grad.flatten() for q in params]).clone())
+    s2 = float(s[0] @ s[1])
+    assert s2 > 0
+    assert np.isclose(got["grad_cos_syn_term_expected"], float((s[0] + s[1]) @ inv / 2 / np.sqrt(s2) / inv.norm()),
+                      rtol=1e-9)
+
+
+def test_synthetic_direction_not_estimated_when_the_halves_disagree():
+    """⟨s_1, s_2⟩ ≤ 0 (noise swamps Lm(ẑ)'s expected gradient): no estimate is logged for that step, and an
+    epoch's mean covers the steps that have one."""
+    from types import SimpleNamespace
+
+    from dvml.heads.train import _HeadsFit
+
+    *_, lam, params, _, terms, halves = _halves_setup(t=6)
+    flipped = (halves[0], {**halves[1], "metric_synthetic": -halves[0]["metric_synthetic"]})
+    got = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, flipped)
+    assert "grad_cos_syn_term_expected" not in got and "grad_cos_expected" in got
+    steps = [{"grad_cos_invariant": 0.9, "grad_cos_syn_term_expected": 0.5}, {"grad_cos_invariant": 0.7}]
+    epoch = _HeadsFit._diagnostics(SimpleNamespace(diag_x=None), steps)
+    assert epoch == pytest.approx({"grad_cos_invariant": 0.8, "grad_cos_syn_term_expected": 0.5, "grad_samples": 2})
 
 
 def test_expected_gradient_cosine_without_draw_noise():
@@ -153,6 +184,7 @@ def test_expected_gradient_cosine_without_draw_noise():
     got = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, halves)
     assert got["grad_noise_ratio"] < 1e-9
     assert np.isclose(got["grad_cos_expected"], got["grad_cos_invariant"], rtol=1e-9)
+    assert np.isclose(got["grad_cos_syn_term_expected"], got["grad_cos_syn_term"], rtol=1e-9)
     assert got["grad_cos_invariant"] < 1.0
 
 
@@ -163,6 +195,7 @@ def test_expected_gradient_cosine_converges_with_many_draws():
     many = diag.term_gradients(diag.weighted_terms(terms, lam, True), params, halves)
     assert many["grad_noise_ratio"] < 0.05
     assert abs(many["grad_cos_expected"] - many["grad_cos_invariant"]) < 2e-3
+    assert abs(many["grad_cos_syn_term_expected"] - many["grad_cos_syn_term"]) < 1e-2
     *_, lam2, params2, _, terms2, halves2 = _halves_setup(t=2)
     few = diag.term_gradients(diag.weighted_terms(terms2, lam2, True), params2, halves2)
     assert few["grad_noise_ratio"] > 10 * many["grad_noise_ratio"]
@@ -277,5 +310,11 @@ def test_run_report_and_ablate_columns_read_the_run(tiny_cache, tmp_path):
     assert cols["diag_grad_cos_synthetic"] == pytest.approx(np.mean([r["grad_cos_synthetic"] for r in recs
                                                                      if r["phase"] == 2]))
     assert rep["train_time"]["grad_cos_expected_phase2"] == pytest.approx(expected)
+    for col, key in (("diag_grad_ratio_synthetic", "grad_ratio_synthetic"),
+                     ("diag_grad_cos_syn_term", "grad_cos_syn_term_expected")):
+        want = np.mean([r[key] for r in recs if r["phase"] == 2 and key in r])
+        assert cols[col] == pytest.approx(want) and rep["train_time"][f"{key}_phase2"] == pytest.approx(want)
+    assert rep["train_time"]["grad_cos_syn_term_phase2"] == pytest.approx(
+        np.mean([r["grad_cos_syn_term"] for r in recs if r["phase"] == 2]))
     assert cols["diag_grad_ratio"] == pytest.approx(ratio) and rep["train_time"]["grad_ratio_other_phase2"] == \
         pytest.approx(ratio)

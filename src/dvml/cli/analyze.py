@@ -106,6 +106,14 @@ def _branch_table(name: str, rep: dict) -> Table:
     if tt.get("grad_cos_synthetic_phase2") is not None:
         t.add_row("  the same without the reconstruction's gradient (Lm(z_hat)'s part)",
                   _fmt(tt["grad_cos_synthetic_phase2"]), "")
+    if tt.get("grad_ratio_synthetic_phase2") is not None:
+        t.add_row("    its factors: ||Lm(z_hat)'s gradient|| / ||Lm(z_I)'s|| (after the lambdas)",
+                  _fmt(tt["grad_ratio_synthetic_phase2"]), "")
+        t.add_row("    and the direction: cos(Lm(z_hat)'s gradient, Lm(z_I)'s)",
+                  _fmt(tt["grad_cos_syn_term_phase2"]), "")
+    if tt.get("grad_cos_syn_term_expected_phase2") is not None:
+        t.add_row("    that direction for the expectation over the z_V draws",
+                  _fmt(tt["grad_cos_syn_term_expected_phase2"]), "")
     if tt.get("grad_cos_expected_phase2") is not None:
         t.add_row("  the same for its expectation over the z_V draws (draw noise removed)",
                   _fmt(tt["grad_cos_expected_phase2"]), "")

@@ -184,7 +184,10 @@ DIAG_COLUMNS = (("diag_active_frac", "active_frac", "active units"), ("diag_kl_s
                 ("diag_grad_cos", "grad_cos_phase2", "grad cos vs Lm(z_I), phase 2"),
                 ("diag_grad_ratio", "grad_ratio_phase2", "‖other grads‖ / ‖Lm(z_I)'s‖, phase 2"),
                 ("diag_grad_cos_expected", "grad_cos_expected_phase2", "grad cos, draw noise removed, phase 2"),
-                ("diag_grad_cos_synthetic", "grad_cos_synthetic_phase2", "grad cos without recon, phase 2"))
+                ("diag_grad_cos_synthetic", "grad_cos_synthetic_phase2", "grad cos without recon, phase 2"),
+                ("diag_grad_ratio_synthetic", "grad_ratio_synthetic_phase2", "‖Lm(ẑ)'s grad‖ / ‖Lm(z_I)'s‖, phase 2"),
+                ("diag_grad_cos_syn_term", "grad_cos_syn_term_expected_phase2",
+                 "cos(Lm(ẑ)'s expected grad, Lm(z_I)'s), phase 2"))
 
 
 def run_diagnostics(run: Path) -> dict:
@@ -205,7 +208,8 @@ def run_diagnostics(run: Path) -> dict:
     src["grad_cos_phase2"] = phase2_mean(recs, "grad_cos_invariant")
     src["grad_ratio_phase2"] = phase2_mean(recs, "grad_ratio_other")
     src["grad_cos_expected_phase2"] = phase2_mean(recs, "grad_cos_expected")
-    src["grad_cos_synthetic_phase2"] = phase2_mean(recs, "grad_cos_synthetic")
+    for key in ("grad_cos_synthetic", "grad_ratio_synthetic", "grad_cos_syn_term_expected"):
+        src[f"{key}_phase2"] = phase2_mean(recs, key)
     return {col: (None if src[key] is None else float(src[key])) for col, key, _ in DIAG_COLUMNS}
 
 

@@ -30,12 +30,20 @@ random generators):
   ``backward``, so the step itself is unchanged. DVML fits only: the baseline's gradient is Lm(z_I)'s.
   ``grad_ratio_other`` = ‖total − Lm(z_I)'s‖ / ‖Lm(z_I)'s‖ bounds that cosine from below (√(1 − r²) for r < 1).
   ``grad_cos_synthetic``: the same cosine with the reconstruction's gradient left out (what Lm(ẑ) alone turns).
+  That turn has two factors, kept apart by ``grad_ratio_synthetic`` = ‖λ3·∇Lm(ẑ)‖ / ‖λ4·∇Lm(z_I)‖ (how much
+  weight the synthetic term has) and ``grad_cos_syn_term`` = cos(∇Lm(ẑ), ∇Lm(z_I)) (where the synthetic samples
+  alone would move the embedding layer, whatever their weight): with ρ and θ, the cosine of the sum with Lm(z_I)'s
+  is (1 + ρ cos θ) / √(1 + ρ² + 2ρ cos θ).
   Part of what turns the total away from Lm(z_I)'s is the draws' own noise (z_V is random; its noise averages
   out over steps like any minibatch noise); what DVML changes *systematically* is the gradient's expectation
   over the draws. From the step's two halves of the T draws (independent given the batch): ``grad_cos_expected``
   = the cosine of that expectation with Lm(z_I)'s gradient (unbiased estimates of the dot products:
   ⟨E g, g_inv⟩ ≈ mean_h ⟨g_h, g_inv⟩, ‖E g‖² ≈ ⟨g_1, g_2⟩), and ``grad_noise_ratio`` = the draws' noise in the
   step's gradient over its expected norm (‖g_1 − g_2‖ / 2 / √⟨g_1, g_2⟩). T ≥ 2 only.
+  ``grad_cos_syn_term_expected``: the same estimate for Lm(ẑ)'s gradient alone, cos(E ∇Lm(ẑ), ∇Lm(z_I)) — the
+  direction the synthetic samples teach once their draws' noise is averaged out (not logged on a step whose two
+  halves' Lm(ẑ) gradients have ⟨s_1, s_2⟩ ≤ 0, where noise swamps the expectation; an estimate, so a step's
+  value can leave [−1, 1] when the noise is large).
 """
 
 from __future__ import annotations
@@ -50,9 +58,11 @@ GRAD_TERMS = ("recon", "metric_synthetic", "metric_invariant")
 BRANCH_KEYS = ("z_i_norm", "mu_norm", "sigma_mean", "active_units", "active_frac", "kl_sum", "z_v_norm", "cos_syn",
                "syn_to_source", "img_to_centre", "syn_consistency", "img_consistency")
 GRAD_KEYS = tuple(f"grad_norm_{t}" for t in GRAD_TERMS) + ("grad_cos_invariant", "grad_ratio_other",
-                                                             "grad_cos_synthetic")
-#: Logged besides :data:`GRAD_KEYS` when T ≥ 2 (:func:`term_gradients` with ``halves``).
-GRAD_DRAW_KEYS = ("grad_cos_expected", "grad_noise_ratio")
+                                                             "grad_cos_synthetic", "grad_cos_syn_term",
+                                                             "grad_ratio_synthetic")
+#: Logged besides :data:`GRAD_KEYS` when T ≥ 2 (:func:`term_gradients` with ``halves``);
+#: ``grad_cos_syn_term_expected`` only where the halves' Lm(ẑ) gradients agree enough to estimate it.
+GRAD_DRAW_KEYS = ("grad_cos_expected", "grad_noise_ratio", "grad_cos_syn_term_expected")
 
 
 def nearest_centre_share(points: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
@@ -159,7 +169,8 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor],
             :data:`GRAD_DRAW_KEYS`.
     Returns:
         ``grad_norm_<term>`` for each present term, ``grad_cos_invariant``, ``grad_cos_synthetic`` (the cosine of
-        Lm(z_I)'s + Lm(ẑ)'s gradient with Lm(z_I)'s), and ``grad_ratio_other`` =
+        Lm(z_I)'s + Lm(ẑ)'s gradient with Lm(z_I)'s), ``grad_cos_syn_term`` and ``grad_ratio_synthetic`` (the
+        direction of Lm(ẑ)'s gradient against Lm(z_I)'s, and its norm over Lm(z_I)'s), and ``grad_ratio_other`` =
         r = ‖g_total − g_inv‖ / ‖g_inv‖, how large the other terms' gradient is next to Lm(z_I)'s. It bounds how
         far DVML can turn the baseline's direction: for r < 1, cos(g_total, g_inv) ≥ √(1 − r²) whatever the
         other terms' direction, so a cosine below 0.95 needs r > 0.31 (with the paper's phase-2 λ3/λ4 = 1/4,
@@ -176,16 +187,33 @@ def term_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor],
     if inv is not None:
         total = torch.stack(list(flat.values())).sum(0)
         out["grad_cos_invariant"] = float(F.cosine_similarity(total, inv, dim=0))
-        out["grad_ratio_other"] = float((total - inv).norm() / inv.norm().clamp_min(1e-30))
-        if "metric_synthetic" in flat:  # Lm(ẑ)'s share of the change alone (the reconstruction's left out)
-            out["grad_cos_synthetic"] = float(F.cosine_similarity(inv + flat["metric_synthetic"], inv, dim=0))
+        inv_norm = inv.norm().clamp_min(1e-30)
+        out["grad_ratio_other"] = float((total - inv).norm() / inv_norm)
+        syn = flat.get("metric_synthetic")
+        if syn is not None:  # Lm(ẑ)'s share of the change alone (the reconstruction's left out), and its factors
+            out["grad_cos_synthetic"] = float(F.cosine_similarity(inv + syn, inv, dim=0))
+            out["grad_cos_syn_term"] = float(F.cosine_similarity(syn, inv, dim=0))
+            out["grad_ratio_synthetic"] = float(syn.norm() / inv_norm)
         if halves is not None:
-            g1, g2 = (inv + sum((_flat_grad(h[k], params) for k in GRAD_TERMS
-                                 if k != "metric_invariant" and k in h and h[k].requires_grad),
-                                torch.zeros_like(inv)) for h in halves)
-            expected_sq = (g1 @ g2).clamp_min(1e-30)  # unbiased for ‖E g‖² (independent halves)
-            out["grad_cos_expected"] = float(0.5 * (g1 + g2) @ inv / expected_sq.sqrt() / inv.norm().clamp_min(1e-30))
-            out["grad_noise_ratio"] = float(0.5 * (g1 - g2).norm() / expected_sq.sqrt())
+            others = [{k: _flat_grad(h[k], params) for k in GRAD_TERMS
+                       if k != "metric_invariant" and k in h and h[k].requires_grad} for h in halves]
+            g1, g2 = (inv + sum(o.values(), torch.zeros_like(inv)) for o in others)
+            out.update(_expected_cosine(g1, g2, inv, inv_norm, "grad_cos_expected", "grad_noise_ratio"))
+            if all("metric_synthetic" in o for o in others):
+                s1, s2 = (o["metric_synthetic"] for o in others)
+                if float(s1 @ s2) > 0:
+                    out.update(_expected_cosine(s1, s2, inv, inv_norm, "grad_cos_syn_term_expected"))
+    return out
+
+
+def _expected_cosine(g1: torch.Tensor, g2: torch.Tensor, inv: torch.Tensor, inv_norm: torch.Tensor, cos_key: str,
+                     noise_key: str | None = None) -> dict[str, float]:
+    """cos(E g, inv) from two independent halves g1, g2 of the draws (unbiased dot products: ⟨E g, inv⟩ ≈ the
+    halves' mean, ‖E g‖² ≈ ⟨g1, g2⟩) and, under ``noise_key``, the draws' noise over ‖E g‖."""
+    expected_sq = (g1 @ g2).clamp_min(1e-30)
+    out = {cos_key: float(0.5 * (g1 + g2) @ inv / expected_sq.sqrt() / inv_norm)}
+    if noise_key is not None:
+        out[noise_key] = float(0.5 * (g1 - g2).norm() / expected_sq.sqrt())
     return out
 
 

@@ -231,14 +231,14 @@ class _HeadsFit:
 
     def _diagnostics(self, grad_stats: list[dict]) -> dict:
         """The epoch's diagnostics: branch statistics on the fixed subset (the same noise every epoch) and the
-        mean of the gradient statistics sampled during the epoch."""
+        mean of the gradient statistics sampled during the epoch (each over the steps that logged it)."""
         out: dict = {}
         if self.diag_x is not None:
             g = torch.Generator(device=self.device).manual_seed(diag_seeds(self.cfg.seed)[1])
             out.update(diag.heads_branch_stats(self.model, self.diag_x, self.diag_y, samples=2, generator=g))
         if grad_stats:
-            for k in grad_stats[0]:
-                out[k] = float(np.mean([gs[k] for gs in grad_stats]))
+            for k in dict.fromkeys(k for gs in grad_stats for k in gs):
+                out[k] = float(np.mean([gs[k] for gs in grad_stats if k in gs]))
             out["grad_samples"] = len(grad_stats)
         return out
 
