@@ -212,8 +212,9 @@ class HeadsConfig:
             ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
             paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
             :func:`default_synthetic_pairs`. ``cross`` is for triplet, triplet-dws and npair. Measured (issue 14,
-            validation classes of both sets): cross leaves validation Recall@1 where it was and makes Lm(ẑ)'s
-            gradient *more* parallel to Lm(z_I)'s (the draws' noise on one side of each distance, not both).
+            validation classes of both sets): cross leaves validation Recall@1 where it was and brings the sum of
+            Lm(z_I)'s and Lm(ẑ)'s gradients *closer* to Lm(z_I)'s (the draws' noise on one side of each
+            distance, not both).
         lr: Adam learning rate of the heads (the paper: 1e-4).
         proxy_lr: learning rate of a proxy loss's proxies; ``None`` = 100 × lr (Proxy-Anchor's recipe:
             proxies start random and must move far faster than the heads).
