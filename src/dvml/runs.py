@@ -33,11 +33,14 @@ hold its :func:`run_lock`, so ``--overwrite`` never clears a run under a live wr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import platform
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,14 +48,21 @@ from pathlib import Path
 from dvml import __version__, files
 from dvml.errors import DvmlError
 
+log = logging.getLogger(__name__)
+
 HEADS_FILE = "heads.pt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 BACKBONE_FILE = "backbone.pt"  # finetune: the tuned backbone (usable as ``dvml extract --weights``)
 CHECKPOINT_FILE = "checkpoint.pt"  # finetune: everything needed to resume
-#: Every file a run directory may hold (what ``--overwrite`` clears).
+#: Every file a run directory may hold (what ``--overwrite`` replaces).
 RUN_FILES = (CHECKPOINT_FILE, BACKBONE_FILE, HEADS_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE)
+#: What other commands derive from a run inside its directory (``dvml analyze``, ``dvml ablate``): stale once the
+#: run is replaced, so ``--overwrite`` replaces them too.
+DERIVED_FILES = ("analysis", "per_class.csv")
+#: Where ``--overwrite`` keeps the run it replaces until the new one finishes (:func:`set_aside_run`).
+REPLACED_DIR = ".replaced-run"
 
 HEADS_KIND = "heads"
 FINETUNE_KIND = "finetune"
@@ -130,14 +140,82 @@ def cpu_state(sd):
     return copy.deepcopy(sd)
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _run_entries(out: Path) -> list[Path]:
+    return [p for p in (Path(out) / n for n in RUN_FILES + DERIVED_FILES) if p.exists() or p.is_symlink()]
+
+
 def clear_run(out: Path) -> None:
-    """Remove every run file (:data:`RUN_FILES`) from ``out`` (``--overwrite``); other files are left alone."""
-    for name in RUN_FILES:
-        p = Path(out) / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    """Remove every run file (:data:`RUN_FILES`) and what was derived from it (:data:`DERIVED_FILES`) from
+    ``out``; other files are left alone."""
+    for p in _run_entries(out):
+        _remove(p)
+
+
+def set_aside_run(out: Path) -> None:
+    """``--overwrite``: move the run in ``out`` (:data:`RUN_FILES`, :data:`DERIVED_FILES`) into
+    ``out/`` :data:`REPLACED_DIR`, where it stays until its replacement finishes (:func:`drop_replaced_run`) or
+    comes back if the replacement fails before its first checkpoint (:func:`restore_replaced_run`). So a failed or
+    interrupted ``--overwrite`` never loses a run. If a replaced run is already kept there (an earlier
+    ``--overwrite`` that did not finish), what ``out`` holds is that unfinished replacement: it is discarded and
+    the kept run stays. Other files are left alone."""
+    out = Path(out)
+    entries = _run_entries(out)
+    keep = out / REPLACED_DIR
+    if not entries:
+        return
+    if keep.is_dir():
+        for p in entries:
+            _remove(p)
+        return
+    keep.mkdir()
+    for p in entries:
+        p.replace(keep / p.name)
+
+
+def restore_replaced_run(out: Path) -> bool:
+    """After a failed ``--overwrite``: put the kept run (:func:`set_aside_run`) back if the new run wrote no
+    checkpoint yet (its ``config.json`` and empty log are removed). Returns whether it did; with a checkpoint the
+    new run stays resumable and the old one stays kept."""
+    out = Path(out)
+    keep = out / REPLACED_DIR
+    if not keep.is_dir() or (out / HEADS_FILE).exists() or (out / CHECKPOINT_FILE).exists():
+        return False
+    clear_run(out)
+    for p in keep.iterdir():
+        p.replace(out / p.name)
+    keep.rmdir()
+    return True
+
+
+def drop_replaced_run(out: Path) -> None:
+    """The replacement finished: delete the run :func:`set_aside_run` kept (if any)."""
+    keep = Path(out) / REPLACED_DIR
+    if keep.is_dir():
+        shutil.rmtree(keep)
+
+
+@contextlib.contextmanager
+def replacing(out: Path) -> Iterator[None]:
+    """Around writing a run into ``out``: on success the run it replaced (:func:`set_aside_run`) is deleted; on any
+    failure (an error, Ctrl-C) that run comes back if the new one has no checkpoint yet, else it stays kept and a
+    warning says where."""
+    try:
+        yield
+    except BaseException:
+        if restore_replaced_run(out):
+            log.warning("%s: the run --overwrite was replacing is back in place", out)
+        elif (Path(out) / REPLACED_DIR).is_dir():
+            log.warning("%s: the run --overwrite is replacing is kept in %s until this one finishes (--resume)",
+                        out, Path(out) / REPLACED_DIR)
+        raise
+    drop_replaced_run(out)
 
 
 def load_torch(path: Path, map_location="cpu") -> dict:

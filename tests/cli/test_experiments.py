@@ -74,9 +74,15 @@ def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):
     assert set(branch["run"]["checks"]) == {"active_frac", "kl_sum", "hardness", "syn_consistency",
                                             "grad_cos_phase2"}
     assert branch["baseline"]["checks"] is None and "img_consistency" in branch["baseline"]["final"]
+    hard = branch["run"]["checks"]["hardness"]  # the hardness check stands beside its own value, not Lm(z_I)'s
+    row = next(line for line in r.stdout.splitlines() if "Lm(z_hat) - Lm(z_I)" in line)
+    assert f"{hard['value']:.4g}" in row and ("ok (> 0)" if hard["ok"] else "FAIL (> 0)") in row
+    assert "(> 0)" not in next(line for line in r.stdout.splitlines() if "Lm(z_I) last epoch" in line)
     assert (tmp_path / "an" / "test_run_pca.png").exists() and not (tmp_path / "an" / "test_run_tsne.png").exists()
     bad = runner.invoke(app, ["analyze", str(runs / "triplet-dvml-s0"), "--splits", "val"])
     assert bad.exit_code == 1 and "splits" in bad.output
+    missing = runner.invoke(app, ["analyze", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "nowhere: no such run directory or feature cache" in missing.output
 
 
 def test_tune_writes_a_config_fit_heads_accepts(cache, tmp_path):

@@ -54,6 +54,13 @@ def test_kl_warmup_is_linear_then_flat():
     (dict(device="tpu"), "--device"),
     (dict(val_classes=5, eval_every=0), "val_classes"),
     (dict(reduction="max"), "--reduction"),
+    # NaN/inf would pass "< 0" checks and surface only as a NaN loss blamed on the features
+    (dict(lambdas_phase1=(1, 1, float("nan"), 1)), "lambdas_phase1 must be four finite"),
+    (dict(lambdas_phase2=(1, float("inf"), 0.2, 1)), "lambdas_phase2 must be four finite"),
+    (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
+    (dict(margin=float("nan")), "margin must be a finite number"),
+    (dict(variance_kappa=float("inf")), "variance_kappa must be a finite number"),
 ])
 def test_invalid_options_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -82,6 +82,15 @@ def test_resume_with_another_config_is_refused(tiny_cache, tmp_path):
     assert load_checkpoint(more)["epochs_done"] == 2
 
 
+def test_data_dependent_option_errors_say_which_option(tiny_cache, tmp_path):
+    with pytest.raises(DvmlError, match="--val-classes 40 holds out every training class \\(there are 12\\)"):
+        fit(_cfg(tiny_cache, tmp_path / "v", epochs=1, eval_every=1, val_classes=40))
+    # 10 images x 3 views = 30 (image, view) pairs per class: 32 per class cannot be drawn
+    with pytest.raises(DvmlError, match="images per class x 3 views is below 32: lower --per-class"):
+        fit(_cfg(tiny_cache, tmp_path / "p", epochs=1, per_class=32, batch_size=64))
+    assert not (tmp_path / "v").exists() and not (tmp_path / "p").exists()
+
+
 def test_finished_run_needs_overwrite(tiny_cache, tmp_path):
     fit(_cfg(tiny_cache, tmp_path / "r", epochs=1))
     with pytest.raises(DvmlError, match="--overwrite"):
@@ -90,6 +99,67 @@ def test_finished_run_needs_overwrite(tiny_cache, tmp_path):
     fit(_cfg(tiny_cache, tmp_path / "r", epochs=1, seed=3, overwrite=True))
     assert load_checkpoint(tmp_path / "r")["seed"] == 3
     assert not (tmp_path / "r" / "metrics.json").exists()  # stale metrics of the replaced run are gone
+
+
+def _finished_run_with_derived(cache, out):
+    fit(_cfg(cache, out, epochs=1))
+    (out / "metrics.json").write_text('{"recall@1": 0.5}')
+    (out / "analysis").mkdir()
+    (out / "analysis" / "analysis.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")  # not a run file: never touched
+    return (out / "heads.pt").read_bytes()
+
+
+def test_overwrite_replaces_derived_files_and_keeps_others(tiny_cache, tmp_path):
+    from dvml.runs import REPLACED_DIR
+
+    out = tmp_path / "r"
+    _finished_run_with_derived(tiny_cache, out)
+    fit(_cfg(tiny_cache, out, epochs=1, seed=3, overwrite=True))
+    assert load_checkpoint(out)["seed"] == 3
+    assert not (out / "analysis").exists() and not (out / "metrics.json").exists()  # derived from the old run
+    assert (out / "notes.txt").read_text() == "mine" and not (out / REPLACED_DIR).exists()
+
+
+def test_overwrite_that_fails_before_a_checkpoint_puts_the_old_run_back(tiny_cache, tmp_path, monkeypatch):
+    from dvml.heads import train as train_module
+
+    out = tmp_path / "r"
+    old = _finished_run_with_derived(tiny_cache, out)
+
+    def boom(self, callback):
+        raise DvmlError("failed before the first epoch")
+
+    monkeypatch.setattr(train_module._HeadsFit, "train", boom)
+    with pytest.raises(DvmlError, match="before the first epoch"):
+        fit(_cfg(tiny_cache, out, epochs=1, seed=3, overwrite=True))
+    assert (out / "heads.pt").read_bytes() == old and load_checkpoint(out)["seed"] == 0
+    assert json.loads((out / "metrics.json").read_text()) == {"recall@1": 0.5}
+    assert (out / "analysis" / "analysis.json").exists() and sorted(p.name for p in out.iterdir()) == sorted(
+        ["analysis", "config.json", "heads.pt", "log.jsonl", "metrics.json", "notes.txt"])
+
+
+def test_interrupted_overwrite_keeps_the_old_run_until_the_new_one_finishes(tiny_cache, tmp_path):
+    from dvml.runs import REPLACED_DIR
+
+    out = tmp_path / "r"
+    old = _finished_run_with_derived(tiny_cache, out)
+
+    def stop_after_first_epoch(event):
+        if event.kind == "epoch":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_cache, out, epochs=3, seed=3, overwrite=True), callback=stop_after_first_epoch)
+    kept = out / REPLACED_DIR
+    assert (kept / "heads.pt").read_bytes() == old and (kept / "analysis" / "analysis.json").exists()
+    assert load_checkpoint(out)["epochs_done"] == 1  # the new run, resumable
+    # a second --overwrite discards the unfinished replacement, not the kept finished run
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_cache, out, epochs=3, seed=4, overwrite=True), callback=stop_after_first_epoch)
+    assert (kept / "heads.pt").read_bytes() == old and load_checkpoint(out)["seed"] == 4
+    fit(_cfg(tiny_cache, out, epochs=3, seed=4, resume=True))  # the replacement finishes: the old run goes
+    assert load_checkpoint(out)["finished"] and not kept.exists()
 
 
 def test_nan_features_stop_with_an_error_naming_epoch_and_step(tiny_cache, tmp_path):

@@ -93,7 +93,10 @@ def _branch_table(name: str, rep: dict) -> Table:
             c = checks.get(key)
             t.add_row(label, _fmt(f[key], pct), _check(c))
     t.add_row("Lm(z_hat) last epoch", _fmt(tt.get("metric_synthetic")), "")
-    t.add_row("Lm(z_I) last epoch", _fmt(tt.get("metric_invariant")), _check(checks.get("hardness")))
+    t.add_row("Lm(z_I) last epoch", _fmt(tt.get("metric_invariant")), "")
+    if checks.get("hardness") is not None:
+        t.add_row("Lm(z_hat) - Lm(z_I) last epoch", _fmt(checks["hardness"]["value"]),
+                  _check(checks["hardness"]))
     for k in ("recon", "metric_synthetic", "metric_invariant"):
         if tt.get(f"grad_norm_{k}_phase2") is not None:
             t.add_row(f"grad norm on embedding layer: {k}", _fmt(tt[f"grad_norm_{k}_phase2"]), "")

@@ -254,6 +254,8 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
 
     step = progress or (lambda _msg: None)
     sources: dict[str, dict] = {}  # name -> description; "run" / "baseline" are run dirs
+    if not cfg.target.exists():
+        raise DvmlError(f"{cfg.target}: no such run directory or feature cache")
     if cfg.target.is_dir():
         sources["run"] = _describe_run(cfg.target)
         cache = Path(sources["run"]["cache"])

@@ -85,7 +85,13 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
     prefix = f"{where}: " if where else ""
     given = batch_size_given(cfg)
     if n < 2:
-        raise DvmlError(f"{prefix}{n} training class(es) with >= 2 images; a class-balanced batch needs at least 2")
+        need = "2 images" if views is None else f"2 images and {cfg.per_class} distinct (image, view) pairs"
+        hint = ""
+        if views is not None and eligible_classes(fitting_labels(cfg, labels), 2, None) >= 2:
+            hint = (f" (images per class x {views} views is below {cfg.per_class}: lower "
+                    f"{per_class_option.format('K')})")
+        raise DvmlError(f"{prefix}{n} training class(es) with >= {need}; a class-balanced batch needs at least 2"
+                        f"{hint}")
     if k <= n:
         return cfg, {"batch_size": cfg.batch_size, "per_class": cfg.per_class, "classes": n,
                      "source": "given" if given else "default"}

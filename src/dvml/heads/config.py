@@ -16,6 +16,7 @@ images per class in a batch, and the proxies' learning rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -87,6 +88,9 @@ class Lambdas(NamedTuple):
 
 PHASE1_LAMBDAS = (1.0, 1.0, 0.1, 1.0)
 PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
+#: The real-valued options of the heads, refused when not finite (NaN/inf would only show up as a NaN loss).
+FLOAT_FIELDS = ("free_bits", "variance_kappa", "lr", "proxy_lr", "weight_decay", "margin", "gamma", "temperature",
+                "label_smoothing")
 
 # Fields that control how a run is executed, not what is trained: they may differ on --resume and are
 # not part of the recorded model config.
@@ -281,6 +285,10 @@ class HeadsConfig:
         if self.synthetic_pairs is SyntheticPairs.cross and self.loss not in CROSS_PAIR_LOSSES:
             raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
                              f"--loss {self.loss.value}")
+        for name in FLOAT_FIELDS:
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite number, got {v}")
         if not self.variance_kappa > 0:
             raise ValueError(f"variance_kappa must be > 0, got {self.variance_kappa}")
         if self.free_bits < 0:
@@ -293,8 +301,8 @@ class HeadsConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lambdas_phase1", "lambdas_phase2"):
             lam = tuple(float(v) for v in getattr(self, name))
-            if len(lam) != 4 or any(v < 0 for v in lam):
-                raise ValueError(f"{name} must be four non-negative weights (KL, recon, Lm(z_hat), Lm(z_I)), "
+            if len(lam) != 4 or not all(0 <= v < math.inf for v in lam):
+                raise ValueError(f"{name} must be four finite non-negative weights (KL, recon, Lm(z_hat), Lm(z_I)), "
                                  f"got {getattr(self, name)}")
             s(self, name, lam)
         if not self.lr > 0:

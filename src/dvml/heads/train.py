@@ -91,10 +91,10 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
             raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
                             "--overwrite")
         if cfg.overwrite:
-            R.clear_run(out)
+            R.set_aside_run(out)
         return None
     if cfg.overwrite:
-        R.clear_run(out)
+        R.set_aside_run(out)
         return None
     ckpt = R.load_checkpoint(out)
     done, finished = int(ckpt.get("epochs_done", 0)), bool(ckpt.get("finished", False))
@@ -112,6 +112,9 @@ def _hold_out_validation(train: Split, k: int, seed: int, min_train_classes: int
     """Split K whole classes (:func:`~dvml.seeding.hold_out_classes`) off the training split →
     (train', val features (M, D) of view 0, val labels (M,))."""
     n_classes = len(np.unique(train.labels))
+    if k >= n_classes:
+        raise DvmlError(f"{where}: --val-classes {k} holds out every training class (there are {n_classes}); "
+                        "hold out fewer, leaving enough to train on")
     if k + min_train_classes > n_classes:
         raise DvmlError(f"{where}: --val-classes {k} leaves {n_classes - k} training classes, fewer than the "
                         f"{min_train_classes} a batch needs")
@@ -136,7 +139,8 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
             :class:`~dvml.files.WriteError` when a file cannot be written (the run is then not marked finished).
     """
     t_start = time.perf_counter()
-    with R.run_lock(cfg.out):  # one writer per run directory; --overwrite never clears a live run
+    # one writer per run directory; --overwrite never clears a live run, and drops the old one once the new is done
+    with R.run_lock(cfg.out), R.replacing(cfg.out):
         run = _HeadsFit(cfg, train, test)
         run.train(callback)
     log.info("fit-heads done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
