@@ -154,10 +154,21 @@ def _target_stat(path: Path) -> os.stat_result | None:
 
 
 def check_target(path: str | Path) -> None:
-    """Fail early (:class:`WriteError`) if :func:`write_file` certainly cannot write ``path``: a directory, or a
-    path under a regular file. Creates nothing."""
-    if not is_stdout(path):
-        _target_stat(Path(path))
+    """Fail early (:class:`WriteError`) if :func:`write_file` certainly cannot write ``path``: a directory, a
+    path under a regular file, or one whose directory (or the nearest one that exists) this process may not write
+    into (:func:`write_file` writes a temporary file beside the target). Creates nothing."""
+    if is_stdout(path):
+        return
+    st = _target_stat(Path(path))
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return  # a terminal, pipe or device is written directly
+    d = Path(os.path.realpath(path)).parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not os.access(d, os.W_OK | os.X_OK):
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            raise WriteError(path, os.strerror(errno.EROFS))
+        raise WriteError(path, f"{os.strerror(errno.EACCES)} (cannot create files in {d})")
 
 
 def write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> None:

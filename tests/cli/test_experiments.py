@@ -56,6 +56,14 @@ def test_ablate_errors_are_one_line(cache, tmp_path):
     assert r.exit_code == 1 and "--methods" in r.output
     r = runner.invoke(app, ["ablate", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "y")])
     assert r.exit_code == 1 and "missing.h5" in r.output
+    # one option given two ways: refused, not one of them silently winning
+    r = runner.invoke(app, ["ablate", str(cache), "--out", str(tmp_path / "z"), "--epochs", "1", "--set", "epochs=5"])
+    assert r.exit_code == 1 and "--set epochs=5 conflicts with --epochs 1" in r.output
+    r = runner.invoke(app, ["ablate", str(cache), "--out", str(tmp_path / "z"), "--set", "lr=0.1", "--set", "lr=0.2"])
+    assert r.exit_code == 1 and "--set lr is given twice" in r.output
+    r = runner.invoke(app, ["tune", str(cache), "--out", str(tmp_path / "t"), "--epochs", "2", "--set", "epochs=3"])
+    assert r.exit_code == 1 and "conflicts with --epochs 2" in r.output
+    assert not (tmp_path / "z").exists() and not (tmp_path / "t").exists()
 
 
 def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):

@@ -241,6 +241,26 @@ def test_a_missing_permission_is_one_line(world, tmp_path):
     assert_one_line_error(r, out, f"cannot write {locked / 'm.json'}: Permission denied")
 
 
+def test_an_unwritable_output_directory_fails_before_the_scoring(world, tmp_path, monkeypatch):
+    """What the permission test above checks, as root too (os.access answers as a normal user's would), and
+    before any kNN or k-means runs."""
+    from dvml.evaluate import core
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+
+    def scored(*_a, **_k):
+        raise AssertionError("scored before checking the output")
+
+    monkeypatch.setattr(core, "evaluate_embeddings", scored)
+    for option in ("--json", "--per-class"):
+        r, out = invoke("evaluate", world, option, locked / "sub" / "m.out", "--no-clustering")
+        assert_one_line_error(r, out, f"cannot write {locked / 'sub' / 'm.out'}: Permission denied (cannot create "
+                                      f"files in {locked})")
+
+
 def test_a_full_disk_in_evaluate_json_is_one_line(world, tmp_path):
     """A real ENOSPC: /dev/full behind a symlink (written directly, like any character device)."""
     (tmp_path / "m.json").symlink_to("/dev/full")

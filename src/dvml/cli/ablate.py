@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, parse_set
+from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
 
@@ -47,9 +47,9 @@ def ablate_cmd(
     modes = {m.strip() for m in methods.split(",") if m.strip()}
     if not modes or modes - {"base", "dvml"}:
         raise ValueError(f"--methods must be base, dvml or base,dvml; got {methods!r}")
-    fit = {**fit_overrides(epochs=epochs, batch_size=batch_size, lr=lr, embedding_size=embedding_size,
-                            samples=samples, phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
-                            eval_every=eval_every, device=device), **parse_set(set_)}
+    fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, lr=lr, embedding_size=embedding_size,
+                                  samples=samples, phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
+                                  eval_every=eval_every, device=device), set_)
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,

@@ -241,8 +241,21 @@ def parse_set(items: list[str] | None) -> dict:
                 parsed = value
         parsed = tuple(parsed) if isinstance(parsed, list) else parsed
         check_field_types(FitConfig, {key: parsed}, f"--set {item}")
+        if key in out and out[key] != parsed:
+            raise ValueError(f"--set {key} is given twice with different values ({out[key]!r}, {parsed!r})")
         out[key] = parsed
     return out
+
+
+def merge_set(explicit: dict, items: list[str] | None) -> dict:
+    """The fit options of a command's own flags (``explicit``, from :func:`fit_overrides`) with its ``--set``
+    pairs; a key given both ways with different values is refused (which one wins would be a guess)."""
+    extra = parse_set(items)
+    for key in sorted(set(explicit) & set(extra)):
+        if explicit[key] != extra[key]:
+            raise ValueError(f"--set {key}={extra[key]!r} conflicts with --{key.replace('_', '-')} "
+                             f"{explicit[key]!r}; give the option once")
+    return {**explicit, **extra}
 
 
 def fit_overrides(**opts) -> dict:

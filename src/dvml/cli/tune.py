@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, parse_set
+from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
 from dvml.experiments.tune import TuneConfig
 from dvml.losses import LossName
 
@@ -46,7 +46,7 @@ def tune_cmd(
     """Optuna search validated on classes held out from the training split (never the test classes)."""
     from dvml.experiments import tune
 
-    fit = {**fit_overrides(epochs=epochs, batch_size=batch_size, device=device), **parse_set(set_)}
+    fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, device=device), set_)
     cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),
