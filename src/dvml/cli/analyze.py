@@ -106,8 +106,12 @@ def _branch_table(name: str, rep: dict) -> Table:
     if tt.get("grad_cos_invariant_phase2") is not None:
         t.add_row("cos(total gradient, Lm(z_I) gradient)", _fmt(tt["grad_cos_invariant_phase2"]),
                   _check(checks.get("grad_cos_phase2")))
+    if tt.get("grad_cos_expected_phase2") is not None:
+        t.add_row("  that cosine for the expectation over the z_V draws (draw noise removed)",
+                  _fmt(tt["grad_cos_expected_phase2"]), "")
+        t.add_row("  draw noise in the gradient / its expected norm", _fmt(tt["grad_noise_ratio_phase2"]), "")
     if tt.get("grad_cos_synthetic_phase2") is not None:
-        t.add_row("  the same without the reconstruction's gradient (Lm(z_hat)'s part)",
+        t.add_row("  that cosine without the reconstruction's gradient (Lm(z_hat)'s part)",
                   _fmt(tt["grad_cos_synthetic_phase2"]), "")
     if tt.get("grad_ratio_synthetic_phase2") is not None:
         t.add_row("    its factors: ||Lm(z_hat)'s gradient|| / ||Lm(z_I)'s|| (after the lambdas)",
@@ -117,10 +121,6 @@ def _branch_table(name: str, rep: dict) -> Table:
     if tt.get("grad_cos_syn_term_expected_phase2") is not None:
         t.add_row("    that direction for the expectation over the z_V draws",
                   _fmt(tt["grad_cos_syn_term_expected_phase2"]), "")
-    if tt.get("grad_cos_expected_phase2") is not None:
-        t.add_row("  the same for its expectation over the z_V draws (draw noise removed)",
-                  _fmt(tt["grad_cos_expected_phase2"]), "")
-        t.add_row("  draw noise in the gradient / its expected norm", _fmt(tt["grad_noise_ratio_phase2"]), "")
     return t
 
 
