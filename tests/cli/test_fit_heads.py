@@ -29,6 +29,9 @@ def test_fit_heads_end_to_end(tmp_path):
 
     again = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--epochs", "2"])
     assert again.exit_code == 1 and "--overwrite" in again.output
+    both = runner.invoke(app, ["fit-heads", str(cache), "--out", str(out), "--resume", "--overwrite"])
+    assert both.exit_code == 1 and "pass one of them" in both.output
+    assert json.loads((out / "config.json").read_text())["status"] == "finished"  # untouched
 
     base = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "base"), "--no-dvml", "--epochs",
                                "1", *FAST, "--lambdas-phase2", "0.5,1,0.3,0.5"])

@@ -293,6 +293,13 @@ def test_finetune_has_skip_bad():
     assert "--skip-bad" in r.output and "--no-skip-bad" in r.output
 
 
+def test_finetune_refuses_resume_with_overwrite(tiny_folder, tmp_path):
+    r = runner.invoke(app, ["finetune", "folder", "--root", str(tiny_folder), "--out", str(tmp_path / "ft"),
+                            "--resume", "--overwrite"])
+    one_line_error(r, "--resume continues the run in --out and --overwrite replaces it")
+    assert not (tmp_path / "ft").exists()
+
+
 def test_finetune_drop_unreadable_lists_and_leaves_out_bad_images(tiny_folder, tmp_path):
     from dvml.extract.datasets import read_dataset
     from dvml.finetune.data import drop_unreadable

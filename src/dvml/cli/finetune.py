@@ -10,7 +10,7 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, objective, parse_lambdas
+from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, objective, parse_lambdas, refuse_resume_with_overwrite
 from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
@@ -101,6 +101,7 @@ def finetune_cmd(
                          resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
                          checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
                          overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
+    refuse_resume_with_overwrite(cfg)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
     state = {"last": None, "epoch": 0}
     progress = make_progress("step", TextColumn("{task.fields[terms]}"))
@@ -123,7 +124,8 @@ def finetune_cmd(
             run_dir = finetune(cfg, callback=callback)
         except KeyboardInterrupt:
             if main:
-                err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from "
+                how = "--resume in place of --overwrite" if cfg.overwrite else "--resume"
+                err_console.print(f"[yellow]interrupted[/]: rerun the same command with {how} to continue from "
                                   "the last checkpoint")
             raise typer.Exit(130) from None
     if main:

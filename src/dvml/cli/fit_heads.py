@@ -8,7 +8,14 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, check_field_types, objective, parse_lambdas
+from dvml.cli.options import (
+    HEAD_OPTS,
+    LOSS_OPTS,
+    check_field_types,
+    objective,
+    parse_lambdas,
+    refuse_resume_with_overwrite,
+)
 from dvml.cli.render import format_terms
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.losses import LossName
@@ -105,6 +112,7 @@ def fit_heads_cmd(
     if config is not None:
         kw = _merge_config_file(ctx, kw, config)
     cfg = FitConfig(cache=cache, out=out, **kw)
+    refuse_resume_with_overwrite(cfg)
     state = {"last": None, "epoch": 0}
     progress = make_progress("step", TextColumn("{task.fields[terms]}"))
     task = progress.add_task("fit-heads", total=None, rate="", terms="")
@@ -125,8 +133,9 @@ def fit_heads_cmd(
         run_dir = fit(cfg, callback=callback)
     except KeyboardInterrupt:
         progress.stop()
+        how = "--resume in place of --overwrite" if cfg.overwrite else "--resume"
         err_console.print(f"[yellow]interrupted[/] after epoch {state['epoch']}: rerun the same command with "
-                          "--resume to continue")
+                          f"{how} to continue")
         raise typer.Exit(130) from None
     finally:
         progress.stop()

@@ -270,3 +270,10 @@ def fit_overrides(**opts) -> dict:
 
 HEAD_OPTS = head_options()
 objective = with_options(HeadsConfig, objective_options())  # @objective: fit-heads' and finetune's options
+
+
+def refuse_resume_with_overwrite(cfg) -> None:
+    """``--resume`` continues the run in ``--out`` and ``--overwrite`` replaces it: given together, which one was
+    meant is a guess (the run would silently start again), so they are refused."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
