@@ -149,6 +149,44 @@ def test_writer_checks_appended_shapes(tmp_path):
             w.append("train", np.zeros((4, 3, 16)), np.zeros(3))
 
 
+def test_float16_writer_refuses_values_beyond_its_range(tmp_path):
+    feats, labels = make_arrays()["train"]
+    feats[3, 1, 2] = 7e4  # finite in float32, inf in float16
+    with CacheWriter(tmp_path / "c.h5", spec_for()) as w:
+        too_large = r"1 feature value\(s\) exceed float16's range .*--dtype float32"
+        with pytest.raises(CacheValueError, match=too_large) as e:
+            w.append("train", feats, labels)
+        assert str(e.value).startswith(str(tmp_path / "c.h5"))
+        assert w.n_written("train") == 0  # nothing of the refused batch is stored
+    with CacheWriter(tmp_path / "c32.h5", spec_for(dtype="float32")) as w:
+        w.append("train", feats, labels)  # float32 holds it
+
+
+def test_float16_writer_warns_once_when_rows_round_to_zero(tmp_path, caplog):
+    feats, labels = make_arrays()["train"]
+    tiny = feats * 1e-9  # random weights' scale: every value rounds to 0 in float16
+    with caplog.at_level("WARNING", logger="dvml.cache.writer"):
+        with CacheWriter(tmp_path / "c.h5", spec_for()) as w:
+            for i in range(0, 50, 10):
+                w.append("train", tiny[i:i + 10], labels[i:i + 10])
+        with CacheWriter(tmp_path / "c32.h5", spec_for(dtype="float32")) as w:
+            w.append("train", tiny, labels)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # once per writer, not per batch; none for float32
+    assert warnings[0].startswith(f"{tmp_path / 'c.h5'}: 10 train row(s)") and "--dtype float32" in warnings[0]
+
+
+def test_validate_warns_for_some_all_zero_rows(tmp_path, caplog):
+    path = _good(tmp_path)
+    with h5py.File(path, "a") as f:
+        f["train/features"][4] = 0
+        f["train/features"][9] = 0
+    with caplog.at_level("WARNING", logger="dvml.cache.reader"):
+        validate(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: /train/features are zero in every view in 2 of 50 row(s), first at row 4"]
+
+
 # ---------------------------------------------------------------- malformed files: one clear error each
 def _good(tmp_path, **kw):
     return write(tmp_path / "good.h5", make_arrays(**kw), spec_for(dtype="float32"))
@@ -195,6 +233,11 @@ def _corrupt_inf(p):
         f["test/features"][2, 0, 0] = np.inf
 
 
+def _corrupt_zero_split(p):  # what float16 made of the tiny features of random weights
+    with h5py.File(p, "a") as f:
+        f["test/features"][...] = 0
+
+
 def _corrupt_overlap(p):
     with h5py.File(p, "a") as f:
         f["test/labels"][0] = 3
@@ -209,6 +252,7 @@ MALFORMED = [
     ("missing-array", _corrupt_missing_array, CacheShapeError, "missing array /test/features"),
     ("nan", _corrupt_nan, CacheValueError, "NaN or infinite values in 1 row\\(s\\), first at row 7"),
     ("inf", _corrupt_inf, CacheValueError, "/test/features has NaN or infinite"),
+    ("zero-split", _corrupt_zero_split, CacheValueError, "/test/features are zero in every view in 30 of 30 row"),
     ("overlap", _corrupt_overlap, CacheSplitError, "appear in both train and test"),
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from dvml import __version__
@@ -56,7 +57,37 @@ def test_bad_files_exit_1_with_named_file_and_no_traceback(tmp_path):
     assert str(out) in r.output.replace("\n", "") and "NaN" in r.output
 
 
+def test_validate_fails_on_an_all_zero_split_and_warns_on_some_zero_rows(tmp_path):
+    out = tmp_path / "w.h5"
+    assert runner.invoke(app, ["synth", str(out), *TINY]).exit_code == 0
+    with h5py.File(out, "a") as f:
+        f["train/features"][2] = 0
+    r = runner.invoke(app, ["cache", "validate", str(out)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "ok" in r.stdout, r.output
+    assert "/train/features are zero in every view in 1 of 24 row(s), first at row 2" in text
+    assert "--dtype float32" in text  # the cache is float16
+    with h5py.File(out, "a") as f:
+        f["test/features"][...] = 0
+    r = runner.invoke(app, ["cache", "validate", str(out)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: {out}: /test/features are zero in every view in 24 of 24 row(s)" in text
+
+
 def test_synth_bad_option_is_a_clean_error(tmp_path):
     r = runner.invoke(app, ["synth", str(tmp_path / "w.h5"), "--classes", "3"])
-    assert r.exit_code == 1 and "n_classes must be an even number" in r.output
+    assert r.exit_code == 1 and "--classes must be an even number" in r.output
     assert not (tmp_path / "w.h5").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--view-jitter", "nan"), ("--variation-strength", "inf"),
+                                               ("--images-per-class", "1"), ("--test-views", "3"),
+                                               ("--variation-dim", "0")])
+def test_synth_errors_name_the_option_typed(tmp_path, option, value):
+    r = runner.invoke(app, ["synth", str(tmp_path / "w.h5"), *TINY, option, value])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {option} must be"), r.output
+    assert "_" not in lines[0].split(" must be")[0]  # no internal field name such as images_per_class
+    assert not (tmp_path / "w.h5").exists()  # nothing written, in particular no complete cache of NaN

@@ -58,3 +58,11 @@ def test_rejects_bad_parameters(tmp_path):
         SynthConfig(n_classes=5)
     with pytest.raises(ValueError, match="images_per_class"):
         SynthConfig(images_per_class=1)
+
+
+@pytest.mark.parametrize("field", ["variation_strength", "view_jitter", "nonlinearity"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e300])
+def test_rejects_non_finite_and_overflowing_scales(field, value):
+    # NaN passes every comparison and 1e300 overflows the latents: both once wrote a complete cache of NaN
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        SynthConfig(**{field: value})

@@ -90,6 +90,15 @@ def test_config_file_values_are_checked_by_type_and_name(c22, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_config_that_is_a_directory_or_not_text_names_the_option(c22, tmp_path):
+    binary = tmp_path / "b.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    for path, needle in ((tmp_path, "is a directory"), (binary, "not a text file")):
+        r = runner.invoke(app, ["fit-heads", str(c22), "--out", str(tmp_path / "run"), "--config", str(path)])
+        one_line_error(r, f"--config {path}: {needle}", "expected a JSON file")
+        assert not (tmp_path / "run").exists()
+
+
 def test_ablate_set_with_a_bad_value_is_one_line_and_writes_nothing(c22, tmp_path):
     for item, needle in (("lr=abc", "expected a number"), ("batch_size=8.5", "an integer"),
                          ("device=tpu", "expected one of")):

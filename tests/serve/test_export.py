@@ -175,6 +175,10 @@ def test_bad_requests_are_one_line_errors(pipeline, tmp_path, one_line_error):
     from dvml.extract.synth import SynthConfig, generate
 
     one_line_error(["export", str(pipeline["run"]), "-o", str(tmp_path / "m.zip")], "unknown model format")
+    directory = tmp_path / "adir"  # (one named m.pt: test_a_directory_as_export_target_is_one_line)
+    directory.mkdir()
+    one_line_error(["export", str(pipeline["run"]), "-o", str(directory)],
+                   f"--out {directory}: is a directory; give a file path ending .pt (TorchScript) or .onnx")
     existing = tmp_path / "m.pt"
     existing.write_bytes(b"x")
     one_line_error(["export", str(pipeline["run"]), "-o", str(existing)], "already exists")

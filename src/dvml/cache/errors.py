@@ -37,7 +37,7 @@ class CacheShapeError(CacheError):
 
 
 class CacheValueError(CacheError):
-    """Feature values are NaN or infinite."""
+    """Feature values are NaN or infinite, beyond the on-disk dtype's range, or zero in every row of a split."""
 
 
 class CacheSplitError(CacheError):

@@ -2,12 +2,14 @@
 
 :func:`read_info` checks structure without loading features; :func:`load_split` loads one split into
 memory as float32 and checks values; :func:`validate` does both for every split. Every failure raises
-a :class:`~dvml.cache.errors.CacheError` whose message names the file and the problem.
+a :class:`~dvml.cache.errors.CacheError` whose message names the file and the problem (:func:`validate` logs a
+warning for some rows that are all zero, and raises when a whole split is).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from dvml.cache.errors import (
     CacheVersionError,
 )
 from dvml.files import writer_pid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -273,9 +277,27 @@ def load_labels(path: str | Path, split: str) -> np.ndarray:
 
 
 def validate(path: str | Path) -> CacheInfo:
-    """Full check: structure, completeness, class disjointness and finite values of every split."""
+    """Full check: structure, completeness, class disjointness, finite values of every split, and rows whose
+    features are zero in every view (:func:`_check_zero_rows`: an error when a whole split is, else a warning)."""
     info = read_info(path)
     for split in S.SPLITS:
-        load_split(path, split, views=slice(0, None), dtype=np.float16 if
-                   info.splits[split].dtype == "float16" else np.float32)
+        dtype = info.splits[split].dtype
+        data = load_split(path, split, views=slice(0, None), dtype=np.float16 if dtype == "float16" else np.float32)
+        _check_zero_rows(Path(path), split, data.features, dtype)
     return info
+
+
+def _check_zero_rows(path: Path, split: str, features: np.ndarray, dtype: str) -> None:
+    """Rows of ``features`` (N, P, D) that are zero in every view carry no information (float16 rounds features
+    below ~6e-8, e.g. of random weights, to zero). All N such rows raise :class:`CacheValueError`; some of them are
+    logged as a warning (a real feature extractor can give a blank image an all-zero row)."""
+    rows = np.flatnonzero(~features.any(axis=(1, 2)))
+    if rows.size == 0:
+        return
+    hint = ""
+    if dtype == "float16":
+        hint = "; float16 rounds features below ~6e-8 to zero: re-extract with --dtype float32"
+    where = f"/{split}/features are zero in every view in {rows.size} of {features.shape[0]} row(s)"
+    if rows.size == features.shape[0]:
+        raise CacheValueError(path, f"{where}: no image can be told apart{hint}")
+    log.warning("%s: %s, first at row %d%s", path, where, rows[0], hint)

@@ -11,6 +11,10 @@ Contract:
 * One writer at a time: the writer holds :func:`dvml.files.writer_lock` of the file from construction to
   :meth:`CacheWriter.close`; a second writer (or ``overwrite`` under a live one) is refused with
   :class:`~dvml.files.BusyError` and readers say the file is being written. A symlink is written through.
+* A float16 cache does not silently lose features: a batch with finite values beyond float16's range (which
+  would be stored as inf) is refused with :class:`~dvml.cache.errors.CacheValueError`; rows that are non-zero
+  but round to all zeros in float16 (e.g. features ~1e-9 of random weights) are written, with one warning per
+  writer. Both suggest ``--dtype float32``.
 * A failed write (full disk, read-only file system, ...) raises :class:`~dvml.files.WriteError`
   (``cannot write PATH: CAUSE``) and leaves ``complete`` false. After a failed write *inside* HDF5 the library's
   state is unusable (closing or even exiting the process crashes it): the error then carries
@@ -34,10 +38,12 @@ import numpy as np
 
 from dvml import __version__
 from dvml.cache import schema as S
-from dvml.cache.errors import CacheError, CacheExistsError, CacheShapeError
+from dvml.cache.errors import CacheError, CacheExistsError, CacheShapeError, CacheValueError
 from dvml.files import WriteError, WriterLock, check_free_space, make_dir
 
 log = logging.getLogger(__name__)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger finite values become inf in a float16 cache
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class CacheWriter:
         self.chunk_rows = max(1, int(chunk_rows))
         self._file: h5py.File | None = None
         self._broken = False
+        self._warned_underflow = False  # the float16 underflow warning is given once per writer
         real = Path(os.path.realpath(self.path))  # a symlink is written through: the link stays a link
         try:
             st = os.stat(real)
@@ -276,8 +283,9 @@ class CacheWriter:
         check_free_space(self.path, features.shape[0] * int(np.prod(expected)) * np.dtype(spec.dtype).itemsize
                          + labels.nbytes + (sum(len(str(p)) + 16 for p in paths) if spec.with_paths else 0)
                          + (labels.shape[0] * np.dtype(S.ROLE_DTYPE).itemsize if wants_roles else 0))
+        stored = self._stored_features(split, features)
         with self._writing():
-            for name, values in ((S.FEATURES, features.astype(spec.dtype, copy=False)), (S.LABELS, labels)):
+            for name, values in ((S.FEATURES, stored), (S.LABELS, labels)):
                 g[name].resize(n0 + b, axis=0)
                 g[name][n0:n0 + b] = values
             if spec.with_paths:
@@ -288,6 +296,28 @@ class CacheWriter:
                 g[S.ROLES][n0:n0 + b] = roles.astype(S.ROLE_DTYPE)
             g.attrs[S.ATTR_N_WRITTEN] = n0 + b
             self._file.flush()
+
+    def _stored_features(self, split: str, features: np.ndarray) -> np.ndarray:
+        """``features`` (B, P, D) in the cache's dtype. For float16: finite values that overflow to inf raise
+        :class:`CacheValueError`; rows non-zero before the cast and all zero after it are warned about once."""
+        if self.spec.dtype != "float16" or features.dtype == np.float16:
+            return features.astype(self.spec.dtype, copy=False)
+        with np.errstate(over="ignore"):  # the overflow is reported below, as an error naming the file
+            stored = features.astype(np.float16)
+        overflow = np.isfinite(features) & ~np.isfinite(stored)
+        if overflow.any():
+            largest = float(np.abs(features[overflow]).max())
+            raise CacheValueError(self.path, f"{split}: {int(overflow.sum())} feature value(s) exceed float16's range "
+                                             f"(|x| > {FLOAT16_MAX:g}, largest {largest:.3g}) and would be stored as "
+                                             "inf; use --dtype float32")
+        lost = features.any(axis=(1, 2)) & ~stored.any(axis=(1, 2))
+        if lost.any() and not self._warned_underflow:
+            self._warned_underflow = True
+            largest = float(np.abs(features[lost]).max())
+            log.warning("%s: %d %s row(s) of non-zero features (|x| <= %.2g) round to all zeros in float16, so those "
+                        "images cannot be told apart; use --dtype float32 (warned once; dvml cache validate counts "
+                        "them all)", self.path, int(lost.sum()), split, largest)
+        return stored
 
     def set_extra(self, **items) -> None:
         """Merge provenance that is only known during writing (e.g. skipped files) into ``extra``."""

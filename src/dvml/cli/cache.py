@@ -64,7 +64,9 @@ def info_cmd(
 @cache_app.command("validate")
 @handle_errors
 def validate_cmd(file: Path = typer.Argument(..., help="HDF5 feature cache.")):
-    """Fully check a cache (structure, completeness, disjoint classes, finite values); exit 1 if bad."""
+    """Fully check a cache (structure, completeness, disjoint classes, finite and non-zero values); exit 1 if bad.
+
+    Some rows zero in every view are a warning; a split of only such rows is an error."""
     info = validate(file)
     console.print(f"[green]ok[/] {file}: {info.splits['train'].n:,} train / {info.splits['test'].n:,} "
                   f"test images, fingerprint {fingerprint(file)}")

@@ -17,6 +17,7 @@ from dvml.cli.options import (
     refuse_resume_with_overwrite,
 )
 from dvml.cli.render import format_terms
+from dvml.files import os_error_message
 from dvml.heads.config import DeviceChoice, FitConfig
 from dvml.losses import LossName
 
@@ -30,6 +31,12 @@ def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path}: is a directory; expected a JSON file of fit options") from None
+    except OSError as e:  # permission denied, ...: the option as well as the file and the cause
+        raise ValueError(f"--config {os_error_message(e)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a text file; expected a JSON file of fit options") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--config {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
 
 from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.errors import DvmlError
 from dvml.extract.synth import SynthConfig, generate
 
 _D = SynthConfig()
+
+# SynthConfig field -> the option that sets it (the fields not listed have no option)
+FIELD_OPTIONS = {
+    "n_classes": "--classes", "images_per_class": "--images-per-class", "views": "--views",
+    "test_views": "--test-views", "feature_dim": "--feature-dim", "class_dim": "--class-dim",
+    "variation_dim": "--variation-dim", "variation_strength": "--variation-strength",
+    "view_jitter": "--view-jitter", "seed": "--seed", "dtype": "--dtype",
+}
+_FIELD_NAME = re.compile(r"\b(" + "|".join(FIELD_OPTIONS) + r")\b")
+
+
+def options_message(message: str) -> str:
+    """A :class:`SynthConfig` validation message with its field names said as the options the user typed
+    (``n_classes must be ...`` -> ``--classes must be ...``)."""
+    return _FIELD_NAME.sub(lambda m: FIELD_OPTIONS[m.group(1)], message)
+
+
+def make_config(**fields) -> SynthConfig:
+    """``SynthConfig(**fields)``; a refused value is a :class:`DvmlError` naming its option."""
+    try:
+        return SynthConfig(**fields)
+    except ValueError as e:
+        raise DvmlError(options_message(str(e))) from None
 
 
 @app.command("synth")
@@ -31,7 +56,7 @@ def synth_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing complete file."),
 ):
     """Generate a feature world under DVML's assumption (class centre + class-independent variation)."""
-    cfg = SynthConfig(n_classes=classes, images_per_class=images_per_class, views=views,
+    cfg = make_config(n_classes=classes, images_per_class=images_per_class, views=views,
                       test_views=test_views, feature_dim=feature_dim, class_dim=class_dim,
                       variation_dim=variation_dim, variation_strength=variation_strength,
                       view_jitter=view_jitter, seed=seed, dtype=dtype)

@@ -44,6 +44,10 @@ from dvml.cache.writer import CacheSpec, CacheWriter
 
 log = logging.getLogger(__name__)
 
+# largest variation_strength, view_jitter and nonlinearity: far past any useful world, and small enough that the
+# latents and the map stay finite in float64 (1e300 would overflow them into a cache of NaN)
+MAX_SCALE = 1e6
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -64,20 +68,27 @@ class SynthConfig:
     dtype: str = "float16"
 
     def __post_init__(self):
+        """Refuse parameters that cannot make a usable world. Each message starts with the field it names
+        (``dvml synth`` rewrites them as its options, :data:`dvml.cli.synth.FIELD_OPTIONS`)."""
         if self.n_classes < 4 or self.n_classes % 2:
             raise ValueError(f"n_classes must be an even number >= 4, got {self.n_classes}")
         if self.images_per_class < 2:
             raise ValueError(f"images_per_class must be >= 2 (retrieval needs a positive), "
                              f"got {self.images_per_class}")
-        if self.views < 1 or self.test_views not in (1, 2):
-            raise ValueError(f"views must be >= 1 and test_views 1 or 2, got {self.views}, {self.test_views}")
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.test_views not in (1, 2):
+            raise ValueError(f"test_views must be 1 or 2, got {self.test_views}")
         for name in ("feature_dim", "class_dim", "variation_dim", "hidden_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
-        if self.variation_strength < 0 or self.view_jitter < 0:
-            raise ValueError("variation_strength and view_jitter must be >= 0")
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("variation_strength", "view_jitter"):  # written so that NaN fails too
+            if not 0 <= getattr(self, name) <= MAX_SCALE:
+                raise ValueError(f"{name} must be a finite number in [0, {MAX_SCALE:g}], got {getattr(self, name)}")
+        if not 0 < self.nonlinearity <= MAX_SCALE:
+            raise ValueError(f"nonlinearity must be a finite number in (0, {MAX_SCALE:g}], got {self.nonlinearity}")
         if self.dtype not in S.FEATURE_DTYPES:
-            raise ValueError(f"dtype must be one of {S.FEATURE_DTYPES}")
+            raise ValueError(f"dtype must be one of {S.FEATURE_DTYPES}, got {self.dtype!r}")
 
 
 class _World:

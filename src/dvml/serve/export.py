@@ -87,6 +87,9 @@ class ExportConfig:
     def __post_init__(self):
         object.__setattr__(self, "target", Path(self.target))
         object.__setattr__(self, "out", Path(self.out))
+        if self.out.suffix.lower() not in SUFFIXES and self.out.is_dir():  # not "unknown model format '(no suffix)'"
+            raise ValueError(f"--out {self.out}: is a directory; give a file path ending .pt (TorchScript) or "
+                             f".onnx (ONNX), e.g. {self.out / 'model.pt'}")
         format_of(self.out)
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
