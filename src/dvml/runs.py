@@ -69,6 +69,9 @@ FINETUNE_KIND = "finetune"
 #: ``heads.pt`` format (both kinds) and finetune ``checkpoint.pt`` format.
 CHECKPOINT_FORMAT = 1
 FINETUNE_CHECKPOINT_FORMAT = 1
+#: How a file ``torch.save`` wrote begins: a zip archive (the format since PyTorch 1.6) or a pickle (the legacy
+#: format, protocol 2+); anything else is no checkpoint.
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 #: Packages whose versions are recorded with every artifact (those installed).
 VERSIONED_PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pytorch-metric-learning", "h5py", "scipy")
 
@@ -224,6 +227,13 @@ def load_torch(path: Path, map_location="cpu") -> dict:
 
     import torch
 
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({files.describe(e)})") from None
+    if not head.startswith(TORCH_FILE_MAGIC):
+        raise RunError(f"{path}: not a PyTorch checkpoint (damaged, truncated or another kind of file)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

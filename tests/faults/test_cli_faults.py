@@ -297,6 +297,16 @@ def test_unsafe_heads_pt_is_refused_without_torchs_weights_only_false_advice(c22
     assert not Path("pwned.txt").exists()
 
 
+def test_a_heads_pt_of_random_bytes_is_called_damaged_not_unsafe(c22, tmp_path):
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["fit-heads", str(c22), "--out", str(run), "--epochs", "1", *TINY])
+    assert r.exit_code == 0, r.output
+    (run / R.HEADS_FILE).write_bytes(bytes(range(7, 250)) * 3)
+    r = runner.invoke(app, ["evaluate", str(run)])
+    text = one_line_error(r, "heads.pt", "not a PyTorch checkpoint (damaged, truncated or another kind of file)")
+    assert "refused" not in text and not (run / R.METRICS_FILE).exists()
+
+
 def test_finetune_has_skip_bad():
     r = runner.invoke(app, ["finetune", "--help"], terminal_width=250)
     assert "--skip-bad" in r.output and "--no-skip-bad" in r.output
