@@ -275,6 +275,11 @@ def test_missing_and_not_hdf5(tmp_path):
         read_info(junk)
     with pytest.raises(CacheMissingError, match="is a directory"):
         read_info(tmp_path)
+    good = _good(tmp_path)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size - 1000])  # a copy that stopped short
+    with pytest.raises(CacheMissingError, match="cut.h5: a truncated or damaged HDF5 file"):
+        read_info(cut)
 
 
 def test_validate_does_not_modify_file(tmp_path):

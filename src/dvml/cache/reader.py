@@ -78,6 +78,10 @@ class Split:
     roles: np.ndarray | None = None
 
 
+#: The first bytes of an HDF5 file (a file whose user block is empty, as every cache dvml writes).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _open(path: Path) -> h5py.File:
     if not path.exists():
         raise CacheMissingError(path, "no such file")
@@ -90,6 +94,11 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError:
+        with open(path, "rb") as f:
+            signed = f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+        if signed:  # HDF5's own signature, yet unreadable: cut short (a copy or download that stopped) or damaged
+            raise CacheMissingError(path, "a truncated or damaged HDF5 file (it starts like one but cannot be read; "
+                                          "copy or extract it again)") from None
         raise CacheMissingError(path, "not an HDF5 file (cannot be opened by h5py)") from None
 
 
