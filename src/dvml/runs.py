@@ -221,6 +221,15 @@ def replacing(out: Path) -> Iterator[None]:
     drop_replaced_run(out)
 
 
+@contextlib.contextmanager
+def run_writer(out: Path) -> Iterator[None]:
+    """Around a fit writing the run directory ``out``: its writer lock (:func:`run_lock`: one writer at a time, so
+    ``--overwrite`` never clears a live run) and :func:`replacing` (the run ``--overwrite`` set aside goes only once
+    the new one is done)."""
+    with run_lock(out), replacing(out):
+        yield
+
+
 def load_torch(path: Path, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)`` with an error that names the file."""
     import pickle

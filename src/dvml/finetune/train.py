@@ -192,9 +192,8 @@ def finetune(cfg: FinetuneConfig, *, callback: Callback | None = None, index: Da
         t_start = time.perf_counter()
         check_not_busy(cfg.out, "wait for it to finish, or stop it")  # every rank: all refuse alike, none hangs
         D.barrier()
-        # rank 0 writes the run, so rank 0 holds its writer lock; --overwrite never clears a live run
-        with (R.run_lock(cfg.out) if ctx.is_main else contextlib.nullcontext(),
-              R.replacing(cfg.out) if ctx.is_main else contextlib.nullcontext()):
+        # rank 0 writes the run, so rank 0 holds its writer lock and the run --overwrite set aside
+        with R.run_writer(cfg.out) if ctx.is_main else contextlib.nullcontext():
             _Finetune(cfg, ctx, index, backbone).train(callback)
         log.info("finetune done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
         return cfg.out

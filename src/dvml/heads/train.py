@@ -86,15 +86,13 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
     out = cfg.out
     heads = out / R.HEADS_FILE
     check_out_dir(out)
-    if not heads.exists():
-        if (out / R.CONFIG_FILE).exists() and not cfg.overwrite and not cfg.resume:
-            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
-                            "--overwrite")
-        if cfg.overwrite:
-            R.set_aside_run(out)
-        return None
     if cfg.overwrite:
         R.set_aside_run(out)
+        return None
+    if not heads.exists():
+        if (out / R.CONFIG_FILE).exists() and not cfg.resume:
+            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
+                            "--overwrite")
         return None
     ckpt = R.load_checkpoint(out)
     done, finished = int(ckpt.get("epochs_done", 0)), bool(ckpt.get("finished", False))
@@ -139,8 +137,7 @@ def fit(cfg: FitConfig, *, train: Split | None = None, test: Split | None = None
             :class:`~dvml.files.WriteError` when a file cannot be written (the run is then not marked finished).
     """
     t_start = time.perf_counter()
-    # one writer per run directory; --overwrite never clears a live run, and drops the old one once the new is done
-    with R.run_lock(cfg.out), R.replacing(cfg.out):
+    with R.run_writer(cfg.out):
         run = _HeadsFit(cfg, train, test)
         run.train(callback)
     log.info("fit-heads done in %.1fs: %s", time.perf_counter() - t_start, cfg.out)
