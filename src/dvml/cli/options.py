@@ -64,7 +64,9 @@ def head_options() -> dict:
         "seed": typer.Option(H.seed, help="Seed (initialisation, batches, views / augmentation, z_V noise)."),
         "resume": typer.Option(FitConfig.resume, "--resume/--no-resume", help="Continue an interrupted run in --out."),
         "overwrite": typer.Option(FitConfig.overwrite, "--overwrite/--no-overwrite",
-                                  help="Replace a run already in --out."),
+                                  help="Replace a run already in --out (kept in OUT/.replaced-run until the "
+                                       "new one finishes; back in place if it fails before its first "
+                                       "checkpoint)."),
     }
 
 
