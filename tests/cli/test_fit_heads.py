@@ -75,6 +75,15 @@ def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
     c = json.loads((tmp_path / "d" / "config.json").read_text())["config"]
     assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"],
             c["synthetic_pairs"]) == ("normalized", "class", "gaussian", "sum", "sum", "within")
+    assert c["recon_share"] == 1.0
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "k"), "--epochs", "2", *FAST,
+                            "--recon-share", "4"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "k" / "config.json").read_text())["config"]["recon_share"] == 4.0
+    phase1, phase2 = (json.loads(line) for line in (tmp_path / "k" / "log.jsonl").read_text().splitlines())
+    assert phase1["lambda_kl"] == 0.0 and phase2["phase"] == 2 and phase2["lambda_kl"] == 4 * 0.8
+    r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), "--recon-share", "0"])
+    assert r.exit_code == 1 and "recon_share must be > 0" in r.output and "Traceback" not in r.output, r.output
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "bad"), "--loss", "npair",
                             "--triplet-input"])
     assert r.exit_code == 1 and "--triplet-input" in r.output and "Traceback" not in r.output, r.output

@@ -108,12 +108,14 @@ def test_best_config_feeds_fit_heads_and_study_continues(cache, tmp_path):
     params = first["best"]["params"]
     assert best["lr"] == pytest.approx(params["lr"]) and best["embedding_size"] == params["embedding_size"]
     assert best["samples"] == params["samples"]
-    k = params["recon_share"]  # scales λ1 and λ2 together
-    assert best["lambdas_phase2"] == pytest.approx([k * params["lambda1"], k * params["lambda2"], params["lambda3"],
-                                                    params["lambda4"]])
+    assert best["recon_share"] == pytest.approx(params["recon_share"])  # FitConfig scales λ1 and λ2 by it
+    assert best["lambdas_phase2"] == pytest.approx([params[n] for n in tune.LAMBDA_NAMES])
     assert best["epochs"] == 1 and best["loss"] == "triplet" and best["dvml"] is True
     fc = FitConfig.from_dict({**best, "cache": str(cache), "out": str(tmp_path / "run")})
     assert fc.lr == pytest.approx(params["lr"]) and fc.lambdas_phase2 == tuple(best["lambdas_phase2"])
+    k = params["recon_share"]
+    late = max(fc.phase2_epoch, fc.kl_warmup_epochs)  # phase 2, warm-up done
+    assert fc.lambdas(late)[:2] == pytest.approx((k * params["lambda1"], k * params["lambda2"]))
     # asking for more trials continues the same study (SQLite storage) rather than starting over
     more = tune.run(tune.TuneConfig(cache=cache, loss="triplet", trials=3, out=out, fit=FIT, seed=1))
     assert more["study_name"] == first["study_name"]
@@ -145,9 +147,9 @@ def test_baseline_study_searches_no_dvml_parameters(cache, tmp_path):
         tune.TuneConfig(cache=cache, fit={"seed": 1})
 
 
-def test_recon_share_scales_lambda1_and_lambda2_together():
-    """k multiplies the phase-2 KL and reconstruction weights (their ratio, the variance branch's β, kept), the
-    same way for a trial's fit and for the best config read back from Optuna's flat parameters."""
+def test_recon_share_is_its_own_field_and_scales_lambda1_and_lambda2_together():
+    """k reaches the fit as ``recon_share`` (recorded as searched), next to the raw λs; FitConfig multiplies the
+    phase-2 KL and reconstruction weights by it (their ratio, the variance branch's β, kept)."""
     import optuna
 
     from dvml.heads.config import PHASE2_LAMBDAS
@@ -156,9 +158,11 @@ def test_recon_share_scales_lambda1_and_lambda2_together():
     trial = optuna.trial.FixedTrial({"lambda1": 0.5, "lambda2": 1.5, "lambda3": 0.2, "lambda4": 0.7,
                                      "recon_share": 8.0})
     p = tune.suggest(trial, space)
-    assert p == {"lambdas_phase2": (4.0, 12.0, 0.2, 0.7)}
+    assert p == {"lambdas_phase2": (0.5, 1.5, 0.2, 0.7), "recon_share": 8.0}
     assert tune.params_to_fit(trial.params) == p
     only_k = optuna.trial.FixedTrial({"recon_share": 16.0})
+    assert tune.suggest(only_k, ["recon_share"]) == {"recon_share": 16.0}
+    assert tune.params_to_fit({"recon_share": 16.0, "lr": 1e-3}) == {"lr": 1e-3, "recon_share": 16.0}
+    fc = FitConfig(cache="c.h5", out="o", recon_share=16.0, phase2_epoch=2, kl_warmup_epochs=0)
     want = (16 * PHASE2_LAMBDAS[0], 16 * PHASE2_LAMBDAS[1], PHASE2_LAMBDAS[2], PHASE2_LAMBDAS[3])
-    assert tune.suggest(only_k, ["recon_share"]) == {"lambdas_phase2": want}
-    assert tune.params_to_fit({"recon_share": 16.0, "lr": 1e-3}) == {"lr": 1e-3, "lambdas_phase2": want}
+    assert fc.lambdas(2.0)[:4] == pytest.approx(want)

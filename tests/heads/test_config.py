@@ -32,6 +32,21 @@ def test_phase2_lambdas_differ_from_phase1():
     assert PHASE1_LAMBDAS != PHASE2_LAMBDAS
 
 
+def test_recon_share_scales_only_phase2_kl_and_recon():
+    """k multiplies phase 2's λ1 (after the warm-up) and λ2 and nothing else; phase 1 keeps the paper's weights;
+    a config without the field (every run before it) reads back as k = 1."""
+    c = cfg(phase2_epoch=10, kl_warmup_epochs=20, recon_share=16)
+    p1, p2 = c.lambdas(9.0), c.lambdas(15.0)
+    assert (p1.kl, p1.recon, p1.synthetic, p1.invariant) == pytest.approx((9 / 20, 1.0, 0.1, 1.0))
+    assert (p2.kl, p2.recon, p2.synthetic, p2.invariant) == pytest.approx((16 * 0.8 * 15 / 20, 16.0, 0.2, 0.8))
+    assert c.lambdas(25.0).kl == pytest.approx(16 * 0.8)
+    same = cfg(phase2_epoch=10, kl_warmup_epochs=20, lambdas_phase2=(12.8, 16.0, 0.2, 0.8))
+    for t in (3.0, 12.5, 40.0):
+        assert c.lambdas(t) == pytest.approx(same.lambdas(t))
+    old = {k: v for k, v in cfg().to_dict().items() if k != "recon_share"}
+    assert FitConfig.from_dict(old).recon_share == 1.0 and cfg().recon_share == 1.0
+
+
 def test_kl_warmup_is_linear_then_flat():
     c = cfg(kl_warmup_epochs=30, phase2_epoch=100)
     assert c.lambdas(0).kl == 0.0
@@ -58,6 +73,8 @@ def test_kl_warmup_is_linear_then_flat():
     (dict(lambdas_phase1=(1, 1, float("nan"), 1)), "lambdas_phase1 must be four finite"),
     (dict(lambdas_phase2=(1, float("inf"), 0.2, 1)), "lambdas_phase2 must be four finite"),
     (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(recon_share=0), "recon_share must be > 0"),
+    (dict(recon_share=float("nan")), "recon_share must be a finite number"),
     (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
     (dict(margin=float("nan")), "margin must be a finite number"),
     (dict(variance_kappa=float("inf")), "variance_kappa must be a finite number"),

@@ -75,6 +75,10 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
     fields (issue 14), shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
     H = HeadsConfig
     options = {
+        "recon_share": typer.Option(H.recon_share, help="k: multiplies the phase-2 KL and reconstruction weights "
+                                                        "together (1 = the paper): how strongly the decoder's "
+                                                        "gradient trains z_I against the metric loss. A knob to "
+                                                        "choose on --val-classes (dvml tune searches it)."),
         "reduction": typer.Option(H.reduction, help="sum (the paper's eqs. 2, 4, 8, 9: KL over E, recon over D, "
                                                     "triplet losses over their triplets) or mean (per dimension / "
                                                     "non-zero triplet) (default: sum for triplet and triplet-dws, "

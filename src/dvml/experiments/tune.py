@@ -136,25 +136,26 @@ def _fit_fields() -> set[str]:
 
 
 LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2
-#: The reconstruction's share k: multiplies the phase-2 λ1 and λ2 together (the variance branch's β = λ1/λ2
-#: unchanged), i.e. how strongly the decoder's gradient trains z_I against the metric loss — the lever measured
-#: in issue 14's third round (wordnet N-pair validation Recall@1 up at k = 16, the demo world's down).
+#: The reconstruction's share k (:attr:`~dvml.heads.config.HeadsConfig.recon_share`): multiplies the phase-2 λ1
+#: and λ2 together (the variance branch's β = λ1/λ2 unchanged), i.e. how strongly the decoder's gradient trains
+#: z_I against the metric loss — the lever measured in issue 14's third round (wordnet N-pair validation
+#: Recall@1 up at k = 16, the demo world's down).
 RECON_SHARE = "recon_share"
 RECON_SHARE_RANGE = (0.25, 64.0)
-PHASE2_NAMES = (*LAMBDA_NAMES, RECON_SHARE)  # everything folded into lambdas_phase2
+PHASE2_NAMES = (*LAMBDA_NAMES, RECON_SHARE)  # the weights of phase 2
 
 
 def search_space(cfg: TuneConfig) -> list[str]:
     """Names of the parameters searched for this config (restricted by ``cfg.search`` if given).
 
     λ1-λ4 are the phase-2 weights (``lambdas_phase2``, the phase a default run ends in); phase 1 keeps
-    the paper's values. ``recon_share`` (k, log-uniform on :data:`RECON_SHARE_RANGE`) scales λ1 and λ2
-    together. When the trials' fits end before phase 2 starts (``epochs <= phase2_epoch``, e.g.
-    ``--epochs 3`` with phase 2 at epoch 30) the λs are left out of the search (they would never act), and
-    asking for them with ``--search`` is refused: the schedule is not rescaled behind the user's back, since
-    ``best_config.json`` must describe the fits that were actually scored. ``margin`` and the direction
-    weight ``gamma`` are searched for the losses that take
-    them (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
+    the paper's values. ``recon_share`` (k, log-uniform on :data:`RECON_SHARE_RANGE`) is its own FitConfig field
+    and scales λ1 and λ2 together. When the trials' fits end before phase 2 starts (``epochs <= phase2_epoch``,
+    e.g. ``--epochs 3`` with phase 2 at epoch 30) the phase-2 weights are left out of the search (they would
+    never act), and asking for them with ``--search`` is refused: the schedule is not rescaled behind the user's
+    back, since ``best_config.json`` must describe the fits that were actually scored. ``margin`` and the
+    direction weight ``gamma`` are searched for the losses that take them
+    (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
     """
     try:
         loss = LossName(cfg.loss)
@@ -164,16 +165,17 @@ def search_space(cfg: TuneConfig) -> list[str]:
     space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(loss, {})]
     epochs = cfg.fit.get("epochs", _FIT_DEFAULTS["epochs"])
     phase2 = cfg.fit.get("phase2_epoch", _FIT_DEFAULTS["phase2_epoch"])
-    has_phase2 = phase2 < epochs  # else the phase-2 λs are never used: searching them would be noise
+    has_phase2 = phase2 < epochs  # else the phase-2 weights are never used: searching them would be noise
     if cfg.dvml:
-        if "lambdas_phase2" not in cfg.fit and has_phase2:
-            space += list(PHASE2_NAMES)
+        if has_phase2:
+            space += [] if "lambdas_phase2" in cfg.fit else list(LAMBDA_NAMES)
+            space.append(RECON_SHARE)
         space.append("samples")
     space.append("embedding_size")
     space = [s for s in space if s not in cfg.fit]  # fixed by the user: not searched
     if cfg.search is not None:
         asked = set(cfg.search) & set(PHASE2_NAMES)
-        if cfg.dvml and asked and not has_phase2 and "lambdas_phase2" not in cfg.fit:
+        if cfg.dvml and asked and not has_phase2:
             raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
                             f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (--epochs), so they "
                             "would never be used; pass --set phase2_epoch=N with N < --epochs, or search without "
@@ -187,7 +189,7 @@ def search_space(cfg: TuneConfig) -> list[str]:
 
 def suggest(trial, space: list[str]) -> dict[str, Any]:
     """Draw one point of the search space from an Optuna trial, as FitConfig fields (:func:`params_to_fit`: the
-    λs and ``recon_share`` folded into ``lambdas_phase2``)."""
+    λs folded into ``lambdas_phase2``)."""
     p: dict[str, Any] = {}
     for name in space:
         if name == "lr":
@@ -210,14 +212,12 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
 
 
 def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's flat parameters (``lambda1``.., ``recon_share``) -> FitConfig fields: ``lambdas_phase2`` =
-    (k·λ1, k·λ2, λ3, λ4), each λ not searched at the paper's phase-2 value, k = ``recon_share`` (1 if not
-    searched)."""
-    out = {k: v for k, v in params.items() if k not in PHASE2_NAMES}
-    if any(n in params for n in PHASE2_NAMES):
-        lam = [params.get(n, PHASE2_LAMBDAS[i]) for i, n in enumerate(LAMBDA_NAMES)]
-        k = params.get(RECON_SHARE, 1.0)
-        out["lambdas_phase2"] = (k * lam[0], k * lam[1], lam[2], lam[3])
+    """Optuna's flat parameters (``lambda1``..``lambda4``, ``recon_share``, ...) -> FitConfig fields:
+    ``lambdas_phase2`` = (λ1, λ2, λ3, λ4), each λ not searched at the paper's phase-2 value; ``recon_share`` is
+    a field of its own (FitConfig multiplies the phase-2 λ1 and λ2 by it)."""
+    out = {k: v for k, v in params.items() if k not in LAMBDA_NAMES}
+    if any(n in params for n in LAMBDA_NAMES):
+        out["lambdas_phase2"] = tuple(params.get(n, PHASE2_LAMBDAS[i]) for i, n in enumerate(LAMBDA_NAMES))
     return out
 
 

@@ -22,7 +22,8 @@ CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "check
 #: config on --resume and by :func:`~dvml.finetune.inference.load_finetuned`, so old runs keep their meaning.
 LEGACY_HEAD_FIELDS = {"metric_reduction": "nonzero", "likelihood": "l2", "standardize": False, "free_bits": 0.0,
                       "variance_space": "raw", "variance_scale": "unit", "variance_kappa": 1.0,
-                      "metric_grad_to_variance": True, "centre_mu": False, "synthetic_pairs": "within"}
+                      "metric_grad_to_variance": True, "centre_mu": False, "synthetic_pairs": "within",
+                      "recon_share": 1.0}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(HeadsConfig):
