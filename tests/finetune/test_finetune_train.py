@@ -62,6 +62,11 @@ def _centre_batch(root: Path, crop: int, resize: int):
 
 
 def _fixed_batch_loss(backbone: torch.nn.Module, heads, loss, images, labels, lam) -> dict[str, float]:
+    """The loss terms on a fixed batch and noise, plus ``unit_free``: the total without the gaussian
+    reconstruction's (D/2)·log(mean x²), the part of its value set by the scale of the backbone's output x (the
+    term is the same function of x/a as of x up to D·log a), which the backbone's training moves by hundreds of
+    nats either way while the decoder has barely started (measured: total − before ≈ (D/2)·log of the mean x²
+    ratio, +402 to −619 nats over seeds 0-15)."""
     torch.manual_seed(0)
     eps = torch.randn(4, len(labels), heads.embedding_size)
     backbone.eval()
@@ -69,7 +74,9 @@ def _fixed_batch_loss(backbone: torch.nn.Module, heads, loss, images, labels, la
     with torch.no_grad():
         x = backbone(images)
         terms = loss(heads(x, samples=4, eps=eps, labels=labels), x, labels, lam)
-    return {k: float(v) for k, v in terms.items()}
+    out = {k: float(v) for k, v in terms.items()}
+    out["unit_free"] = out["total"] - lam.recon * x.shape[1] / 2 * float(x.square().mean().log())
+    return out
 
 
 def _params(sd: dict) -> dict:
@@ -87,9 +94,15 @@ def test_few_steps_lower_the_loss_and_evaluate_works(tiny_cub: Path, tmp_path: P
     finetune(cfg, callback=events.append)
     ft = load_finetuned(out)
     after = _fixed_batch_loss(ft.backbone.model, ft.heads, m0.loss, images, labels, lam)
-    assert after["total"] < 0.8 * before["total"]  # the objective (phase-1 weights, KL on) on a fixed batch
-    # the backbone itself was trained (not only the heads)
+    # The objective (phase-1 weights, KL on) on a fixed batch, in units of the features (see _fixed_batch_loss:
+    # its plain total mostly follows the backbone's output scale, up or down, seed by seed). Measured over seeds
+    # 0-15: KL after/before <= 0.64 in all; the unit-free total lower in 15 of 16 (seed 0: -17.9 nats, seed 11: +2.7).
+    assert (cfg.likelihood.value, cfg.reduction.value) == ("gaussian", "sum")  # what unit_free's correction is for
+    assert after["kl"] < 0.8 * before["kl"]
+    assert after["unit_free"] < before["unit_free"]
+    # the backbone itself was trained (not only the heads), and the heads too
     assert not torch.equal(ft.backbone.model.conv1.conv.weight, m0.net.backbone.conv1.conv.weight)
+    assert not torch.equal(ft.heads.embedding.weight, m0.net.heads.embedding.weight)
     assert [e.kind for e in events].count("step") == 6 and events[-1].kind == "end"
 
     conf = json.loads((out / R.CONFIG_FILE).read_text())
