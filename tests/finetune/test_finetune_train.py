@@ -22,6 +22,7 @@ from dvml.extract.datasets import read_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views
 from dvml.finetune import FinetuneConfig, embed_test_split, finetune, load_finetuned
 from dvml.finetune.model import init_model, load_init_heads
+from dvml.heads.config import DEFAULT_RECON_SHARE, PAPER_PHASE2_LAMBDAS, PAPER_RECON_SHARE, PHASE2_LAMBDAS
 from dvml.runs import BACKBONE_FILE, CHECKPOINT_FILE
 
 SMALL = dict(dataset="cub", weights="none", resize=40, crop=32, batch_size=6, per_class=2, samples=4,
@@ -29,9 +30,9 @@ SMALL = dict(dataset="cub", weights="none", resize=40, crop=32, batch_size=6, pe
              backbone_lr=1e-3, checkpoint_every=0)
 
 
-#: The paper's heads and objective (finetune's defaults before issue 14).
+#: The paper's heads and objective (finetune's defaults before issue 14), with its phase-2 weights.
 PAPER_HEADS = dict(likelihood="l2", variance_space="raw", variance_scale="unit", reduction="mean",
-                   metric_grad_to_variance=True)
+                   metric_grad_to_variance=True, lambdas_phase2=PAPER_PHASE2_LAMBDAS, recon_share=PAPER_RECON_SHARE)
 
 
 def small_cfg(root: Path, out: Path, **kw) -> FinetuneConfig:
@@ -44,6 +45,8 @@ def cli_args(root: Path, out: Path, **kw) -> list[str]:
     args = [opts.pop("dataset"), "--root", str(root), "--out", str(out)]
     for k, v in opts.items():
         name = k.replace("_", "-")
+        if isinstance(v, tuple):  # the λs: "0.8,1.0,0.2,0.8"
+            v = ",".join(map(str, v))
         args += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
     return args
 
@@ -273,7 +276,8 @@ def test_config_validation(tmp_path: Path):
     with pytest.raises(ValueError, match="folder dataset only"):
         small_cfg(tmp_path, tmp_path / "o", train_classes=2)
     cfg = small_cfg(tmp_path, tmp_path / "o")
-    assert cfg.lambdas(0.5).phase == 1 and cfg.lambdas(1.0).phase == 2 and cfg.lambdas(1.0).kl == 0.8
+    assert cfg.lambdas(0.5).phase == 1 and cfg.lambdas(1.0).phase == 2 and cfg.lambdas(1.0).kl == pytest.approx(
+        PHASE2_LAMBDAS[0] * DEFAULT_RECON_SHARE)
 
 
 @pytest.fixture(scope="module")

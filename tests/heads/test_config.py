@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dvml.heads.config import PHASE1_LAMBDAS, PHASE2_LAMBDAS, FitConfig
+from dvml.heads.config import (
+    DEFAULT_RECON_SHARE,
+    PAPER_PHASE2_LAMBDAS,
+    PAPER_RECON_SHARE,
+    PHASE1_LAMBDAS,
+    PHASE2_LAMBDAS,
+    FitConfig,
+)
 from dvml.losses import LossName
 
 
@@ -13,9 +20,16 @@ def cfg(**kw):
 
 
 def test_paper_defaults():
+    """The paper's settings, but for the phase-2 weights (issue 14: λ3 = 3.2 and k = 4, chosen on validation
+    classes); the paper's phase-2 weights stay as constants (``dvml demo`` uses them)."""
     c = cfg()
     assert (c.embedding_size, c.samples, c.lr) == (512, 20, 1e-4)
-    assert c.lambdas_phase1 == (1.0, 1.0, 0.1, 1.0) and c.lambdas_phase2 == (0.8, 1.0, 0.2, 0.8)
+    assert c.lambdas_phase1 == (1.0, 1.0, 0.1, 1.0) and c.lambdas_phase2 == (0.8, 1.0, 3.2, 0.8)
+    assert c.recon_share == DEFAULT_RECON_SHARE == 4.0
+    assert PAPER_PHASE2_LAMBDAS == (0.8, 1.0, 0.2, 0.8) and PAPER_RECON_SHARE == 1.0
+    paper = cfg(lambdas_phase2=PAPER_PHASE2_LAMBDAS, recon_share=PAPER_RECON_SHARE, phase2_epoch=2,
+                kl_warmup_epochs=0)
+    assert tuple(paper.lambdas(3.0))[:4] == PAPER_PHASE2_LAMBDAS
     assert c.batch_size == 120 and cfg(loss="npair").batch_size == 128 and cfg(loss="proxy-nca").batch_size == 128
     assert cfg(loss="npair").per_class == 2 and c.per_class == 4
     assert c.proxy_lr == pytest.approx(100 * c.lr)
@@ -27,7 +41,8 @@ def test_phase2_lambdas_differ_from_phase1():
     c = cfg(phase2_epoch=10, kl_warmup_epochs=0)
     p1, p2 = c.lambdas(9.99), c.lambdas(10.0)
     assert (p1.kl, p1.recon, p1.synthetic, p1.invariant) == PHASE1_LAMBDAS and p1.phase == 1 and p1.stop_recon_grad
-    assert (p2.kl, p2.recon, p2.synthetic, p2.invariant) == PHASE2_LAMBDAS and p2.phase == 2
+    k = DEFAULT_RECON_SHARE
+    assert (p2.kl / k, p2.recon / k, p2.synthetic, p2.invariant) == PHASE2_LAMBDAS and p2.phase == 2
     assert not p2.stop_recon_grad
     assert PHASE1_LAMBDAS != PHASE2_LAMBDAS
 
@@ -35,16 +50,17 @@ def test_phase2_lambdas_differ_from_phase1():
 def test_recon_share_scales_only_phase2_kl_and_recon():
     """k multiplies phase 2's λ1 (after the warm-up) and λ2 and nothing else; phase 1 keeps the paper's weights;
     a config without the field (every run before it) reads back as k = 1."""
-    c = cfg(phase2_epoch=10, kl_warmup_epochs=20, recon_share=16)
+    c = cfg(phase2_epoch=10, kl_warmup_epochs=20, recon_share=16, lambdas_phase2=PAPER_PHASE2_LAMBDAS)
     p1, p2 = c.lambdas(9.0), c.lambdas(15.0)
     assert (p1.kl, p1.recon, p1.synthetic, p1.invariant) == pytest.approx((9 / 20, 1.0, 0.1, 1.0))
     assert (p2.kl, p2.recon, p2.synthetic, p2.invariant) == pytest.approx((16 * 0.8 * 15 / 20, 16.0, 0.2, 0.8))
     assert c.lambdas(25.0).kl == pytest.approx(16 * 0.8)
-    same = cfg(phase2_epoch=10, kl_warmup_epochs=20, lambdas_phase2=(12.8, 16.0, 0.2, 0.8))
+    same = cfg(phase2_epoch=10, kl_warmup_epochs=20, lambdas_phase2=(12.8, 16.0, 0.2, 0.8), recon_share=1)
     for t in (3.0, 12.5, 40.0):
         assert c.lambdas(t) == pytest.approx(same.lambdas(t))
     old = {k: v for k, v in cfg().to_dict().items() if k != "recon_share"}
-    assert FitConfig.from_dict(old).recon_share == 1.0 and cfg().recon_share == 1.0
+    assert FitConfig.from_dict(old).recon_share == 1.0 and cfg().recon_share == DEFAULT_RECON_SHARE
+    assert FitConfig.from_dict(cfg(recon_share=2.5).to_dict()).recon_share == 2.5
 
 
 def test_kl_warmup_is_linear_then_flat():
@@ -54,7 +70,7 @@ def test_kl_warmup_is_linear_then_flat():
     assert c.lambdas(30).kl == pytest.approx(1.0) and c.lambdas(80).kl == pytest.approx(1.0)
     assert c.lambdas(15).recon == 1.0  # only λ1 is annealed
     c2 = cfg(kl_warmup_epochs=30, phase2_epoch=20)
-    assert c2.lambdas(25).kl == pytest.approx(0.8 * 25 / 30)
+    assert c2.lambdas(25).kl == pytest.approx(DEFAULT_RECON_SHARE * PHASE2_LAMBDAS[0] * 25 / 30)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -124,7 +140,9 @@ def test_an_old_config_with_strings_loads():
            "variance_scale": "class", "variance_kappa": 1.0, "metric_grad_to_variance": True, "centre_mu": False,
            "triplet_input": False, "lambdas_phase1": [1.0, 1.0, 0.1, 1.0], "device": "cpu"}
     c = FitConfig.from_dict(old)
-    assert c == cfg(device="cpu", metric_grad_to_variance=True)  # recorded, not today's default
+    # recorded, not today's default; the phase-2 weights of its time (the paper's)
+    assert c == cfg(device="cpu", metric_grad_to_variance=True, lambdas_phase2=PAPER_PHASE2_LAMBDAS,
+                    recon_share=PAPER_RECON_SHARE)
     assert {k: v for k, v in c.to_dict().items() if k in old} == old
 
 

@@ -136,6 +136,8 @@ def _fit_fields() -> set[str]:
 
 
 LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2
+#: Log-uniform range of each searched phase-2 λ: holds the paper's (0.2-1) and dvml's default λ3 = 3.2.
+LAMBDA_RANGE = (0.05, 8.0)
 #: The reconstruction's share k (:attr:`~dvml.heads.config.HeadsConfig.recon_share`): multiplies the phase-2 λ1
 #: and λ2 together (the variance branch's β = λ1/λ2 unchanged), i.e. how strongly the decoder's gradient trains
 #: z_I against the metric loss — the lever measured in issue 14's third round (wordnet N-pair validation
@@ -199,7 +201,7 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
         elif name == "gamma":
             p[name] = trial.suggest_float("gamma", 0.0, 1.0)
         elif name in LAMBDA_NAMES:
-            p[name] = trial.suggest_float(name, 0.05, 2.0, log=True)
+            p[name] = trial.suggest_float(name, *LAMBDA_RANGE, log=True)
         elif name == RECON_SHARE:
             p[name] = trial.suggest_float(name, *RECON_SHARE_RANGE, log=True)
         elif name == "samples":
@@ -213,7 +215,8 @@ def suggest(trial, space: list[str]) -> dict[str, Any]:
 
 def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
     """Optuna's flat parameters (``lambda1``..``lambda4``, ``recon_share``, ...) -> FitConfig fields:
-    ``lambdas_phase2`` = (λ1, λ2, λ3, λ4), each λ not searched at the paper's phase-2 value; ``recon_share`` is
+    ``lambdas_phase2`` = (λ1, λ2, λ3, λ4), each λ not searched at its default phase-2 value
+    (:data:`~dvml.heads.config.PHASE2_LAMBDAS`); ``recon_share`` is
     a field of its own (FitConfig multiplies the phase-2 λ1 and λ2 by it)."""
     out = {k: v for k, v in params.items() if k not in LAMBDA_NAMES}
     if any(n in params for n in LAMBDA_NAMES):

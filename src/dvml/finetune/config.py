@@ -23,7 +23,7 @@ CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "check
 LEGACY_HEAD_FIELDS = {"metric_reduction": "nonzero", "likelihood": "l2", "standardize": False, "free_bits": 0.0,
                       "variance_space": "raw", "variance_scale": "unit", "variance_kappa": 1.0,
                       "metric_grad_to_variance": True, "centre_mu": False, "synthetic_pairs": "within",
-                      "recon_share": 1.0}
+                      "recon_share": 1.0, "lambdas_phase2": [0.8, 1.0, 0.2, 0.8]}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(HeadsConfig):
