@@ -3,8 +3,9 @@
 
 The paper's settings (section 3.5) are the defaults: embedding size 512, T = 20 synthetic draws, Adam with
 lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, the sums of eqs. 2, 4, 8 and 9,
-batch 120 for the triplet loss and 128 for every other loss. Three defaults deviate from the paper, by
-measurement (issue 14; README's deviation table): the reconstruction likelihood is calibrated
+batch 120 for the triplet loss and 128 for every other loss. Four defaults deviate from the paper, by
+measurement (issue 14; README's deviation table): the phase-2 weights (:data:`PHASE2_LAMBDAS` with
+``recon_share`` 4: λ3 = 3.2 instead of 0.2, KL and reconstruction ×4); the reconstruction likelihood is calibrated
 (``likelihood="gaussian"``); z_V is added where the metric loss compares embeddings, at the class's scale
 (``variance_space``: the unit sphere, raw z_I for N-pair; ``variance_scale``); and Lm(ẑ) does not train μ and σ
 (``metric_grad_to_variance``). The paper's forms are options (fit-heads and finetune alike). What the paper leaves open
