@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from dvml import runs as R
 from dvml.cli import app
+from dvml.cli.options import format_lambdas
 from dvml.errors import DvmlError
 from dvml.extract.datasets import read_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views
@@ -45,8 +46,8 @@ def cli_args(root: Path, out: Path, **kw) -> list[str]:
     args = [opts.pop("dataset"), "--root", str(root), "--out", str(out)]
     for k, v in opts.items():
         name = k.replace("_", "-")
-        if isinstance(v, tuple):  # the λs: "0.8,1.0,0.2,0.8"
-            v = ",".join(map(str, v))
+        if isinstance(v, tuple):  # the λs, as the CLI takes them
+            v = format_lambdas(v)
         args += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
     return args
 
