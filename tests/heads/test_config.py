@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dvml.heads.config import (
+    DEFAULT_PROXY_LR,
     DEFAULT_RECON_SHARE,
     PAPER_PHASE2_LAMBDAS,
     PAPER_RECON_SHARE,
@@ -32,7 +33,8 @@ def test_paper_defaults():
     assert tuple(paper.lambdas(3.0))[:4] == PAPER_PHASE2_LAMBDAS
     assert c.batch_size == 120 and cfg(loss="npair").batch_size == 128 and cfg(loss="proxy-nca").batch_size == 128
     assert cfg(loss="npair").per_class == 2 and c.per_class == 4
-    assert c.proxy_lr == pytest.approx(100 * c.lr)
+    assert c.proxy_lr == DEFAULT_PROXY_LR == 0.1 and cfg(lr=1e-3).proxy_lr == 0.1
+    assert cfg(proxy_lr=0.02).proxy_lr == 0.02
     assert c.loss is LossName.triplet
 
 

@@ -13,6 +13,7 @@ from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
 from dvml.heads import FitConfig, embed, fit
 from dvml.heads import objective as loss_module
+from dvml.heads.config import DEFAULT_PROXY_LR
 from dvml.runs import load_checkpoint, load_run, read_log
 
 FAST = dict(embedding_size=16, decoder_hidden=16, samples=3, batch_size=16, per_class=4, lr=3e-3,
@@ -244,6 +245,11 @@ def test_proxy_loss_trains_its_proxies_in_their_own_group(tiny_cache, tmp_path):
     # same seed, proxies (almost) frozen: the trained proxies moved away from their seeded initialisation
     frozen = fit(_cfg(tiny_cache, tmp_path / "r0", epochs=1, loss="proxy-nca", proxy_lr=1e-12))
     assert not torch.allclose(load_checkpoint(frozen)["loss"]["metric.loss.proxies"], proxies, atol=1e-3)
+    # without --proxy-lr the proxies get DEFAULT_PROXY_LR whatever the heads' lr (issue 14, seventh round)
+    dflt = fit(_cfg(tiny_cache, tmp_path / "rd", epochs=1, loss="proxy-nca", lr=3e-4))
+    groups = load_checkpoint(dflt)["resume"]["optimizer"]["param_groups"]
+    assert groups[1]["lr"] == DEFAULT_PROXY_LR == 0.1 and groups[0]["lr"] == 3e-4
+    assert json.loads((dflt / "config.json").read_text())["config"]["proxy_lr"] == 0.1
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tiny_cache, tmp_path):

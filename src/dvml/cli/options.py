@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from dvml.heads.config import DeviceChoice, FitConfig, HeadsConfig
+from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
 
 
@@ -53,8 +53,9 @@ def head_options() -> dict:
         "lambdas_phase1": typer.Option(format_lambdas(H.lambdas_phase1), help="Phase-1 " + lam),
         "lambdas_phase2": typer.Option(format_lambdas(H.lambdas_phase2), help="Phase-2 " + lam),
         "lr": typer.Option(H.lr, help="Adam learning rate of the heads."),
-        "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies (default: 100 x --lr; "
-                                                   "only proxy losses use it)."),
+        "proxy_lr": typer.Option(H.proxy_lr, help=f"Learning rate of a proxy loss's proxies (default: "
+                                                   f"{DEFAULT_PROXY_LR:g}, whatever --lr is; only proxy losses use "
+                                                   "it)."),
         "weight_decay": typer.Option(H.weight_decay, help="Adam weight decay (heads; finetune: and backbone)."),
         "batch_size": typer.Option(H.batch_size, help="Images per batch (finetune: over all processes; "
                                                       "default depends on the loss: 120 for triplet, 128 otherwise; "

@@ -58,9 +58,10 @@ over every class). Batch loss: mean. τ's default is :data:`PROXY_NCA_PP_TEMPERA
 
 Proxies are ``nn.Parameter`` of shape (C, E), initialised ``N(0, 1)`` as in pml, so they are in the
 loss ``state_dict`` and can form their own optimizer group: ``loss.proxy_lr_multiplier`` (default
-:data:`PROXY_LR_MULTIPLIER`) is the factor the trainer applies to the base learning rate for
-``loss.parameters()`` (ProxyNCA++'s "fast moving proxies"). Labels must be class indices in
-``[0, num_classes)``.
+:data:`PROXY_LR_MULTIPLIER`) is a factor for the base learning rate of ``loss.parameters()`` (ProxyNCA++'s
+"fast moving proxies"), for an optimizer of the user's own. dvml's trainers
+do not read it: they give the proxies ``proxy_lr`` (:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the
+heads' lr). Labels must be class indices in ``[0, num_classes)``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ from torch import Tensor, nn
 
 from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName
 
-#: Learning-rate factor for proxies relative to the heads (proxy losses' default ``proxy_lr_multiplier``).
+#: Learning-rate factor for proxies relative to the base lr (proxy losses' default ``proxy_lr_multiplier``), for
+#: an optimizer built outside dvml; dvml's trainers use ``proxy_lr`` instead.
 PROXY_LR_MULTIPLIER = 100.0
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["margin"]
