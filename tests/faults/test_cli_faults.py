@@ -251,7 +251,9 @@ def test_readme_walkthrough_uses_only_runs_it_created():
 def test_fit_heads_help_states_the_loss_dependent_defaults():
     r = runner.invoke(app, ["fit-heads", "--help"], terminal_width=250, env={"COLUMNS": "250"})
     text = " ".join(r.output.replace("│", " ").split())
-    for needle in ("(default: 0.1, whatever --lr is", "120 for triplet, 128 otherwise", "2 for npair, 4 otherwise", "depends on the loss"):
+    needles = ("(default: 0.1, whatever --lr is", "120 for triplet, 128 otherwise", "2 for npair, 4 otherwise",
+               "depends on the loss")
+    for needle in needles:
         assert needle in text, needle
 
 

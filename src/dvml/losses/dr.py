@@ -59,9 +59,9 @@ over every class). Batch loss: mean. τ's default is :data:`PROXY_NCA_PP_TEMPERA
 Proxies are ``nn.Parameter`` of shape (C, E), initialised ``N(0, 1)`` as in pml, so they are in the
 loss ``state_dict`` and can form their own optimizer group: ``loss.proxy_lr_multiplier`` (default
 :data:`PROXY_LR_MULTIPLIER`) is a factor for the base learning rate of ``loss.parameters()`` (ProxyNCA++'s
-"fast moving proxies"), for an optimizer of the user's own. dvml's trainers
-do not read it: they give the proxies ``proxy_lr`` (:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the
-heads' lr). Labels must be class indices in ``[0, num_classes)``.
+"fast moving proxies"), for an optimizer of the user's own. dvml's trainers do not read it: they give the proxies
+``proxy_lr`` (:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the heads' lr). Labels must be class
+indices in ``[0, num_classes)``.
 """
 
 from __future__ import annotations
