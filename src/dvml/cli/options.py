@@ -53,7 +53,7 @@ def head_options() -> dict:
         "lambdas_phase1": typer.Option(format_lambdas(H.lambdas_phase1), help="Phase-1 " + lam),
         "lambdas_phase2": typer.Option(format_lambdas(H.lambdas_phase2), help="Phase-2 " + lam),
         "lr": typer.Option(H.lr, help="Adam learning rate of the heads."),
-        "proxy_lr": typer.Option(H.proxy_lr, help=f"Learning rate of a proxy loss's proxies (default: "
+        "proxy_lr": typer.Option(H.proxy_lr, help="Learning rate of a proxy loss's proxies (default: "
                                                    f"{DEFAULT_PROXY_LR:g}, whatever --lr is; only proxy losses use "
                                                    "it)."),
         "weight_decay": typer.Option(H.weight_decay, help="Adam weight decay (heads; finetune: and backbone)."),

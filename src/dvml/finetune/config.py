@@ -10,7 +10,7 @@ from pathlib import Path
 from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
-from dvml.heads.config import PAPER_PHASE2_LAMBDAS, PAPER_RECON_SHARE, HeadsConfig
+from dvml.heads.config import LEGACY_PHASE2_FIELDS, HeadsConfig
 
 #: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
 #: dataset's index digest is checked instead.
@@ -23,7 +23,7 @@ CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "check
 LEGACY_HEAD_FIELDS = {"metric_reduction": "nonzero", "likelihood": "l2", "standardize": False, "free_bits": 0.0,
                       "variance_space": "raw", "variance_scale": "unit", "variance_kappa": 1.0,
                       "metric_grad_to_variance": True, "centre_mu": False, "synthetic_pairs": "within",
-                      "recon_share": PAPER_RECON_SHARE, "lambdas_phase2": list(PAPER_PHASE2_LAMBDAS)}
+                      **LEGACY_PHASE2_FIELDS}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(HeadsConfig):

@@ -100,6 +100,9 @@ PAPER_RECON_SHARE = 1.0
 #: are better (the demo pins them).
 PHASE2_LAMBDAS = (0.8, 1.0, 3.2, 0.8)
 DEFAULT_RECON_SHARE = 4.0
+#: How a recorded config (fit-heads' or finetune's) without these fields trained: ``recon_share`` is recorded only
+#: since it exists, and runs before the sixth round had the paper's phase-2 weights. JSON form, as recorded.
+LEGACY_PHASE2_FIELDS = {"recon_share": PAPER_RECON_SHARE, "lambdas_phase2": list(PAPER_PHASE2_LAMBDAS)}
 #: Learning rate of a proxy loss's proxies, whatever the heads' lr (issue 14, seventh round of the README). Was
 #: 100 × lr (Proxy-Anchor's recipe; 0.01 at the default lr 1e-4): on the demo world's 10 steps an epoch
 #: ``proxy-nca-pp`` was still converging at epoch 60 and trailed triplet by 2.7 / 3.1 test points (baseline / DVML).
@@ -477,5 +480,5 @@ class FitConfig(HeadsConfig):
         ``recon_share`` only since it exists: a config without it trained with k = 1 and, if it lacks them too,
         the paper's phase-2 λs (dvml's defaults until issue 14's sixth round), not today's defaults."""
         names = {f.name for f in fields(cls)}
-        d = {"recon_share": PAPER_RECON_SHARE, "lambdas_phase2": PAPER_PHASE2_LAMBDAS, **d}
+        d = {**LEGACY_PHASE2_FIELDS, **d}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
