@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 FORMAT = "dvml-index"
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
-MODEL_SUFFIXES = (".pt", ".ts", ".onnx")
+MODEL_SUFFIXES = (".pt2", ".pt", ".ts", ".onnx")
 RECALL_QUERIES = 1000
 RECALL_K = 10
 
