@@ -112,6 +112,8 @@ def _int_attr(path: Path, a, name: str) -> int:
     v = _decode(a[name])
     if isinstance(v, np.ndarray) and v.shape == ():
         v = v[()]
+    if isinstance(v, np.generic):
+        v = v.item()
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, str)):
         raise CacheShapeError(path, f"root attribute {name!r} must be an integer, got {v!r}")
     try:
@@ -124,6 +126,8 @@ def _bool_attr(path: Path, a, name: str) -> bool:
     v = _decode(a[name])
     if isinstance(v, np.ndarray) and v.shape == ():
         v = v[()]
+    if isinstance(v, np.generic):
+        v = v.item()
     if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and int(v) in (0, 1)):
         return bool(v)
     raise CacheShapeError(path, f"root attribute {name!r} must be true or false, got {v!r}")

@@ -63,6 +63,10 @@ class ArchiveError(DvmlError):
     """An archive that cannot be extracted safely (or at all); the message names it and the member."""
 
 
+class ArchiveLimitError(ArchiveError):
+    """An archive over :class:`Limits`: perhaps genuine, so the caller keeps it (the limits can be raised)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """How much an archive may unpack to: ``max_bytes`` in all, and ``max_ratio`` times its own size (checked
@@ -78,12 +82,12 @@ class Limits:
 
     def check(self, archive: Path, total: int) -> None:
         if total > self.max_bytes:
-            raise ArchiveError(f"{archive}: its members unpack to {total:,} bytes, more than the limit of "
+            raise ArchiveLimitError(f"{archive}: its members unpack to {total:,} bytes, more than the limit of "
                                f"{self.max_bytes:,}; refusing to extract it (raise the limit if the archive is "
                                "genuine)")
         size = max(archive.stat().st_size, 1)
         if total > RATIO_FLOOR and total > self.max_ratio * size:
-            raise ArchiveError(f"{archive}: its members unpack to {total:,} bytes, {total / size:,.0f} times its "
+            raise ArchiveLimitError(f"{archive}: its members unpack to {total:,} bytes, {total / size:,.0f} times its "
                                f"{size:,} bytes (limit {self.max_ratio:g}x): a decompression bomb? refusing to "
                                "extract it (raise the ratio limit if the archive is genuine)")
 

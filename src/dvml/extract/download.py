@@ -45,7 +45,7 @@ from pathlib import Path
 from dvml import __version__
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
-from dvml.extract.archive import ArchiveError, Limits, temporary_dir, unpack
+from dvml.extract.archive import ArchiveError, ArchiveLimitError, Limits, temporary_dir, unpack
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
 
 log = logging.getLogger(__name__)
@@ -460,7 +460,11 @@ def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress:
 
             try:
                 extracted = unpack(files[f.name], work, f.top, progress=member_progress, limits=limits)
-            except ArchiveError as e:  # unsafe or damaged: keeping it would only fail again
+            except ArchiveLimitError as e:  # perhaps genuine: kept, the limits can be raised
+                raise ArchiveLimitError(f"{e}; {to / source.folder} was not created") from None
+            except ArchiveError as e:  # unsafe or damaged: a downloaded copy would only fail again
+                if not f.urls:  # brought by hand: the user's file stays
+                    raise ArchiveError(f"{e} ({to / source.folder} was not created)") from None
                 files[f.name].unlink(missing_ok=True)
                 raise ArchiveError(f"{e} ({files[f.name]} was removed; {to / source.folder} was not created)") \
                     from None
