@@ -1,5 +1,6 @@
 """dvml export: the file, loaded in a fresh process WITHOUT dvml (.pt2 via torch.export, TorchScript via torch.jit,
-ONNX via onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; bad input gives one clear error."""
+ONNX via onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; bad input gives one clear
+error."""
 
 from __future__ import annotations
 
@@ -188,7 +189,8 @@ def test_bad_requests_are_one_line_errors(pipeline, tmp_path, one_line_error):
     directory = tmp_path / "adir"  # (one named m.pt: test_a_directory_as_export_target_is_one_line)
     directory.mkdir()
     one_line_error(["export", str(pipeline["run"]), "-o", str(directory)],
-                   f"--out {directory}: is a directory; give a file path ending .pt2 (torch.export), .pt (TorchScript) or .onnx")
+                   f"--out {directory}: is a directory; give a file path ending .pt2 (torch.export), .pt "
+                   "(TorchScript) or .onnx")
     existing = tmp_path / "m.pt"
     existing.write_bytes(b"x")
     one_line_error(["export", str(pipeline["run"]), "-o", str(existing)], "already exists")

@@ -1,4 +1,5 @@
-"""``dvml export RUN_DIR -o FILE``: one model file from images to z_I (``.pt2``, TorchScript ``.pt`` or ONNX ``.onnx``)."""
+"""``dvml export RUN_DIR -o FILE``: one model file from images to z_I (``.pt2``, TorchScript ``.pt`` or ONNX
+``.onnx``)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ member and the problem; a truncated or damaged archive (of any compression) is o
 
 from __future__ import annotations
 
-import bz2
 import logging
 import lzma
 import os

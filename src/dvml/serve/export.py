@@ -35,7 +35,9 @@ backbone and weights, dvml and torch versions).
       z = sess.run(["embeddings"], {"images": uint8_images})[0]
 
 None needs dvml. Trust: a TorchScript file is a program (loading and running it runs whatever it holds); a
-``.pt2`` or ONNX file is a graph of tensor operators, but load only model files from sources you trust. Accuracy against ``dvml evaluate`` on the CPU: TorchScript runs the same kernels, so its
+``.pt2`` or ONNX file is a graph of tensor operators, but load only model files from sources you trust.
+
+Accuracy against ``dvml evaluate`` on the CPU: ``.pt2`` and TorchScript run the same kernels, so their
 embeddings equal evaluate's to float rounding (measured 0.0 on the backbone features). ONNX Runtime has its own
 convolution kernels (features differ by ~1e-5 relative); with a float16 cache, a feature that lands on the
 other side of a float16 rounding boundary moves by one float16 step, so a few z_I entries can differ by
