@@ -8,15 +8,20 @@ Files (format version 1)::
                   (blake2b of INDEX), "kind" (flat | ivf | hnsw), "metric", "dim", "n", "params" (nlist,
                   hnsw_m, seed), "search" (default nprobe / ef_search), "recall_vs_exact" (approximate kinds:
                   k, queries, recall), "source" (what was indexed), "embedder" (how to embed query images: a
-                  run directory, a cache or an exported model file), "root" (what row paths are relative to),
-                  "class_names", "rows": {"ids", "labels", "paths"}, "versions"}
+                  run directory, a cache or an exported model file, with its identity: a run's
+                  "checkpoint_sha256" and "cache_fingerprint", a cache's "cache_fingerprint", a model file's
+                  "digest"), "root" (what row paths are relative to), "class_names", "rows": {"ids", "labels",
+                  "paths"}, "versions"}
 
-Loading checks that the two files belong together (digest, size, row count, dimension, kind and metric)
-and refuses anything else with one :class:`IndexFormatError` naming the file.
+Loading checks every field's type and that the two files belong together (digest, size, row count,
+dimension, kind and metric), and refuses anything else with one :class:`IndexFormatError` naming the file
+(and the field). ``search`` refuses an embedder whose identity changed since the index was built.
+Writing holds the writer lock of both files (:func:`dvml.files.output_guard`), so two ``dvml index`` runs on
+one output never leave a mixed pair.
 
 Sources: a run directory (its cache's split, embedded with its heads exactly as ``dvml evaluate`` does), a
 cache file (raw features, the floor), or a folder of images with an embedder (``--model``: an exported
-``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
+``.pt2``/``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
 (sorted names → 0, 1, ...), or -1 when they lie directly in it. The test split of a query/gallery cache
 (schema 2, In-Shop) is indexed by its gallery rows, the set ``dvml evaluate`` searches.
 
@@ -77,7 +82,8 @@ def file_digest(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ embedders
 def load_embedder(spec: str | Path, *, weights: str | Path | None = None):
-    """What embeds query images: an exported model file (``.pt``/``.ts``/``.onnx``), a run directory or a cache.
+    """What embeds query images: an exported model file (``.pt2``/``.pt``/``.ts``/``.onnx``), a run directory or
+    a cache.
 
     Returns an object with ``embed_paths(paths) -> (N, E)``, ``embedding_dim`` and ``metric``.
     """
@@ -274,7 +280,7 @@ def gallery_from_source(source: str | Path, *, split: str = "test", model: str |
         raise DvmlError(f"{source}: no such run directory, cache file or image folder")
     if source.is_dir() and not (source / R.CONFIG_FILE).is_file():
         if model is None:
-            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt/.onnx, a run directory "
+            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt2/.pt/.onnx, a run directory "
                             "or a cache) to embed them")
         return gallery_from_images(source, model, weights=weights)
     if model is not None:
