@@ -192,6 +192,21 @@ def test_a_stalled_server_leaves_its_bytes_in_part(serve, tmp_path):
     assert (tmp_path / "f.tgz.part").read_bytes() == b"x" * 300
 
 
+def test_a_restart_that_receives_nothing_keeps_the_old_part(serve, tmp_path):
+    def no_range_then_stall(h):  # ignores Range: answers 200 (a restart), then sends nothing
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        h.wfile.flush()
+        time.sleep(3)
+
+    (tmp_path / "f.tgz.part").write_bytes(b"y" * 500)
+    s = serve(no_range_then_stall)
+    with pytest.raises(D.DownloadError, match="keeps the 500 bytes received"):
+        D.fetch(s.url(), tmp_path / "f.tgz", timeout=0.5, retries=0)
+    assert (tmp_path / "f.tgz.part").read_bytes() == b"y" * 500
+
+
 def test_a_redirect_loop_is_one_line(serve, tmp_path):
     def loop(h):
         h.send_response(302)

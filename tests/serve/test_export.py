@@ -320,6 +320,7 @@ def test_pt2_in_a_fresh_process_without_dvml_equals_evaluate(pipeline, tmp_path,
     ref = evaluate_embeddings(pipeline[key])  # float32 cache: no feature rounding
     assert z.shape == ref.shape
     diff = float(np.abs(z - ref).max())
+    print(f".pt2 ({key}) in a fresh process vs dvml evaluate: max abs diff {diff:.2e}")
     assert diff <= 1e-5, diff
 
 

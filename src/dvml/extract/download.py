@@ -280,10 +280,13 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
                     raise DownloadError(f"{url}: the server announces {total:,} bytes, more than the published "
                                         f"file's {max_bytes:,}: not the published file; not downloaded")
                 read = getattr(resp, "read1", resp.read)  # what has arrived, not a full 1 MiB buffer
-                with open(part, mode) as out:
-                    if progress is not None:
-                        progress("download", dest.name, have, total)
+                if progress is not None:
+                    progress("download", dest.name, have, total)
+                out = None  # opened at the first byte: a restart that receives nothing keeps the old .part
+                try:
                     while chunk := read(CHUNK_BYTES):
+                        if out is None:
+                            out = open(part, mode)
                         out.write(chunk)
                         out.flush()  # a stalled or killed connection keeps every byte received
                         received += len(chunk)
@@ -291,6 +294,11 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
                             break
                         if progress is not None:
                             progress("download", dest.name, have + received, total)
+                    if out is None and (mode == "wb" and total == 0 or not part.exists()):
+                        out = open(part, mode)  # an empty file
+                finally:
+                    if out is not None:
+                        out.close()
                 if max_bytes is not None and have + received > max_bytes:
                     part.unlink(missing_ok=True)
                     raise DownloadError(f"{url}: sent more than {max_bytes:,} bytes, more than the published file "
