@@ -23,6 +23,7 @@ from rich.text import Text
 from dvml.cli.app import app, console, err_console, handle_errors
 from dvml.errors import DvmlError
 from dvml.extract import download as D
+from dvml.extract.archive import Limits
 
 
 class PublishedDataset(str, Enum):
@@ -88,6 +89,10 @@ def download_cmd(
     keep_archives: bool = typer.Option(True, "--keep-archives/--remove-archives",
                                        help="Keep the archive files after unpacking (verify can recheck them)."),
     timeout: float = typer.Option(60.0, help="Seconds without data before a connection counts as lost."),
+    max_unpacked_gb: float = typer.Option(Limits.max_bytes / 1e9, help="Refuse an archive whose members unpack "
+                                          "to more than this many GB (the largest dataset is about 3)."),
+    max_ratio: float = typer.Option(Limits.max_ratio, help="Refuse an archive that unpacks to more than this many "
+                                    "times its own size (above 64 MiB; image archives are about 1x)."),
 ):
     """Download, check the MD5, unpack safely and verify; prints the --root for `dvml extract`.
 
@@ -110,7 +115,8 @@ def download_cmd(
             raise DvmlError(f"{to}: {dataset.value} files not found (see above)")
     with _progress() as progress:
         root = D.download(dataset.value, to, url=url, progress=_on_progress(progress), timeout=timeout,
-                          keep_archives=keep_archives)
+                          keep_archives=keep_archives,
+                          limits=Limits(max_bytes=int(max_unpacked_gb * 1e9), max_ratio=max_ratio))
     console.print(f"{dataset.value} is ready: dvml extract {dataset.value} --root {root} --out FILE.h5",
                   soft_wrap=True)  # one unbroken line: it is meant to be copied
 

@@ -29,6 +29,7 @@ from dvml.extract.backbone import (
     imagenet_checkpoint_path,
     imagenet_preprocess,
     load_backbone,
+    save_exported,
     save_torchscript,
 )
 from dvml.extract.datasets import (
@@ -55,7 +56,8 @@ from dvml.extract.transforms import (
 __all__ = [
     "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone", "Preprocess",
     "backbone_from_cache",
-    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_torchscript",
+    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_exported",
+    "save_torchscript",
     "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset", "read_folder",
     "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
     "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",
