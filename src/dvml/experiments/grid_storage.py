@@ -308,8 +308,15 @@ def run_shared(cfg: A.AblateConfig, storage_url: str, *, callback: A.AblateCallb
                 study.enqueue_trial({}, user_attrs={"cell": cell.name})
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        trial.set_user_attr("row", row)
-        study.tell(trial, float(row.get("recall@1") or 0.0))
+        try:
+            trial.set_user_attr("row", row)
+            study.tell(trial, float(row.get("recall@1") or 0.0))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # alive but silent for longer than the grace period: the cell was queued again; whoever takes it
+            # reads this finished run back instead of fitting it again (see _work)
+            log.warning("%s: given up as stale while it ran (raise --heartbeat?); its result is in %s and will be "
+                        "recorded by the worker that takes the cell again", cell.name, A.run_dir(cfg, cell))
+            continue
         seen.add(cell.name)
         cb(A.AblateEvent("cell_done", cell=cell, row=row))
     rows = list(_complete_rows(study).values())
