@@ -50,7 +50,11 @@ def ablate_cmd(
     summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
                                           "directory from its run directories, and run nothing."),
 ):
-    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table."""
+    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table.
+
+    Many workers, one grid: start the same command with --storage (on one machine or many); see
+    docs/distributed.md for the SLURM array-job pattern.
+    """
     from dvml.experiments import ablate, grid_storage
 
     if summarize is not None:

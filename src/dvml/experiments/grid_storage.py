@@ -265,10 +265,12 @@ def run_shared(cfg: A.AblateConfig, storage_url: str, *, callback: A.AblateCallb
     info, fp, cells = A.check_grid(cfg)
     facts = grid_facts(cfg, fp, cells)
     storage = open_storage(storage_url, heartbeat_s, grace_s)  # before anything is written in OUT
+    prov_path = cfg.out / A.PROVENANCE_FILE
+    if prov_path.exists() and not (cfg.out / GRID_FILE).exists():  # an earlier single-worker ablation in OUT
+        A._check_earlier_grid(cfg, prov_path, fp)
     name = claim_out(cfg, facts)
     study = _open_study(storage, storage_url, name, cells, facts, ready_wait_s)
     _requeue_errored(study, storage_url)
-    prov_path = cfg.out / A.PROVENANCE_FILE
     if not prov_path.exists():
         R.atomic_write_json(A.provenance(cfg, cells, info, fp), prov_path)
     by_name = {c.name: c for c in cells}

@@ -15,6 +15,10 @@ cache's ``extra["skipped"]`` (split, index, path, error) *before* the batch that
 appended, and the resume point is the smallest dataset position p with
 ``p - #skipped(index < p) == n_written`` -- correct whether or not the last batch reached the disk.
 
+Several processes (``torchrun --nproc-per-node N -m dvml extract ...``, the caller having joined the process
+group): each rank writes a contiguous block of whole batches to its own shard and the last to finish merges them;
+the cache is the single-process one, bit for bit (see :mod:`dvml.extract.sharding`).
+
 Options that change the features (backbone, weights, preprocessing, views, seed, test flip, dtype, the image list) are
 part of the writer's configuration: resuming with different ones is refused. Batch size, workers,
 device and ``skip_bad`` are not (``--skip-bad`` may be added to continue past a bad image).
