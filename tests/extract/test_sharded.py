@@ -19,7 +19,7 @@ from dvml.extract import sharding
 
 ARGS = ["--weights", "none", "--resize", "40", "--crop", "32", "--workers", "0", "--views", "3", "--batch-size", "2"]
 ENV = {**os.environ, "PYTHONPATH": str(Path(dvml.__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-       "OMP_NUM_THREADS": "1"}
+       "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # unwrapped log lines
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 # rank 1 kills itself (SIGKILL, nothing cleaned up) right after its first train batch reached the disk
@@ -86,6 +86,39 @@ def test_two_ranks_give_the_single_process_cache_and_resume_after_kill(tiny_cub,
     assert "train: resuming at image 6 of 9" in p.stderr + p.stdout  # rank 1 (images 4..8) continues after 2 rows
     assert fingerprint(killed) == want
     assert not sharding.parts_dir(killed).exists()
+
+
+MERGE_KILLER = """
+import os, signal, sys
+from dvml.cache import writer as W
+append = W.CacheWriter.append
+def killing_append(self, split, *a, **k):
+    append(self, split, *a, **k)
+    if self.path.name == "merged.h5" and split == "test" and self.n_written(split) >= 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+W.CacheWriter.append = killing_append
+from dvml.__main__ import main
+sys.argv = ["dvml", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_merge_killed_half_way_resumes_at_its_rows(tiny_cub, tmp_path):
+    single = tmp_path / "single.h5"
+    r = CliRunner().invoke(app, ["extract", "cub", "--root", str(tiny_cub), "--out", str(single), *ARGS])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "merged.h5"
+    (tmp_path / "killer.py").write_text(MERGE_KILLER)
+    p = _torchrun(tmp_path, tiny_cub, out, script=[str(tmp_path / "killer.py")])
+    assert p.returncode != 0
+    with h5py.File(out, "r") as f:  # the merger died after rank 0's test rows: train merged, test half
+        assert (int(f["train"].attrs["n_written"]), int(f["test"].attrs["n_written"])) == (9, 4)
+        assert f.attrs["complete"] == False  # noqa: E712
+    p = _torchrun(tmp_path, tiny_cub, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming {out} at train=9 test=4 rows" in p.stderr + p.stdout  # the merge, not a new one
+    assert fingerprint(out) == fingerprint(single)
+    assert not sharding.parts_dir(out).exists()
 
 
 def test_ranks_that_disagree_refuse_alike_and_write_nothing(tiny_cub, tmp_path):
