@@ -10,6 +10,7 @@ from dvml.cli.app import app, console, handle_errors
 from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
+from dvml.experiments.grid_storage import DEFAULT_HEARTBEAT_S
 
 _D = AblateConfig  # option defaults are the config dataclass defaults
 
@@ -45,8 +46,8 @@ def ablate_cmd(
                                        "across machines). Start the same command as many times as you like; each "
                                        "cell runs once, a killed worker's cell is taken again, the last worker "
                                        "writes the summary."),
-    heartbeat: int = typer.Option(30, min=1, help="With --storage: seconds between a worker's heartbeats; a cell "
-                                  "whose worker is silent for 4x this is taken by another."),
+    heartbeat: int = typer.Option(DEFAULT_HEARTBEAT_S, min=1, help="With --storage: seconds between a worker's "
+                                  "heartbeats; a cell whose worker is silent for 4x this is taken by another."),
     summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
                                           "directory from its run directories, and run nothing."),
 ):

@@ -306,7 +306,7 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     t0 = time.perf_counter()
     world = sharding.world_size()
     if world > 1:
-        sharding.check_same_arguments(cfg)  # first: a rank that refused alone would leave the others waiting
+        token = sharding.check_same_arguments(cfg)  # first: a rank that refused alone would leave the others waiting
     error = None
     try:
         check_not_busy(cfg.out, "wait for it to finish, or stop it")  # before the slow part; CacheWriter locks it
@@ -334,7 +334,7 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     merged = True
     if world > 1:
         n_train, n_test, skipped, processed, path = sharding.run_rank(
-            cfg, index, spec, extract_rows=lambda writer, split, rows, skipped, report: _extract_rows(
+            cfg, index, spec, token=token, extract_rows=lambda writer, split, rows, skipped, report: _extract_rows(
                 cfg, writer, index, split, rows, skipped, report, model, pre, view_spec),
             extra=dict(root=str(index.root.resolve()), device=str(device), amp=model.amp), progress=progress)
         merged, path = path is not None, path or sharding.shard_path(cfg.out, sharding.rank(), world)

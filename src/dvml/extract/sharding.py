@@ -29,10 +29,13 @@ module only asks ``torch.distributed`` whether one is active.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,31 +110,34 @@ def refuse_leftover_shards(out: Path, overwrite: bool, world: int = 1) -> None:
                     f"torchrun --nproc-per-node {n} (same arguments), or pass --overwrite to start over")
 
 
-def agree(facts: dict, error: str | None = None) -> None:
+def agree(facts: dict, error: str | None = None, token: str | None = None) -> str | None:
     """All-gather ``facts`` (and this rank's ``error``) and raise the same DvmlError on every rank if any rank
-    failed or the ranks' facts differ (naming the first differing key). No-op in one process."""
+    failed or the ranks' facts differ (naming the first differing key). Returns rank 0's ``token``. No-op in one
+    process."""
     if world_size() == 1:
         if error:
             raise DvmlError(error)
-        return
+        return token
     gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, (facts, error))
-    for r, (_, err) in enumerate(gathered):
+    dist.all_gather_object(gathered, (facts, error, token))
+    for r, (_, err, _) in enumerate(gathered):
         if err:
             raise DvmlError(err if r == rank() else f"rank {r}: {err}")
     ref = gathered[0][0]
-    for r, (f, _) in enumerate(gathered[1:], start=1):
+    for r, (f, _, _) in enumerate(gathered[1:], start=1):
         for key in sorted(set(ref) | set(f)):
             if ref.get(key) != f.get(key):
                 raise DvmlError(f"the ranks disagree about {key}: {ref.get(key)!r} on rank 0, {f.get(key)!r} on "
                                 f"rank {r}; start every rank with the same command and the same data")
+    return gathered[0][2]
 
 
-def check_same_arguments(cfg) -> None:
-    """Every rank was started with the same extraction arguments (except :data:`PER_RANK_OPTIONS`)."""
+def check_same_arguments(cfg) -> str:
+    """Every rank was started with the same extraction arguments (except :data:`PER_RANK_OPTIONS`). Returns this
+    run's token (rank 0's random id, the same on every rank), which the merge records in the cache."""
     facts = {("--" + k.replace("_", "-")): (str(v) if isinstance(v, Path) else v)
              for k, v in dataclasses.asdict(cfg).items() if k not in PER_RANK_OPTIONS}
-    agree(facts)
+    return agree(facts, token=uuid.uuid4().hex)
 
 
 def _shard_spec(spec: CacheSpec, rows: dict[str, range], r: int, world: int) -> CacheSpec:
@@ -142,7 +148,7 @@ def _shard_spec(spec: CacheSpec, rows: dict[str, range], r: int, world: int) -> 
 ExtractRows = Callable[[CacheWriter, str, range, list, object], int]
 
 
-def run_rank(cfg, index, spec: CacheSpec, *, extract_rows: ExtractRows, extra: dict, progress=None):
+def run_rank(cfg, index, spec: CacheSpec, *, token: str, extract_rows: ExtractRows, extra: dict, progress=None):
     """This rank's part of a sharded extraction: write its shard, then merge if it is the last one done.
 
     ``extract_rows(writer, split, rows, skipped, progress)`` writes the images ``rows`` of ``split`` (resuming after
@@ -155,27 +161,52 @@ def run_rank(cfg, index, spec: CacheSpec, *, extract_rows: ExtractRows, extra: d
     path = shard_path(cfg.out, r, world)
     log.info("rank %d/%d: train images %d..%d, test images %d..%d -> %s", r, world, rows[S.TRAIN].start,
              rows[S.TRAIN].stop, rows[S.TEST].start, rows[S.TEST].stop, path)
-    processed = 0
-    with CacheWriter(path, _shard_spec(spec, rows, r, world), overwrite=cfg.overwrite) as writer:
-        writer.set_extra(**extra)
-        skipped = list(writer.extra().get("skipped", []))
-        for split in S.SPLITS:
-            processed += extract_rows(writer, split, rows[split], skipped, progress)
-        writer.set_extra(skipped=skipped)
-        counts = [writer.n_written(split) for split in S.SPLITS]
-    merged = merge(cfg.out, spec, world, overwrite=cfg.overwrite)
+    processed, skipped, counts = 0, [], [0, 0]
+    try:
+        writer = CacheWriter(path, _shard_spec(spec, rows, r, world), overwrite=cfg.overwrite)
+    except files.BusyError:  # the merging rank holds it: this share was done before this rank (re)started
+        log.info("rank %d: another rank is merging this share", r)
+        return counts[0], counts[1], skipped, processed, None
+    with writer:
+        # holding this shard's lock, no merge can start or be under way: a cache stamped with this run's token was
+        # merged, from the earlier run's copy of this share, before this rank got here
+        already = _merged_in_run(cfg.out, token)
+        if not already:
+            writer.set_extra(**extra)
+            skipped = list(writer.extra().get("skipped", []))
+            for split in S.SPLITS:
+                processed += extract_rows(writer, split, rows[split], skipped, progress)
+            writer.set_extra(skipped=skipped)
+            counts = [writer.n_written(split) for split in S.SPLITS]
+    if already:
+        path.unlink(missing_ok=True)  # the fresh empty shard the writer just created
+        with contextlib.suppress(OSError):
+            parts_dir(cfg.out).rmdir()
+        return counts[0], counts[1], skipped, processed, None
+    merged = merge(cfg.out, spec, world, token=token, overwrite=cfg.overwrite)
     if merged is not None:
         return merged[0], merged[1], merged[2], processed, cfg.out
     return counts[0], counts[1], skipped, processed, None
 
 
-def _shard_state(path: Path) -> tuple[dict, dict[str, int]] | None:
-    """``(extra, n_written per split)`` of a finished shard; None while it is written, missing or unfinished."""
+def _merged_in_run(out: Path, token: str) -> bool:
+    """``out`` is complete and was merged by this run (its ``extra["run_token"]`` is ``token``)."""
+    try:
+        with h5py.File(out, "r") as f:
+            return bool(f.attrs.get(S.ATTR_COMPLETE, False)) and \
+                json.loads(f.attrs.get(S.ATTR_EXTRA, "{}")).get("run_token") == token
+    except OSError:
+        return False
+
+
+def _shard_state(path: Path, spec: CacheSpec) -> tuple[dict, dict[str, int]] | None:
+    """``(extra, n_written per split)`` of a finished shard written with ``spec``; None while it is written, or when
+    it is missing, unfinished or another job's (a leftover of a run with other settings)."""
     if files.writer_pid(path) is not None or not path.is_file():
         return None
     with h5py.File(path, "r") as f:
-        import json
-
+        if json.loads(f.attrs.get(S.ATTR_WRITER_CONFIG, "{}")) != json.loads(spec.to_json()):
+            return None
         extra = json.loads(f.attrs.get(S.ATTR_EXTRA, "{}"))
         n = {split: int(f[split].attrs[S.ATTR_N_WRITTEN]) for split in S.SPLITS}
     where = extra.get("shard", {})
@@ -187,18 +218,27 @@ def _shard_state(path: Path) -> tuple[dict, dict[str, int]] | None:
     return extra, n
 
 
-def merge(out: Path, spec: CacheSpec, world: int, *, overwrite: bool = False):
-    """Copy every done shard into ``out`` in rank order and mark it complete; returns ``(n_train, n_test,
-    skipped)``, or None when a shard is not done yet, another rank is merging, or the merge already happened."""
+def merge(out: Path, spec: CacheSpec, world: int, *, token: str, overwrite: bool = False):
+    """Copy every done shard into ``out`` in rank order and mark it complete (stamped with the run's ``token``);
+    returns ``(n_train, n_test, skipped)``, or None when a shard is not done yet, another rank is merging, or the
+    merge already happened. Holds the writer locks of ``out`` and of every shard throughout."""
     out = Path(out)
+    locks = []
     try:
-        lock = files.WriterLock(out).acquire()
-    except files.BusyError:
-        return None  # another rank merges
-    try:
+        locks.append(files.WriterLock(out).acquire())
         if not parts_dir(out).is_dir():
             return None  # merged already
-        states = [_shard_state(shard_path(out, r, world)) for r in range(world)]
+        shard_specs = []
+        for r in range(world):
+            locks.append(files.WriterLock(shard_path(out, r, world)).acquire())  # BusyError: a rank writes it
+            with h5py.File(shard_path(out, r, world), "r") if shard_path(out, r, world).is_file() else \
+                    contextlib.nullcontext() as f:
+                where = json.loads(f.attrs.get(S.ATTR_EXTRA, "{}")).get("shard") if f is not None else None
+            if where is None:
+                return None
+            rows = {split: range(*where[split]) for split in S.SPLITS}
+            shard_specs.append(_shard_spec(spec, rows, r, world))
+        states = [_shard_state(shard_path(out, r, world), shard_specs[r]) for r in range(world)]
         if any(s is None for s in states):
             return None  # the last rank to finish merges
         log.info("merging %d shards into %s", world, out)
@@ -207,7 +247,7 @@ def merge(out: Path, spec: CacheSpec, world: int, *, overwrite: bool = False):
         with CacheWriter(out, spec, overwrite=overwrite) as writer:
             first = states[0][0]
             writer.set_extra(root=first.get("root"), device=first.get("device"), amp=first.get("amp"),
-                             world_size=world)
+                             world_size=world, run_token=token)
             for split in S.SPLITS:
                 done, offset = writer.n_written(split), 0
                 for r, (_, n) in enumerate(states):
@@ -218,10 +258,13 @@ def merge(out: Path, spec: CacheSpec, world: int, *, overwrite: bool = False):
             writer.set_extra(skipped=skipped)
             counts = [writer.n_written(split) for split in S.SPLITS]
             writer.finalize()
-        shutil.rmtree(parts_dir(out))
+        shutil.rmtree(parts_dir(out))  # while holding the shards' locks: no rank reopens a shard half-deleted
         return counts[0], counts[1], skipped
+    except files.BusyError:
+        return None  # another rank merges, or writes its shard
     finally:
-        lock.release()
+        for lock in reversed(locks):
+            lock.release()
 
 
 def _copy_rows(path: Path, split: str, lo: int, hi: int, writer: CacheWriter) -> None:
