@@ -3,17 +3,19 @@ ranks that disagree (gloo on the CPU, random weights, the tiny CUB tree)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import dvml
-from dvml.cache import fingerprint, load_split
+from dvml.cache import CacheSpec, CacheWriter, fingerprint, load_split, read_info
 from dvml.cli import app
 from dvml.extract import sharding
 
@@ -133,3 +135,55 @@ def test_ranks_that_disagree_refuse_alike_and_write_nothing(tiny_cub, tmp_path):
     assert lines and all(ln == "error: the ranks disagree about --views: 3 on rank 0, 4 on rank 1; start every "
                          "rank with the same command and the same data" for ln in lines)
     assert not out.exists() and not sharding.parts_dir(out).exists()
+
+
+def _spec(dtype="float32") -> CacheSpec:
+    return CacheSpec(dataset="toy", backbone="toy", weights="none", feature_dim=4, views=("a", "b"), dtype=dtype,
+                     with_paths=True)
+
+
+def _write_shard(out, spec, r, world, feats, labels, batch=2):
+    rows = {s: sharding.share(len(labels[s]), batch, r, world) for s in ("train", "test")}
+    with CacheWriter(sharding.shard_path(out, r, world), sharding._shard_spec(spec, rows, r, world)) as w:
+        for s, rg in rows.items():
+            if len(rg):
+                w.append(s, feats[s][rg.start:rg.stop], labels[s][rg.start:rg.stop],
+                         [f"{s}/{i}.jpg" for i in rg])
+
+
+def _toy(n_train=7, n_test=5):
+    rng = np.random.default_rng(0)
+    feats = {"train": rng.normal(size=(n_train, 2, 4)).astype("f4"), "test": rng.normal(size=(n_test, 1, 4))
+             .astype("f4")}
+    labels = {"train": np.arange(n_train) % 3, "test": 10 + np.arange(n_test) % 2}
+    return feats, labels
+
+
+def test_merge_joins_the_shards_in_rank_order_against_one_writer(tmp_path):
+    spec, (feats, labels) = _spec(), _toy()
+    spec = dataclasses.replace(spec, test_views=1)
+    one = tmp_path / "one.h5"
+    with CacheWriter(one, spec) as w:  # the reference: every row written by one writer
+        for s in ("train", "test"):
+            w.append(s, feats[s], labels[s], [f"{s}/{i}.jpg" for i in range(len(labels[s]))])
+        w.finalize()
+    out = tmp_path / "out.h5"
+    for r in range(3):
+        _write_shard(out, spec, r, 3, feats, labels)
+    assert sharding.merge(out, spec, 3, token="run-a") == (7, 5, [])
+    assert fingerprint(out) == fingerprint(one)
+    assert read_info(out).extra["run_token"] == "run-a" and not sharding.parts_dir(out).exists()
+    assert sharding._merged_in_run(out, "run-a") and not sharding._merged_in_run(out, "run-b")
+    assert sharding.merge(out, spec, 3, token="run-a") is None  # merged already: nothing to do
+
+
+def test_merge_waits_for_every_shard_and_ignores_another_jobs_leftovers(tmp_path):
+    spec, (feats, labels) = dataclasses.replace(_spec(), test_views=1), _toy()
+    out = tmp_path / "out.h5"
+    _write_shard(out, spec, 0, 2, feats, labels)
+    assert sharding.merge(out, spec, 2, token="t") is None and not out.exists()  # rank 1 not there yet
+    _write_shard(out, dataclasses.replace(spec, dtype="float16"), 1, 2, feats, labels)  # other settings
+    assert sharding.merge(out, spec, 2, token="t") is None and not out.exists()
+    sharding.shard_path(out, 1, 2).unlink()
+    _write_shard(out, spec, 1, 2, feats, labels)
+    assert sharding.merge(out, spec, 2, token="t") == (7, 5, [])
