@@ -76,7 +76,7 @@ def _worker(tmp_path: Path, cache: Path, out: Path, db: Path, fits: Path, **env)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cmd = [sys.executable, str(script), "ablate", str(cache), "--out", str(out), *GRID, "--storage",
-           f"sqlite:///{db}", "--heartbeat", "1"]
+           f"sqlite:///{db}", "--heartbeat", "2"]  # stale after 8 s of silence
     return subprocess.Popen(cmd, env={**ENV, "FITS_LOG": str(fits), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
