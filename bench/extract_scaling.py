@@ -11,7 +11,7 @@ times each, as separate commands into fresh outputs:
 Reported per configuration: the median wall time of the whole command (interpreter and torch start-up, model
 build, shards and merge included) and images/s over it, and the ratio to ``1 rank x T threads``. Every output's
 fingerprint is printed: N ranks x T threads must match 1 rank x T threads (the sharded cache is the
-single-process cache); another thread count may round differently (oneDNN splits its sums by thread).
+single-process cache); another thread count may give sums that differ in the last bit (oneDNN splits them by thread).
 "in run()" is the time ``dvml.extract.run`` itself logs in the process that wrote OUT (the single process, or the
 merging rank: its shard, the wait for nobody, the merge), i.e. without interpreter and torch start-up.
 On a shared machine the figures move with the other processes' load; the medians and the side-by-side order
