@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -69,21 +70,35 @@ def extract_cmd(
     image to a cache; the cache records the backbone, its weights, feature dimension and preprocessing.
 
     Interrupted (Ctrl-C, kill)? Rerun the same command: it resumes where it stopped.
+
+    Several processes: `torchrun --nproc-per-node N -m dvml extract ...` (gloo on CPU, one GPU per process on
+    CUDA): each takes a disjoint block of the images, the last to finish merges the shards (OUT.parts/) into OUT;
+    the cache is the single-process one, bit for bit. Resume with the same command and N.
     """
     cfg = ExtractConfig(dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, views=views,
                         test_flip=test_flip, seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         resize=resize, crop=crop, mean=parse_rgb(mean, "--mean"), std=parse_rgb(std, "--std"),
                         interpolation=interpolation, dtype=dtype, train_classes=train_classes,
                         transform_input=transform_input, skip_bad=skip_bad, overwrite=overwrite)
-    tasks: dict[str, int] = {}
-    with make_progress("img") as progress:
-        def on_progress(split: str, done: int, total: int) -> None:
-            if split not in tasks:
-                tasks[split] = progress.add_task(split, total=total, completed=done, rate="")
-            else:
-                progress.update(tasks[split], completed=done)
+    from dvml.finetune import distributed as D
 
-        result = run(cfg, progress=on_progress)
+    ctx = D.init_distributed(cfg.device) if D.launched_by_torchrun() else D.DistContext()
+    tasks: dict[str, int] = {}
+    try:
+        with make_progress("img") as progress:
+            progress.disable = not ctx.is_main  # under torchrun rank 0 draws its own share's progress
+
+            def on_progress(split: str, done: int, total: int) -> None:
+                if split not in tasks:
+                    tasks[split] = progress.add_task(split, total=total, completed=done, rate="")
+                else:
+                    progress.update(tasks[split], completed=done)
+
+            result = run(replace(cfg, device=str(ctx.device)) if ctx.distributed else cfg, progress=on_progress)
+    finally:
+        D.shutdown(ctx)
+    if not result.merged:
+        return  # this rank's shard is written; the last rank to finish merges and prints the table
     table = Table(title=str(result.path), show_header=False)
     table.add_row("backbone", f"{result.backbone} ({result.weights}), {result.feature_dim}-D")
     pre = result.preprocess
