@@ -1,16 +1,15 @@
-"""The same option has the same name, type and form in every command (issue 13's CLI consistency)."""
+"""The same option has the same name, type and form in every command."""
 
 from __future__ import annotations
 
 import pytest
-import typer.main
 import typer.testing
 
-from dvml.cli import app
+from dvml.cli import app, root_command
 from dvml.heads.config import DeviceChoice
 from dvml.losses import LossName
 
-COMMANDS = typer.main.get_command(app).commands
+COMMANDS = root_command().commands  # every command loaded (the app imports each on use)
 
 
 def _options():

@@ -12,7 +12,6 @@ from rich.live import Live
 from rich.table import Table
 
 from dvml.cli.app import console, err_console, make_progress
-from dvml.evaluate import worst_classes
 
 
 def results_table(result: dict, title: str | None = None) -> Table:
@@ -32,6 +31,8 @@ def results_table(result: dict, title: str | None = None) -> Table:
 def worst_table(rows: list[dict], n: int) -> Table:
     """The ``n`` classes with the lowest Recall@1 (``dvml evaluate``'s per-class rows): class, queries, R@1,
     MAP@R (percent)."""
+    from dvml.evaluate import worst_classes  # lazily: numpy and faiss are not needed to declare the commands
+
     table = Table(title=f"worst {min(n, len(rows))} of {len(rows):,} classes by Recall@1", title_justify="left")
     for name in ("class", "queries", "R@1", "MAP@R"):
         table.add_column(name, justify="right")

@@ -41,13 +41,15 @@ from typing import Any
 
 from dvml import files
 from dvml import runs as R
+from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig
-from dvml.heads.train import fit
+
+fit = lazy_function("dvml.heads.train", "fit")  # torch on first fit, not for declaring the CLI
 
 log = logging.getLogger(__name__)
 

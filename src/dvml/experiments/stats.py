@@ -17,7 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
+
+from dvml._lazy import lazy_module
+
+_st = lazy_module("scipy.stats")  # imported on first use: the CLI reads this module's light parts to declare options
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,18 @@ import numpy as np
 
 from dvml import __version__, files
 from dvml import runs as R
+from dvml._lazy import lazy_function
 from dvml.cache import CacheError, Split, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
-from dvml.heads import FitConfig, embed, fit
+from dvml.heads import FitConfig
 from dvml.heads.batch import batch_size_given, fit_batch
 from dvml.heads.config import PHASE2_LAMBDAS
 from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
 from dvml.seeding import hold_out_classes
+
+fit = lazy_function("dvml.heads.train", "fit")  # torch on first use, not for declaring the CLI
+embed = lazy_function("dvml.heads.embed", "embed")
 
 log = logging.getLogger(__name__)
 
