@@ -111,6 +111,8 @@ class LazyCommands(typer.core.TyperGroup):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _tidy_help(self)
+        for name, command in self.commands.items():  # those whose module was imported before: typer built them
+            _dress(name, command)
 
     def list_commands(self, ctx) -> list[str]:
         return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
@@ -152,6 +154,11 @@ def build_command(name: str):
             command = typer.main.get_group_from_info(info, suggest_commands=app.suggest_commands, **settings)
     if command is None:
         raise LookupError(f"{COMMANDS[name].module} registers no command {name!r}")
+    return _dress(name, command)
+
+
+def _dress(name: str, command):
+    """The panel and summary of :data:`COMMANDS` on a built command, and its help tidied."""
     entry = COMMANDS.get(name)
     if entry is not None:
         command.rich_help_panel, command.short_help = entry.panel, entry.summary

@@ -14,6 +14,7 @@ from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, objective, parse_lambdas, ref
 from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
+from dvml.heads.config import DeviceChoice
 from dvml.losses import LossName
 
 _F = FinetuneConfig  # option defaults are the config dataclass defaults
@@ -71,8 +72,8 @@ def finetune_cmd(
                                          help="Also checkpoint every N steps (0 = epoch ends only)."),
     workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
     seed: int = HEAD_OPTS["seed"],
-    device: str = typer.Option(_F.device, help="auto (cuda, then mps, then cpu), cpu, cuda, mps (under torchrun: "
-                               "cuda:LOCAL_RANK)."),
+    device: DeviceChoice = typer.Option(_F.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps (under "
+                                                        "torchrun, cuda is each process's cuda:LOCAL_RANK)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
     skip_bad: bool = typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
@@ -99,7 +100,7 @@ def finetune_cmd(
                          batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
                          temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
                          resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
-                         checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
+                         checkpoint_every=checkpoint_every, seed=seed, device=device.value, resume=resume,
                          overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
     refuse_resume_with_overwrite(cfg)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints

@@ -163,6 +163,25 @@ def format_lambdas(lams) -> str:
     return ",".join(f"{v:g}" for v in lams)
 
 
+class SearchDevice(str, Enum):
+    """Where faiss searches (``dvml evaluate --device``): auto = the GPU when this faiss build has one."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def one_of(new, old, new_flag: str, old_flag: str):
+    """The value of an option given under its current name ``new_flag`` or its old, hidden spelling ``old_flag``
+    (kept for one release); both with different values is refused."""
+    if new is not None and old is not None and new != old:
+        raise ValueError(f"{old_flag} is the old spelling of {new_flag}: give {new_flag} only")
+    value = new if new is not None else old
+    if value is None:
+        raise ValueError(f"missing option {new_flag}")
+    return value
+
+
 def device_option():
     """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
     return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).")
@@ -227,8 +246,9 @@ def check_field_types(cls, values: dict, where: str) -> None:
 
 
 def parse_set(items: list[str] | None) -> dict:
-    """``--set key=value`` pairs -> FitConfig overrides; values parsed as JSON when they parse
-    (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else kept as strings."""
+    """``--set key=value`` pairs -> FitConfig overrides. A key is spelled as the fit-heads flag without its dashes
+    (``phase2-epoch``, ``lambdas-phase2``; the field name ``phase2_epoch`` is accepted too). Values parse as JSON
+    when they do (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else they are kept as strings."""
     names = {f.name for f in dataclasses.fields(FitConfig)}
     out: dict = {}
     for item in items or []:
@@ -237,7 +257,8 @@ def parse_set(items: list[str] | None) -> dict:
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in names:
-            raise ValueError(f"--set {key}: not a fit option; known: {', '.join(sorted(names))}")
+            known = ", ".join(sorted(n.replace("_", "-") for n in names))
+            raise ValueError(f"--set {key.replace('_', '-')}: not a fit option; known: {known}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -251,7 +272,8 @@ def parse_set(items: list[str] | None) -> dict:
         parsed = tuple(parsed) if isinstance(parsed, list) else parsed
         check_field_types(FitConfig, {key: parsed}, f"--set {item}")
         if key in out and out[key] != parsed:
-            raise ValueError(f"--set {key} is given twice with different values ({out[key]!r}, {parsed!r})")
+            raise ValueError(f"--set {key.replace('_', '-')} is given twice with different values ({out[key]!r}, "
+                             f"{parsed!r})")
         out[key] = parsed
     return out
 
@@ -262,7 +284,7 @@ def merge_set(explicit: dict, items: list[str] | None) -> dict:
     extra = parse_set(items)
     for key in sorted(set(explicit) & set(extra)):
         if explicit[key] != extra[key]:
-            raise ValueError(f"--set {key}={extra[key]!r} conflicts with --{key.replace('_', '-')} "
+            raise ValueError(f"--set {key.replace('_', '-')}={extra[key]!r} conflicts with --{key.replace('_', '-')} "
                              f"{explicit[key]!r}; give the option once")
     return {**explicit, **extra}
 

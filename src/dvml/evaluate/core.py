@@ -409,12 +409,12 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
     target = cfg.target
     if not target.exists():
         raise EvaluationError(f"{target}: no such file or directory")
-    if cfg.use_gpu:  # an explicit --gpu is never silently run on the CPU (slow, and mis-recorded)
+    if cfg.use_gpu:  # an explicit GPU request is never silently run on the CPU (slow, and mis-recorded)
         try:
             knn.resolve_gpu(True)
         except ValueError as e:
-            raise EvaluationError(f"--gpu: {e}; pass --cpu, or neither (a GPU is then used when faiss has "
-                                  "one)") from None
+            raise EvaluationError(f"use_gpu: {e}; search on the CPU (use_gpu=False), or let dvml choose "
+                                  "(use_gpu=None: the GPU when faiss has one)") from None
     for out in (cfg.json_path, cfg.per_class_csv):
         if out is not None:
             files.check_target(out)  # a directory or an impossible path fails now, not after the scoring

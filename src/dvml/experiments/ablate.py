@@ -45,6 +45,7 @@ from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
+from dvml.evaluate.labels import metric_label
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig
@@ -343,8 +344,8 @@ def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
                   f"seeds: baseline {n['baseline']}, DVML {n['DVML']}, paired {len(e['paired_seeds'])}", "",
                   f"| metric | baseline | DVML | Δ [{c}% CI] | p |", "|---|---|---|---|---|"]
         for k, m in e["metrics"].items():
-            lines.append(f"| {k} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} | {_fmt_diff(m['diff'])} "
-                         f"| {_fmt_p(m['diff'])} |")
+            lines.append(f"| {metric_label(k)} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} "
+                         f"| {_fmt_diff(m['diff'])} | {_fmt_p(m['diff'])} |")
         lines.append("")
         diag = {col: d for col, d in e.get("diagnostics", {}).items() if d.get("DVML") or d.get("baseline")}
         if diag:
@@ -533,7 +534,7 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     for cell in cells:
         try:
             fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels, where=f"{cfg.cache} ({cell.name})",
-                      per_class_option="--set per_class={}")
+                      per_class_option="--set per-class={}")
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
     with files.writer_lock(cfg.out):  # one ablation at a time per --out

@@ -184,7 +184,7 @@ def search_space(cfg: TuneConfig) -> list[str]:
         if cfg.dvml and asked and not has_phase2:
             raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
                             f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (--epochs), so they "
-                            "would never be used; pass --set phase2_epoch=N with N < --epochs, or search without "
+                            "would never be used; pass --set phase2-epoch=N with N < --epochs, or search without "
                             "them")
         unknown = set(cfg.search) - set(space)
         if unknown:
@@ -280,7 +280,7 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
     except ValueError as e:
         raise DvmlError(str(e)) from None
     fit_batch(check, labels[np.isin(labels, fit_classes)], where=str(cfg.cache),
-              per_class_option="--set per_class={}")
+              per_class_option="--set per-class={}")
     storage = None if cfg.storage is None else _open_storage(cfg.storage)
     created = not cfg.out.exists()
     try:

@@ -177,7 +177,7 @@ def manual_steps(source: DatasetSource, to: Path) -> str:
     """One paragraph: where to get the files by hand and where to put them."""
     files = ", ".join(f.name + (f" (MD5 {f.md5})" if f.md5 else "") for f in source.files)
     return (f"get {files} from {source.obtain}; put {'them' if len(source.files) > 1 else 'it'} in {to} and run "
-            f"`dvml data download {source.name} --to {to}` (it checks "
+            f"`dvml data download {source.name} --out {to}` (it checks "
             f"{'the MD5' if any(f.md5 for f in source.files) else 'the structure'} and unpacks into "
             f"{to / source.folder})")
 
