@@ -178,3 +178,13 @@ def test_old_spellings_are_hidden_aliases():
     to = next(p for p in cmds["data"].commands["download"].params if p.name == "to")
     gpu = next(p for p in cmds["evaluate"].params if p.name == "gpu")
     assert to.hidden and to.opts == ["--to"] and gpu.hidden and gpu.opts == ["--gpu"]
+
+
+def test_usage_errors_say_error_as_every_other_error_does():
+    runner = typer.testing.CliRunner()
+    r = runner.invoke(app, ["fit-heads", "c.h5", "-o", "x", "--epochs", "ten"])
+    assert r.exit_code == 2 and "error: Invalid value for '--epochs'" in r.output and "Error" not in r.output
+    r = runner.invoke(app, ["fit-head"])
+    assert r.exit_code == 2 and "error: No such command 'fit-head'. Did you mean 'fit-heads'?" in r.output
+    r = runner.invoke(app, ["evaluate", "no-such-target"])  # a dvml error: the same prefix, exit code 1
+    assert r.exit_code == 1 and r.output.startswith("error: no-such-target")

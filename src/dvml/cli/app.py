@@ -114,6 +114,28 @@ class LazyCommands(typer.core.TyperGroup):
         for name, command in self.commands.items():  # those whose module was imported before: typer built them
             _dress(name, command)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        """As typer's, but a usage error (unknown option, bad value, missing argument) is one ``error:`` line
+        under the usage, as every other dvml error is, not a boxed ``Error``."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err_console.print("[yellow]aborted[/]")
+            sys.exit(1)
+        except typer.core._click.exceptions.ClickException as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # `dvml` alone: the help was the answer
+                ctx = getattr(e, "ctx", None)
+                if ctx is not None:
+                    err_console.print(ctx.get_usage(), highlight=False, markup=False)
+                    err_console.print(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.",
+                                      highlight=False, markup=False)
+                err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False,
+                                  soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def list_commands(self, ctx) -> list[str]:
         return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
 
@@ -127,6 +149,12 @@ class LazyCommands(typer.core.TyperGroup):
     def resolve_command(self, ctx, args):
         if args and args[0] in COMMANDS:
             self.load(args[0])
+        elif args and not args[0].startswith("-"):  # a typo: suggest among every command, loaded or not
+            import difflib
+
+            matches = difflib.get_close_matches(args[0], self.list_commands(ctx))
+            if matches:
+                ctx.fail(f"No such command {args[0]!r}. Did you mean {', '.join(map(repr, matches))}?")
         return super().resolve_command(ctx, args)
 
     def load(self, name: str):
