@@ -187,4 +187,4 @@ def test_usage_errors_say_error_as_every_other_error_does():
     r = runner.invoke(app, ["fit-head"])
     assert r.exit_code == 2 and "error: No such command 'fit-head'. Did you mean 'fit-heads'?" in r.output
     r = runner.invoke(app, ["evaluate", "no-such-target"])  # a dvml error: the same prefix, exit code 1
-    assert r.exit_code == 1 and r.output.startswith("error: no-such-target")
+    assert r.exit_code == 1 and r.output.strip().startswith("error: no-such-target")
