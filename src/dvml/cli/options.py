@@ -24,9 +24,31 @@ def loss_param_help(name: str) -> str:
     return f"Loss parameter, only for: {uses} (the defaults)."
 
 
+# Help panels: the main panel holds what a first fit needs; the rest is grouped by what it is for.
+SCHEDULE_PANEL = "Schedule, loss weights and batches"
+LOSS_PANEL = "Loss parameters"
+OBJECTIVE_PANEL = "DVML objective and variance branch"
+DIAGNOSTICS_PANEL = "Diagnostics"
+FIT_PANEL = "Fit options (as fit-heads)"
+
+
+def in_panel(panel: str, *options: typer.models.OptionInfo) -> None:
+    """Show ``options`` in the --help panel ``panel`` instead of the main one."""
+    for option in options:
+        option.rich_help_panel = panel
+
+
+def panel(name: str, option: typer.models.OptionInfo) -> typer.models.OptionInfo:
+    """``option``, shown in the --help panel ``name``: ``resize: int = panel(IMAGES, typer.Option(...))``."""
+    option.rich_help_panel = name
+    return option
+
+
 def loss_param_options() -> dict:
     """The typer options ``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing`` (fit-heads, finetune)."""
-    return {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+    options = {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+    in_panel(LOSS_PANEL, *options.values())
+    return options
 
 
 LOSS_OPTS = loss_param_options()
@@ -38,7 +60,7 @@ def head_options() -> dict:
     parentheses: typer's rich help reads ``[...]`` as markup and would drop the text."""
     H = HeadsConfig
     lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
-    return {
+    options = {
         "loss": typer.Option(H.loss, help="Metric loss Lm."),
         "dvml": typer.Option(H.dvml, "--dvml/--no-dvml",
                              help="--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."),
@@ -69,6 +91,10 @@ def head_options() -> dict:
                                        "new one finishes; back in place if it fails before its first "
                                        "checkpoint)."),
     }
+    in_panel(SCHEDULE_PANEL, *(options[k] for k in ("decoder_hidden", "phase2_epoch", "kl_warmup_epochs",
+                                                    "lambdas_phase1", "lambdas_phase2", "proxy_lr", "weight_decay",
+                                                    "per_class")))
+    return options
 
 
 def objective_options() -> dict[str, typer.models.OptionInfo]:
@@ -118,8 +144,7 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
                                                                 "negatives synthetic; triplet, triplet-dws, npair) "
                                                                 "(default: within)."),
     }
-    for option in options.values():
-        option.rich_help_panel = "DVML objective and variance branch"
+    in_panel(OBJECTIVE_PANEL, *options.values())
     return options
 
 
@@ -182,9 +207,10 @@ def one_of(new, old, new_flag: str, old_flag: str):
     return value
 
 
-def device_option():
+def device_option(panel: str | None = None):
     """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
-    return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).")
+    return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).",
+                        rich_help_panel=panel)
 
 
 DeviceOption = DeviceChoice | None
