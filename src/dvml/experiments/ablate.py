@@ -46,9 +46,11 @@ from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_in
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
 from dvml.evaluate.labels import metric_label
+from dvml.experiments.gridlog import GridWarnings
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig
+from dvml.heads.schedule import warn_schedule
 
 fit = lazy_function("dvml.heads.train", "fit")  # torch on first fit, not for declaring the CLI
 
@@ -531,13 +533,17 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     labels = load_labels(cfg.cache, "train")
     # Every cell is checked now (and nothing is written), not after hours of other cells: an unknown loss or
     # option, and a batch the training classes cannot fill (e.g. npair at --batch-size 8 needs 4 classes).
+    grid = GridWarnings()  # the fits' warnings (batch fitted to the data, schedule) said once for the grid
     for cell in cells:
         try:
-            fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels, where=f"{cfg.cache} ({cell.name})",
-                      per_class_option="--set per-class={}")
+            with grid.check(cell.name, runs=read_finished(run_dir(cfg, cell)) is None):
+                fitted, _ = fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels,
+                                      where=f"{cfg.cache} ({cell.name})", per_class_option="--set per-class={}")
+                warn_schedule(fitted)
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
-    with files.writer_lock(cfg.out):  # one ablation at a time per --out
+    grid.say(log, sum(read_finished(run_dir(cfg, c)) is None for c in cells))
+    with files.writer_lock(cfg.out), grid.quiet():  # one ablation at a time per --out
         return _run(cfg, cells, info, fp, cb)
 
 
