@@ -162,3 +162,11 @@ def test_extract_on_a_directory_without_the_dataset_names_the_download_command(t
     text = " ".join(result.output.split())
     assert f"{tmp_path / 'images.txt'}: not found" in text and "dvml data download cub --out DIR" in text
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_verify_says_not_checked_where_there_was_nothing_to_check(tiny_cub):
+    """A dataset directory without its archive: the MD5 row says "not checked", not "ok"."""
+    result = runner.invoke(app, ["data", "verify", "cub", str(tiny_cub)], env={"COLUMNS": "200"})
+    row = next(line for line in result.output.splitlines() if "CUB_200_2011.tgz MD5" in line)
+    assert "not checked" in row and " ok " not in row, row
+    assert D.verify("cub", tiny_cub).checks[0].checked is False

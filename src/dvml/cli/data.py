@@ -132,7 +132,8 @@ def verify_cmd(
     for col in ("check", "", "detail"):
         table.add_column(col)
     for c in report.checks:
-        table.add_row(c.what, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+        status = "[dim]not checked[/]" if not c.checked else "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+        table.add_row(c.what, status, c.detail)
     console.print(table)
     if not report.ok:
         first = report.failures()[0]
