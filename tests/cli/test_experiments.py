@@ -82,7 +82,7 @@ def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):
     assert "KS p" in r.stdout and "run: triplet+DVML" in r.stdout and "baseline: triplet" in r.stdout
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert set(saved["splits"]) == {"train", "test"}
-    # issue 14: the branch diagnostics with their acceptance checks, for both runs (checks only for DVML)
+    # the branch diagnostics with their acceptance checks, for both runs (checks only for DVML)
     assert "run: DVML branch diagnostics" in r.stdout and "baseline: DVML branch diagnostics" in r.stdout
     assert "active units" in r.stdout and "class consistency of z_hat" in r.stdout  # (1 epoch: no phase 2)
     branch = saved["dvml_branch"]

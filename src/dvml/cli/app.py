@@ -97,11 +97,26 @@ def _tidy_help(command) -> None:
         option = help_option(ctx)
         if option is not None and option.metavar is None:
             option.metavar = ""
+            _plain_flag(option)
         return option
 
     command.get_help_option = get_help_option
     for sub in getattr(command, "commands", {}).values():
         _tidy_help(sub)
+
+
+def _plain_flag(param) -> None:
+    """A flag is a plain boolean: give it typer's pass-through coercion, so that parsing the root's flags and
+    --help (every command line does) does not import pydantic for type adapters (~0.1 s of every
+    `dvml ... --help`). Typer internals: with another typer, its own (slower) path is kept."""
+    try:
+        from typer._coercion import PassThroughRuntimeParam
+
+        if getattr(param, "is_flag", False) and param._runtime_param is None:
+            param._runtime_param = PassThroughRuntimeParam(annotation=bool,
+                                                           parameter_info=param.type_descriptor.parameter_info)
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 class LazyCommands(typer.core.TyperGroup):
@@ -111,6 +126,8 @@ class LazyCommands(typer.core.TyperGroup):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _tidy_help(self)
+        for p in self.params:
+            _plain_flag(p)
         for name, command in self.commands.items():  # those whose module was imported before: typer built them
             _dress(name, command)
 

@@ -99,7 +99,7 @@ def head_options() -> dict:
 
 def objective_options() -> dict[str, typer.models.OptionInfo]:
     """The typer options of the DVML objective's and variance branch's :class:`~dvml.heads.config.HeadsConfig`
-    fields (issue 14), shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
+    fields, shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
     H = HeadsConfig
     options = {
         "recon_share": typer.Option(H.recon_share, help="k: multiplies the phase-2 KL and reconstruction weights "
