@@ -45,7 +45,7 @@ def test_losses_and_fit_devices_are_choices_with_the_same_values():
     for cmd, p in _options():
         if p.name == "loss":
             assert _annotation(p) is LossName, cmd
-        if p.name == "device" and cmd in ("fit-heads", "ablate", "demo", "tune"):  # fits; extract/finetune: cuda:N
+        if p.name == "device" and cmd in ("fit-heads", "finetune", "ablate", "demo", "tune"):  # extract: cuda:N
             assert _annotation(p) in (DeviceChoice, DeviceChoice | None), cmd
         if p.name == "dvml":
             assert p.opts == ["--dvml"] and p.secondary_opts == ["--no-dvml"], cmd
