@@ -68,7 +68,8 @@ def test_help_shows_the_defaults():
 
 
 def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
-    """The DVML objective's options reach the run (config.json) and the log (diagnostics); bad values are one-line errors."""
+    """The DVML objective's options reach the run (config.json) and the log (diagnostics); bad values are
+    one-line errors."""
     cache = tmp_path / "w.h5"
     assert runner.invoke(app, ["synth", str(cache), "--classes", "12", "--images-per-class", "6", "--views", "2",
                                "--feature-dim", "32", "--class-dim", "16"]).exit_code == 0
