@@ -35,11 +35,12 @@ def ablate_cmd(
     kl_warmup_epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["kl_warmup_epochs"])),
     eval_every: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["eval_every"])),
     device: DeviceOption = device_option(),
-    set_: list[str] | None = typer.Option(None, "--set", help="Any other fit-heads option as KEY=VALUE, KEY its "
-                                                               "flag without the dashes (repeatable), e.g. --set "
-                                                               "lambdas-phase2=0.8,1,0.2,0.8 or --set gamma=0.3 (a "
-                                                               "loss parameter must apply to every loss of "
-                                                               "--losses)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="Any other fit-heads option as KEY=VALUE, KEY its "
+                                               "flag without the dashes (repeatable), e.g. --set "
+                                               "lambdas-phase2=0.8,1,0.2,0.8 or --set gamma=0.3 (a "
+                                               "loss parameter must apply to every loss of "
+                                               "--losses)."),
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
 ):

@@ -37,9 +37,10 @@ def tune_cmd(
                                                     "triplet, 128 otherwise; fitted to the data when it has fewer "
                                                     "classes)."),
     device: DeviceOption = device_option(),
-    set_: list[str] | None = typer.Option(None, "--set", help="A fixed fit-heads option as KEY=VALUE, KEY its flag "
-                                                               "without the dashes (repeatable), e.g. --set "
-                                                               "phase2-epoch=5."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="A fixed fit-heads option as KEY=VALUE, KEY its flag "
+                                               "without the dashes (repeatable), e.g. --set "
+                                               "phase2-epoch=5."),
     seed: int = typer.Option(_D.seed, help="Seed of the class split, the sampler and each fit."),
     timeout: float | None = typer.Option(_D.timeout, help="Stop this process after this many seconds."),
     keep_runs: bool = typer.Option(_D.keep_runs, "--keep-runs/--no-keep-runs",
