@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from dvml.cli.app import app, console, handle_errors, make_progress
-from dvml.cli.options import panel
+from dvml.cli.options import FeatureDtype, Interpolation, choice_value, panel
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import ExtractConfig, run
 
@@ -59,9 +59,9 @@ def extract_cmd(
     mean: str = panel(PRE, typer.Option(None, help="Per-channel mean R,G,B on \\[0, 1] pixels (default: the "
                                                    "backbone's own).")),
     std: str = panel(PRE, typer.Option(None, help="Per-channel std R,G,B (default: the backbone's own).")),
-    interpolation: str = panel(PRE, typer.Option(None, help="Resize interpolation: bilinear, bicubic, nearest "
-                                                            "(default: the backbone's own).")),
-    dtype: str = panel(DATA, typer.Option(_D.dtype, help="On-disk feature dtype: float16 or float32.")),
+    interpolation: Interpolation = panel(PRE, typer.Option(None, help="Resize interpolation (default: the "
+                                                                      "backbone's own).")),
+    dtype: FeatureDtype = panel(DATA, typer.Option(_D.dtype, help="On-disk feature dtype.")),
     train_classes: int = panel(DATA, typer.Option(None, help="folder only: number of (sorted) classes in the train "
                                                              "split (default: half).")),
     transform_input: bool = panel(PRE, typer.Option(None, "--transform-input/--no-transform-input",
@@ -80,8 +80,9 @@ def extract_cmd(
     cfg = ExtractConfig(dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, views=views,
                         test_flip=test_flip, seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         resize=resize, crop=crop, mean=parse_rgb(mean, "--mean"), std=parse_rgb(std, "--std"),
-                        interpolation=interpolation, dtype=dtype, train_classes=train_classes,
-                        transform_input=transform_input, skip_bad=skip_bad, overwrite=overwrite)
+                        interpolation=choice_value(interpolation), dtype=choice_value(dtype),
+                        train_classes=train_classes, transform_input=transform_input, skip_bad=skip_bad,
+                        overwrite=overwrite)
     tasks: dict[str, int] = {}
     with make_progress("img") as progress:
         def on_progress(split: str, done: int, total: int) -> None:

@@ -188,6 +188,34 @@ def format_lambdas(lams) -> str:
     return ",".join(f"{v:g}" for v in lams)
 
 
+class FeatureDtype(str, Enum):
+    """On-disk dtype of cached features (extract, synth)."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Interpolation(str, Enum):
+    """Resize interpolation of extract's preprocessing (as :data:`dvml.extract.backbone.INTERPOLATIONS`)."""
+
+    nearest = "nearest"
+    nearest_exact = "nearest-exact"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+
+
+class TuneObjective(str, Enum):
+    """What dvml tune maximises on the held-out validation classes."""
+
+    recall_at_1 = "recall@1"
+    map_at_r = "map@r"
+
+
+def choice_value(value) -> str | None:
+    """An enum option's value as the config takes it (a plain string; None stays None)."""
+    return None if value is None else getattr(value, "value", value)
+
+
 class SearchDevice(str, Enum):
     """Where faiss searches (``dvml evaluate --device``): auto = the GPU when this faiss build has one."""
 
