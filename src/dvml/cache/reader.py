@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from dvml._lazy import lazy_module
 from dvml.cache import schema as S
 from dvml.cache.errors import (
     CacheBusyError,
@@ -27,6 +27,8 @@ from dvml.cache.errors import (
     CacheVersionError,
 )
 from dvml.files import writer_pid
+
+h5py = lazy_module("h5py")  # imported on first use: the CLI reads this module's light parts to declare options
 
 log = logging.getLogger(__name__)
 

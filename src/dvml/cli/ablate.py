@@ -21,8 +21,9 @@ def ablate_cmd(
     cache: Path = typer.Argument(None, help="HDF5 feature cache (not with --summarize)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (rerun the same command to resume)."),
     losses: str = typer.Option(",".join(_D.losses), help="Comma-separated metric losses (any fit-heads --loss)."),
-    seeds: int = typer.Option(len(_D.seeds), help="Number of seeds per (loss, method): 0..N-1 from --first-seed."),
-    first_seed: int = typer.Option(_D.seeds[0], help="First seed."),
+    seeds: int = typer.Option(len(_D.seeds), metavar="N", help="How many seeds per (loss, method), a count: the "
+                                                               "seeds are --first-seed, --first-seed + 1, ..."),
+    first_seed: int = typer.Option(_D.seeds[0], metavar="SEED", help="The first seed's value."),
     methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
@@ -35,10 +36,12 @@ def ablate_cmd(
     kl_warmup_epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["kl_warmup_epochs"])),
     eval_every: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["eval_every"])),
     device: DeviceOption = device_option(),
-    set_: list[str] | None = typer.Option(None, "--set", help="Any other fit option as KEY=VALUE (repeatable), "
-                                                               "e.g. --set lambdas_phase2=0.8,1,0.2,0.8 or --set "
-                                                               "gamma=0.3 (a loss parameter must apply to every "
-                                                               "loss of --losses)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="Any other fit-heads option as KEY=VALUE, KEY its "
+                                               "flag without the dashes (repeatable), e.g. --set "
+                                               "lambdas-phase2=0.8,1,0.2,0.8 or --set gamma=0.3 (a "
+                                               "loss parameter must apply to every loss of "
+                                               "--losses)."),
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
     storage: str | None = typer.Option(None, help="Share the grid among workers: an Optuna RDB storage URL "

@@ -41,13 +41,18 @@ from typing import Any
 
 from dvml import files
 from dvml import runs as R
+from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
+from dvml.evaluate.labels import metric_label
+from dvml.experiments.gridlog import GridWarnings
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig
-from dvml.heads.train import fit
+from dvml.heads.schedule import warn_schedule
+
+fit = lazy_function("dvml.heads.train", "fit")  # torch on first fit, not for declaring the CLI
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +350,8 @@ def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
                   f"seeds: baseline {n['baseline']}, DVML {n['DVML']}, paired {len(e['paired_seeds'])}", "",
                   f"| metric | baseline | DVML | Δ [{c}% CI] | p |", "|---|---|---|---|---|"]
         for k, m in e["metrics"].items():
-            lines.append(f"| {k} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} | {_fmt_diff(m['diff'])} "
-                         f"| {_fmt_p(m['diff'])} |")
+            lines.append(f"| {metric_label(k)} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} "
+                         f"| {_fmt_diff(m['diff'])} | {_fmt_p(m['diff'])} |")
         lines.append("")
         diag = {col: d for col, d in e.get("diagnostics", {}).items() if d.get("DVML") or d.get("baseline")}
         if diag:
@@ -524,7 +529,7 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     """
     cb = callback or (lambda _e: None)
     info, fp, cells = check_grid(cfg)
-    with files.writer_lock(cfg.out):  # one ablation at a time per --out
+    with files.writer_lock(cfg.out), GridWarnings.quiet():  # one ablation at a time per --out
         return _run(cfg, cells, info, fp, cb)
 
 
@@ -539,12 +544,16 @@ def check_grid(cfg: AblateConfig):
     labels = load_labels(cfg.cache, "train")
     # Every cell is checked now (and nothing is written), not after hours of other cells: an unknown loss or
     # option, and a batch the training classes cannot fill (e.g. npair at --batch-size 8 needs 4 classes).
+    grid = GridWarnings()  # the fits' warnings (batch fitted to the data, schedule) said once for the grid
     for cell in cells:
         try:
-            fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels, where=f"{cfg.cache} ({cell.name})",
-                      per_class_option="--set per_class={}")
+            with grid.check(cell.name, runs=read_finished(run_dir(cfg, cell)) is None):
+                fitted, _ = fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels,
+                                      where=f"{cfg.cache} ({cell.name})", per_class_option="--set per-class={}")
+                warn_schedule(fitted)
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
+    grid.say(log, sum(read_finished(run_dir(cfg, c)) is None for c in cells))
     return info, fp, cells
 
 

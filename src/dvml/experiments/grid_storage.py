@@ -46,6 +46,7 @@ from dvml import runs as R
 from dvml.cache import load_split, read_info
 from dvml.errors import DvmlError
 from dvml.experiments import ablate as A
+from dvml.experiments.gridlog import GridWarnings
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def run_shared(cfg: A.AblateConfig, storage_url: str, *, callback: A.AblateCallb
         if data is None:
             data = load_split(cfg.cache, "train"), load_split(cfg.cache, "test")
         try:
-            with _Heartbeat(storage, trial._trial_id, heartbeat_s):
+            with _Heartbeat(storage, trial._trial_id, heartbeat_s), GridWarnings.quiet():
                 row = _work(cfg, cell, data, cb)
         except files.BusyError:
             log.warning("%s: its run directory is being written by a live process; leaving the cell to it", cell.name)

@@ -210,7 +210,7 @@ def read_cub(root: str | Path) -> DatasetIndex:
     Paths are ``images/<class dir>/<file>``; classes 1-100 train, 101-200 test.
     """
     hint = ("is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)? "
-            "`dvml data download cub --to DIR` downloads and verifies it into DIR/CUB_200_2011")
+            "`dvml data download cub --out DIR` downloads and verifies it into DIR/CUB_200_2011")
     root = _require_dir(root, hint)
     images_txt = _require_file(root / "images.txt", hint)
     labels_txt = _require_file(root / "image_class_labels.txt", hint)
@@ -273,7 +273,7 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 def read_sop(root: str | Path) -> DatasetIndex:
     """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``; paths relative to the root."""
     hint = ("is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)? "
-            "`dvml data download sop --to DIR` downloads and verifies it into DIR/Stanford_Online_Products")
+            "`dvml data download sop --out DIR` downloads and verifies it into DIR/Stanford_Online_Products")
     root = _require_dir(root, hint)
     splits = {}
     for split in ("train", "test"):

@@ -180,7 +180,7 @@ def manual_steps(source: DatasetSource, to: Path) -> str:
     """One paragraph: where to get the files by hand and where to put them."""
     files = ", ".join(f.name + (f" (MD5 {f.md5})" if f.md5 else "") for f in source.files)
     return (f"get {files} from {source.obtain}; put {'them' if len(source.files) > 1 else 'it'} in {to} and run "
-            f"`dvml data download {source.name} --to {to}` (it checks "
+            f"`dvml data download {source.name} --out {to}` (it checks "
             f"{'the MD5' if any(f.md5 for f in source.files) else 'the structure'} and unpacks into "
             f"{to / source.folder})")
 
@@ -331,11 +331,13 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
 # ------------------------------------------------------------------------------------------------ verify
 @dataclass(frozen=True)
 class Check:
-    """One verification result: ``what`` was checked, ``ok``, and a one-line ``detail``."""
+    """One verification result: ``what`` was checked, ``ok``, and a one-line ``detail``; ``checked`` False for a
+    check that had nothing to look at (it does not fail the report, and says so rather than "ok")."""
 
     what: str
     ok: bool
     detail: str
+    checked: bool = True
 
 
 @dataclass(frozen=True)
@@ -430,7 +432,8 @@ def verify(name: DatasetName | str, path: str | Path, *, source: DatasetSource |
             if f.top is None and f.md5:  # a checksummed file the dataset itself needs
                 checks.append(Check(f"{f.name} MD5", False, f"{root / f.dest}: not found"))
             elif f.md5:  # an archive that is not kept here: the unpacked tree is checked instead
-                checks.append(Check(f"{f.name} MD5", True, f"not checked: no {f.name} in {path}"))
+                checks.append(Check(f"{f.name} MD5", True, f"no {f.name} in {path}; the unpacked files are "
+                                    "checked instead", checked=False))
             continue
         if f.md5 is None:
             continue
