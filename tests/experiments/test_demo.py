@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dvml.cli import app
 from dvml.errors import DvmlError
-from dvml.experiments import ablate, demo
+from dvml.experiments import ablate, demo, stacking
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def test_demo_quick_end_to_end_through_the_cli(quick_demo):
     assert r.exit_code == 0, r.output
     # the printed table: both losses, baseline and DVML, and the paired difference
     for text in ("triplet", "npair", "baseline (n=2)", "DVML (n=2)", "Δ DVML−base [95% CI]", "R@1", "MAP@R",
-                 "demo finished", "raw features without training: R@1"):
+                 "demo finished", "cells fitted: 8 stacked", "raw features without training: R@1"):
         assert text in r.stdout, text
     assert (out / demo.WORLD_FILE).exists()
     rows = ablate.read_results_csv(out / demo.ABLATION_DIR / ablate.RESULTS_FILE)
@@ -46,6 +46,7 @@ def test_demo_rerun_reuses_world_and_cells(quick_demo, monkeypatch):
     world_mtime = (out / demo.WORLD_FILE).stat().st_mtime_ns
     calls = []
     monkeypatch.setattr(ablate, "fit", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(stacking, "fit_stacked", lambda *a, **k: calls.append(a))
     result = demo.run(demo.DemoConfig(out=out, quick=True, fit={"device": "cpu"}))
     assert calls == [] and len(result["rows"]) == 8 and 0 < result["raw"]["recall@1"] < 1
     assert (out / demo.WORLD_FILE).stat().st_mtime_ns == world_mtime

@@ -36,4 +36,7 @@ def demo_cmd(
     raw = result["raw"]
     console.print(f"for reference, the raw features without training: R@1 {100 * raw['recall@1']:.1f}, "
                   f"MAP@R {100 * raw['map@r']:.1f}")
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; everything is in {out}")
+    from dvml.experiments.stacking import trainer_counts
+
+    how = ", ".join(f"{n} {name}" for name, n in trainer_counts(result["rows"]).items())
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s (cells fitted: {how}); everything is in {out}")

@@ -10,10 +10,12 @@ says which trainer ran (``"trainer"``). A stack's fit time is shared equally by 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from dvml import files
 from dvml.errors import DvmlError
@@ -104,3 +106,18 @@ def _run_stack(cfg, unit: list, train, test, callback: Callable) -> Iterator[tup
     share = (time.perf_counter() - t0) / len(unit)
     for cell, fit_cfg in zip(unit, fit_cfgs, strict=True):
         yield cell, ablate._evaluate_cell(cfg, cell, fit_cfg.out, share)
+
+
+def trainer_counts(rows: list[dict]) -> dict[str, int]:
+    """How many of the ablation's finished cells (rows with ``run_dir``) each trainer fitted, from their
+    ``config.json`` (``"stacked"``, ``"one-by-one"``; ``"unknown"`` for a run recorded before the field)."""
+    from dvml import runs as R
+
+    counts: dict[str, int] = {}
+    for r in rows:
+        try:
+            trainer = json.loads((Path(r["run_dir"]) / R.CONFIG_FILE).read_text()).get("trainer", "unknown")
+        except (OSError, ValueError):
+            trainer = "unknown"
+        counts[trainer] = counts.get(trainer, 0) + 1
+    return counts
