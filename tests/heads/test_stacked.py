@@ -8,6 +8,7 @@ checkpoints (weights, Adam moments, generator states) that match. A mutation —
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from dvml import runs as R
 from dvml.cache import load_split
 from dvml.evaluate import evaluate_target
 from dvml.extract.synth import SynthConfig, generate
+from dvml.heads import stacked
 from dvml.heads.config import FitConfig
 from dvml.heads.stacked import StackedFit, fit_stacked, group_key, stack_reason
 from dvml.heads.train import fit
@@ -134,6 +136,14 @@ def test_what_does_not_stack_says_why(world, tmp_path):
     assert "proxy-nca" in stack_reason(FitConfig(loss="proxy-nca", **base))
     assert "val_classes" in stack_reason(FitConfig(loss="triplet", val_classes=4, **base))
     assert "triplet input" in stack_reason(FitConfig(loss="triplet", triplet_input=True, **base))
+    assert set(stacked.STACKED_FIELDS) <= {f.name for f in dataclasses.fields(FitConfig)}
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Later(FitConfig):  # an option added after the stacked trainer was written
+        noise_arm: bool = False
+
+    assert stack_reason(Later(loss="triplet", **base)) is None
+    assert "noise_arm" in stack_reason(Later(loss="triplet", noise_arm=True, **base))
     assert group_key(FitConfig(loss="triplet", seed=1, **base)) == group_key(FitConfig(loss="triplet", seed=2, **base))
     assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", lr=1e-3, **base))
     with pytest.raises(ValueError, match="differ only in seed"):

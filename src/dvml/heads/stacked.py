@@ -32,6 +32,7 @@ every epoch (a stacked fit does not resume: an interrupted ablation refits its u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -62,7 +63,15 @@ log = logging.getLogger(__name__)
 STACKED_LOSSES = (LossName.triplet, LossName.npair, LossName.triplet_dws)
 #: Fields that may differ between the members of one stack (everything else must be equal).
 MEMBER_FIELDS = ("seed", "out")
-#: The stacked checkpoint's layer names → the rows of each stacked tensor they take (None = all).
+#: The FitConfig fields the stacked trainer implements; a field added later (a new option of the heads) makes a fit
+#: fall back to one by one unless it has its default value, so a stack never silently ignores an option.
+STACKED_FIELDS = frozenset({
+    "loss", "dvml", "embedding_size", "decoder_hidden", "samples", "epochs", "phase2_epoch", "kl_warmup_epochs",
+    "lambdas_phase1", "lambdas_phase2", "recon_share", "reduction", "metric_reduction", "likelihood", "standardize",
+    "free_bits", "variance_space", "variance_scale", "variance_kappa", "metric_grad_to_variance", "centre_mu",
+    "synthetic_pairs", "lr", "proxy_lr", "weight_decay", "batch_size", "per_class", "margin", "gamma", "temperature",
+    "label_smoothing", "seed", "cache", "out", "triplet_input", "device", "eval_every", "val_classes", "diag_images",
+    "grad_every", "resume", "overwrite"})
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
@@ -79,6 +88,9 @@ def stack_reason(cfg: FitConfig) -> str | None:
         return "centre_mu is not stacked"
     if cfg.standardize:
         return "standardize is not stacked"
+    for f in dataclasses.fields(cfg):
+        if f.name not in STACKED_FIELDS and f.default is not dataclasses.MISSING and getattr(cfg, f.name) != f.default:
+            return f"the option {f.name} is not stacked"
     return None
 
 
