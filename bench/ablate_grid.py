@@ -5,13 +5,11 @@
    alternating) because the machine is shared; prints each run's wall time, the medians and their ratio.
 2. **CUB-sized grid**: a synth cache with CUB-200's training shape (100 classes x 59 images = 5,900, 1024-D
    features, ``--cub-views`` views) and the paper's heads (E 512, decoder 512, T 20, batch 120/128); 3 losses x
-   {baseline, DVML} x ``--cub-seeds`` seeds; each fit is timed over its first ``--cub-steps`` training steps (a
-   full epoch is 48-49 steps and the default schedule 60 epochs: on 2 CPU cores the table takes hours), without
-   the per-epoch diagnostics and gradient statistics; prints the seconds per step of both paths, per loss and
-   method, and the 60-epoch time per cell and of the table they extrapolate to.
+   {baseline, DVML} x ``--cub-seeds`` seeds, each fit ``--cub-epochs`` epochs (the default schedule is 60; the
+   time per epoch is what scales), fits only (no evaluation, no watch-only Recall@1); prints the seconds per cell
+   and per cell-epoch of both paths, per loss and method.
 
-Usage: ``python bench/ablate_grid.py [--repeats 3] [--cub-steps 4] [--cub-seeds 5] [--skip-demo] [--skip-cub]
-[--device cpu]``.
+Usage: ``python bench/ablate_grid.py [--repeats 3] [--cub-epochs 1] [--cub-seeds 5] [--skip-cub] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -27,8 +25,8 @@ from dvml.cache import load_split
 from dvml.experiments import ablate, demo
 from dvml.extract.synth import SynthConfig, generate
 from dvml.heads.config import FitConfig
-from dvml.heads.stacked import StackedFit
-from dvml.heads.train import _HeadsFit
+from dvml.heads.stacked import fit_stacked
+from dvml.heads.train import fit
 
 
 def demo_grid(root: Path, repeats: int, device: str) -> None:
@@ -58,49 +56,49 @@ def demo_grid(root: Path, repeats: int, device: str) -> None:
           f"(fits alone: {fs:.1f} s vs {fo:.1f} s -> {fo / fs:.2f}x)")
 
 
-def cub_grid(root: Path, steps: int, seeds: int, views: int, device: str, stack_size: int) -> None:
+def cub_grid(root: Path, epochs: int, seeds: int, views: int, device: str, stack_size: int) -> None:
     path = generate(SynthConfig(n_classes=200, images_per_class=59, views=views, feature_dim=1024, class_dim=128,
                                 variation_dim=32, hidden_dim=256, seed=0), root / "cub.h5")
     train = load_split(path, "train")
     n, p, d = train.features.shape
-    print(f"CUB-sized grid: {n} train images x {p} views x {d}-D, {len(set(train.labels.tolist()))} classes, the "
-          f"paper's heads (E 512, decoder 512, T 20, batch 120 / 128); 3 losses x base/DVML x {seeds} seeds; each fit "
-          f"timed over its first {steps} steps (no diagnostics), stacks of up to {stack_size}, device {device}")
-    print(f"  {'loss':12s} {'method':6s} {'one-by-one s/step':>18s} {'stacked s/step':>15s} {'ratio':>6s} "
-          f"{'per cell at 60 epochs: one-by-one':>34s} {'stacked':>8s}")
+    print(f"CUB-sized grid: {n} train images x {p} views x {d}-D, {len(set(train.labels.tolist()))} classes; "
+          f"3 losses x base/DVML x {seeds} seeds, {epochs} epoch(s) per fit (default schedule: 60), fits only, "
+          f"stacks of up to {stack_size}, device {device}")
+    print(f"  {'loss':12s} {'method':8s} {'one-by-one s/cell':>18s} {'stacked s/cell':>15s} {'ratio':>6s}")
     tot = {True: 0.0, False: 0.0}
     for loss in ("triplet", "npair", "triplet-dws"):
         for dvml in (False, True):
-            kw = {"cache": path, "loss": loss, "dvml": dvml, "eval_every": 0, "device": device, "diag_images": 0,
-                  "grad_every": 0}
-            cfgs = {tag: [FitConfig(out=root / f"cub-{loss}-{dvml}-{s}-{tag}", seed=s, overwrite=True, **kw)
-                          for s in range(seeds)] for tag in ("st", "one")}
+            kw = {"cache": path, "loss": loss, "dvml": dvml, "epochs": epochs, "eval_every": 0, "device": device}
+            cfgs = [FitConfig(out=root / f"cub-{loss}-{dvml}-{s}-{tag}", seed=s, **kw)
+                    for tag in ("st", "one") for s in range(seeds)]
+            st, one = cfgs[:seeds], cfgs[seeds:]
             t0 = time.perf_counter()
             for i in range(0, seeds, stack_size):
-                sf = StackedFit(cfgs["st"][i:i + stack_size], train)
-                sf.steps = steps
-                sf._epoch(0, None)
-            ts = (time.perf_counter() - t0) / seeds / steps
+                chunk = st[i:i + stack_size]
+                if len(chunk) > 1:
+                    fit_stacked(chunk, train=train)
+                else:
+                    fit(chunk[0], train=train)
+            ts = (time.perf_counter() - t0) / seeds
             t0 = time.perf_counter()
-            for c in cfgs["one"]:
-                f = _HeadsFit(c, train, None)
-                per_epoch = f.steps
-                f.steps = steps
-                f._epoch(0, None)
-            to = (time.perf_counter() - t0) / seeds / steps
-            tot[True] += ts * seeds * per_epoch * 60
-            tot[False] += to * seeds * per_epoch * 60
-            print(f"  {loss:12s} {'DVML' if dvml else 'base':6s} {to:18.3f} {ts:15.3f} {to / ts:6.2f} "
-                  f"{to * per_epoch * 60 / 60:31.1f} min {ts * per_epoch * 60 / 60:5.1f} min", flush=True)
-    print(f"CUB-sized table ({6 * seeds} cells, 60 epochs each, extrapolated from the steps timed; setup and "
-          f"evaluation not included): stacked {tot[True] / 60:.0f} min, one-by-one {tot[False] / 60:.0f} min -> "
-          f"{tot[False] / tot[True]:.2f}x")
+            for c in one:
+                fit(c, train=train)
+            to = (time.perf_counter() - t0) / seeds
+            tot[True] += ts * seeds
+            tot[False] += to * seeds
+            print(f"  {loss:12s} {'DVML' if dvml else 'base':8s} {to / epochs:15.2f}/ep {ts / epochs:12.2f}/ep "
+                  f"{to / ts:6.2f}x", flush=True)
+    cells = 6 * seeds
+    print(f"CUB-sized grid, {cells} cells x {epochs} epoch(s): stacked {tot[True]:.1f} s, one-by-one "
+          f"{tot[False]:.1f} s "
+          f"-> {tot[False] / tot[True]:.2f}x; at the default 60 epochs about {tot[True] * 60 / epochs / 60:.0f} vs "
+          f"{tot[False] * 60 / epochs / 60:.0f} min")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cub-steps", type=int, default=4)
+    ap.add_argument("--cub-epochs", type=int, default=1)
     ap.add_argument("--cub-seeds", type=int, default=5)
     ap.add_argument("--cub-views", type=int, default=3)
     ap.add_argument("--stack-size", type=int, default=8)
@@ -116,7 +114,7 @@ def main() -> None:
         if not a.skip_demo:
             demo_grid(root, a.repeats, a.device)
         if not a.skip_cub:
-            cub_grid(root, a.cub_steps, a.cub_seeds, a.cub_views, a.device, a.stack_size)
+            cub_grid(root, a.cub_epochs, a.cub_seeds, a.cub_views, a.device, a.stack_size)
 
 
 if __name__ == "__main__":
