@@ -80,6 +80,11 @@ def test_plan_stacks_by_loss_and_method_and_falls_back_with_a_reason(cache, tmp_
     assert sorted(c for u, _ in names for c in u) == sorted(c.name for c in cfg.cells())
     assert all(why == "--no-stack" for _, why in stacking.plan(grid(cache, tmp_path / "n", stack=False),
                                                                cfg.cells()))
+    big = ablate.AblateConfig(cache=cache, out=tmp_path / "b", losses=("triplet",), seeds=(0, 1),
+                              fit={**FIT, "batch_size": 16, "samples": 20, "decoder_hidden": 4096})
+    assert [why for _, why in stacking.plan(big, big.cells())] == [None] + [
+        f"on the CPU a DVML fit of {20 * 16 * 4096:,} decoder activations per step is arithmetic-bound and measured "
+        f"slower stacked (limit {stacking.CPU_STACK_MAX_ACTIVATIONS:,})"] * 2
     with caplog.at_level(logging.WARNING, logger="dvml.experiments.stacking"):
         out = ablate.run(ablate.AblateConfig(cache=cache, out=tmp_path / "r", losses=("triplet", "proxy-nca"),
                                              seeds=(0, 1), dvml_modes=(False,), clustering=False,

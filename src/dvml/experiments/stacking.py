@@ -2,7 +2,8 @@
 
 Cells whose fits differ only in their seed (same loss, same method, same fit options) form a *group*; a group is
 cut into stacks of at most ``stack_size`` cells, each trained as one stacked model. A cell whose fit cannot be
-stacked (:func:`dvml.heads.stacked.stack_reason`), or that would be alone in its stack, runs one by one as with
+stacked (:func:`dvml.heads.stacked.stack_reason`), would not gain from it (:func:`cpu_reason`: large DVML heads on
+the CPU), or would be alone in its stack, runs one by one as with
 ``--no-stack``, and the reason is logged (a warning). Every cell ends as it does one by one: its run directory,
 ``heads.pt``, ``log.jsonl``, then ``metrics.json`` written last (which marks it finished); its ``config.json``
 says which trainer ran (``"trainer"``). A stack's fit time is shared equally by its cells (``fit_seconds``).
@@ -24,6 +25,25 @@ from dvml.heads.stacked import fit_stacked, group_key, stack_reason
 log = logging.getLogger(__name__)
 
 
+#: On the CPU, a DVML fit whose decoder sees more than this many activations per step (T · batch · max(D, hidden))
+#: is arithmetic- and memory-bound: stacked, it measured 0.80-0.87x the one-by-one speed at CUB's size (T 20, batch
+#: 120, D 1024: 2.5M), against 1.2x on the demo's (0.6M) (bench/ablate_grid.py). Such cells run one by one there.
+CPU_STACK_MAX_ACTIVATIONS = 1_000_000
+
+
+def cpu_reason(fit_cfg, feature_dim: int) -> str | None:
+    """Why stacking ``fit_cfg`` would not pay on its device (the CPU, large DVML heads), or None."""
+    from dvml.heads.train import resolve_device
+
+    if not fit_cfg.dvml or resolve_device(fit_cfg.device).type != "cpu":
+        return None
+    acts = fit_cfg.samples * fit_cfg.batch_size * max(feature_dim, fit_cfg.decoder_hidden)
+    if acts <= CPU_STACK_MAX_ACTIVATIONS:
+        return None
+    return (f"on the CPU a DVML fit of {acts:,} decoder activations per step is arithmetic-bound and measured slower "
+            f"stacked (limit {CPU_STACK_MAX_ACTIVATIONS:,})")
+
+
 def plan(cfg, cells: list) -> list[tuple[list, str | None]]:
     """``cfg``'s cells (an :class:`~dvml.experiments.ablate.AblateConfig` and cells to run, in grid order) as the
     units they run in, in order of each unit's first cell: ``(cells, None)`` for a stack, ``([cell], reason)``
@@ -32,11 +52,14 @@ def plan(cfg, cells: list) -> list[tuple[list, str | None]]:
 
     if not cfg.stack:
         return [([c], "--no-stack") for c in cells]
+    from dvml.cache import read_info
+
+    feature_dim = read_info(cfg.cache).feature_dim
     groups: dict[tuple, list] = {}
     alone: dict = {}
     for c in cells:
         fit_cfg = ablate._fit_config(cfg, c, ablate.run_dir(cfg, c))
-        why = stack_reason(fit_cfg)
+        why = stack_reason(fit_cfg) or cpu_reason(fit_cfg, feature_dim)
         if why:
             alone[c] = why
         else:
