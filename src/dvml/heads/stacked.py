@@ -312,7 +312,7 @@ class StackedFit:
         cfg = self.cfg
         mm, t, b, d = x_hat.shape
         # no per-member slices of x_hat: each slice's backward would zero-fill a whole (M, T·B, D) gradient
-        total = torch.linalg.vector_norm((x_hat - x.unsqueeze(1)).view(mm, -1), dim=1).square()  # (M,)
+        total = (x_hat - x.unsqueeze(1)).square().sum(dim=(1, 2, 3))  # (M,)
         if cfg.likelihood is Likelihood.gaussian:
             mse = total / (t * b * d)
             per_dim = 0.5 * (torch.log(mse.clamp_min(1e-12)) + 1.0 + _LOG_2PI)
