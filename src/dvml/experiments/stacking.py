@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 #: On the CPU, a DVML fit whose decoder sees more than this many activations per step (T · batch · max(D, hidden))
 #: is arithmetic- and memory-bound: stacked, it measured 0.80-0.87x the one-by-one speed at CUB's size (T 20, batch
-#: 120, D 1024: 2.5M), against 1.2x on the demo's (0.6M) (bench/ablate_grid.py). Such cells run one by one there.
+#: 120, D 1024: 2.5M), against 1.06-1.19x on the demo's (0.6M) (bench/ablate_grid.py). Such cells run one by one there.
 CPU_STACK_MAX_ACTIVATIONS = 1_000_000
 
 
