@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dvml.cli import app
 from dvml.errors import DvmlError
-from dvml.experiments import ablate, demo
+from dvml.experiments import ablate, demo, stacking
 
 runner = CliRunner()
 
@@ -26,6 +26,7 @@ def test_demo_quick_end_to_end_through_the_cli(quick_demo):
     said = " ".join(r.stdout.split())
     assert "smoke run: world, 8 fits and their evaluation ran end to end" in said
     assert "too small to compare the methods" in said
+    assert "cells fitted: 8 stacked" in said  # the demo grid trains as stacked models
     for text in ("baseline (n=2)", "DVML (n=2)", "Δ DVML−base", "R@1", "-0.0"):
         assert text not in r.stdout, text
     assert (out / demo.WORLD_FILE).exists()
@@ -41,6 +42,7 @@ def test_demo_rerun_reuses_world_and_cells(quick_demo, monkeypatch):
     world_mtime = (out / demo.WORLD_FILE).stat().st_mtime_ns
     calls = []
     monkeypatch.setattr(ablate, "fit", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(stacking, "fit_stacked", lambda *a, **k: calls.append(a))
     result = demo.run(demo.DemoConfig(out=out, quick=True, fit={"device": "cpu"}))
     assert calls == [] and len(result["rows"]) == 8 and 0 < result["raw"]["recall@1"] < 1
     # the full demo's table (printed by `dvml demo`): both losses, both methods, the paired difference, the

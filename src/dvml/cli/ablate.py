@@ -53,6 +53,11 @@ def ablate_cmd(
                                   "heartbeats; a cell whose worker is silent for 4x this is taken by another."),
     summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
                                           "directory from its run directories, and run nothing."),
+    stack: bool = typer.Option(_D.stack, "--stack/--no-stack",
+                               help="Train the cells that differ only in their seed together, as one stacked model "
+                                    "(same outputs, faster; losses triplet, npair, triplet-dws; other cells run "
+                                    "one by one, the reason logged). --no-stack: one fit after another."),
+    stack_size: int = typer.Option(_D.stack_size, min=2, help="Most cells in one stack (bounds memory)."),
 ):
     """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table.
 
@@ -75,7 +80,7 @@ def ablate_cmd(
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,
-                              clustering=clustering)
+                              clustering=clustering, stack=stack, stack_size=stack_size)
     if storage is None:
         result = run_ablation(ablate.run, cfg)
     else:

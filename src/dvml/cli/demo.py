@@ -39,14 +39,17 @@ def demo_cmd(
                       f"output in {out}")
     t0 = time.perf_counter()
     result = run_ablation(demo.run, cfg)
+    from dvml.experiments.stacking import trainer_counts
+
+    how = ", ".join(f"{n} {name}" for name, n in trainer_counts(result["rows"]).items())
     if quick:  # 2 epochs on 12 classes: any difference is noise, so none is shown
         console.print(f"smoke run: world, {len(result['rows'])} fits and their evaluation ran end to end in "
-                      f"{time.perf_counter() - t0:.0f}s. It is too small to compare the methods, so no table is "
-                      "shown; `dvml demo` (about a minute) compares them.")
+                      f"{time.perf_counter() - t0:.0f}s (cells fitted: {how}). It is too small to compare the "
+                      "methods, so no table is shown; `dvml demo` (about a minute) compares them.")
         console.print(f"everything is in {out}")
         return
     print_ablation_result(result, title="dvml demo (unseen test classes)")
     raw = result["raw"]
     console.print(f"for reference, the raw features without training: R@1 {100 * raw['recall@1']:.1f}, "
                   f"MAP@R {100 * raw['map@r']:.1f}")
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; everything is in {out}")
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s (cells fitted: {how}); everything is in {out}")

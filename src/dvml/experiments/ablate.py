@@ -95,6 +95,8 @@ class AblateConfig:
         ...); ``loss``, ``seed``, the DVML switch and the output directory are set per cell.
     ks / clustering / kmeans_runs: evaluation options (``ks=None``: the paper's K for the dataset).
     confidence: coverage of the paired interval.
+    stack: train the cells that differ only in their seed together, as one stacked model
+        (:mod:`dvml.experiments.stacking`); False = one fit after another. stack_size: most cells in one stack.
     """
 
     cache: Path
@@ -107,6 +109,8 @@ class AblateConfig:
     clustering: bool = True
     kmeans_runs: int = 1
     confidence: float = 0.95
+    stack: bool = True
+    stack_size: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
@@ -122,6 +126,8 @@ class AblateConfig:
             raise ValueError("dvml_modes must contain True and/or False")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.stack_size < 2:
+            raise ValueError(f"stack_size must be >= 2 (a stack of one is a one-by-one fit), got {self.stack_size}")
         reserved = {"cache", "out", "loss", "seed", "dvml", "resume", "overwrite"} & set(self.fit)
         if reserved:
             raise ValueError(f"fit options {sorted(reserved)} are set per cell by the ablation; remove them")
@@ -260,7 +266,11 @@ def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallba
 
     t0 = time.perf_counter()
     fit(fit_cfg, train=train, test=test, callback=on_fit)
-    fit_s = time.perf_counter() - t0
+    return _evaluate_cell(cfg, cell, run, time.perf_counter() - t0)
+
+
+def _evaluate_cell(cfg: AblateConfig, cell: Cell, run: Path, fit_s: float) -> dict:
+    """Evaluate a fitted cell; its metrics.json (written last) marks it finished; returns its row."""
     t0 = time.perf_counter()
     # metrics.json is written last (atomically): its presence marks the cell finished
     evaluate_target(run, ks=cfg.ks, clustering=cfg.clustering, kmeans_runs=cfg.kmeans_runs,
@@ -590,9 +600,9 @@ def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback
         train, test = load_split(cfg.cache, "train"), load_split(cfg.cache, "test")
         log.info("loaded %s once (%.1fs): %d train, %d test images; %d of %d cells to run", cfg.cache,
                  time.perf_counter() - t0, len(train.labels), len(test.labels), len(todo), len(cells))
-        for cell in todo:
-            cb(AblateEvent("cell_start", cell=cell))
-            row = _run_cell(cfg, cell, train, test, cb)
+        from dvml.experiments.stacking import run_cells
+
+        for cell, row in run_cells(cfg, todo, train, test, cb, _run_cell):  # stacked where cells allow
             rows.append(row)
             rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
             write_results_csv(rows, cfg.out / RESULTS_FILE)  # after every cell: partial results are usable

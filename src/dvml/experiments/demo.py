@@ -2,7 +2,8 @@
 
 It writes a ``dvml synth`` feature world (:mod:`dvml.extract.synth`) into ``OUT/world.h5`` and runs a
 small ablation on it (:mod:`dvml.experiments.ablate`): triplet and N-pair, each as the plain baseline and with
-DVML, two seeds, everything evaluated on the world's unseen test classes. Outputs stay in ``OUT``
+DVML, two seeds (each loss and method's two seeds trained together as one stacked model,
+:mod:`dvml.experiments.stacking`), everything evaluated on the world's unseen test classes. Outputs stay in ``OUT``
 (default ``./dvml-demo``): the world, ``ablation/results.csv``, ``ablation/summary.md``,
 ``ablation/ablation.png`` and one run directory per cell. Running it again reuses what is finished.
 

@@ -193,7 +193,7 @@ class _HeadsFit:
             make_dir(out)
         start_log(out, self.start_epoch if ckpt is not None else None)
         self.header = {"kind": R.HEADS_KIND, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": fp,
-                       "seed": cfg.seed, "versions": R.versions(), "batch": self.batch}
+                       "seed": cfg.seed, "versions": R.versions(), "batch": self.batch, "trainer": "one-by-one"}
 
     def _load_data(self, train: Split | None, test: Split | None) -> None:
         cfg, info, device = self.cfg, self.info, self.device

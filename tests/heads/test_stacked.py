@@ -1,0 +1,152 @@
+"""``dvml.heads.stacked``: a stack's members are the one-by-one fits of their seeds (:func:`dvml.heads.fit`).
+
+For each stacked loss, baseline and DVML: every epoch's loss terms within 1e-5 relative, the final test Recall@1
+within 0.5 points per member and 0.2 on the grid's mean, the same branch diagnostics and gradient statistics, and
+checkpoints (weights, Adam moments, generator states) that match. A mutation — the members sharing one noise draw
+— must break the match (checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dvml import runs as R
+from dvml.cache import load_split
+from dvml.evaluate import evaluate_target
+from dvml.extract.synth import SynthConfig, generate
+from dvml.heads import stacked
+from dvml.heads.config import FitConfig
+from dvml.heads.stacked import StackedFit, fit_stacked, group_key, stack_reason
+from dvml.heads.train import fit
+
+SEEDS = (0, 1)
+CASES = [(loss, dvml) for loss in ("triplet", "npair", "triplet-dws") for dvml in (False, True)]
+TERM_KEYS = ("kl", "recon", "metric_invariant", "metric_synthetic", "total")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = generate(SynthConfig(n_classes=24, images_per_class=10, views=2, feature_dim=32, class_dim=8,
+                                variation_dim=4, hidden_dim=16), tmp_path_factory.mktemp("stacked") / "w.h5")
+    return path, load_split(path, "train"), load_split(path, "test")
+
+
+def configs(path, root, loss, dvml, tag):
+    kw = {"cache": path, "loss": loss, "dvml": dvml, "epochs": 3, "embedding_size": 16, "decoder_hidden": 16,
+          "samples": 4, "batch_size": 16 if loss == "npair" else 24, "lr": 1e-3, "eval_every": 1, "grad_every": 4,
+          "diag_images": 64, "device": "cpu"}
+    return [FitConfig(out=root / f"{loss}-{int(dvml)}-s{s}-{tag}", seed=s, **kw) for s in SEEDS]
+
+
+def mismatches(stacked, one) -> list[str]:
+    """Where stacked members differ from the one-by-one fits beyond the acceptance tolerances."""
+    bad = []
+    r_st, r_one = [], []
+    for a, b in zip(stacked, one, strict=True):
+        la, lb = R.read_log(a), R.read_log(b)
+        assert len(la) == len(lb) == 3
+        for ra, rb in zip(la, lb, strict=True):
+            for k in TERM_KEYS:
+                if abs(ra[k] - rb[k]) > 1e-5 * max(abs(rb[k]), 1e-12):
+                    bad.append(f"{a.name} epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}")
+        r_st.append(100 * la[-1]["test_recall@1"])
+        r_one.append(100 * lb[-1]["test_recall@1"])
+        if abs(r_st[-1] - r_one[-1]) > 0.5:
+            bad.append(f"{a.name} Recall@1 {r_st[-1]:.2f} vs {r_one[-1]:.2f}")
+    if abs(sum(r_st) / len(r_st) - sum(r_one) / len(r_one)) > 0.2:
+        bad.append(f"mean Recall@1 {sum(r_st) / len(r_st):.2f} vs {sum(r_one) / len(r_one):.2f}")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def one_by_one(world, tmp_path_factory):
+    path, train, test = world
+    root = tmp_path_factory.mktemp("one")
+    out = {}
+    for loss, dvml in CASES:
+        cfgs = configs(path, root, loss, dvml, "one")
+        for c in cfgs:
+            fit(c, train=train, test=test)
+        out[(loss, dvml)] = [c.out for c in cfgs]
+    return out
+
+
+@pytest.mark.parametrize(("loss", "dvml"), CASES)
+def test_members_are_the_one_by_one_fits(world, one_by_one, tmp_path, loss, dvml):
+    path, train, test = world
+    cfgs = configs(path, tmp_path, loss, dvml, "st")
+    outs = fit_stacked(cfgs, train=train, test=test)
+    ref = one_by_one[(loss, dvml)]
+    assert mismatches(outs, ref) == []
+    for a, b in zip(outs, ref, strict=True):
+        la, lb = R.read_log(a)[-1], R.read_log(b)[-1]
+        for k in ("active_frac", "kl_sum", "syn_consistency", "grad_cos_invariant", "grad_ratio_other"):
+            assert (k in la) == (k in lb) == dvml, k
+            if dvml:
+                assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), k
+        ca, cb = torch.load(a / R.HEADS_FILE, weights_only=True), torch.load(b / R.HEADS_FILE, weights_only=True)
+        assert set(ca) == set(cb) | {"stack"}  # the stack's members, beside its trainer
+        assert ca["model"].keys() == cb["model"].keys()
+        for k in ca["model"]:
+            torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-6)
+        sa, sb = ca["resume"]["optimizer"], cb["resume"]["optimizer"]
+        assert sa["param_groups"] == sb["param_groups"]
+        for j in sb["state"]:
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sa["state"][j][k], sb["state"][j][k], rtol=1e-3, atol=1e-8)
+            assert float(sa["state"][j]["step"]) == float(sb["state"][j]["step"])
+        for k in ("sampler", "noise", "torch"):  # each member consumed its generators as its own fit did
+            assert torch.equal(ca["resume"]["rng"][k], cb["resume"]["rng"][k]), k
+        conf_a, conf_b = (json.loads((d / R.CONFIG_FILE).read_text()) for d in (a, b))
+        assert conf_a["trainer"] == "stacked" and conf_b["trainer"] == "one-by-one"
+        assert conf_a["config"] == {**conf_b["config"], "out": str(a)} and conf_a["status"] == "finished"
+
+
+def test_a_shared_noise_draw_breaks_the_match(world, one_by_one, tmp_path, monkeypatch):
+    """The mutation: every member gets member 0's noise. The members other than seed 0 then differ from their
+    one-by-one fits, and :func:`mismatches` says so."""
+    path, train, test = world
+
+    def shared(self, shape):
+        eps = torch.randn(shape, generator=self.gen_dev[0], device=self.device)
+        return eps.expand(len(self.gen_dev), *shape)
+
+    monkeypatch.setattr(StackedFit, "draw_eps", shared)
+    outs = fit_stacked(configs(path, tmp_path, "triplet", True, "mut"), train=train, test=test)
+    bad = mismatches(outs, one_by_one[("triplet", True)])
+    assert bad and all("-s0-" not in b for b in bad), bad
+
+
+def test_a_stacked_run_evaluates_as_its_one_by_one_twin(world, one_by_one, tmp_path):
+    path, train, test = world
+    outs = fit_stacked(configs(path, tmp_path, "npair", True, "ev"), train=train, test=test)
+    ma = evaluate_target(outs[0], clustering=False)
+    mb = evaluate_target(one_by_one[("npair", True)][0], clustering=False)
+    assert abs(ma["recall@1"] - mb["recall@1"]) <= 0.005 and abs(ma["map@r"] - mb["map@r"]) <= 0.005
+
+
+def test_what_does_not_stack_says_why(world, tmp_path):
+    path, train, test = world
+    base = {"cache": path, "out": tmp_path / "x", "epochs": 1}
+    assert stack_reason(FitConfig(loss="triplet", **base)) is None
+    assert "proxy-nca" in stack_reason(FitConfig(loss="proxy-nca", **base))
+    assert "val_classes" in stack_reason(FitConfig(loss="triplet", val_classes=4, **base))
+    assert "triplet input" in stack_reason(FitConfig(loss="triplet", triplet_input=True, **base))
+    assert set(stacked.STACKED_FIELDS) <= {f.name for f in dataclasses.fields(FitConfig)}
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Later(FitConfig):  # an option added after the stacked trainer was written
+        noise_arm: bool = False
+
+    assert stack_reason(Later(loss="triplet", **base)) is None
+    assert "noise_arm" in stack_reason(Later(loss="triplet", noise_arm=True, **base))
+    assert group_key(FitConfig(loss="triplet", seed=1, **base)) == group_key(FitConfig(loss="triplet", seed=2, **base))
+    assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", lr=1e-3, **base))
+    with pytest.raises(ValueError, match="differ only in seed"):
+        StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", lr=1e-3, **base)], train, test)
+    with pytest.raises(ValueError, match="no stacked form"):
+        StackedFit([FitConfig(loss="contrastive", **base)], train, test)
