@@ -48,7 +48,7 @@ def ablate_cmd(
                                        "(sqlite:///grid.db on one machine, postgresql://... or mysql+pymysql://... "
                                        "across machines). Start the same command as many times as you like; each "
                                        "cell runs once, a killed worker's cell is taken again, the last worker "
-                                       "writes the summary."),
+                                       "writes the summary. Workers fit the cells they claim one by one (no --stack)."),
     heartbeat: int = typer.Option(DEFAULT_HEARTBEAT_S, min=1, help="With --storage: seconds between a worker's "
                                   "heartbeats; a cell whose worker is silent for 4x this is taken by another."),
     summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
