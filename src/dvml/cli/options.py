@@ -16,6 +16,18 @@ import typer
 
 from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
+from dvml.losses.registry import loss_names, loss_spec
+
+
+def loss_choice(value: str | None) -> str | None:
+    """``--loss``'s check: a registered loss name (read from :mod:`dvml.losses.registry` when the command runs,
+    so a loss registered before then is accepted although the option was declared earlier)."""
+    if value is None:
+        return None
+    try:
+        return loss_spec(value).name
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(loss_names())}") from None
 
 
 def loss_param_help(name: str) -> str:
@@ -39,7 +51,8 @@ def head_options() -> dict:
     H = HeadsConfig
     lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
     return {
-        "loss": typer.Option(H.loss, help="Metric loss Lm."),
+        "loss": typer.Option(H.loss.value, callback=loss_choice, metavar="<" + "|".join(loss_names()) + ">",
+                             help="Metric loss Lm (any registered loss: dvml.losses.registry)."),
         "dvml": typer.Option(H.dvml, "--dvml/--no-dvml",
                              help="--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."),
         "embedding_size": typer.Option(H.embedding_size, help="Embedding size E (z_I, mu, log sigma^2)."),

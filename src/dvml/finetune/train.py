@@ -395,8 +395,7 @@ class _Finetune:
             lo, hi = self.ctx.rank * b_local, (self.ctx.rank + 1) * b_local
             eps = torch.randn((cfg.samples, cfg.batch_size, cfg.embedding_size), generator=gen,
                               device=device)[:, lo:hi]
-        if hasattr(self.model.metric, "generator"):
-            self.model.metric.generator = gen
+        self.model.metric.generator = gen  # the step's draws (MetricLoss.generator)
         x, heads_out = self.ddp(images, labels, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, eps=eps)
         terms = self.train_loss(heads_out, x.detach(), labels, lam)  # the reconstruction target is detached
         self.optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ import numpy as np
 from dvml.errors import DvmlError
 from dvml.heads.config import HeadsConfig
 from dvml.heads.sampler import drawable
-from dvml.losses import LossName
+from dvml.losses.registry import loss_spec
 from dvml.seeding import hold_out_classes
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def fitting_labels(cfg: HeadsConfig, labels: np.ndarray) -> np.ndarray:
 def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -> str:
     fixes = [f"lower {batch_option} to {n * cfg.per_class} or less", f"leave {batch_option} out to fit the batch "
              "to the data"]
-    if cfg.loss is not LossName.npair:  # npair's per_class is fixed at 2 (its pairs)
+    if not loss_spec(cfg.loss).per_class_fixed:  # e.g. npair's per_class is fixed at 2 (its pairs)
         ms = [m for m in range(cfg.per_class + 1, cfg.batch_size // 2 + 1)
               if cfg.batch_size % m == 0 and cfg.batch_size // m <= n]
         if ms:

@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dvml.losses.names import (
-    CROSS_PAIR_LOSSES,
     CROSS_PAIR_NAMES,
-    DOT_PRODUCT_LOSSES,
-    LOSS_PARAM_DEFAULTS,
+    LOSS_PARAM_DEFAULTS,  # noqa: F401  (importable from here, as before)
     LOSS_PARAM_NAMES,
     LossName,
     MetricReduction,
     SyntheticPairs,
 )
+from dvml.losses.registry import loss_spec, resolve_loss
 
 
 class Reduction(str, Enum):
@@ -146,6 +145,8 @@ def plain_dict(config) -> dict:
             d[k] = v.value
         elif isinstance(v, tuple):
             d[k] = list(v)
+        elif isinstance(v, str):  # a plug-in loss's LossKey: a plain string in what is recorded
+            d[k] = str(v)
     return d
 
 
@@ -155,30 +156,30 @@ def default_synthetic_pairs(loss: LossName) -> SyntheticPairs:
 
 
 def default_batch_size(loss: LossName) -> int:
-    """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
-    return 120 if loss is LossName.triplet else 128
+    """The loss's registry default: the paper's 120 for the triplet input, 128 for pair- and batch-based losses."""
+    return loss_spec(loss).batch_size
 
 
 #: Losses whose paper definition sums over triplets (eqs. 2 and 4): ``reduction=None`` resolves to ``sum`` for them.
-SUMMED_LOSSES = frozenset({LossName.triplet, LossName.triplet_dws})
+SUMMED_LOSSES = frozenset(n for n in LossName if loss_spec(n).summed)
 
 
 def default_reduction(loss: LossName) -> Reduction:
     """``sum`` (the paper's eqs. 2, 4, 8, 9) for the triplet losses; ``mean`` for every loss that averages over
     its pairs or samples (N-pair's eq. 3, the proxy and pml losses): summed ELBO terms (nats per image) next to a
     per-pair mean swamp the metric loss (measured, issue 14: DVML+N-pair Recall@1 −22 points on the demo world)."""
-    return Reduction.sum if loss in SUMMED_LOSSES else Reduction.mean
+    return Reduction.sum if loss_spec(loss).summed else Reduction.mean
 
 
 def default_variance_space(loss: LossName) -> VarianceSpace:
     """Where z_V is added by default: in the space the metric loss compares embeddings in — the unit sphere
     (``normalized``) for the losses that L2-normalise, raw z_I for the dot-product losses (N-pair)."""
-    return VarianceSpace.raw if loss in DOT_PRODUCT_LOSSES else VarianceSpace.normalized
+    return VarianceSpace.raw if loss_spec(loss).dot_product else VarianceSpace.normalized
 
 
 def default_per_class(loss: LossName) -> int:
-    """Images per class in a batch: N-pair needs exactly its pairs (2); 4 otherwise."""
-    return 2 if loss is LossName.npair else 4
+    """Images per class in a batch (the registry's): N-pair needs exactly its pairs (2); 4 otherwise."""
+    return loss_spec(loss).per_class
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,13 @@ class HeadsConfig:
 
     def __post_init__(self):
         s = object.__setattr__
-        set_choice(self, "loss", LossName)
+        try:
+            s(self, "loss", resolve_loss(self.loss))
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+        spec = loss_spec(self.loss)
+        if self.dvml and not spec.dvml:
+            raise ValueError(f"--loss {self.loss.value} cannot be DVML's metric loss; fit the baseline (--no-dvml)")
         if self.reduction is None:
             s(self, "reduction", default_reduction(self.loss))
         set_choice(self, "reduction", Reduction)
@@ -315,7 +322,7 @@ class HeadsConfig:
                               ("variance_space", VarianceSpace), ("variance_scale", VarianceScale),
                               ("synthetic_pairs", SyntheticPairs)):
             set_choice(self, name, choices)
-        if self.synthetic_pairs is SyntheticPairs.cross and self.loss not in CROSS_PAIR_LOSSES:
+        if self.synthetic_pairs is SyntheticPairs.cross and not spec.cross_pairs:
             raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
                              f"--loss {self.loss.value}")
         for name in FLOAT_FIELDS:
@@ -355,9 +362,9 @@ class HeadsConfig:
         s(self, "per_class", int(self.per_class) if self.per_class is not None else default_per_class(self.loss))
         if self.per_class < 2:
             raise ValueError(f"per_class must be >= 2 (a batch needs positives), got {self.per_class}")
-        if self.loss is LossName.npair and self.per_class != 2:
-            raise ValueError(f"the npair loss takes exactly 2 images per class (its pairs), got per_class="
-                             f"{self.per_class}")
+        if spec.per_class_fixed and self.per_class != spec.per_class:
+            raise ValueError(f"the {self.loss.value} loss takes exactly {spec.per_class} images per class (its "
+                             f"pairs), got per_class={self.per_class}")
         triplets = getattr(self, "triplet_input", False)  # a FitConfig field: batches of triplets, not of classes
         if not triplets and (self.batch_size < 2 * self.per_class or self.batch_size % self.per_class):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
@@ -365,7 +372,7 @@ class HeadsConfig:
         self._resolve_loss_params()
 
     def _resolve_loss_params(self) -> None:
-        takes = LOSS_PARAM_DEFAULTS.get(self.loss, {})
+        takes = loss_spec(self.loss).params
         for name in LOSS_PARAM_NAMES:
             value = getattr(self, name)
             if value is None:
@@ -391,7 +398,7 @@ class HeadsConfig:
 
     def loss_params(self) -> dict[str, float]:
         """The metric loss's parameters (resolved): keyword arguments of ``make_metric_loss``."""
-        return {k: getattr(self, k) for k in LOSS_PARAM_DEFAULTS.get(self.loss, {})}
+        return {k: getattr(self, k) for k in loss_spec(self.loss).params}
 
     # -- derived -----------------------------------------------------------------------------------------
     @property
@@ -465,7 +472,7 @@ class FitConfig(HeadsConfig):
         if self.diag_images < 0 or self.grad_every < 0:
             raise ValueError("diag_images and grad_every must be >= 0")
         if self.triplet_input:
-            if self.loss is not LossName.triplet:
+            if "fixed_triplets" not in loss_spec(self.loss).settings:
                 raise ValueError(f"--triplet-input applies to --loss triplet only, got {self.loss.value}")
             if self.batch_size % 3:
                 raise ValueError(f"--triplet-input needs a batch size divisible by 3, got {self.batch_size}")

@@ -24,18 +24,18 @@ from dvml.errors import DvmlError
 from dvml.heads.config import HeadsConfig
 from dvml.heads.model import Gather
 from dvml.heads.objective import TERMS, DVMLLoss
-from dvml.losses import PROXY_LOSSES, MetricLoss, make_metric_loss
-from dvml.losses.metric import BatchedTripletLoss
+from dvml.losses import MetricLoss, make_metric_loss
+from dvml.losses.registry import loss_spec
 
 
-def metric_loss(cfg: HeadsConfig, n_classes: int) -> MetricLoss:
-    """``cfg``'s metric loss Lm: its parameters, proxies seeded by ``cfg.seed`` (the same for a baseline and a DVML
-    fit), and the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4 sum over triplets)."""
-    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
-                              **cfg.loss_params())
-    if isinstance(metric, BatchedTripletLoss):
-        metric.reducer = cfg.metric_reduction
-    return metric
+def metric_loss(cfg: HeadsConfig, n_classes: int, generator: torch.Generator | None = None) -> MetricLoss:
+    """``cfg``'s metric loss Lm, every setting given at construction: its parameters, proxies seeded by ``cfg.seed``
+    (the same for a baseline and a DVML fit), the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4
+    sum over triplets), the triplet input (``triplet_input``, a fit-heads field) and ``generator`` for the loss's
+    own draws."""
+    return make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
+                            reducer=cfg.metric_reduction, fixed_triplets=getattr(cfg, "triplet_input", False),
+                            generator=generator, **cfg.loss_params())
 
 
 def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None,
@@ -77,7 +77,7 @@ def optimizer(cfg, heads: Iterable[torch.nn.Parameter], loss_params: list[torch.
     groups = [*before, {"params": list(heads), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.proxy_lr, "weight_decay": 0.0})
-    elif cfg.loss in PROXY_LOSSES:
+    elif loss_spec(cfg.loss).proxies:
         raise DvmlError(f"--loss {cfg.loss.value}: the loss module has no proxies to train")
     if fused:
         try:  # one fused kernel per step instead of ~10 elementwise passes per parameter

@@ -46,7 +46,6 @@ from dvml.heads.model import DVMLHeads
 from dvml.heads.objective import TERMS
 from dvml.heads.sampler import ClassBalancedSampler
 from dvml.heads.triplet_input import TripletInputSampler
-from dvml.losses.metric import BatchedTripletLoss
 from dvml.seeding import diag_seeds, hold_out_classes, noise_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -163,9 +162,9 @@ class _HeadsFit:
         seed_everything(cfg.seed)
         d = self.dims[2]
         self.model = DVMLHeads(d, **cfg.heads_kwargs()).to(device)
-        metric = metric_loss(cfg, len(self.train_classes))  # same proxies for baseline and DVML
-        if isinstance(metric, BatchedTripletLoss):
-            metric.fixed_triplets = cfg.triplet_input
+        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
+        self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
+        metric = metric_loss(cfg, len(self.train_classes), self.gen_dev)  # same proxies for baseline and DVML
         t_mean = t_std = None
         if cfg.dvml and cfg.standardize:  # per-dimension statistics of the training features (all views)
             flat = self.feats.float().reshape(-1, d)
@@ -173,10 +172,6 @@ class _HeadsFit:
             del flat
         self.loss_fn = dvml_loss(cfg, metric, target_mean=t_mean, target_std=t_std).to(device)
         self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
-        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
-        self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
-        if hasattr(metric, "generator"):
-            metric.generator = self.gen_dev
         if cfg.triplet_input:
             self.sampler = TripletInputSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, self.gen_cpu)
         else:
