@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import json
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig
+from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig, config_fields
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
 from dvml.losses.registry import loss_names, loss_spec
 
@@ -186,7 +185,7 @@ DeviceOption = DeviceChoice | None
 
 def fit_defaults() -> dict:
     """FitConfig's field defaults by name (the help texts of the experiments' fit options)."""
-    return {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    return {f.name: f.default for f in config_fields(FitConfig)}
 
 
 FIT_DEFAULTS = fit_defaults()
@@ -229,7 +228,7 @@ def check_field_types(cls, values: dict, where: str) -> None:
     ``cls``: an unknown key or a value of the wrong type is a ValueError naming ``where``, the key and the type
     expected (``--config c.json: lr: expected a number, got 'fast'``)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in config_fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(names)}")
@@ -242,7 +241,7 @@ def check_field_types(cls, values: dict, where: str) -> None:
 def parse_set(items: list[str] | None) -> dict:
     """``--set key=value`` pairs -> FitConfig overrides; values parsed as JSON when they parse
     (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else kept as strings."""
-    names = {f.name for f in dataclasses.fields(FitConfig)}
+    names = {f.name for f in config_fields(FitConfig)}
     out: dict = {}
     for item in items or []:
         if "=" not in item:

@@ -46,7 +46,7 @@ from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
-from dvml.heads.config import FitConfig
+from dvml.heads.config import FitConfig, config_fields
 from dvml.heads.train import fit
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _row(cell: Cell, metrics: dict, run: Path) -> dict:
 
 
 def _fit_config(cfg: AblateConfig, cell: Cell, run: Path) -> FitConfig:
-    names = {f.name for f in dataclasses.fields(FitConfig)}
+    names = {f.name for f in config_fields(FitConfig)}
     unknown = set(cfg.fit) - names
     if unknown:
         raise DvmlError(f"unknown fit option(s) {sorted(unknown)}; FitConfig has {sorted(names)}")

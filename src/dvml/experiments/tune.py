@@ -28,7 +28,6 @@ scoring unless ``keep_runs``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
 from dvml.heads import FitConfig, embed, fit
 from dvml.heads.batch import batch_size_given, fit_batch
-from dvml.heads.config import PHASE2_LAMBDAS
+from dvml.heads.config import PHASE2_LAMBDAS, config_fields
 from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
 from dvml.seeding import hold_out_classes
 
@@ -128,11 +127,11 @@ def subset(split: Split, classes: np.ndarray) -> Split:
                  paths=None if split.paths is None else split.paths[mask])
 
 
-_FIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+_FIT_DEFAULTS = {f.name: f.default for f in config_fields(FitConfig)}
 
 
 def _fit_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(FitConfig)}
+    return {f.name for f in config_fields(FitConfig)}
 
 
 LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2

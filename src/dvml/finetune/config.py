@@ -10,12 +10,7 @@ from pathlib import Path
 from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
-from dvml.heads.config import LEGACY_PHASE2_FIELDS, HeadsConfig
-
-#: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
-#: dataset's index digest is checked instead.
-CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "checkpoint_every", "resume",
-                            "overwrite"})
+from dvml.heads.config import CONTROL_FIELDS, LEGACY_PHASE2_FIELDS, HeadsConfig
 
 #: What a finetune run from before these fields were recorded trained with (the paper's heads and objective: L2
 #: reconstruction, raw z_V at unit scale; the triplet losses' pml ``nonzero`` reducer): read under its checkpoint's

@@ -32,7 +32,7 @@ C = TypeVar("C", bound=HeadsConfig)  # FitConfig or FinetuneConfig
 
 def batch_size_given(cfg: HeadsConfig) -> bool:
     """Whether ``cfg.batch_size`` was chosen by the user (else it is the loss's default, resolved)."""
-    return getattr(cfg, "_batch_size_given", True)
+    return cfg.batch_size_given
 
 
 def eligible_classes(labels: np.ndarray, per_class: int = 2, views: int | None = None) -> int:
@@ -106,7 +106,7 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
         raise DvmlError(f"{prefix}{n} training classes x {cfg.per_class} images per class cannot be split evenly "
                         f"over {multiple_of} processes; pass {batch_option}")
     fitted = dataclasses.replace(cfg, batch_size=k_fit * cfg.per_class)
-    object.__setattr__(fitted, "_batch_size_given", False)
+    object.__setattr__(fitted, "batch_size_given", False)  # replace() re-derives it from the int batch_size
     log.warning("%sbatch fitted to the data: %d training classes x %d images per class = %d images (the default "
                 "%d needs %d classes); pass %s to choose", prefix, k_fit, cfg.per_class, fitted.batch_size,
                 cfg.batch_size, k, batch_option)

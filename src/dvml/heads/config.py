@@ -18,7 +18,7 @@ images per class in a batch, and the proxies' learning rate.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
@@ -113,9 +113,14 @@ DEFAULT_PROXY_LR = 0.1
 FLOAT_FIELDS = ("recon_share", "free_bits", "variance_kappa", "lr", "proxy_lr", "weight_decay", "margin", "gamma",
                 "temperature", "label_smoothing")
 
-# Fields that control how a run is executed, not what is trained: they may differ on --resume and are
-# not part of the recorded model config.
-CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs", "diag_images", "grad_every"})
+#: Fields of the run configs (:class:`FitConfig`, :class:`~dvml.finetune.config.FinetuneConfig`) that control how a
+#: run is executed, not what is trained: they may differ on resume and are not part of the model config
+#: (``model_dict``). ``cache`` and ``root`` may move: the cache's fingerprint / the dataset's index digest is checked
+#: instead.
+CONTROL_FIELDS = frozenset({"cache", "root", "out", "resume", "overwrite", "device", "epochs", "eval_every",
+                            "diag_images", "grad_every", "workers", "checkpoint_every"})
+#: Metadata of a field that is derived, not chosen: not recorded (:func:`plain_dict`), not compared.
+DERIVED = {"recorded": False}
 
 
 def set_choice(config, name: str, choices: type[Enum]) -> None:
@@ -135,9 +140,17 @@ HEADS_KWARGS = ("embedding_size", "decoder_hidden", "dvml", "variance_space", "v
                 "metric_grad_to_variance", "centre_mu")
 
 
+def config_fields(cls) -> tuple:
+    """The fields of a config dataclass that are set (its ``__init__``'s), without the derived ones."""
+    return tuple(f for f in fields(cls) if f.init)
+
+
 def plain_dict(config) -> dict:
     """A config dataclass as JSON-ready python: ``asdict`` with paths and enums as strings, tuples as lists."""
     d = asdict(config)
+    for f in fields(config):
+        if not f.metadata.get("recorded", True):
+            del d[f.name]
     for k, v in d.items():
         if isinstance(v, Path):
             d[k] = str(v)
@@ -298,6 +311,9 @@ class HeadsConfig:
     temperature: float | None = None
     label_smoothing: float | None = None
     seed: int = 0
+    #: Derived: whether ``batch_size`` was chosen (not ``None``) or is the loss's default, which a fit may fit to
+    #: the data (:mod:`dvml.heads.batch`). Not recorded: a recorded config's batch was the one used.
+    batch_size_given: bool = field(default=True, init=False, repr=False, compare=False, metadata=DERIVED)
 
     def __post_init__(self):
         s = object.__setattr__
@@ -356,7 +372,7 @@ class HeadsConfig:
         s(self, "proxy_lr", float(self.proxy_lr) if self.proxy_lr is not None else DEFAULT_PROXY_LR)
         if not self.proxy_lr > 0:
             raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
-        s(self, "_batch_size_given", self.batch_size is not None)  # else fitted to the data (heads.batch)
+        s(self, "batch_size_given", self.batch_size is not None)  # else fitted to the data (heads.batch)
         s(self, "batch_size", int(self.batch_size) if self.batch_size is not None
           else default_batch_size(self.loss))
         s(self, "per_class", int(self.per_class) if self.per_class is not None else default_per_class(self.loss))
@@ -479,13 +495,13 @@ class FitConfig(HeadsConfig):
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""
-        return {k: v for k, v in self.to_dict().items() if k not in CONTROL_FIELDS and k not in ("cache", "out")}
+        return {k: v for k, v in self.to_dict().items() if k not in CONTROL_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> FitConfig:
         """A recorded config (``config.json``, a checkpoint's) back as a FitConfig. Every field is recorded, but
         ``recon_share`` only since it exists: a config without it trained with k = 1 and, if it lacks them too,
         the paper's phase-2 λs (dvml's defaults until issue 14's sixth round), not today's defaults."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in config_fields(cls)}
         d = {**LEGACY_PHASE2_FIELDS, **d}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})

@@ -23,28 +23,15 @@ from dvml import runs as R
 from dvml.errors import DvmlError
 from dvml.heads.config import HeadsConfig
 from dvml.heads.model import Gather
-from dvml.heads.objective import TERMS, DVMLLoss
-from dvml.losses import MetricLoss, make_metric_loss
+from dvml.heads.objective import TERMS, DVMLLoss, metric_loss  # noqa: F401  (metric_loss: importable from here)
+from dvml.losses import MetricLoss
 from dvml.losses.registry import loss_spec
-
-
-def metric_loss(cfg: HeadsConfig, n_classes: int, generator: torch.Generator | None = None) -> MetricLoss:
-    """``cfg``'s metric loss Lm, every setting given at construction: its parameters, proxies seeded by ``cfg.seed``
-    (the same for a baseline and a DVML fit), the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4
-    sum over triplets), the triplet input (``triplet_input``, a fit-heads field) and ``generator`` for the loss's
-    own draws."""
-    return make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
-                            reducer=cfg.metric_reduction, fixed_triplets=getattr(cfg, "triplet_input", False),
-                            generator=generator, **cfg.loss_params())
 
 
 def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None,
               target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None) -> DVMLLoss:
-    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits, synthetic pairs);
-    ``gather``, ``target_mean``, ``target_std`` as :class:`~dvml.heads.objective.DVMLLoss`'s."""
-    return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
-                    free_bits=cfg.free_bits, target_mean=target_mean, target_std=target_std, gather=gather,
-                    synthetic_pairs=cfg.synthetic_pairs)
+    """The four-term loss of ``cfg`` around ``metric`` (:meth:`~dvml.heads.objective.DVMLLoss.from_config`)."""
+    return DVMLLoss.from_config(cfg, metric=metric, gather=gather, target_mean=target_mean, target_std=target_std)
 
 
 @dataclass(frozen=True)
