@@ -18,7 +18,7 @@ import numpy as np
 
 from dvml import files
 from dvml import runs as R
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.retrieval import knn
 from dvml.retrieval import metrics as M
 from dvml.retrieval.knn import Metric
@@ -57,9 +57,9 @@ def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise ValueError(f"--ks must be comma-separated positive integers, got {text!r}") from None
+        raise FieldError(f"`ks` must be comma-separated positive integers, got {text!r}") from None
     if not ks or ks[0] < 1:
-        raise ValueError(f"--ks must be comma-separated positive integers, got {text!r}")
+        raise FieldError(f"`ks` must be comma-separated positive integers, got {text!r}")
     return tuple(ks)
 
 
@@ -87,7 +87,7 @@ def _check_ks(ks: Sequence[int], n_candidates: int, where: str, what: str) -> tu
         raise EvaluationError(f"{where}: K values must be positive integers, got {ks}")
     if ks[-1] > n_candidates:
         raise EvaluationError(f"{where}: K={ks[-1]} is larger than the set: each query has only "
-                              f"{n_candidates} {what} (pass smaller --ks)")
+                              f"{n_candidates} {what} (pass smaller `ks`)")
     return ks
 
 

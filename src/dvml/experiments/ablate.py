@@ -501,15 +501,15 @@ def _check_earlier_grid(cfg: AblateConfig, prov_path: Path, fp: str) -> None:
     try:
         old = json.loads(prov_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DvmlError(f"{prov_path}: unreadable ({e}) while {len(done)} cell(s) finished; use another --out") \
+        raise DvmlError(f"{prov_path}: unreadable ({e}) while {len(done)} cell(s) finished; use another `out`") \
             from None
     if old.get("cache_fingerprint") not in (None, fp):
         raise DvmlError(f"{cfg.out} holds an ablation of a different cache (fingerprint "
-                        f"{old['cache_fingerprint']}, now {fp}) with {len(done)} finished cell(s); use another --out")
+                        f"{old['cache_fingerprint']}, now {fp}) with {len(done)} finished cell(s); use another `out`")
     if old.get("fit") not in (None, _jsonable(cfg.fit)):
         raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}) and {len(done)} "
                         f"finished cell(s); resuming with {_jsonable(cfg.fit)} would mix them in one table; use "
-                        "another --out")
+                        "another `out`")
 
 
 def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:

@@ -116,7 +116,7 @@ def split_train_classes(labels: np.ndarray, val_fraction: float, seed: int) -> t
     if n_val < 2 or classes.size - n_val < 2:
         raise DvmlError(f"the training split has {classes.size} classes: holding out {val_fraction:.0%} "
                         f"leaves {classes.size - n_val} to fit and {n_val} to validate; both need >= 2 "
-                        "(change --val-fraction)")
+                        "(change `val_fraction`)")
     return hold_out_classes(labels, n_val, seed)
 
 
@@ -161,7 +161,7 @@ def search_space(cfg: TuneConfig) -> list[str]:
     try:
         loss = LossName(cfg.loss)
     except ValueError:
-        raise DvmlError(f"--loss must be one of {', '.join(m.value for m in LossName)}, got {cfg.loss!r}") from None
+        raise DvmlError(f"`loss` must be one of {', '.join(m.value for m in LossName)}, got {cfg.loss!r}") from None
     space = ["lr"]
     space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(loss, {})]
     epochs = cfg.fit.get("epochs", _FIT_DEFAULTS["epochs"])
@@ -178,8 +178,8 @@ def search_space(cfg: TuneConfig) -> list[str]:
         asked = set(cfg.search) & set(PHASE2_NAMES)
         if cfg.dvml and asked and not has_phase2:
             raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
-                            f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (--epochs), so they "
-                            "would never be used; pass --set phase2_epoch=N with N < --epochs, or search without "
+                            f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (`epochs`), so they "
+                            "would never be used; pass --set phase2_epoch=N with N < `epochs`, or search without "
                             "them")
         unknown = set(cfg.search) - set(space)
         if unknown:
@@ -294,7 +294,7 @@ def _open_storage(url: str):
     try:
         return optuna.storages.get_storage(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL or server
-        raise DvmlError(f"--storage {url}: cannot open the study storage ({type(e).__name__}: "
+        raise DvmlError(f"`storage` {url}: cannot open the study storage ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
@@ -356,12 +356,12 @@ def _open_study(cfg: TuneConfig, fp: str, val_classes: np.ndarray, storage=None)
                                 study_name=_study_name(cfg, fp), direction="maximize", load_if_exists=True)
     old_fp = study.user_attrs.get("cache_fingerprint")
     if old_fp not in (None, fp):
-        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
-                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
+        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '`storage`'} "
+                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another `study_name`")
     old_val = study.user_attrs.get("val_classes")
     if old_val not in (None, [int(c) for c in val_classes]):
-        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
-                        "--val-fraction); its trials would not be comparable: use another --study-name")
+        raise DvmlError(f"study {study.study_name!r} validated on other classes (another `seed` or "
+                        "`val_fraction`); its trials would not be comparable: use another `study_name`")
     study.set_user_attr("cache_fingerprint", fp)
     study.set_user_attr("val_classes", [int(c) for c in val_classes])
     # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared

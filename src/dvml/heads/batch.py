@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, render_fields
 from dvml.heads.config import HeadsConfig
 from dvml.heads.sampler import drawable
 from dvml.losses.registry import loss_spec
@@ -63,8 +63,8 @@ def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -
     return "; ".join(fixes)
 
 
-def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "--batch-size",
-              per_class_option: str = "--per-class {}", multiple_of: int = 1,
+def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "`batch_size`",
+              per_class_option: str = "`per_class` {}", multiple_of: int = 1,
               views: int | None = None) -> tuple[C, dict]:
     """``cfg`` with its batch fitted to ``labels`` (the training split's labels, before any hold-out).
 
@@ -74,7 +74,7 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
         (eligible), "default" (when fitted)}``.
     Raises:
         DvmlError: a given ``batch_size`` needs more eligible classes than the data has, or fewer than 2 are
-            eligible. ``batch_option`` / ``per_class_option`` are how the calling command spells the options
+            eligible. ``batch_option`` / ``per_class_option`` name the fields (marked as :mod:`dvml.errors` says)
             (a format string, e.g. ``--set per_class={}`` for ablate). ``multiple_of``: a fitted batch is a
             multiple of this (finetune's global batch is split over that many processes). ``views``: views per
             image of a feature cache (fit-heads), so classes without ``per_class`` distinct (image, view) pairs
@@ -109,6 +109,6 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
     object.__setattr__(fitted, "batch_size_given", False)  # replace() re-derives it from the int batch_size
     log.warning("%sbatch fitted to the data: %d training classes x %d images per class = %d images (the default "
                 "%d needs %d classes); pass %s to choose", prefix, k_fit, cfg.per_class, fitted.batch_size,
-                cfg.batch_size, k, batch_option)
+                cfg.batch_size, k, render_fields(batch_option))
     return fitted, {"batch_size": fitted.batch_size, "per_class": cfg.per_class, "classes": n, "source": "fitted",
                     "default": cfg.batch_size}

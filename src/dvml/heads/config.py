@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
+from dvml.errors import FieldError
 from dvml.losses.names import (
     CROSS_PAIR_NAMES,
     LOSS_PARAM_DEFAULTS,  # noqa: F401  (importable from here, as before)
@@ -130,8 +131,7 @@ def set_choice(config, name: str, choices: type[Enum]) -> None:
     try:
         object.__setattr__(config, name, choices(value))
     except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(m.value for m in choices)}, "
-                         f"got {value!r}") from None
+        raise FieldError(f"`{name}` must be one of {', '.join(m.value for m in choices)}, got {value!r}") from None
 
 
 #: The fields of :class:`HeadsConfig` that are :class:`~dvml.heads.model.DVMLHeads`' keyword arguments after
@@ -317,13 +317,10 @@ class HeadsConfig:
 
     def __post_init__(self):
         s = object.__setattr__
-        try:
-            s(self, "loss", resolve_loss(self.loss))
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
+        s(self, "loss", resolve_loss(self.loss))
         spec = loss_spec(self.loss)
         if self.dvml and not spec.dvml:
-            raise ValueError(f"--loss {self.loss.value} cannot be DVML's metric loss; fit the baseline (--no-dvml)")
+            raise FieldError(f"`loss` {self.loss.value} cannot be DVML's metric loss; fit the baseline (`dvml` off)")
         if self.reduction is None:
             s(self, "reduction", default_reduction(self.loss))
         set_choice(self, "reduction", Reduction)
@@ -339,8 +336,8 @@ class HeadsConfig:
                               ("synthetic_pairs", SyntheticPairs)):
             set_choice(self, name, choices)
         if self.synthetic_pairs is SyntheticPairs.cross and not spec.cross_pairs:
-            raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
-                             f"--loss {self.loss.value}")
+            raise FieldError(f"`synthetic_pairs` cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
+                             f"`loss` {self.loss.value}")
         for name in FLOAT_FIELDS:
             v = getattr(self, name)
             if v is not None and not math.isfinite(float(v)):
@@ -395,8 +392,8 @@ class HeadsConfig:
                 object.__setattr__(self, name, takes.get(name))
                 continue
             if name not in takes:
-                has = ", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none"
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to --loss {self.loss.value} "
+                has = ", ".join(f"`{k}`" for k in takes) or "none"
+                raise FieldError(f"`{name}` does not apply to `loss` {self.loss.value} "
                                  f"(its parameters: {has})")
             value = float(value)
             if name == "temperature" and not value > 0:
@@ -489,9 +486,9 @@ class FitConfig(HeadsConfig):
             raise ValueError("diag_images and grad_every must be >= 0")
         if self.triplet_input:
             if "fixed_triplets" not in loss_spec(self.loss).settings:
-                raise ValueError(f"--triplet-input applies to --loss triplet only, got {self.loss.value}")
+                raise FieldError(f"`triplet_input` applies to `loss` triplet only, got {self.loss.value}")
             if self.batch_size % 3:
-                raise ValueError(f"--triplet-input needs a batch size divisible by 3, got {self.batch_size}")
+                raise FieldError(f"`triplet_input` needs a batch size divisible by 3, got {self.batch_size}")
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""

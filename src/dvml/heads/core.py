@@ -65,7 +65,7 @@ def optimizer(cfg, heads: Iterable[torch.nn.Parameter], loss_params: list[torch.
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.proxy_lr, "weight_decay": 0.0})
     elif loss_spec(cfg.loss).proxies:
-        raise DvmlError(f"--loss {cfg.loss.value}: the loss module has no proxies to train")
+        raise DvmlError(f"`loss` {cfg.loss.value}: the loss module has no proxies to train")
     if fused:
         try:  # one fused kernel per step instead of ~10 elementwise passes per parameter
             return torch.optim.Adam(groups, fused=True)
@@ -76,15 +76,15 @@ def optimizer(cfg, heads: Iterable[torch.nn.Parameter], loss_params: list[torch.
 
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise DvmlError(f"--out {out}: exists and is not a directory")
+        raise DvmlError(f"`out` {out}: exists and is not a directory")
 
 
 def check_resume_config(out: Path, old: dict, new: dict) -> None:
     """Refuse ``--resume`` when what is trained differs (``old``: the run's model dict, ``new``: this one's)."""
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
     if diff:
-        raise DvmlError(f"{out}: --resume with a different config ({'; '.join(diff)}); rerun with the original "
-                        "options or use --overwrite")
+        raise DvmlError(f"{out}: `resume` with a different config ({'; '.join(diff)}); rerun with the original "
+                        "options or use `overwrite`")
 
 
 def start_log(out: Path, resumed_epoch: int | None) -> None:

@@ -90,17 +90,17 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
         return None
     if not heads.exists():
         if (out / R.CONFIG_FILE).exists() and not cfg.resume:
-            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
-                            "--overwrite")
+            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass `resume` to start it again or "
+                            "`overwrite`")
         return None
     ckpt = R.load_checkpoint(out)
     done, finished = int(ckpt.get("epochs_done", 0)), bool(ckpt.get("finished", False))
     if not cfg.resume:
         if finished:
-            raise DvmlError(f"{out}: holds a finished run ({done} epochs); pass --overwrite to replace it (or "
-                            "choose another --out)")
+            raise DvmlError(f"{out}: holds a finished run ({done} epochs); pass `overwrite` to replace it (or "
+                            "choose another `out`)")
         raise DvmlError(f"{out}: holds an unfinished run (epoch {done} of {ckpt['config'].get('epochs')}); pass "
-                        "--resume to continue it or --overwrite to start again")
+                        "`resume` to continue it or `overwrite` to start again")
     check_resume_config(out, FitConfig.from_dict(ckpt["config"]).model_dict(), cfg.model_dict())
     return ckpt
 
@@ -110,10 +110,10 @@ def _hold_out_validation(train: Split, k: int, seed: int, min_train_classes: int
     (train', val features (M, D) of view 0, val labels (M,))."""
     n_classes = len(np.unique(train.labels))
     if k >= n_classes:
-        raise DvmlError(f"{where}: --val-classes {k} holds out every training class (there are {n_classes}); "
+        raise DvmlError(f"{where}: `val_classes` {k} holds out every training class (there are {n_classes}); "
                         "hold out fewer, leaving enough to train on")
     if k + min_train_classes > n_classes:
-        raise DvmlError(f"{where}: --val-classes {k} leaves {n_classes - k} training classes, fewer than the "
+        raise DvmlError(f"{where}: `val_classes` {k} leaves {n_classes - k} training classes, fewer than the "
                         f"{min_train_classes} a batch needs")
     _, val_cls = hold_out_classes(train.labels, k, seed)
     is_val = np.isin(train.labels, val_cls)
@@ -155,8 +155,8 @@ class _HeadsFit:
         self.info = read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
         if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
-            raise DvmlError(f"{out}: --resume on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
-                            f"on {ckpt.get('cache_fingerprint')}); use --overwrite to start again")
+            raise DvmlError(f"{out}: `resume` on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
+                            f"on {ckpt.get('cache_fingerprint')}); use `overwrite` to start again")
         self.device = device = resolve_device(cfg.device)
         self._load_data(train, test)
         seed_everything(cfg.seed)
@@ -348,7 +348,7 @@ class _HeadsFit:
                 raise
         bad = torch.nonzero(~finite[:step + 1]).flatten()
         if bad.numel():
-            detail, hint = f"{cfg.loss.value}, lr {cfg.lr}", "check the features for NaN/inf or lower --lr"
+            detail, hint = f"{cfg.loss.value}, lr {cfg.lr}", "check the features for NaN/inf or lower `lr`"
             if epoch == 0:  # never name a heads.pt that was never written
                 raise DvmlError(f"non-finite loss at epoch 1, step {int(bad[0]) + 1} of {steps} ({detail}); no "
                                 f"epoch finished, so no checkpoint was written; {hint}")

@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from dvml.errors import FieldError
+
 #: Every loss parameter a fit can set (a field of the heads' config each); a spec's ``params`` is a subset.
 LOSS_PARAM_NAMES = ("margin", "gamma", "temperature", "label_smoothing")
 #: Construction settings a factory may take besides its parameters (listed in the spec's ``settings``).
@@ -127,7 +129,7 @@ def loss_spec(name) -> LossSpec:
     try:
         return _REGISTRY[key]
     except (KeyError, TypeError):
-        raise ValueError(f"loss must be one of {', '.join(_REGISTRY)}, got {key!r}") from None
+        raise FieldError(f"`loss` must be one of {', '.join(_REGISTRY)}, got {key!r}") from None
 
 
 def resolve_loss(name):
