@@ -15,7 +15,6 @@ from pytorch_metric_learning import distances, losses, miners, reducers
 
 from dvml.losses.dr import (
     COS_EPS,
-    PROXY_LR_MULTIPLIER,
     PROXY_NCA_PP_TEMPERATURE,
     DRProxyNCALoss,
     DRTripletLoss,
@@ -461,12 +460,11 @@ def test_proxies_survive_state_dict_save_load(idx):
     assert _val(fresh(x, y)) == _val(loss(x, y))
 
 
-def test_proxy_init_seeded_and_lr_multiplier():
+def test_proxy_init_seeded():
     a = DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(3))
     b = DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.proxies, b.proxies)
-    assert a.proxy_lr_multiplier == PROXY_LR_MULTIPLIER == ProxyNCAPlusPlusLoss.proxy_lr_multiplier
-    assert ProxyNCAPlusPlusLoss(5, 4, proxy_lr_multiplier=10.0).proxy_lr_multiplier == 10.0
+    assert not torch.equal(a.proxies, DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(4)).proxies)
 
 
 @pytest.mark.parametrize("cls", [DRProxyNCALoss, ProxyNCAPlusPlusLoss])

@@ -163,11 +163,6 @@ def plain_dict(config) -> dict:
     return d
 
 
-def default_synthetic_pairs(loss: LossName) -> SyntheticPairs:
-    """What Lm(ẑ) pairs by default: ``within`` (the paper's eq. 10) for every loss."""
-    return SyntheticPairs.within
-
-
 def default_batch_size(loss: LossName) -> int:
     """The loss's registry default: the paper's 120 for the triplet input, 128 for pair- and batch-based losses."""
     return loss_spec(loss).batch_size
@@ -260,7 +255,7 @@ class HeadsConfig:
         synthetic_pairs: what Lm(ẑ) pairs: ``within`` (the paper's eq. 10: each synthetic batch alone) or
             ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
             paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
-            :func:`default_synthetic_pairs`. ``cross`` is for triplet, triplet-dws and npair. Measured (issue 14,
+            ``within``. ``cross`` is for triplet, triplet-dws and npair. Measured (issue 14,
             validation classes of both sets): cross leaves validation Recall@1 where it was and brings the sum of
             Lm(z_I)'s and Lm(ẑ)'s gradients *closer* to Lm(z_I)'s (the draws' noise on one side of each
             distance, not both).
@@ -330,7 +325,7 @@ class HeadsConfig:
             s(self, "metric_reduction", MetricReduction.sum if self.reduction is Reduction.sum
               else MetricReduction.nonzero)
         if self.synthetic_pairs is None:
-            s(self, "synthetic_pairs", default_synthetic_pairs(self.loss))
+            s(self, "synthetic_pairs", SyntheticPairs.within)  # the paper's eq. 10, for every loss
         for name, choices in (("metric_reduction", MetricReduction), ("likelihood", Likelihood),
                               ("variance_space", VarianceSpace), ("variance_scale", VarianceScale),
                               ("synthetic_pairs", SyntheticPairs)):

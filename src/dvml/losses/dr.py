@@ -57,11 +57,9 @@ the smoothed targets of the official ``binarize_and_smooth_labels`` (which the o
 over every class). Batch loss: mean. τ's default is :data:`PROXY_NCA_PP_TEMPERATURE` (see there).
 
 Proxies are ``nn.Parameter`` of shape (C, E), initialised ``N(0, 1)`` as in pml, so they are in the
-loss ``state_dict`` and can form their own optimizer group: ``loss.proxy_lr_multiplier`` (default
-:data:`PROXY_LR_MULTIPLIER`) is a factor for the base learning rate of ``loss.parameters()`` (ProxyNCA++'s
-"fast moving proxies"), for an optimizer of the user's own. dvml's trainers do not read it: they give the proxies
-``proxy_lr`` (:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the heads' lr). Labels must be class
-indices in ``[0, num_classes)``.
+loss ``state_dict`` and form their own optimizer group: dvml's trainers give them ``proxy_lr``
+(:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the heads' lr: ProxyNCA++'s "fast moving proxies").
+Labels must be class indices in ``[0, num_classes)``.
 """
 
 from __future__ import annotations
@@ -75,9 +73,6 @@ from torch import Tensor, nn
 
 from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName
 
-#: Learning-rate factor for proxies relative to the base lr (proxy losses' default ``proxy_lr_multiplier``), for
-#: an optimizer built outside dvml; dvml's trainers use ``proxy_lr`` instead.
-PROXY_LR_MULTIPLIER = 100.0
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["margin"]
 DR_TRIPLET_GAMMA = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["gamma"]
@@ -327,15 +322,12 @@ class _ProxyLoss(nn.Module):
     """Shared part of the proxy losses: proxies (C, E), the temperature τ > 0, label checks, normalised
     distances."""
 
-    proxy_lr_multiplier: float = PROXY_LR_MULTIPLIER
-
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         *,
         temperature: float,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -348,10 +340,6 @@ class _ProxyLoss(nn.Module):
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.temperature = float(temperature)
-        if proxy_lr_multiplier is not None:
-            if proxy_lr_multiplier <= 0:
-                raise ValueError(f"proxy_lr_multiplier must be > 0, got {proxy_lr_multiplier}")
-            self.proxy_lr_multiplier = float(proxy_lr_multiplier)
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size, generator=generator))
 
     def extra_repr(self) -> str:
@@ -400,7 +388,6 @@ class DRProxyNCALoss(_ProxyLoss):
             plain distances with the negatives-only denominator.
         temperature: τ > 0; the exponent ``−(d + γ·cos)`` is divided by it (default 1: the reference's).
         eps: norms ≤ eps make the cosine 0.
-        proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
     """
 
@@ -412,10 +399,9 @@ class DRProxyNCALoss(_ProxyLoss):
         temperature: float = DR_PROXY_NCA_TEMPERATURE,
         *,
         eps: float = COS_EPS,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+        super().__init__(num_classes, embedding_size, temperature=temperature,
                          generator=generator)
         self.gamma = float(gamma)
         self.eps = float(eps)
@@ -447,7 +433,6 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         temperature: τ > 0 (default :data:`PROXY_NCA_PP_TEMPERATURE`).
         label_smoothing: ε in [0, 1): target 1 − ε on the own proxy, ε / (C − 1) on each other one (default 0,
             the official training's).
-        proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
     """
 
@@ -458,10 +443,9 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         temperature: float = PROXY_NCA_PP_TEMPERATURE,
         label_smoothing: float = PROXY_NCA_PP_LABEL_SMOOTHING,
         *,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+        super().__init__(num_classes, embedding_size, temperature=temperature,
                          generator=generator)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
