@@ -24,7 +24,6 @@ import torch
 from dvml import devices
 from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
-from dvml.cache import schema as S
 from dvml.errors import DvmlError
 from dvml.files import make_dir
 from dvml.heads import diagnostics as diag
@@ -61,15 +60,14 @@ def _recall_at_1(emb: torch.Tensor, labels: np.ndarray, roles: np.ndarray | None
     against the gallery, a row that is both never retrieving itself."""
     from dvml.retrieval import knn
     from dvml.retrieval.metrics import recall_at_k
+    from dvml.retrieval.protocol import query_gallery
 
     x = emb.detach().float().cpu().numpy()
     if roles is None:
         _, idx = knn.search(x, 1, metric="cosine")
         return recall_at_k(labels[idx], labels, (1,))["recall@1"]
-    q, g = np.flatnonzero(roles & S.ROLE_QUERY), np.flatnonzero(roles & S.ROLE_GALLERY)
-    pos = np.full(len(labels), -1)
-    pos[g] = np.arange(g.size)
-    _, idx = knn.search(x[q], 1, database=x[g], metric="cosine", exclude=pos[q])
+    q, g, exclude = query_gallery(roles)
+    _, idx = knn.search(x[q], 1, database=x[g], metric="cosine", exclude=exclude)
     return recall_at_k(labels[g][idx], labels[q], (1,))["recall@1"]
 
 
