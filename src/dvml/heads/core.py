@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -34,20 +35,28 @@ def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None
     return DVMLLoss.from_config(cfg, metric=metric, gather=gather, target_mean=target_mean, target_std=target_std)
 
 
+class FitEventKind(str, Enum):
+    """What a :class:`FitEvent` reports."""
+
+    start = "start"  # epoch = the first epoch to run, 0-based
+    step = "step"  # step steps of epoch done
+    epoch = "epoch"  # record = the epoch's log record
+    end = "end"
+
+
 @dataclass(frozen=True)
 class FitEvent:
-    """Progress report handed to a trainer's callback.
+    """Progress report handed to a trainer's callback (``kind``: :class:`FitEventKind`, or its value)."""
 
-    kind: "start" (epoch = first epoch to run, 0-based), "step" (step steps of epoch done), "epoch" (record =
-    the epoch's log record), "end".
-    """
-
-    kind: str
+    kind: FitEventKind
     epoch: int
     epochs: int
     step: int
     steps: int
     record: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", FitEventKind(self.kind))
 
 
 Callback = Callable[[FitEvent], None]

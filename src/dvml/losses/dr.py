@@ -21,9 +21,9 @@ L2-normalised) embeddings, for each triplet ``(a, p, n)`` (``y_a = y_p``, ``a �
 
 A negative lying in the positive's direction from the anchor (cos → 1) counts less, so the gradient
 pushes negatives away perpendicular to the anchor–positive line. The batch loss is the **mean of ``ℓ`` over
-all triplets** (``TripletReduction.mean``), as the reference implementation of seed ``003_…``
+all triplets** (``MetricReduction.mean``), as the reference implementation of seed ``003_…``
 (alpoler/mohan2020, ``loss/mvrloss.py``, ``MVR_Triplet``: ``torch.mean(penalties)``) computes it — its Optuna-tuned
-margin 0.278 and γ 0.492 (the defaults here) were found with that mean. ``TripletReduction.nonzero_mean`` (the
+margin 0.278 and γ 0.492 (the defaults here) were found with that mean. ``MetricReduction.nonzero`` (the
 reduction of pytorch-metric-learning's ``TripletMarginLoss``: ``AvgNonZeroReducer``) averages over the triplets
 with ``ℓ > 0`` instead; with it and γ = 0 this is pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised
 embeddings, p = 2, power 1), up to float rounding.
@@ -65,13 +65,12 @@ Labels must be class indices in ``[0, num_classes)``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName, MetricReduction
 
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["margin"]
@@ -93,11 +92,9 @@ PROXY_NCA_PP_LABEL_SMOOTHING = LOSS_PARAM_DEFAULTS[LossName.proxy_nca_pp]["label
 Miner = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 
 
-class TripletReduction(str, Enum):
-    """How DR-Triplet averages per-triplet losses."""
-
-    nonzero_mean = "nonzero-mean"  # mean over triplets with loss > 0 (pml AvgNonZeroReducer)
-    mean = "mean"  # mean over all triplets
+#: The reductions DR-Triplet takes (:class:`~dvml.losses.names.MetricReduction`, the triplet losses' one enum):
+#: ``nonzero`` = the mean over triplets with loss > 0 (pml AvgNonZeroReducer), ``mean`` = over all triplets.
+DR_TRIPLET_REDUCTIONS = (MetricReduction.nonzero, MetricReduction.mean)
 
 
 def _check_batch(embeddings: Tensor, labels: Tensor, batched: bool) -> None:
@@ -170,7 +167,7 @@ class DRTripletLoss(nn.Module):
         miner: optional pml-style miner ``miner(embeddings (B, E), labels (B,)) -> (a, p, n)``; without
             one, all valid triplets of the batch are used.
         normalize_embeddings: L2-normalise embeddings first (pml ``LpDistance`` default).
-        reduction: :class:`TripletReduction` (default: ``mean`` over all triplets, the seed reference's).
+        reduction: :data:`DR_TRIPLET_REDUCTIONS` (default: ``mean`` over all triplets, the seed reference's).
         eps: norms ≤ eps make the cosine 0 (see :func:`safe_cosine`).
 
     All valid triplets are computed without a python loop: class-balanced batches (every class m ≥ 2
@@ -185,7 +182,7 @@ class DRTripletLoss(nn.Module):
         miner: Miner | None = None,
         *,
         normalize_embeddings: bool = True,
-        reduction: TripletReduction | str = TripletReduction.mean,
+        reduction: MetricReduction | str = MetricReduction.mean,
         eps: float = COS_EPS,
     ) -> None:
         super().__init__()
@@ -197,7 +194,10 @@ class DRTripletLoss(nn.Module):
         self.gamma = float(gamma)
         self.miner = miner
         self.normalize_embeddings = normalize_embeddings
-        self.reduction = TripletReduction(reduction)
+        self.reduction = MetricReduction(reduction)
+        if self.reduction not in DR_TRIPLET_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(r.value for r in DR_TRIPLET_REDUCTIONS)}, got "
+                             f"{self.reduction.value!r}")
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
@@ -274,7 +274,7 @@ class DRTripletLoss(nn.Module):
         if n_triplets == 0:
             return (embeddings * 0).sum()
         losses = losses.flatten(1)
-        if self.reduction is TripletReduction.mean:
+        if self.reduction is MetricReduction.mean:
             return losses.sum(dim=1).mean() / n_triplets
         count = (losses > 0).sum(dim=1).clamp_min(1)  # rows without a positive loss sum to 0 -> 0
         return (losses.sum(dim=1) / count).mean()

@@ -54,6 +54,8 @@ same proxies whatever layers were built before.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,13 +78,21 @@ def _as_tb(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings
 
 
+class Strategy(str, Enum):
+    """How a :class:`MetricLoss` computes its T batches (the module docstring)."""
+
+    batched = "batched"  # one vectorised pass over (T, B, E)
+    flatten = "flatten"  # a per-sample loss over one (T·B, E) batch
+    loop = "loop"  # the loss called once per t
+
+
 class MetricLoss(nn.Module):
     """Base: ``forward(embeddings (T, B, E) | (B, E), labels (B,)) -> mean over t of Lm(embeddings[t], labels)``.
 
-    ``strategy`` says how the T batches are computed (``"batched"``, ``"flatten"`` or ``"loop"``).
+    ``strategy`` (:class:`Strategy`) says how the T batches are computed.
     """
 
-    strategy = "loop"
+    strategy = Strategy.loop
     #: The generator of the loss's own random draws (``None``: the global RNG); a trainer may set it per step.
     generator: torch.Generator | None = None
     #: Whether :meth:`forward` takes ``anchors`` (the cross pairs of the synthetic term, ``--synthetic-pairs cross``).
@@ -116,7 +126,7 @@ class MetricLoss(nn.Module):
 class LoopOverT(MetricLoss):
     """Any ``loss(emb, labels[, indices_tuple])`` module (+ optional pml miner), called once per t."""
 
-    strategy = "loop"
+    strategy = Strategy.loop
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
         super().__init__()
@@ -137,7 +147,7 @@ class ForwardBatched(MetricLoss):
     """A loss module with its own vectorised ``forward_batched(embeddings (T, B, E), labels (B,))`` (the
     direction-regularised losses of :mod:`dvml.losses.dr`); ``(B, E)`` inputs go through it as T = 1."""
 
-    strategy = "batched"
+    strategy = Strategy.batched
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -150,7 +160,7 @@ class ForwardBatched(MetricLoss):
 class FlattenT(MetricLoss):
     """A per-sample loss with a plain mean over samples: the T batches are one (T·B, E) batch."""
 
-    strategy = "flatten"
+    strategy = Strategy.flatten
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -227,7 +237,7 @@ class BatchedTripletLoss(MetricLoss):
     triplet. ``generator`` drives the draws (a trainer may replace it per step).
     """
 
-    strategy = "batched"
+    strategy = Strategy.batched
     takes_anchors = True
 
     def __init__(self, margin: float = TRIPLET_MARGIN, squared: bool = True, dws: bool = False,
@@ -360,7 +370,7 @@ class BatchedNPairLoss(MetricLoss):
     embedding of the batch (pml ``embedding_regularizer=LpRegularizer(power=2)``). Mean over t.
     """
 
-    strategy = "batched"
+    strategy = Strategy.batched
     takes_anchors = True
 
     def __init__(self, l2_reg: float = NPAIR_L2_REG):
