@@ -98,3 +98,12 @@ def test_a_registered_loss_fits_through_the_cli(tmp_path, toy_loss):
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "r2"), "--loss", TOY])
     assert r.exit_code == 2 and "is not one of" in r.output
     register_loss(LossSpec(TOY, CentroidSoftmax, params={"temperature": 0.5}))  # for the fixture's clean-up
+
+
+def test_tune_takes_a_loss_name_as_the_fits_do(toy_loss, tmp_path):
+    from dvml.experiments.tune import TuneConfig
+
+    assert TuneConfig(cache=tmp_path / "c.h5", loss="triplet-dws").loss is LossName.triplet_dws
+    assert TuneConfig(cache=tmp_path / "c.h5", loss=TOY).loss == TOY
+    with pytest.raises(ValueError, match="^loss must be one of triplet, npair, .*, got 'nope'$"):
+        TuneConfig(cache=tmp_path / "c.h5", loss="nope")

@@ -48,7 +48,8 @@ from dvml.evaluate import evaluate_embeddings
 from dvml.heads import FitConfig, embed, fit
 from dvml.heads.batch import batch_size_given, fit_batch
 from dvml.heads.config import PHASE2_LAMBDAS, config_fields
-from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
+from dvml.losses import LossName
+from dvml.losses.registry import loss_spec, resolve_loss
 from dvml.seeding import hold_out_classes
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class TuneConfig:
     """
 
     cache: Path
-    loss: str = "triplet"
+    loss: LossName | str = LossName.triplet
     dvml: bool = True
     trials: int = 20
     out: Path = Path("dvml-tune")
@@ -91,6 +92,7 @@ class TuneConfig:
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "loss", resolve_loss(self.loss))  # a registered loss (FieldError otherwise)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if not 0 < self.val_fraction < 1:
@@ -158,12 +160,8 @@ def search_space(cfg: TuneConfig) -> list[str]:
     direction weight ``gamma`` are searched for the losses that take them
     (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
     """
-    try:
-        loss = LossName(cfg.loss)
-    except ValueError:
-        raise DvmlError(f"`loss` must be one of {', '.join(m.value for m in LossName)}, got {cfg.loss!r}") from None
     space = ["lr"]
-    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(loss, {})]
+    space += [p for p in ("margin", "gamma") if p in loss_spec(cfg.loss).params]
     epochs = cfg.fit.get("epochs", _FIT_DEFAULTS["epochs"])
     phase2 = cfg.fit.get("phase2_epoch", _FIT_DEFAULTS["phase2_epoch"])
     has_phase2 = phase2 < epochs  # else the phase-2 weights are never used: searching them would be noise
@@ -224,7 +222,7 @@ def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _study_name(cfg: TuneConfig, fp: str) -> str:
-    return cfg.study_name or f"dvml-{cfg.loss}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
+    return cfg.study_name or f"dvml-{cfg.loss.value}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
 
 
 def fit_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> FitConfig:
@@ -306,7 +304,7 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
     train, val = subset(train_all, fit_classes), subset(train_all, val_classes)
     del train_all
     log.info("tuning %s (%s) on %d fit / %d validation classes of the training split; searching %s",
-             cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
+             cfg.loss.value, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
 
     study, sampler_seed = _open_study(cfg, fp, val_classes, storage)
 
@@ -385,7 +383,7 @@ def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val
     files.write_json(best_dict, cfg.out / BEST_CONFIG_FILE)
     summary = {
         "study_name": study.study_name, "storage": cfg.storage_url() if cfg.storage is None else "(given)",
-        "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss, "dvml": cfg.dvml,
+        "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss.value, "dvml": cfg.dvml,
         "objective": cfg.objective, "objective_split": "validation classes held out from the training split",
         "fit_classes": [int(c) for c in fit_classes], "val_classes": [int(c) for c in val_classes],
         "search_space": space, "sampler_seed": sampler_seed,
