@@ -7,7 +7,7 @@ then evaluates each run. Compares the sha256 of ``heads.pt``, every field of ``l
 (``seconds``, ``samples_per_s``) and the metrics of ``dvml evaluate --json``. Prints one line per fit and exits
 non-zero on any difference.
 
-    python bench/same_behaviour.py --reference-src /work/main/src [--work /tmp/same_behaviour]
+    python bench/same_behaviour.py --reference-src /work/main/src [--work /tmp/same_behaviour] [--losses triplet]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference-src", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dvml_same_behaviour"))
+    ap.add_argument("--losses", default=",".join(LOSSES), help="comma-separated losses to fit (default: all four)")
     args = ap.parse_args()
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -60,7 +61,7 @@ def main() -> int:
     dvml(args.reference_src, "synth", str(cache), "--classes", "24", "--images-per-class", "12", "--views", "3",
          "--feature-dim", "48", "--class-dim", "24", "--variation-dim", "6", "--seed", "3")
     failures = 0
-    for loss in LOSSES:
+    for loss in args.losses.split(","):
         for method in ("--dvml", "--no-dvml"):
             name = f"{loss}{'' if method == '--dvml' else '-base'}"
             facts = {}

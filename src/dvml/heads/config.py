@@ -255,7 +255,7 @@ class HeadsConfig:
         synthetic_pairs: what Lm(ẑ) pairs: ``within`` (the paper's eq. 10: each synthetic batch alone) or
             ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
             paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
-            ``within``. ``cross`` is for triplet, triplet-dws and npair. Measured (issue 14,
+            ``within``. ``cross`` is for triplet, triplet-dws and npair. Measured (on
             validation classes of both sets): cross leaves validation Recall@1 where it was and brings the sum of
             Lm(z_I)'s and Lm(ẑ)'s gradients *closer* to Lm(z_I)'s (the draws' noise on one side of each
             distance, not both).
