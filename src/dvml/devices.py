@@ -14,8 +14,6 @@ import torch
 
 from dvml.errors import DvmlError, FieldError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-
 
 def mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)

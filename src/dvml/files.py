@@ -125,6 +125,59 @@ def check_free_space(path: str | Path, nbytes: int, *, margin: int = 1 << 20) ->
                                f"{need / 2**20:.1f} MiB needed)")
 
 
+def _real_target(path: Path) -> Path:
+    """Where a write to ``path`` lands (symlinks resolved), after creating ``path``'s parent directories *as
+    named* (``mkdir -p``, which fails on a dangling symlinked folder instead of creating its target). A symlink
+    (in the last component) whose target's folder does not exist is a :class:`WriteError`: no folder outside
+    the path given is ever created."""
+    path = Path(path)
+    make_dir(path.parent, target=path)
+    real = Path(os.path.realpath(path))
+    if os.path.islink(path) and not real.parent.is_dir():
+        raise WriteError(path, f"is a symbolic link to {os.readlink(path)}, whose folder {real.parent} does not "
+                               "exist")
+    return real
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Refuse (:class:`~dvml.errors.DvmlError`) to replace an existing output unless ``overwrite``: a file, a
+    symlink to one, and a *dangling* symlink too (``Path.exists`` says False for it; writing would go wherever
+    it points). ``-`` (standard output) is always allowed."""
+    if is_stdout(path):
+        return
+    p = Path(path)
+    if os.path.islink(p) and not p.exists():
+        if not overwrite:
+            raise DvmlError(f"{p}: is a symbolic link to {os.readlink(p)}, which does not exist; remove the link, "
+                            "or pass --overwrite to write through it")
+        _real_target_problem(p)
+    elif p.exists() and not overwrite:
+        raise DvmlError(f"{p}: already exists; pass --overwrite to replace it")
+
+
+def _real_target_problem(p: Path) -> None:
+    real = Path(os.path.realpath(p))
+    if not real.parent.is_dir():
+        raise WriteError(p, f"is a symbolic link to {os.readlink(p)}, whose folder {real.parent} does not exist")
+
+
+@contextlib.contextmanager
+def output_guard(*paths: str | Path, overwrite: bool) -> Iterator[None]:
+    """Hold the writer lock of every output in ``paths`` for the block and, under the locks, refuse each that
+    exists (:func:`refuse_existing`) unless ``overwrite``: of two processes writing one output, the second
+    gets :class:`BusyError` while the first runs and "already exists" after, never a mix of both files.
+    Checks ``paths`` first without the lock, so nothing (no lock file) is created for a refused output."""
+    for p in paths:
+        refuse_existing(p, overwrite)
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            if not is_stdout(p):
+                stack.enter_context(writer_lock(p))
+        for p in paths:
+            refuse_existing(p, overwrite)
+        yield
+
+
 def is_stdout(path: str | Path | None) -> bool:
     return path is not None and str(path) == STDOUT
 
@@ -248,8 +301,7 @@ def _replacing(path: Path, st: os.stat_result | None) -> Iterator[tuple[int, Pat
     writing). When the block ends it is flushed to disk, given the old file's mode (``st``; else the umask's,
     not mkstemp's 0600) and renamed over the target; when the block raises it is removed, and an ``OSError``
     becomes a :class:`WriteError` naming ``path``."""
-    real = Path(os.path.realpath(path))  # a symlink's target (or the path itself)
-    make_dir(real.parent, target=path)
+    real = _real_target(path)  # a symlink's target (or the path itself)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as e:
@@ -353,6 +405,9 @@ def _acquire(target: Path) -> str:
     if key in _HELD:
         _HELD[key][1] += 1
         return key
+    if os.path.islink(target):
+        _real_target_problem(target)  # a dangling link into a missing folder: create nothing there
+    make_dir(Path(target).parent, target=target)  # as named: fails on a dangling symlinked folder
     make_dir(lp.parent, target=target)
     while True:
         try:

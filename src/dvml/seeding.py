@@ -9,7 +9,10 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
+
+from dvml._lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: the CLI's option declarations import this module
 
 #: Offsets of the derived seeds (``seed + offset``): the z_V / DWS noise generator and the held-out classes.
 NOISE_SEED_OFFSET = 1

@@ -30,7 +30,7 @@ def test_download_cut_resume_verify_unpack_then_extract_reads_it(archives, http_
     assert archives.leftovers(to) == ["CUB_200_2011", "CUB_200_2011.tgz"]  # no .part, no temporary directory
     assert (to / "CUB_200_2011.tgz").read_bytes() == data
     assert not (root / "attributes.txt").exists() and (root / "images.txt").is_file()
-    # verify: from the --to directory (finds the archive: MD5 checked) and from the dataset directory
+    # verify: from the --out directory (finds the archive: MD5 checked) and from the dataset directory
     for where in (to, root):
         result = runner.invoke(app, ["data", "verify", "cub", str(where)])
         assert result.exit_code == 0, result.output
@@ -55,7 +55,7 @@ def test_download_wrong_checksum_is_refused_and_leaves_nothing(archives, http_se
     source = dataclasses.replace(source, files=(dataclasses.replace(source.files[0], md5="f" * 32),))
     monkeypatch.setitem(D.SOURCES, "cub", source)
     to = tmp_path / "data"
-    result = runner.invoke(app, ["data", "download", "cub", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "cub", "--out", str(to)])
     assert result.exit_code == 1
     assert "published MD5 is ffff" in result.output and "partial file was removed" in result.output
     assert "Traceback" not in result.output
@@ -75,7 +75,7 @@ def test_download_refuses_an_unsafe_archive_and_leaves_nothing(archives, http_se
     monkeypatch.setitem(D.SOURCES, "cub", dataclasses.replace(real, files=(dataclasses.replace(
         real.files[0], md5=archives.md5(data), urls=(http_server.url("/CUB_200_2011.tgz"),)),)))
     to = tmp_path / "data"
-    result = runner.invoke(app, ["data", "download", "cub", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "cub", "--out", str(to)])
     assert result.exit_code == 1 and problem in result.output and "refusing to extract" in result.output
     assert "was not created" in result.output
     assert archives.leftovers(to) == [] and not (tmp_path / "outside").exists() and not (tmp_path / "evil.txt").exists()
@@ -88,7 +88,7 @@ def test_download_offline_gives_the_url_and_manual_steps(archives, tmp_path, mon
     real = D.SOURCES["sop"]
     monkeypatch.setitem(D.SOURCES, "sop", dataclasses.replace(real, files=(dataclasses.replace(
         real.files[0], urls=(f"http://127.0.0.1:{port}/Stanford_Online_Products.zip",)),)))
-    result = runner.invoke(app, ["data", "download", "sop", "--to", str(tmp_path / "d")])
+    result = runner.invoke(app, ["data", "download", "sop", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = " ".join(result.output.split())
     assert f"http://127.0.0.1:{port}/Stanford_Online_Products.zip: cannot download" in text
@@ -99,21 +99,21 @@ def test_download_offline_gives_the_url_and_manual_steps(archives, tmp_path, mon
 def test_cars196_has_no_download_but_checks_and_unpacks_the_files_you_bring(archives, tiny_cars196, tmp_path,
                                                                             monkeypatch):
     to = tmp_path / "bring"
-    result = runner.invoke(app, ["data", "download", "cars196", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "cars196", "--out", str(to)])
     assert result.exit_code == 1 and "no official download" in result.output
     assert "d5c8f0aa497503f355e17dc7886c3f14" in result.output and "cars_annos.mat" in result.output
     to.mkdir()
     (to / "car_ims.tgz").write_bytes(archives.tgz_of(tiny_cars196 / "car_ims", "car_ims"))
     (to / "cars_annos.mat").write_bytes((tiny_cars196 / "cars_annos.mat").read_bytes())
     # the real MD5s: these generated files are not the originals
-    result = runner.invoke(app, ["data", "download", "cars196", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "cars196", "--out", str(to)])
     assert result.exit_code == 1 and "car_ims.tgz: MD5" in " ".join(result.output.split())
     assert not (to / "cars196").exists()
     real = D.SOURCES["cars196"]
     files = tuple(dataclasses.replace(f, md5=archives.md5((to / f.name).read_bytes())) for f in real.files)
     monkeypatch.setitem(D.SOURCES, "cars196", dataclasses.replace(
         real, files=files, counts=archives.counts_of(read_dataset("cars196", tiny_cars196))))
-    result = runner.invoke(app, ["data", "download", "cars196", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "cars196", "--out", str(to)])
     assert result.exit_code == 0, result.output
     index = read_dataset("cars196", to / "cars196")
     assert [tuple(s) for s in index.test] == [tuple(s) for s in read_dataset("cars196", tiny_cars196).test]
@@ -135,7 +135,7 @@ def test_inshop_from_the_release_folders_you_bring(tiny_inshop, tmp_path, monkey
     import zipfile
 
     to = tmp_path / "drive"  # the layout of the DeepFashion Drive folder: Img/img.zip, Eval/list_eval_partition.txt
-    result = runner.invoke(app, ["data", "download", "inshop", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "inshop", "--out", str(to)])
     assert result.exit_code == 1 and "no official download" in result.output and "img.zip" in result.output
     (to / "Img").mkdir(parents=True)
     with zipfile.ZipFile(to / "Img/img.zip", "w") as zf:
@@ -145,7 +145,7 @@ def test_inshop_from_the_release_folders_you_bring(tiny_inshop, tmp_path, monkey
     (to / "Eval/list_eval_partition.txt").write_bytes((tiny_inshop / "Eval/list_eval_partition.txt").read_bytes())
     monkeypatch.setitem(D.SOURCES, "inshop", dataclasses.replace(
         D.SOURCES["inshop"], counts=D.Counts(9, 3, 12, 4, query=6, gallery=6)))
-    result = runner.invoke(app, ["data", "download", "inshop", "--to", str(to)])
+    result = runner.invoke(app, ["data", "download", "inshop", "--out", str(to)])
     assert result.exit_code == 0, result.output
     assert archives.leftovers(to) == ["Eval", "Img", "InShop"]
     index, ref = read_dataset("inshop", to / "InShop"), read_dataset("inshop", tiny_inshop)
@@ -160,5 +160,13 @@ def test_extract_on_a_directory_without_the_dataset_names_the_download_command(t
                                  "--weights", "none"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = " ".join(result.output.split())
-    assert f"{tmp_path / 'images.txt'}: not found" in text and "dvml data download cub --to DIR" in text
+    assert f"{tmp_path / 'images.txt'}: not found" in text and "dvml data download cub --out DIR" in text
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_verify_says_not_checked_where_there_was_nothing_to_check(tiny_cub):
+    """A dataset directory without its archive: the MD5 row says "not checked", not "ok"."""
+    result = runner.invoke(app, ["data", "verify", "cub", str(tiny_cub)], env={"COLUMNS": "200"})
+    row = next(line for line in result.output.splitlines() if "CUB_200_2011.tgz MD5" in line)
+    assert "not checked" in row and " ok " not in row, row
+    assert D.verify("cub", tiny_cub).checks[0].checked is False

@@ -49,7 +49,7 @@ def test_cli_on_a_cache_file_against_evaluate_embeddings(synth_cache, tmp_path):
     out = tmp_path / "m.json"
     result, text = _invoke("evaluate", synth_cache, "--json", out, "--seed", 3)
     assert result.exit_code == 0, text
-    for col in ("NMI", "F1", "R@1", "R@8", "MAP@R", "RP"):
+    for col in ("NMI", "F1", "R@1", "R@8", "MAP@R", "R-prec"):
         assert col in result.stdout
     saved = json.loads(out.read_text())
     assert list(saved)[:len(METRIC_KEYS)] == METRIC_KEYS

@@ -47,6 +47,13 @@ def test_ablate_prints_the_table_and_resumes(ablation, cache):
     assert again.exit_code == 0, again.output
     assert "done before" in again.output
     assert ablate.read_results_csv(out / ablate.RESULTS_FILE) == rows
+    # the schedule warning (1 epoch, phase 2 from epoch 30): once for the grid, not per cell; none when every
+    # cell was done before
+    said = " ".join(r.output.split())
+    assert said.count("phase 2 never starts") == 1 and "phase2_epoch 30 >= epochs 1" in said
+    assert said.count("the KL warm-up never ends") == 1 and "[2 of 4 cells" in said  # the DVML cells only
+    assert said.count("WARNING") == 1
+    assert "never starts" not in again.output and "never ends" not in again.output
 
 
 def test_ablate_errors_are_one_line(cache, tmp_path):
@@ -75,7 +82,7 @@ def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):
     assert "KS p" in r.stdout and "run: triplet+DVML" in r.stdout and "baseline: triplet" in r.stdout
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert set(saved["splits"]) == {"train", "test"}
-    # issue 14: the branch diagnostics with their acceptance checks, for both runs (checks only for DVML)
+    # the branch diagnostics with their acceptance checks, for both runs (checks only for DVML)
     assert "run: DVML branch diagnostics" in r.stdout and "baseline: DVML branch diagnostics" in r.stdout
     assert "active units" in r.stdout and "class consistency of z_hat" in r.stdout  # (1 epoch: no phase 2)
     branch = saved["dvml_branch"]
@@ -118,3 +125,16 @@ def test_tune_writes_a_config_fit_heads_accepts(cache, tmp_path):
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "r2"), "--config",
                             str(tmp_path / "bad.json")])
     assert r.exit_code == 1 and "epochz" in r.output
+
+
+def test_ablate_says_the_fitted_batch_once_for_the_grid(cache, tmp_path):
+    """The default batch (120 for triplet) needs more classes than the 10 training classes: fitted, said once for
+    the four cells (not once per cell, and not twice per cell as the check and the fit each did)."""
+    args = ["ablate", str(cache), "--out", str(tmp_path / "a"), "--losses", "triplet", "--seeds", "2",
+            "--eval-every", "0", "--epochs", "1", "--embedding-size", "8", "--samples", "2", "--device", "cpu",
+            "--set", "decoder-hidden=8", "--set", "phase2-epoch=0", "--set", "kl-warmup-epochs=0", "--no-clustering"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert said.count("batch fitted to the data") == 1 and said.count("WARNING") == 1, said
+    assert "(triplet-" not in said  # the cells' names are not in the grid's warning

@@ -33,6 +33,18 @@ def test_fit_heads_end_to_end(tmp_path):
     assert both.exit_code == 1 and "pass one of them" in both.output
     assert json.loads((out / "config.json").read_text())["status"] == "finished"  # untouched
 
+    # --epochs 10 with phase 2 from epoch 30 (the default): one warning at the start naming both, in config.json
+    short = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "short"), "--epochs", "10",
+                                *FAST[:8], "--kl-warmup-epochs", "1", "--eval-every", "0"])
+    assert short.exit_code == 0, short.output
+    said = " ".join(short.output.split())
+    assert said.count("phase 2 never starts") == 1 and "phase2_epoch 30 >= epochs 10" in said
+    assert said.count("WARNING") == 1  # one warning (the KL warm-up, 1 epoch here, ends)
+    assert said.index("phase 2 never starts") < said.index("wrote")
+    warned = json.loads((tmp_path / "short" / "config.json").read_text())["warnings"]
+    assert len(warned) == 1 and "phase2_epoch 30 >= epochs 10" in warned[0]
+    assert json.loads((out / "config.json").read_text())["warnings"] == []  # a two-phase fit: none
+
     base = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "base"), "--no-dvml", "--epochs",
                                "1", *FAST, "--lambdas-phase2", "0.5,1,0.3,0.5"])
     assert base.exit_code == 0, base.output
@@ -56,7 +68,8 @@ def test_help_shows_the_defaults():
 
 
 def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
-    """Issue 14's options reach the run (config.json) and the log (diagnostics); bad values are one-line errors."""
+    """The DVML objective's options reach the run (config.json) and the log (diagnostics); bad values are
+    one-line errors."""
     cache = tmp_path / "w.h5"
     assert runner.invoke(app, ["synth", str(cache), "--classes", "12", "--images-per-class", "6", "--views", "2",
                                "--feature-dim", "32", "--class-dim", "16"]).exit_code == 0

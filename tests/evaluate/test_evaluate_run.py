@@ -45,6 +45,7 @@ def test_cli_on_a_run_directory_against_embed_then_evaluate(fitted):
 
     result = runner.invoke(app, ["evaluate", str(run_dir), "--seed", "1"])
     assert result.exit_code == 0, result.output
+    assert result.output.count("wrote") == 1  # metrics.json, said once (not also by the library's log)
     saved = json.loads((run_dir / "metrics.json").read_text())
     split = load_split(cache, "test", views=[0])
     emb = embed(run_dir, split.features[:, 0, :])

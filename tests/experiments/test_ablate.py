@@ -11,6 +11,7 @@ from scipy import stats
 
 from dvml.cache import fingerprint
 from dvml.errors import DvmlError
+from dvml.evaluate.labels import metric_label
 from dvml.experiments import ablate
 from dvml.extract.synth import SynthConfig, generate
 
@@ -82,7 +83,7 @@ def test_against_numpy_and_scipy_summary_matches_per_run_metrics(finished):
             ci = stats.ttest_rel(dv, base).confidence_interval(0.95)
             assert (e["diff"]["low"], e["diff"]["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
         base_txt = f"{100 * np.mean(base):.1f} ± {100 * np.std(base, ddof=1):.1f}"
-        assert f"| {metric} | {base_txt} |" in md
+        assert f"| {metric_label(metric)} | {base_txt} |" in md  # the metric's display name (R@1, NMI, MAP@R)
     assert json.loads(json.dumps(ablate._nan_to_none(result["losses"]))) == summary["losses"]
 
 

@@ -149,7 +149,7 @@ def test_inshop_malformed_partition_file_is_named(tiny_inshop, edit, message):
 
 
 @pytest.mark.parametrize(("name", "command"), [
-    ("cub", "dvml data download cub --to DIR"), ("sop", "dvml data download sop --to DIR"),
+    ("cub", "dvml data download cub --out DIR"), ("sop", "dvml data download sop --out DIR"),
     ("cars196", "dvml data verify cars196 DIR"), ("inshop", "dvml data download inshop"),
 ])
 def test_a_root_without_the_dataset_names_the_download_command(tmp_path, name, command):

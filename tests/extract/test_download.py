@@ -118,7 +118,15 @@ def test_verify_inshop_counts_query_and_gallery(archives, tiny_inshop):
     ([("dir", "top", ""), ("fifo", "top/p", "")], "is a device or FIFO"),
     # a chain: each link looks harmless on its own; the second resolves outside through the first
     ([("dir", "top", ""), ("symlink", "top/s", "."), ("symlink", "top/t", "s/../..")],
-     "resolves outside the destination"),
+     "outside the dataset folder top/"),
+    ([("dir", "top", ""), ("symlink", "top/s", "."), ("symlink", "top/t", "s/..")],
+     "resolves outside the dataset folder top/"),
+    # inside the temporary directory but outside the folder that is kept (top/): it would dangle out of it
+    ([("file", "X", b"x"), ("dir", "top", ""), ("symlink", "top/peek", "../X")],
+     "is a link to '../X', outside the dataset folder top/"),
+    ([("file", "X", b"x"), ("dir", "top", ""), ("hardlink", "top/h", "X")], "outside the dataset folder top/"),
+    ([("dir", "top", ""), ("file", "top/a\nb.jpg", b"x")], "control character"),
+    ([("dir", "top", ""), ("file", "top/\udcf4.jpg", b"x")], "not valid UTF-8"),
     # writing through a link that points inside is refused as well
     ([("dir", "top", ""), ("dir", "top/d", ""), ("symlink", "top/s", "d"), ("file", "top/s/f", b"x")],
      "would be written through a link"),

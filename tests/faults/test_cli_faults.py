@@ -69,10 +69,12 @@ def one_line_error(r, *needles: str, code: int = 1) -> str:
 @pytest.mark.skipif(knn.gpu_available(), reason="this faiss has a usable GPU")
 def test_evaluate_gpu_with_faiss_cpu_is_refused_not_run_on_the_cpu(c22, tmp_path):
     out = tmp_path / "m.json"
-    r = runner.invoke(app, ["evaluate", str(c22), "--gpu", "--json", str(out)])
-    one_line_error(r, "--gpu", "no GPU support", "--cpu")
+    r = runner.invoke(app, ["evaluate", str(c22), "--device", "cuda", "--json", str(out)])
+    one_line_error(r, "--device cuda", "no GPU support", "--device cpu")
     assert not out.exists()
-    ok = runner.invoke(app, ["evaluate", str(c22), "--cpu", "--no-clustering", "--json", str(out)])
+    old = runner.invoke(app, ["evaluate", str(c22), "--gpu", "--json", str(out)])  # the old spelling, hidden
+    one_line_error(old, "--device cuda", "no GPU support", "--device cpu")
+    ok = runner.invoke(app, ["evaluate", str(c22), "--device", "cpu", "--no-clustering", "--json", str(out)])
     assert ok.exit_code == 0, ok.output
     assert json.loads(out.read_text())["faiss_gpu"] is False
 
@@ -204,7 +206,7 @@ def test_ablate_checks_every_cell_batch_before_the_first_fit(c3, tmp_path):
     # a loss that can take more images per class is told the option ablate has for it
     r = runner.invoke(app, ["ablate", str(c3), "--out", str(out), "--losses", "triplet", "--seeds", "1",
                             "--batch-size", "16", *SET_TINY])
-    one_line_error(r, "needs 4 training classes", "--set per_class=8")
+    one_line_error(r, "needs 4 training classes", "--set per-class=8")
     assert not out.exists()
 
 
@@ -277,7 +279,7 @@ def test_tune_with_short_fits_does_not_search_phase2_lambdas(c22, tmp_path):
     assert set(tune.LAMBDA_NAMES) <= set(tune.search_space(moved))
     r = runner.invoke(app, ["tune", str(c22), "--out", str(tmp_path / "T"), "--epochs", "3", "--search",
                             "lr,lambda1"])
-    one_line_error(r, "lambda1", "phase 2", "epoch 30", "--set phase2_epoch")
+    one_line_error(r, "lambda1", "phase 2", "epoch 30", "--set phase2-epoch")
     assert not (tmp_path / "T").exists()
 
 

@@ -1,5 +1,6 @@
-"""dvml export: the file, loaded in a fresh process WITHOUT dvml (TorchScript via torch.jit, ONNX via
-onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; bad input gives one clear error."""
+"""dvml export: the file, loaded in a fresh process WITHOUT dvml (.pt2 via torch.export, TorchScript via torch.jit,
+ONNX via onnxruntime), embeds the test images exactly as ``dvml evaluate`` embeds them; bad input gives one clear
+error."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dvml.cache import load_split
 from dvml.cli import app
 
-from ..faults.test_io_faults import assert_one_line_error, leftovers
+from ..faults.test_io_faults import assert_one_line_error, dvml_cmd, leftovers
 
 runner = CliRunner()
 
@@ -50,6 +53,14 @@ if model_path.endswith(".onnx"):
     meta = json.loads(sess.get_modelmeta().custom_metadata_map["dvml"])
     x = np.stack([prepare(p, meta["preprocess"]) for p in images])
     z = sess.run([meta["output"]["name"]], {meta["input"]["name"]: x})[0]
+elif model_path.endswith(".pt2"):
+    import torch
+    extra = {"dvml.json": ""}
+    program = torch.export.load(model_path, extra_files=extra)
+    meta = json.loads(extra["dvml.json"])
+    x = np.stack([prepare(p, meta["preprocess"]) for p in images])
+    with torch.no_grad():
+        z = program.module()(torch.from_numpy(x)).numpy()
 else:
     import torch
     extra = {"dvml.json": ""}
@@ -178,7 +189,8 @@ def test_bad_requests_are_one_line_errors(pipeline, tmp_path, one_line_error):
     directory = tmp_path / "adir"  # (one named m.pt: test_a_directory_as_export_target_is_one_line)
     directory.mkdir()
     one_line_error(["export", str(pipeline["run"]), "-o", str(directory)],
-                   f"--out {directory}: is a directory; give a file path ending .pt (TorchScript) or .onnx")
+                   f"--out {directory}: is a directory; give a file path ending .pt2 (torch.export), .pt "
+                   "(TorchScript) or .onnx")
     existing = tmp_path / "m.pt"
     existing.write_bytes(b"x")
     one_line_error(["export", str(pipeline["run"]), "-o", str(existing)], "already exists")
@@ -239,10 +251,13 @@ def test_export_writes_through_a_symlink(pipeline, tmp_path):
 
     store = tmp_path / "store"
     store.mkdir()
-    (tmp_path / "new.pt").symlink_to(store / "new.pt")  # dangling: the file it names is created
+    (tmp_path / "new.pt").symlink_to(store / "new.pt")  # dangling: refused, then with --overwrite created
     (store / "old.pt").write_bytes(b"an older model")
     (tmp_path / "old.pt").symlink_to(store / "old.pt")
-    _export(pipeline["run"], tmp_path / "new.pt")
+    r = runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(tmp_path / "new.pt")])
+    assert_one_line_error(r, r.output, f"{tmp_path / 'new.pt'}: is a symbolic link to", "which does not exist")
+    assert not (store / "new.pt").exists()
+    _export(pipeline["run"], tmp_path / "new.pt", "--overwrite")
     _export(pipeline["run"], tmp_path / "old.pt", "--overwrite")
     for name in ("new.pt", "old.pt"):
         assert (tmp_path / name).is_symlink() and (store / name).is_file()
@@ -295,3 +310,77 @@ def test_a_failed_export_write_is_one_line_and_keeps_the_old_file(pipeline, tmp_
     r = runner.invoke(app, args)
     assert_one_line_error(r, r.output, f"{model}: the exported model disagrees with dvml's", "not written")
     assert model.read_bytes() == b"the old model" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("key", ["run32", "cache32"])
+def test_pt2_in_a_fresh_process_without_dvml_equals_evaluate(pipeline, tmp_path, evaluate_embeddings, key):
+    model = tmp_path / "model.pt2"
+    _export(pipeline[key], model)
+    z = fresh_embed(model, split_images(pipeline, "cache32"), tmp_path)
+    ref = evaluate_embeddings(pipeline[key])  # float32 cache: no feature rounding
+    assert z.shape == ref.shape
+    diff = float(np.abs(z - ref).max())
+    print(f".pt2 ({key}) in a fresh process vs dvml evaluate: max abs diff {diff:.2e}")
+    assert diff <= 1e-5, diff
+
+
+def test_pt2_is_an_exported_program_with_its_record_and_a_dynamic_batch(pipeline, tmp_path):
+    model = tmp_path / "model.pt2"
+    _export(pipeline["run32"], model)
+    extra = {"dvml.json": ""}
+    program = torch.export.load(str(model), extra_files=extra)
+    assert isinstance(program, torch.export.ExportedProgram)
+    meta = json.loads(extra["dvml.json"])
+    assert meta["format_name"] == "torch.export" and meta["preprocess"]["crop"] == 56
+    for b in (1, 3, 7):
+        x = torch.randint(0, 256, (b, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
+        assert tuple(program.module()(x).shape) == (b, 16)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".pt"])
+def test_exported_models_refuse_float_or_misshapen_input(pipeline, tmp_path, suffix):
+    """A float image in [0, 1] used to be accepted by the TorchScript file and give another embedding."""
+    model = tmp_path / f"model{suffix}"
+    _export(pipeline["run"], model)
+    if suffix == ".pt2":
+        net = torch.export.load(str(model)).module()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(model))
+    good = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert tuple(net(good).shape) == (2, 16)
+    for bad in (good.float() / 255, good[:, :, :40, :40], good[0]):
+        with pytest.raises(Exception, match="dtype|uint8|shape|Guard|size"):
+            net(bad)
+
+
+def test_eager_embedder_refuses_float_input(pipeline):
+    from dvml.serve.embedder import from_target
+
+    e = from_target(pipeline["run"])
+    x = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be uint8"):
+        e.module(x.float() / 255)
+
+
+def test_export_weights_that_the_cache_does_not_use_is_an_error(pipeline, tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = runner.invoke(app, ["export", str(pipeline["run"]), "-o", str(tmp_path / "m.pt2"), "--weights", str(weights)])
+    assert_one_line_error(r, r.output, f"--weights {weights}", "drop --weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_torchscript_export_and_load_print_no_deprecation_warning(pipeline, tmp_path):
+    model = tmp_path / "model.pt"
+    proc = subprocess.run(dvml_cmd("export", pipeline["run"], "-o", model), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecated" not in proc.stderr + proc.stdout
+    from dvml.serve.export import load_exported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning from dvml's loader fails
+        assert load_exported(model).embedding_dim == 16

@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from dvml._lazy import lazy_module
 from dvml.cache import schema as S
 from dvml.cache.errors import (
     CacheBusyError,
@@ -27,6 +27,8 @@ from dvml.cache.errors import (
     CacheVersionError,
 )
 from dvml.files import writer_pid
+
+h5py = lazy_module("h5py")  # imported on first use: the CLI reads this module's light parts to declare options
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,40 @@ def _decode(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _int_attr(path: Path, a, name: str) -> int:
+    """An integer root attribute (a Python or numpy integer, or a string of digits); CacheShapeError naming the
+    file and the attribute for anything else (``schema_version="one"``, a float, an array)."""
+    v = _decode(a[name])
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, str)):
+        raise CacheShapeError(path, f"root attribute {name!r} must be an integer, got {v!r}")
+    try:
+        return int(v)
+    except ValueError:
+        raise CacheShapeError(path, f"root attribute {name!r} must be an integer, got {v!r}") from None
+
+
+def _bool_attr(path: Path, a, name: str) -> bool:
+    v = _decode(a[name])
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and int(v) in (0, 1)):
+        return bool(v)
+    raise CacheShapeError(path, f"root attribute {name!r} must be true or false, got {v!r}")
+
+
+def _str_attr(path: Path, a, name: str) -> str:
+    v = _decode(a[name])
+    if not isinstance(v, str):
+        raise CacheShapeError(path, f"root attribute {name!r} must be a string, got {v!r}")
+    return v
+
+
 def _check_roles(path: Path, g, split: str, version: int, complete: bool) -> tuple[int | None, int | None]:
     """Validate ``/test/roles`` against the schema version; (n_query, n_gallery) or (None, None)."""
     has = S.ROLES in g
@@ -148,7 +184,7 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
         if S.ATTR_SCHEMA_VERSION not in a:
             raise CacheShapeError(path, f"missing root attribute {S.ATTR_SCHEMA_VERSION!r}; "
                                         "not a dvml feature cache")
-        version = int(a[S.ATTR_SCHEMA_VERSION])
+        version = _int_attr(path, a, S.ATTR_SCHEMA_VERSION)
         if version not in S.SUPPORTED_VERSIONS:
             raise CacheVersionError(path, f"schema_version {version} is not supported (this dvml reads "
                                           f"version{'s' if len(S.SUPPORTED_VERSIONS) > 1 else ''} "
@@ -156,11 +192,11 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
         missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
         if missing:
             raise CacheShapeError(path, f"missing root attribute(s): {', '.join(missing)}")
-        complete = bool(a[S.ATTR_COMPLETE])
+        complete = _bool_attr(path, a, S.ATTR_COMPLETE)
         if require_complete and not complete:
             raise CacheIncompleteError(path, "incomplete: the writer did not finish (complete=false); "
                                              "rerun the same command to resume it")
-        feature_dim = int(a[S.ATTR_FEATURE_DIM])
+        feature_dim = _int_attr(path, a, S.ATTR_FEATURE_DIM)
         views_raw = _decode(a[S.ATTR_VIEWS])
         try:
             views = tuple(json.loads(views_raw)) if isinstance(views_raw, str) else tuple(map(str, views_raw))
@@ -213,8 +249,10 @@ def read_info(path: str | Path, *, require_complete: bool = True) -> CacheInfo:
             preprocess = json.loads(_decode(a[S.ATTR_PREPROCESS])) if S.ATTR_PREPROCESS in a else None
         except (TypeError, json.JSONDecodeError):
             preprocess = None
-        return CacheInfo(path=path, schema_version=version, dataset=str(_decode(a[S.ATTR_DATASET])),
-                         backbone=str(_decode(a[S.ATTR_BACKBONE])), weights=str(_decode(a[S.ATTR_WEIGHTS])),
+        if not isinstance(extra, dict):
+            raise CacheShapeError(path, f"root attribute {S.ATTR_EXTRA!r} must be a JSON object, got {extra_raw!r}")
+        return CacheInfo(path=path, schema_version=version, dataset=_str_attr(path, a, S.ATTR_DATASET),
+                         backbone=_str_attr(path, a, S.ATTR_BACKBONE), weights=_str_attr(path, a, S.ATTR_WEIGHTS),
                          feature_dim=feature_dim, views=views, complete=complete,
                          dvml_version=str(_decode(a.get(S.ATTR_DVML_VERSION, "unknown"))),
                          extra=extra, splits=splits, size_bytes=path.stat().st_size,

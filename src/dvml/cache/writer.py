@@ -33,13 +33,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from dvml import __version__
+from dvml._lazy import lazy_module
 from dvml.cache import schema as S
 from dvml.cache.errors import CacheError, CacheExistsError, CacheShapeError, CacheValueError
 from dvml.files import WriteError, WriterLock, check_free_space, make_dir
+
+h5py = lazy_module("h5py")  # imported on first use: the CLI reads this module's light parts to declare options
 
 log = logging.getLogger(__name__)
 

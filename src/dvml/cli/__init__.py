@@ -2,30 +2,17 @@
 
 Shared pieces: :mod:`dvml.cli.app` (the typer app, error handling, progress bars), :mod:`dvml.cli.options`
 (options used by several commands), :mod:`dvml.cli.render` (tables and lines several commands print).
+
+A command's module is imported when the command runs or shows its help, not with this package (``dvml --help``
+imports no torch): a new command is a module that registers itself on ``app`` plus one entry in
+:data:`dvml.cli.app.COMMANDS`.
 """
 
-from dvml.cli import (  # noqa: F401  (register the commands, in the order of the pipeline)
-    ablate,
-    analyze,
-    cache,
-    data,
-    demo,
-    evaluate,
-    export,
-    extract,
-    finetune,
-    fit_heads,
-    index,
-    search,
-    show,
-    synth,
-    tune,
-)
-from dvml.cli.app import app
+from dvml.cli.app import COMMANDS, app, root_command
 
 
 def main() -> None:
     app()
 
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main", "root_command"]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import typer
 
-from dvml.cli.app import app, handle_errors
+from dvml.cli.app import app, console, handle_errors
 from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
+from dvml.experiments.grid_storage import DEFAULT_HEARTBEAT_S
 
 _D = AblateConfig  # option defaults are the config dataclass defaults
 
@@ -17,11 +18,12 @@ _D = AblateConfig  # option defaults are the config dataclass defaults
 @app.command("ablate")
 @handle_errors
 def ablate_cmd(
-    cache: Path = typer.Argument(..., help="HDF5 feature cache."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerun the same command to resume)."),
+    cache: Path = typer.Argument(None, help="HDF5 feature cache (not with --summarize)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (rerun the same command to resume)."),
     losses: str = typer.Option(",".join(_D.losses), help="Comma-separated metric losses (any fit-heads --loss)."),
-    seeds: int = typer.Option(len(_D.seeds), help="Number of seeds per (loss, method): 0..N-1 from --first-seed."),
-    first_seed: int = typer.Option(_D.seeds[0], help="First seed."),
+    seeds: int = typer.Option(len(_D.seeds), metavar="N", help="How many seeds per (loss, method), a count: the "
+                                                               "seeds are --first-seed, --first-seed + 1, ..."),
+    first_seed: int = typer.Option(_D.seeds[0], metavar="SEED", help="The first seed's value."),
     methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
@@ -34,16 +36,36 @@ def ablate_cmd(
     kl_warmup_epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["kl_warmup_epochs"])),
     eval_every: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["eval_every"])),
     device: DeviceOption = device_option(),
-    set_: list[str] | None = typer.Option(None, "--set", help="Any other fit option as KEY=VALUE (repeatable), "
-                                                               "e.g. --set lambdas_phase2=0.8,1,0.2,0.8 or --set "
-                                                               "gamma=0.3 (a loss parameter must apply to every "
-                                                               "loss of --losses)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="Any other fit-heads option as KEY=VALUE, KEY its "
+                                               "flag without the dashes (repeatable), e.g. --set "
+                                               "lambdas-phase2=0.8,1,0.2,0.8 or --set gamma=0.3 (a "
+                                               "loss parameter must apply to every loss of "
+                                               "--losses)."),
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
+    storage: str | None = typer.Option(None, help="Share the grid among workers: an Optuna RDB storage URL "
+                                       "(sqlite:///grid.db on one machine, postgresql://... or mysql+pymysql://... "
+                                       "across machines). Start the same command as many times as you like; each "
+                                       "cell runs once, a killed worker's cell is taken again, the last worker "
+                                       "writes the summary."),
+    heartbeat: int = typer.Option(DEFAULT_HEARTBEAT_S, min=1, help="With --storage: seconds between a worker's "
+                                  "heartbeats; a cell whose worker is silent for 4x this is taken by another."),
+    summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
+                                          "directory from its run directories, and run nothing."),
 ):
-    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table."""
-    from dvml.experiments import ablate
+    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table.
 
+    Many workers, one grid: start the same command with --storage (on one machine or many); see
+    docs/distributed.md for the SLURM array-job pattern.
+    """
+    from dvml.experiments import ablate, grid_storage
+
+    if summarize is not None:
+        print_ablation_result(run_ablation(grid_storage.summarize_dir, summarize), title=summarize.name)
+        return
+    if cache is None or out is None:
+        raise ValueError("dvml ablate needs CACHE and --out (or --summarize DIR)")
     modes = {m.strip() for m in methods.split(",") if m.strip()}
     if not modes or modes - {"base", "dvml"}:
         raise ValueError(f"--methods must be base, dvml or base,dvml; got {methods!r}")
@@ -54,5 +76,11 @@ def ablate_cmd(
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,
                               clustering=clustering)
-    result = run_ablation(ablate.run, cfg)
+    if storage is None:
+        result = run_ablation(ablate.run, cfg)
+    else:
+        result = run_ablation(grid_storage.run_shared, cfg, storage, heartbeat_s=heartbeat)
+        if result.get("summarized_by_another"):
+            console.print(f"grid done; the summary is written by another worker in {out}")
+            return
     print_ablation_result(result, title=cache.name)

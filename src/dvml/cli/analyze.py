@@ -34,8 +34,11 @@ def analyze_cmd(
     tsne_iter: int = typer.Option(_D.tsne_iter, help="t-SNE iterations (>= 250)."),
     seed: int = typer.Option(_D.seed, help="Seed of the plot subsample and t-SNE."),
 ):
-    """The paper's Table 4 evidence (KS p-values of central features, average relative deviation, plots) and, for a
-    fit-heads run, how alive its variational branch is (dvml.heads.diagnostics, with issue 14's checks)."""
+    """The paper's Table 4 evidence and how alive a run's variational branch is.
+
+    Table 4: KS p-values of the central features and their average relative deviation, with plots. For a
+    fit-heads run, the diagnostics of its variational branch (dvml.heads.diagnostics) with their checks.
+    """
     from dvml.experiments import analyze
 
     cfg = analyze.AnalyzeConfig(target=target, baseline=baseline, raw=raw,

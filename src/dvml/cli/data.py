@@ -1,4 +1,4 @@
-"""``dvml data download cub|sop|cars196|inshop --to DIR`` and ``dvml data verify NAME DIR`` (see
+"""``dvml data download cub|sop|cars196|inshop --out DIR`` and ``dvml data verify NAME DIR`` (see
 :mod:`dvml.extract.download`)."""
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from dvml.cli.app import app, console, err_console, handle_errors
+from dvml.cli.options import one_of
 from dvml.errors import DvmlError
 from dvml.extract import download as D
+from dvml.extract.archive import Limits
 
 
 class PublishedDataset(str, Enum):
@@ -82,19 +84,26 @@ def _on_progress(progress: Progress):
 @handle_errors
 def download_cmd(
     dataset: PublishedDataset = typer.Argument(..., help="Dataset to get."),
-    to: Path = typer.Option(..., "--to", help="Directory for the archive(s) and the unpacked dataset directory."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the archive(s) and the unpacked "
+                                                              "dataset directory. [required]"),
+    to: Path | None = typer.Option(None, "--to", hidden=True, help="Old spelling of --out."),
     url: str | None = typer.Option(None, "--url", help="A mirror of the archive, tried first (its MD5 must still be "
                                    "the published one)."),
     keep_archives: bool = typer.Option(True, "--keep-archives/--remove-archives",
                                        help="Keep the archive files after unpacking (verify can recheck them)."),
     timeout: float = typer.Option(60.0, help="Seconds without data before a connection counts as lost."),
+    max_unpacked_gb: float = typer.Option(Limits.max_bytes / 1e9, help="Refuse an archive whose members unpack "
+                                          "to more than this many GB (the largest dataset is about 3)."),
+    max_ratio: float = typer.Option(Limits.max_ratio, help="Refuse an archive that unpacks to more than this many "
+                                    "times its own size (above 64 MiB; image archives are about 1x)."),
 ):
     """Download, check the MD5, unpack safely and verify; prints the --root for `dvml extract`.
 
     Interrupted? Rerun the same command: the download resumes (HTTP Range). Cars196 and In-Shop have no
-    official download: put their files in --to by hand (the command says where to get them) and run it to
+    official download: put their files in --out by hand (the command says where to get them) and run it to
     check and unpack them.
     """
+    to = one_of(out, to, "--out", "--to")
     source = D.source_for(dataset.value)
     if not source.downloadable and not all(f.local(to) for f in source.files):
         if not (to / source.folder).exists():
@@ -104,13 +113,14 @@ def download_cmd(
             console.print(f"from {source.obtain}.")
             for note in source.notes:
                 console.print(f"Note: {note}.")
-            console.print(f"Put them in {to}, then rerun `dvml data download {dataset.value} --to {to}` (checks and "
+            console.print(f"Put them in {to}, then rerun `dvml data download {dataset.value} --out {to}` (checks and "
                           f"unpacks them into {to / source.folder}), or unpack them yourself and run "
                           f"`dvml data verify {dataset.value} DIR`.")
             raise DvmlError(f"{to}: {dataset.value} files not found (see above)")
     with _progress() as progress:
         root = D.download(dataset.value, to, url=url, progress=_on_progress(progress), timeout=timeout,
-                          keep_archives=keep_archives)
+                          keep_archives=keep_archives,
+                          limits=Limits(max_bytes=int(max_unpacked_gb * 1e9), max_ratio=max_ratio))
     console.print(f"{dataset.value} is ready: dvml extract {dataset.value} --root {root} --out FILE.h5",
                   soft_wrap=True)  # one unbroken line: it is meant to be copied
 
@@ -119,7 +129,7 @@ def download_cmd(
 @handle_errors
 def verify_cmd(
     dataset: PublishedDataset = typer.Argument(..., help="Dataset the directory should hold."),
-    path: Path = typer.Argument(..., help="The dataset directory, or the --to directory of `dvml data download`."),
+    path: Path = typer.Argument(..., help="The dataset directory, or the --out directory of `dvml data download`."),
 ):
     """Check MD5s (of the archives found), structure, official counts and that every image exists."""
     with _progress() as progress:
@@ -128,7 +138,8 @@ def verify_cmd(
     for col in ("check", "", "detail"):
         table.add_column(col)
     for c in report.checks:
-        table.add_row(c.what, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+        status = "[dim]not checked[/]" if not c.checked else "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+        table.add_row(c.what, status, c.detail)
     console.print(table)
     if not report.ok:
         first = report.failures()[0]

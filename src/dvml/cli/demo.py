@@ -19,19 +19,32 @@ _D = DemoConfig  # option defaults are the config dataclass defaults
 @handle_errors
 def demo_cmd(
     out: Path = typer.Option(_D.out, "--out", "-o", help="Directory for the world, runs and tables."),
-    quick: bool = typer.Option(_D.quick, "--quick/--full", help="A seconds-long smoke run (numbers mean little)."),
+    quick: bool = typer.Option(_D.quick, "--quick/--full", help="A seconds-long smoke run: checks that the pipeline "
+                                                              "runs here and compares nothing (no table)."),
     device: DeviceOption = device_option(),
 ):
-    """No download, no arguments: a synth world, triplet and N-pair with and without DVML, 2 seeds."""
+    """No download, no arguments: a synth world, triplet and N-pair with and without DVML, 2 seeds.
+
+    About a minute on an idle 2-core CPU. On a busy machine torch's threads spin-wait and it can take ten times
+    as long: run it as `OMP_WAIT_POLICY=PASSIVE dvml demo` there (slower on an idle machine, hence not the
+    default).
+    """
     from dvml.experiments import demo
 
     cfg = demo.DemoConfig(out=out, quick=quick, fit=fit_overrides(device=device))
     s = cfg.size
-    err_console.print(f"[bold]dvml demo[/]: synth world of {s.world.n_classes} classes x {s.world.images_per_class} "
-                      f"images ({s.world.n_classes // 2} unseen test classes), losses {', '.join(s.losses)}, "
-                      f"baseline vs DVML, {len(s.seeds)} seeds, {s.fit.get('epochs')} epochs; output in {out}")
+    err_console.print(f"[bold]dvml demo{' --quick' if quick else ''}[/]: synth world of {s.world.n_classes} classes x "
+                      f"{s.world.images_per_class} images ({s.world.n_classes // 2} unseen test classes), losses "
+                      f"{', '.join(s.losses)}, baseline vs DVML, {len(s.seeds)} seeds, {s.fit.get('epochs')} epochs; "
+                      f"output in {out}")
     t0 = time.perf_counter()
     result = run_ablation(demo.run, cfg)
+    if quick:  # 2 epochs on 12 classes: any difference is noise, so none is shown
+        console.print(f"smoke run: world, {len(result['rows'])} fits and their evaluation ran end to end in "
+                      f"{time.perf_counter() - t0:.0f}s. It is too small to compare the methods, so no table is "
+                      "shown; `dvml demo` (about a minute) compares them.")
+        console.print(f"everything is in {out}")
+        return
     print_ablation_result(result, title="dvml demo (unseen test classes)")
     raw = result["raw"]
     console.print(f"for reference, the raw features without training: R@1 {100 * raw['recall@1']:.1f}, "

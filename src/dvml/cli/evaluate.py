@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
+from dvml.cli.options import SearchDevice
 from dvml.cli.render import results_table, worst_table
 from dvml.evaluate import METRICS_FILE, EvalConfig, Metric, parse_ks, run
 from dvml.files import is_stdout
@@ -31,8 +32,9 @@ def evaluate_cmd(
     seed: int = typer.Option(_D.seed, help="First k-means seed."),
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
-    gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Force faiss onto the GPU or the CPU "
-                                                              "(default: GPU when faiss supports one)."),
+    device: SearchDevice = typer.Option(SearchDevice.auto, help="Where faiss searches: auto (the GPU when this "
+                                                                "faiss build has one), cpu or cuda."),
+    gpu: bool | None = typer.Option(None, "--gpu/--cpu", hidden=True, help="Old spelling of --device cuda/cpu."),
     per_class: Path | None = typer.Option(None, "--per-class", help="Write per-class results to this CSV "
                                           "(class, count of queries, recall@1, map@r)."),
     worst: int = typer.Option(5, help="Show this many worst classes by Recall@1 (0: none)."),
@@ -40,8 +42,22 @@ def evaluate_cmd(
     """Score retrieval (exact FAISS kNN) and clustering (k-means) of the test split; RUN_DIR/metrics.json."""
     if worst < 0:
         raise ValueError(f"--worst must be >= 0, got {worst}")
+    if gpu is not None:  # the old --gpu/--cpu
+        if device is not SearchDevice.auto and (device is SearchDevice.cuda) != gpu:
+            raise ValueError(f"--{'gpu' if gpu else 'cpu'} is the old spelling of --device "
+                             f"{'cuda' if gpu else 'cpu'}: give --device only")
+        device = SearchDevice.cuda if gpu else SearchDevice.cpu
+    use_gpu = {SearchDevice.auto: None, SearchDevice.cpu: False, SearchDevice.cuda: True}[device]
+    if use_gpu:  # said here in the option's own words (the library checks again)
+        from dvml.retrieval import knn
+
+        try:
+            knn.resolve_gpu(True)
+        except ValueError as e:
+            raise ValueError(f"--device cuda: {e}; pass --device cpu, or auto (the GPU is then used when faiss "
+                             "has one)") from None
     cfg = EvalConfig(target=target, ks=parse_ks(ks) if ks else None, metric=metric, kmeans_runs=kmeans_runs,
-                     seed=seed, clustering=clustering, json_path=json_path, use_gpu=gpu,
+                     seed=seed, clustering=clustering, json_path=json_path, use_gpu=use_gpu,
                      per_class=worst > 0, per_class_csv=per_class)
     with make_progress("item") as progress:
         tasks: dict[str, int] = {}

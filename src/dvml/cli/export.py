@@ -1,4 +1,5 @@
-"""``dvml export RUN_DIR -o FILE``: one model file from images to z_I (TorchScript ``.pt`` or ONNX ``.onnx``)."""
+"""``dvml export RUN_DIR -o FILE``: one model file from images to z_I (``.pt2``, TorchScript ``.pt`` or ONNX
+``.onnx``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from dvml.serve.export import ExportConfig, run
 @handle_errors
 def export_cmd(
     target: Path = typer.Argument(..., help="A fit-heads or finetune run directory (or a cache: its raw backbone)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file: .pt (TorchScript) or .onnx (ONNX)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file: .pt2 (torch.export, "
+                                          "recommended), .pt (TorchScript: a program, load only trusted ones) or "
+                                          ".onnx (ONNX)."),
     weights: Path | None = typer.Option(None, help="The backbone's weights file, when the run's cache was "
-                                                   "extracted from one (the cache keeps its name and digest only)."),
+                                                   "extracted from one (the cache keeps its name and digest only); "
+                                                   "an error otherwise."),
     overwrite: bool = typer.Option(ExportConfig.overwrite, "--overwrite/--no-overwrite",
                                    help="Replace an existing file."),
 ):

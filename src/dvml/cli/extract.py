@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.cli.options import FeatureDtype, Interpolation, choice_value, panel
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import ExtractConfig, run
 
+PRE = "Preprocessing (default: the backbone's own)"  # --help panels
+DATA = "Dataset and output"
 _D = ExtractConfig(dataset=DatasetName.folder, root=Path("."), out=Path("out.h5"))
 
 
@@ -36,7 +40,7 @@ def extract_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 feature cache."),
     backbone: str = typer.Option(_D.backbone, help="googlenet (the paper's), any torchvision classification "
                                  "model (resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...), timm:NAME "
-                                 "(pip install 'dvml[timm]') or a TorchScript file (images in, features out)."),
+                                 "(pip install 'dvml\\[timm]') or a TorchScript file (images in, features out)."),
     weights: str = typer.Option(_D.weights, help="'imagenet' (the model's default pretrained weights; must be in "
                                 "the torch hub / Hugging Face cache offline), a torchvision weights name "
                                 "(IMAGENET1K_V2), 'none' (seeded random init, for tests) or a path to a state "
@@ -49,41 +53,60 @@ def extract_cmd(
     workers: int = typer.Option(_D.workers, help="DataLoader worker processes decoding images (0 = main)."),
     device: str = typer.Option(_D.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
     amp: bool = typer.Option(_D.amp, help="float16 autocast on CUDA and MPS."),
-    resize: int = typer.Option(None, help="Shorter side after resizing (default: the backbone's own, e.g. 256)."),
-    crop: int = typer.Option(None, help="Crop size = network input size (default: the backbone's own, e.g. 224)."),
-    mean: str = typer.Option(None, help="Per-channel mean R,G,B on [0, 1] pixels (default: the backbone's own)."),
-    std: str = typer.Option(None, help="Per-channel std R,G,B (default: the backbone's own)."),
-    interpolation: str = typer.Option(None, help="Resize interpolation: bilinear, bicubic, nearest "
-                                      "(default: the backbone's own)."),
-    dtype: str = typer.Option(_D.dtype, help="On-disk feature dtype: float16 or float32."),
-    train_classes: int = typer.Option(None, help="folder only: number of (sorted) classes in the train split "
-                                      "(default: half)."),
-    transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
-                                         help="torchvision GoogLeNet input re-normalisation (default: on for "
-                                         "imagenet, off for none, for a file its stored value or on)."),
-    skip_bad: bool = typer.Option(_D.skip_bad, help="Skip unreadable images (listed in the cache's extra) "
-                                  "instead of stopping."),
+    resize: int = panel(PRE, typer.Option(None, help="Shorter side after resizing (default: the backbone's own, "
+                                                     "e.g. 256).")),
+    crop: int = panel(PRE, typer.Option(None, help="Crop size = network input size (default: the backbone's own, "
+                                                   "e.g. 224).")),
+    mean: str = panel(PRE, typer.Option(None, help="Per-channel mean R,G,B on \\[0, 1] pixels (default: the "
+                                                   "backbone's own).")),
+    std: str = panel(PRE, typer.Option(None, help="Per-channel std R,G,B (default: the backbone's own).")),
+    interpolation: Interpolation = panel(PRE, typer.Option(None, help="Resize interpolation (default: the "
+                                                                      "backbone's own).")),
+    dtype: FeatureDtype = panel(DATA, typer.Option(_D.dtype, help="On-disk feature dtype.")),
+    train_classes: int = panel(DATA, typer.Option(None, help="folder only: number of (sorted) classes in the train "
+                                                             "split (default: half).")),
+    transform_input: bool = panel(PRE, typer.Option(None, "--transform-input/--no-transform-input",
+                                                    help="torchvision GoogLeNet input re-normalisation (default: on "
+                                                         "for imagenet, off for none, for a file its stored value or "
+                                                         "on).")),
+    skip_bad: bool = panel(DATA, typer.Option(_D.skip_bad, help="Skip unreadable images (listed in the cache's "
+                                                                "extra) instead of stopping.")),
     overwrite: bool = typer.Option(_D.overwrite, help="Replace an existing complete output."),
 ):
     """Run a frozen backbone (GoogLeNet by default) once over a dataset and write P views of its features per
     image to a cache; the cache records the backbone, its weights, feature dimension and preprocessing.
 
     Interrupted (Ctrl-C, kill)? Rerun the same command: it resumes where it stopped.
+
+    Several processes: `torchrun --nproc-per-node N -m dvml extract ...` (gloo on CPU, one GPU per process on
+    CUDA): each takes a disjoint block of the images, the last to finish merges the shards (OUT.parts/) into OUT;
+    the cache is the single-process one, bit for bit. Resume with the same command and N.
     """
     cfg = ExtractConfig(dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, views=views,
                         test_flip=test_flip, seed=seed, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         resize=resize, crop=crop, mean=parse_rgb(mean, "--mean"), std=parse_rgb(std, "--std"),
-                        interpolation=interpolation, dtype=dtype, train_classes=train_classes,
-                        transform_input=transform_input, skip_bad=skip_bad, overwrite=overwrite)
-    tasks: dict[str, int] = {}
-    with make_progress("img") as progress:
-        def on_progress(split: str, done: int, total: int) -> None:
-            if split not in tasks:
-                tasks[split] = progress.add_task(split, total=total, completed=done, rate="")
-            else:
-                progress.update(tasks[split], completed=done)
+                        interpolation=choice_value(interpolation), dtype=choice_value(dtype),
+                        train_classes=train_classes, transform_input=transform_input, skip_bad=skip_bad,
+                        overwrite=overwrite)
+    from dvml.finetune import distributed as D
 
-        result = run(cfg, progress=on_progress)
+    ctx = D.init_distributed(cfg.device) if D.launched_by_torchrun() else D.DistContext()
+    tasks: dict[str, int] = {}
+    try:
+        with make_progress("img") as progress:
+            progress.disable = not ctx.is_main  # under torchrun rank 0 draws its own share's progress
+
+            def on_progress(split: str, done: int, total: int) -> None:
+                if split not in tasks:
+                    tasks[split] = progress.add_task(split, total=total, completed=done, rate="")
+                else:
+                    progress.update(tasks[split], completed=done)
+
+            result = run(replace(cfg, device=str(ctx.device)) if ctx.distributed else cfg, progress=on_progress)
+    finally:
+        D.shutdown(ctx)
+    if not result.merged:
+        return  # this rank's shard is written; the last rank to finish merges and prints the table
     table = Table(title=str(result.path), show_header=False)
     table.add_row("backbone", f"{result.backbone} ({result.weights}), {result.feature_dim}-D")
     pre = result.preprocess

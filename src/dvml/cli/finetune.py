@@ -10,12 +10,22 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import HEAD_OPTS, LOSS_OPTS, objective, parse_lambdas, refuse_resume_with_overwrite
+from dvml.cli.options import (
+    HEAD_OPTS,
+    LOSS_OPTS,
+    SCHEDULE_PANEL,
+    objective,
+    panel,
+    parse_lambdas,
+    refuse_resume_with_overwrite,
+)
 from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
+from dvml.heads.config import DeviceChoice
 
 _F = FinetuneConfig  # option defaults are the config dataclass defaults
+IMAGES_PANEL = "Images and augmentation"
 
 TORCHRUN = "torchrun --standalone --nproc_per_node=N --no-python dvml finetune ..."
 
@@ -32,7 +42,8 @@ def finetune_cmd(
     loss: str = HEAD_OPTS["loss"],
     dvml: bool = HEAD_OPTS["dvml"],
     backbone: str = typer.Option(_F.backbone, help="googlenet (the paper's), any torchvision classification model "
-                                 "(resnet50, efficientnet_b0, vit_b_16, ...) or timm:NAME, as for dvml extract."),
+                                 "(resnet50, efficientnet_b0, vit_b_16, ...) or timm:NAME (pip install "
+                                 "'dvml\\[timm]'), as for dvml extract."),
     weights: str = typer.Option(_F.weights, help="Backbone start: 'imagenet', 'none' (seeded random, tests) or a "
                                 "state-dict path for that backbone."),
     init_heads: Path = typer.Option(None, "--init-heads", help="Start the heads from this fit-heads run "
@@ -43,7 +54,8 @@ def finetune_cmd(
     proxy_lr: float = HEAD_OPTS["proxy_lr"],
     weight_decay: float = HEAD_OPTS["weight_decay"],
     epochs: int = HEAD_OPTS["epochs"],
-    steps_per_epoch: int = typer.Option(None, help="Global batches per epoch (default: N_train // batch-size)."),
+    steps_per_epoch: int = panel(SCHEDULE_PANEL, typer.Option(None, help="Global batches per epoch (default: "
+                                                                          "N_train // batch-size).")),
     phase2_epoch: int = HEAD_OPTS["phase2_epoch"],
     kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
     lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
@@ -57,25 +69,28 @@ def finetune_cmd(
     gamma: float = LOSS_OPTS["gamma"],
     temperature: float = LOSS_OPTS["temperature"],
     label_smoothing: float = LOSS_OPTS["label_smoothing"],
-    freeze_bn: bool = typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
-                                   help="Keep BatchNorm in eval mode with frozen affine parameters."),
+    freeze_bn: bool = panel(IMAGES_PANEL, typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
+                                   help="Keep BatchNorm in eval mode with frozen affine parameters.")),
     amp: bool = typer.Option(_F.amp, help="Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."),
-    resize: int = typer.Option(None, help="Shorter side after resizing (default: the backbone's, e.g. 256)."),
-    crop: int = typer.Option(None, help="Random-crop size (default: the backbone's input size, e.g. 224)."),
-    train_classes: int = typer.Option(None, help="folder only: number of (sorted) training classes."),
-    transform_input: bool = typer.Option(None, "--transform-input/--no-transform-input",
+    resize: int = panel(IMAGES_PANEL, typer.Option(None, help="Shorter side after resizing (default: the "
+                                                              "backbone's, e.g. 256).")),
+    crop: int = panel(IMAGES_PANEL, typer.Option(None, help="Random-crop size (default: the backbone's input size, "
+                                                            "e.g. 224).")),
+    train_classes: int = panel(IMAGES_PANEL, typer.Option(None, help="folder only: number of (sorted) training "
+                                                                     "classes.")),
+    transform_input: bool = panel(IMAGES_PANEL, typer.Option(None, "--transform-input/--no-transform-input",
                                          help="torchvision GoogLeNet input re-normalisation (default: the weights' "
-                                         "convention)."),
-    checkpoint_every: int = typer.Option(_F.checkpoint_every,
-                                         help="Also checkpoint every N steps (0 = epoch ends only)."),
+                                         "convention).")),
+    checkpoint_every: int = panel(SCHEDULE_PANEL, typer.Option(_F.checkpoint_every,
+                                         help="Also checkpoint every N steps (0 = epoch ends only).")),
     workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
     seed: int = HEAD_OPTS["seed"],
-    device: str = typer.Option(_F.device, help="auto (cuda, then mps, then cpu), cpu, cuda, mps (under torchrun: "
-                               "cuda:LOCAL_RANK)."),
+    device: DeviceChoice = typer.Option(_F.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps (under "
+                                                        "torchrun, cuda is each process's cuda:LOCAL_RANK)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
-    skip_bad: bool = typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
-                                  "decoding pass before training; listed in config.json) instead of stopping."),
+    skip_bad: bool = panel(IMAGES_PANEL, typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
+                                  "decoding pass before training; listed in config.json) instead of stopping.")),
     **objective_opts,
 ):
     """Train the backbone (GoogLeNet by default) and the DVML heads together from images (the paper's end-to-end
@@ -98,7 +113,7 @@ def finetune_cmd(
                          batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
                          temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
                          resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
-                         checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume,
+                         checkpoint_every=checkpoint_every, seed=seed, device=device.value, resume=resume,
                          overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
     refuse_resume_with_overwrite(cfg)
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints

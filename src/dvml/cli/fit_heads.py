@@ -9,8 +9,10 @@ from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
 from dvml.cli.options import (
+    DIAGNOSTICS_PANEL,
     HEAD_OPTS,
     LOSS_OPTS,
+    SCHEDULE_PANEL,
     check_field_types,
     objective,
     parse_lambdas,
@@ -70,13 +72,14 @@ def fit_heads_cmd(
     kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
     lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
     lambdas_phase2: str = HEAD_OPTS["lambdas_phase2"],
-    diag_images: int = typer.Option(FitConfig.diag_images,
+    diag_images: int = typer.Option(FitConfig.diag_images, rich_help_panel=DIAGNOSTICS_PANEL,
                                     help="Training images (view 0, seeded subset) of the per-epoch diagnostics; "
                                          "0 = off."),
-    grad_every: int = typer.Option(FitConfig.grad_every,
+    grad_every: int = typer.Option(FitConfig.grad_every, rich_help_panel=DIAGNOSTICS_PANEL,
                                    help="Sample the per-term gradients on the embedding layer every N steps (and "
                                         "at each epoch's first step); 0 = off."),
     triplet_input: bool = typer.Option(FitConfig.triplet_input, "--triplet-input/--no-triplet-input",
+                                       rich_help_panel=SCHEDULE_PANEL,
                                        help="triplet loss: batches of 40 explicit triplets (the paper's triplet "
                                             "input) instead of every triplet of a class-balanced batch."),
     lr: float = HEAD_OPTS["lr"],

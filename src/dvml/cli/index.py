@@ -20,8 +20,8 @@ def index_cmd(
                                             "images (needs --model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Index file; its row table goes beside it as INDEX.json."),
     split: str = typer.Option(_D.split, help="Cache split to index: test or train."),
-    model: Path | None = typer.Option(None, help="Embeds a folder of images: an exported .pt/.onnx, a run "
-                                                 "directory or a cache."),
+    model: Path | None = typer.Option(None, help="Embeds a folder of images: an exported .pt2/.pt/.onnx, a "
+                                                 "run directory or a cache."),
     weights: Path | None = typer.Option(None, help="Backbone weights file for a run/cache extracted from one."),
     kind: IndexKind = typer.Option(_D.kind.value, help="flat = exact; ivf / hnsw = approximate (recall against "
                                                        "exact is measured and reported)."),

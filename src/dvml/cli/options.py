@@ -35,9 +35,31 @@ def loss_param_help(name: str) -> str:
     return f"Loss parameter, only for: {uses} (the defaults)."
 
 
+# Help panels: the main panel holds what a first fit needs; the rest is grouped by what it is for.
+SCHEDULE_PANEL = "Schedule, loss weights and batches"
+LOSS_PANEL = "Loss parameters"
+OBJECTIVE_PANEL = "DVML objective and variance branch"
+DIAGNOSTICS_PANEL = "Diagnostics"
+FIT_PANEL = "Fit options (as fit-heads)"
+
+
+def in_panel(panel: str, *options: typer.models.OptionInfo) -> None:
+    """Show ``options`` in the --help panel ``panel`` instead of the main one."""
+    for option in options:
+        option.rich_help_panel = panel
+
+
+def panel(name: str, option: typer.models.OptionInfo) -> typer.models.OptionInfo:
+    """``option``, shown in the --help panel ``name``: ``resize: int = panel(IMAGES, typer.Option(...))``."""
+    option.rich_help_panel = name
+    return option
+
+
 def loss_param_options() -> dict:
     """The typer options ``--margin``, ``--gamma``, ``--temperature``, ``--label-smoothing`` (fit-heads, finetune)."""
-    return {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+    options = {name: typer.Option(None, help=loss_param_help(name)) for name in LOSS_PARAM_NAMES}
+    in_panel(LOSS_PANEL, *options.values())
+    return options
 
 
 LOSS_OPTS = loss_param_options()
@@ -49,7 +71,7 @@ def head_options() -> dict:
     parentheses: typer's rich help reads ``[...]`` as markup and would drop the text."""
     H = HeadsConfig
     lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
-    return {
+    options = {
         "loss": typer.Option(H.loss.value, callback=loss_choice, metavar="<" + "|".join(loss_names()) + ">",
                              help="Metric loss Lm (any registered loss: dvml.losses.registry)."),
         "dvml": typer.Option(H.dvml, "--dvml/--no-dvml",
@@ -81,11 +103,15 @@ def head_options() -> dict:
                                        "new one finishes; back in place if it fails before its first "
                                        "checkpoint)."),
     }
+    in_panel(SCHEDULE_PANEL, *(options[k] for k in ("decoder_hidden", "phase2_epoch", "kl_warmup_epochs",
+                                                    "lambdas_phase1", "lambdas_phase2", "proxy_lr", "weight_decay",
+                                                    "per_class")))
+    return options
 
 
 def objective_options() -> dict[str, typer.models.OptionInfo]:
     """The typer options of the DVML objective's and variance branch's :class:`~dvml.heads.config.HeadsConfig`
-    fields (issue 14), shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
+    fields, shared by fit-heads and finetune through :func:`with_options` (typed as those fields)."""
     H = HeadsConfig
     options = {
         "recon_share": typer.Option(H.recon_share, help="k: multiplies the phase-2 KL and reconstruction weights "
@@ -130,8 +156,7 @@ def objective_options() -> dict[str, typer.models.OptionInfo]:
                                                                 "negatives synthetic; triplet, triplet-dws, npair) "
                                                                 "(default: within)."),
     }
-    for option in options.values():
-        option.rich_help_panel = "DVML objective and variance branch"
+    in_panel(OBJECTIVE_PANEL, *options.values())
     return options
 
 
@@ -175,9 +200,57 @@ def format_lambdas(lams) -> str:
     return ",".join(f"{v:g}" for v in lams)
 
 
-def device_option():
+class FeatureDtype(str, Enum):
+    """On-disk dtype of cached features (extract, synth)."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Interpolation(str, Enum):
+    """Resize interpolation of extract's preprocessing (as :data:`dvml.extract.backbone.INTERPOLATIONS`)."""
+
+    nearest = "nearest"
+    nearest_exact = "nearest-exact"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+
+
+class TuneObjective(str, Enum):
+    """What dvml tune maximises on the held-out validation classes."""
+
+    recall_at_1 = "recall@1"
+    map_at_r = "map@r"
+
+
+def choice_value(value) -> str | None:
+    """An enum option's value as the config takes it (a plain string; None stays None)."""
+    return None if value is None else getattr(value, "value", value)
+
+
+class SearchDevice(str, Enum):
+    """Where faiss searches (``dvml evaluate --device``): auto = the GPU when this faiss build has one."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def one_of(new, old, new_flag: str, old_flag: str):
+    """The value of an option given under its current name ``new_flag`` or its old, hidden spelling ``old_flag``
+    (kept for one release); both with different values is refused."""
+    if new is not None and old is not None and new != old:
+        raise ValueError(f"{old_flag} is the old spelling of {new_flag}: give {new_flag} only")
+    value = new if new is not None else old
+    if value is None:
+        raise ValueError(f"missing option {new_flag}")
+    return value
+
+
+def device_option(panel: str | None = None):
     """``--device`` of the commands that run fits (ablate, demo, tune): the fit-heads choice, None = its default."""
-    return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).")
+    return typer.Option(None, help="Fit device: auto (CUDA, then MPS, then CPU), cpu, cuda or mps (default: auto).",
+                        rich_help_panel=panel)
 
 
 DeviceOption = DeviceChoice | None
@@ -239,8 +312,9 @@ def check_field_types(cls, values: dict, where: str) -> None:
 
 
 def parse_set(items: list[str] | None) -> dict:
-    """``--set key=value`` pairs -> FitConfig overrides; values parsed as JSON when they parse
-    (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else kept as strings."""
+    """``--set key=value`` pairs -> FitConfig overrides. A key is spelled as the fit-heads flag without its dashes
+    (``phase2-epoch``, ``lambdas-phase2``; the field name ``phase2_epoch`` is accepted too). Values parse as JSON
+    when they do (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else they are kept as strings."""
     names = {f.name for f in config_fields(FitConfig)}
     out: dict = {}
     for item in items or []:
@@ -249,7 +323,8 @@ def parse_set(items: list[str] | None) -> dict:
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in names:
-            raise ValueError(f"--set {key}: not a fit option; known: {', '.join(sorted(names))}")
+            known = ", ".join(sorted(n.replace("_", "-") for n in names))
+            raise ValueError(f"--set {key.replace('_', '-')}: not a fit option; known: {known}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -263,7 +338,8 @@ def parse_set(items: list[str] | None) -> dict:
         parsed = tuple(parsed) if isinstance(parsed, list) else parsed
         check_field_types(FitConfig, {key: parsed}, f"--set {item}")
         if key in out and out[key] != parsed:
-            raise ValueError(f"--set {key} is given twice with different values ({out[key]!r}, {parsed!r})")
+            raise ValueError(f"--set {key.replace('_', '-')} is given twice with different values ({out[key]!r}, "
+                             f"{parsed!r})")
         out[key] = parsed
     return out
 
@@ -274,7 +350,7 @@ def merge_set(explicit: dict, items: list[str] | None) -> dict:
     extra = parse_set(items)
     for key in sorted(set(explicit) & set(extra)):
         if explicit[key] != extra[key]:
-            raise ValueError(f"--set {key}={extra[key]!r} conflicts with --{key.replace('_', '-')} "
+            raise ValueError(f"--set {key.replace('_', '-')}={extra[key]!r} conflicts with --{key.replace('_', '-')} "
                              f"{explicit[key]!r}; give the option once")
     return {**explicit, **extra}
 

@@ -12,31 +12,30 @@ from rich.live import Live
 from rich.table import Table
 
 from dvml.cli.app import console, err_console, make_progress
-from dvml.evaluate import worst_classes
+from dvml.evaluate.labels import fixed, metric_label
 
 
 def results_table(result: dict, title: str | None = None) -> Table:
-    """One-row rich table of a result dict, in percent like the paper's tables (NMI, F1, R@K, MAP@R, RP)."""
+    """One-row rich table of a result dict, in percent like the paper's tables (NMI, F1, R@K, MAP@R, R-prec)."""
     table = Table(title=title, title_justify="left")
-    cols: list[tuple[str, str]] = []
-    if "nmi" in result:
-        cols += [("NMI", "nmi"), ("F1", "f1")]
-    cols += [(f"R@{k[len('recall@'):]}", k) for k in result if k.startswith("recall@")]
-    cols += [("MAP@R", "map@r"), ("RP", "r_precision")]
-    for name, _ in cols:
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{100 * result[key]:.2f}" for _, key in cols))
+    keys = (["nmi", "f1"] if "nmi" in result else []) + [k for k in result if k.startswith("recall@")]
+    keys += ["map@r", "r_precision"]
+    for key in keys:
+        table.add_column(metric_label(key), justify="right")
+    table.add_row(*(fixed(100 * result[key], 2) for key in keys))
     return table
 
 
 def worst_table(rows: list[dict], n: int) -> Table:
     """The ``n`` classes with the lowest Recall@1 (``dvml evaluate``'s per-class rows): class, queries, R@1,
     MAP@R (percent)."""
+    from dvml.evaluate import worst_classes  # lazily: numpy and faiss are not needed to declare the commands
+
     table = Table(title=f"worst {min(n, len(rows))} of {len(rows):,} classes by Recall@1", title_justify="left")
     for name in ("class", "queries", "R@1", "MAP@R"):
         table.add_column(name, justify="right")
     for r in worst_classes(rows, n):
-        table.add_row(str(r["class"]), str(r["count"]), f"{100 * r['recall@1']:.2f}", f"{100 * r['map@r']:.2f}")
+        table.add_row(str(r["class"]), str(r["count"]), fixed(100 * r["recall@1"], 2), fixed(100 * r["map@r"], 2))
     return table
 
 
@@ -51,7 +50,7 @@ def format_terms(record: dict) -> str:
 
 
 def _pct(x) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else fixed(100 * x)
 
 
 class _AblationView:
@@ -129,8 +128,7 @@ def summary_tables(summary: dict, *, title: str) -> list[Table]:
                 pd = PairedDiff(**d)
                 style = ("green" if pd.mean > 0 else "red") if pd.significant else ""
                 diff = f"[{style}]{pd.format()}[/]" if style else pd.format()
-            name = m.replace("recall@", "R@").replace("r_precision", "R-prec").replace("map@r", "MAP@R")
-            t.add_row(name.upper() if name in ("nmi", "f1") else name, *cells, diff)
+            t.add_row(metric_label(m), *cells, diff)
         tables.append(t)
     return tables
 

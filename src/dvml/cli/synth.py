@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.cli.options import FeatureDtype, choice_value
 from dvml.errors import DvmlError
 from dvml.extract.synth import SynthConfig, generate
 
@@ -52,14 +53,14 @@ def synth_cmd(
                                              help="Scale of the variation relative to class centres."),
     view_jitter: float = typer.Option(_D.view_jitter, help="Per-view jitter of the variation (augmentation)."),
     seed: int = typer.Option(_D.seed, help="Seed: same seed and parameters give an identical file."),
-    dtype: str = typer.Option(_D.dtype, help="On-disk dtype: float16 or float32."),
+    dtype: FeatureDtype = typer.Option(_D.dtype, help="On-disk dtype."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete file."),
 ):
     """Generate a feature world under DVML's assumption (class centre + class-independent variation)."""
     cfg = make_config(n_classes=classes, images_per_class=images_per_class, views=views,
                       test_views=test_views, feature_dim=feature_dim, class_dim=class_dim,
                       variation_dim=variation_dim, variation_strength=variation_strength,
-                      view_jitter=view_jitter, seed=seed, dtype=dtype)
+                      view_jitter=view_jitter, seed=seed, dtype=choice_value(dtype))
     with make_progress("class") as progress:
         task = progress.add_task("synth", total=cfg.n_classes, rate="")
         path = generate(cfg, out, overwrite=overwrite, progress=lambda n: progress.advance(task, n))

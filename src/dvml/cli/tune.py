@@ -9,7 +9,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
+from dvml.cli.options import (
+    FIT_DEFAULTS,
+    FIT_HELP,
+    DeviceOption,
+    TuneObjective,
+    choice_value,
+    device_option,
+    fit_overrides,
+    merge_set,
+)
 from dvml.experiments.tune import TuneConfig
 from dvml.losses import LossName
 
@@ -27,7 +36,8 @@ def tune_cmd(
                                                   "several machines the same RDB URL to share one study."),
     study_name: str | None = typer.Option(None, help="Study name (default dvml-<loss>-<dvml|base>-<cache>-s<seed>)."),
     dvml: bool = typer.Option(_D.dvml, "--dvml/--no-dvml", help="--no-dvml: tune the baseline (no λ/T to search)."),
-    objective: str = typer.Option(_D.objective, help="recall@1 or map@r on the held-out validation classes."),
+    objective: TuneObjective = typer.Option(_D.objective, help="What to maximise on the held-out validation "
+                                                               "classes."),
     val_fraction: float = typer.Option(_D.val_fraction, help="Share of TRAINING classes held out for validation."),
     search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
                                                  "recon_share (k: scales phase-2 lambda1 and lambda2 together, "
@@ -37,7 +47,10 @@ def tune_cmd(
                                                     "triplet, 128 otherwise; fitted to the data when it has fewer "
                                                     "classes)."),
     device: DeviceOption = device_option(),
-    set_: list[str] | None = typer.Option(None, "--set", help="Fixed fit option KEY=VALUE (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="A fixed fit-heads option as KEY=VALUE, KEY its flag "
+                                               "without the dashes (repeatable), e.g. --set "
+                                               "phase2-epoch=5."),
     seed: int = typer.Option(_D.seed, help="Seed of the class split, the sampler and each fit."),
     timeout: float | None = typer.Option(_D.timeout, help="Stop this process after this many seconds."),
     keep_runs: bool = typer.Option(_D.keep_runs, "--keep-runs/--no-keep-runs",
@@ -46,6 +59,7 @@ def tune_cmd(
     """Optuna search validated on classes held out from the training split (never the test classes)."""
     from dvml.experiments import tune
 
+    objective = choice_value(objective)
     fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, device=device), set_)
     cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,

@@ -405,12 +405,12 @@ def run(cfg: EvalConfig, *, progress: ProgressFn | None = None) -> dict:
     target = cfg.target
     if not target.exists():
         raise EvaluationError(f"{target}: no such file or directory")
-    if cfg.use_gpu:  # an explicit --gpu is never silently run on the CPU (slow, and mis-recorded)
+    if cfg.use_gpu:  # an explicit GPU request is never silently run on the CPU (slow, and mis-recorded)
         try:
             knn.resolve_gpu(True)
         except ValueError as e:
-            raise EvaluationError(f"--gpu: {e}; pass --cpu, or neither (a GPU is then used when faiss has "
-                                  "one)") from None
+            raise EvaluationError(f"use_gpu: {e}; search on the CPU (use_gpu=False), or let dvml choose "
+                                  "(use_gpu=None: the GPU when faiss has one)") from None
     for out in (cfg.json_path, cfg.per_class_csv):
         if out is not None:
             files.check_target(out)  # a directory or an impossible path fails now, not after the scoring
@@ -450,7 +450,7 @@ def _run(cfg: EvalConfig, progress: ProgressFn | None) -> dict:
     if cfg.per_class_csv is not None:
         write_per_class_csv(per_class, cfg.per_class_csv)
         result["per_class_csv"] = str(cfg.per_class_csv.resolve())
-        log.info("wrote %s", cfg.per_class_csv)
+        log.debug("wrote %s", cfg.per_class_csv)  # the caller says what it wrote
     result.update({
         "target": str(target.resolve()),
         **prov,
@@ -475,11 +475,11 @@ def _run(cfg: EvalConfig, progress: ProgressFn | None) -> dict:
             raise EvaluationError(f"{target}: {R.HEADS_FILE} changed while it was being evaluated (a fit is "
                                   f"writing this run); {R.METRICS_FILE} not written, evaluate again when it is done")
         R.atomic_write_json(result, target / R.METRICS_FILE, default=str)
-        log.info("wrote %s", target / R.METRICS_FILE)
+        log.debug("wrote %s", target / R.METRICS_FILE)
     if cfg.json_path is not None:
         R.atomic_write_json(result, cfg.json_path, default=str)  # "-": standard output
         if not files.is_stdout(cfg.json_path):
-            log.info("wrote %s", cfg.json_path)
+            log.debug("wrote %s", cfg.json_path)
     if per_class is not None:
         result["per_class"] = per_class
     return result

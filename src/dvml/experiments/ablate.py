@@ -41,13 +41,18 @@ from typing import Any
 
 from dvml import files
 from dvml import runs as R
+from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_target
+from dvml.evaluate.labels import metric_label
+from dvml.experiments.gridlog import GridWarnings
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
 from dvml.heads.config import FitConfig, config_fields
-from dvml.heads.train import fit
+from dvml.heads.schedule import warn_schedule
+
+fit = lazy_function("dvml.heads.train", "fit")  # torch on first fit, not for declaring the CLI
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +237,17 @@ def _fit_config(cfg: AblateConfig, cell: Cell, run: Path) -> FitConfig:
     return FitConfig(**kw)
 
 
-def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallback) -> dict:
+def _run_cell(cfg: AblateConfig, cell: Cell, train, test, callback: AblateCallback, *, resume: bool = False) -> dict:
+    """Fit and evaluate one cell; ``resume``: continue the fit from its checkpoint (a grid shared through a storage,
+    see :mod:`dvml.experiments.grid_storage`, whose grid identity makes the checkpoint this cell's)."""
     run = run_dir(cfg, cell)
-    if run.exists():  # an unfinished cell: start it over (resuming a half-written fit would mix configs)
+    if run.exists() and not resume:  # an unfinished cell: start it over (resuming a half-written fit would mix configs)
         log.info("%s: unfinished, refitting from scratch", cell.name)
         shutil.rmtree(run)
     files.make_dir(run.parent)
     fit_cfg = _fit_config(cfg, cell, run)
+    if resume:
+        fit_cfg = dataclasses.replace(fit_cfg, resume=True)
 
     def on_fit(ev) -> None:  # dvml.heads.FitEvent: forwarded as a plain dict
         if ev.kind in ("step", "epoch"):
@@ -341,8 +350,8 @@ def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
                   f"seeds: baseline {n['baseline']}, DVML {n['DVML']}, paired {len(e['paired_seeds'])}", "",
                   f"| metric | baseline | DVML | Δ [{c}% CI] | p |", "|---|---|---|---|---|"]
         for k, m in e["metrics"].items():
-            lines.append(f"| {k} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} | {_fmt_diff(m['diff'])} "
-                         f"| {_fmt_p(m['diff'])} |")
+            lines.append(f"| {metric_label(k)} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} "
+                         f"| {_fmt_diff(m['diff'])} | {_fmt_p(m['diff'])} |")
         lines.append("")
         diag = {col: d for col, d in e.get("diagnostics", {}).items() if d.get("DVML") or d.get("baseline")}
         if diag:
@@ -519,6 +528,13 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     ``"out"`` added. Raises DvmlError for a bad cache or an unknown fit option before any fit runs.
     """
     cb = callback or (lambda _e: None)
+    info, fp, cells = check_grid(cfg)
+    with files.writer_lock(cfg.out), GridWarnings.quiet():  # one ablation at a time per --out
+        return _run(cfg, cells, info, fp, cb)
+
+
+def check_grid(cfg: AblateConfig):
+    """Read the cache and check every cell's options; returns ``(cache info, fingerprint, cells)``. Writes nothing."""
     try:
         info = read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
@@ -528,14 +544,26 @@ def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:
     labels = load_labels(cfg.cache, "train")
     # Every cell is checked now (and nothing is written), not after hours of other cells: an unknown loss or
     # option, and a batch the training classes cannot fill (e.g. npair at --batch-size 8 needs 4 classes).
+    grid = GridWarnings()  # the fits' warnings (batch fitted to the data, schedule) said once for the grid
     for cell in cells:
         try:
-            fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels, where=f"{cfg.cache} ({cell.name})",
-                      per_class_option="--set per_class={}")
+            with grid.check(cell.name, runs=read_finished(run_dir(cfg, cell)) is None):
+                fitted, _ = fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels,
+                                      where=f"{cfg.cache} ({cell.name})", per_class_option="--set per-class={}")
+                warn_schedule(fitted)
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
-    with files.writer_lock(cfg.out):  # one ablation at a time per --out
-        return _run(cfg, cells, info, fp, cb)
+    grid.say(log, sum(read_finished(run_dir(cfg, c)) is None for c in cells))
+    return info, fp, cells
+
+
+def provenance(cfg: AblateConfig, cells: list[Cell], info, fp: str) -> dict:
+    """The ``ablation.json`` record of a grid as it starts."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
+            "backbone": info.backbone, "feature_dim": info.feature_dim,
+            "config": _jsonable(dataclasses.asdict(cfg)), "fit": _jsonable(cfg.fit),
+            "cells": [c.name for c in cells], "versions": R.versions(), "started": started, "finished": None}
 
 
 def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback) -> dict:
@@ -543,11 +571,7 @@ def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback
     if prov_path.exists():
         _check_earlier_grid(cfg, prov_path, fp)
     files.make_dir(cfg.out)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    prov = {"cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "dataset": info.dataset,
-            "backbone": info.backbone, "feature_dim": info.feature_dim,
-            "config": _jsonable(dataclasses.asdict(cfg)), "fit": _jsonable(cfg.fit),
-            "cells": [c.name for c in cells], "versions": R.versions(), "started": started, "finished": None}
+    prov = provenance(cfg, cells, info, fp)
     R.atomic_write_json(prov, prov_path)
     cb(AblateEvent("start", cells=tuple(cells)))
 
@@ -573,6 +597,13 @@ def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback
             rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
             write_results_csv(rows, cfg.out / RESULTS_FILE)  # after every cell: partial results are usable
             cb(AblateEvent("cell_done", cell=cell, row=row))
+    return write_summary(cfg, cells, rows, info, prov, cb)
+
+
+def write_summary(cfg: AblateConfig, cells: list[Cell], rows: list[dict], info, prov: dict,
+                  cb: AblateCallback) -> dict:
+    """Write results.csv, summary.json/md, the chart, the per-class files and the finished ablation.json."""
+    prov_path = cfg.out / PROVENANCE_FILE
     rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
     write_results_csv(rows, cfg.out / RESULTS_FILE)
     summary = summarize(rows, confidence=cfg.confidence)

@@ -37,10 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as _st
 
 from dvml import __version__, files
+from dvml._lazy import lazy_module
 from dvml.errors import DvmlError
+
+_st = lazy_module("scipy.stats")  # imported on first use: the CLI reads this module's light parts to declare options
 
 log = logging.getLogger(__name__)
 

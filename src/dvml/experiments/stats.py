@@ -17,7 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
+
+from dvml._lazy import lazy_module
+from dvml.evaluate.labels import fixed
+
+_st = lazy_module("scipy.stats")  # imported on first use: the CLI reads this module's light parts to declare options
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,8 @@ class MeanStd:
         """``"61.2 ± 1.3"`` (values times ``scale``, e.g. fractions as percent)."""
         if self.n == 0:
             return "n/a"
-        m = f"{self.mean * scale:.{digits}f}"
-        return m if math.isnan(self.std) else f"{m} ± {self.std * scale:.{digits}f}"
+        m = fixed(self.mean * scale, digits)
+        return m if math.isnan(self.std) else f"{m} ± {fixed(self.std * scale, digits)}"
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,13 @@ class PairedDiff:
     confidence: float
 
     def format(self, scale: float = 100.0, digits: int = 1) -> str:
-        """``"+3.1 [+0.4, +5.8]"`` (values times ``scale``)."""
+        """``"+3.1 [+0.4, +5.8]"`` (values times ``scale``; a value that rounds to zero prints ``0.0``, unsigned)."""
         if self.n == 0:
             return "n/a"
-        m = f"{self.mean * scale:+.{digits}f}"
+        m = fixed(self.mean * scale, digits, signed=True)
         if math.isnan(self.low):
             return m
-        return f"{m} [{self.low * scale:+.{digits}f}, {self.high * scale:+.{digits}f}]"
+        return f"{m} [{fixed(self.low * scale, digits, signed=True)}, {fixed(self.high * scale, digits, signed=True)}]"
 
     @property
     def significant(self) -> bool:

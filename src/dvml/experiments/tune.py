@@ -42,15 +42,21 @@ import numpy as np
 
 from dvml import __version__, files
 from dvml import runs as R
+from dvml._lazy import lazy_function
 from dvml.cache import CacheError, Split, fingerprint, load_labels, load_split, read_info
 from dvml.errors import DvmlError
 from dvml.evaluate import evaluate_embeddings
-from dvml.heads import FitConfig, embed, fit
+from dvml.experiments.gridlog import GridWarnings
+from dvml.heads import FitConfig
 from dvml.heads.batch import batch_size_given, fit_batch
 from dvml.heads.config import PHASE2_LAMBDAS, config_fields
+from dvml.heads.schedule import warn_schedule
 from dvml.losses import LossName
 from dvml.losses.registry import loss_spec, resolve_loss
 from dvml.seeding import hold_out_classes
+
+fit = lazy_function("dvml.heads.train", "fit")  # torch on first use, not for declaring the CLI
+embed = lazy_function("dvml.heads.embed", "embed")
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ def search_space(cfg: TuneConfig) -> list[str]:
         if cfg.dvml and asked and not has_phase2:
             raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
                             f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (`epochs`), so they "
-                            "would never be used; pass --set phase2_epoch=N with N < `epochs`, or search without "
+                            "would never be used; pass --set phase2-epoch=N with N < `epochs`, or search without "
                             "them")
         unknown = set(cfg.search) - set(space)
         if unknown:
@@ -272,13 +278,18 @@ def run(cfg: TuneConfig, *, callback: Callable[[dict], None] | None = None) -> d
         check = fit_config(cfg, {}, cfg.out / "trials" / "check")
     except ValueError as e:
         raise DvmlError(str(e)) from None
-    fit_batch(check, labels[np.isin(labels, fit_classes)], where=str(cfg.cache),
-              per_class_option="--set per_class={}")
+    grid = GridWarnings()  # the trials' warnings (batch fitted to the data, schedule) said once for the study
+    with grid.check():
+        fitted, _ = fit_batch(check, labels[np.isin(labels, fit_classes)], where=str(cfg.cache),
+                              per_class_option="--set per-class={}")
+        warn_schedule(fitted)
+    grid.say(log, 1)
     storage = None if cfg.storage is None else _open_storage(cfg.storage)
     created = not cfg.out.exists()
     try:
         files.make_dir(cfg.out)
-        return _run_study(cfg, fp, fit_classes, val_classes, space, storage, callback)
+        with grid.quiet():
+            return _run_study(cfg, fp, fit_classes, val_classes, space, storage, callback)
     except BaseException:
         if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
             cfg.out.rmdir()  # no empty output directory left by a failed study

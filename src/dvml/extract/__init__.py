@@ -17,45 +17,25 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
   :mod:`dvml.extract.archive` (safe, atomic unpacking); imported on use, not here.
 """
 
-from dvml.extract.backbone import (
-    BACKBONE_NAME,
-    DEFAULT_BACKBONE,
-    FEATURE_DIM,
-    Backbone,
-    CacheBackbone,
-    Preprocess,
-    backbone_from_cache,
-    build_backbone,
-    imagenet_checkpoint_path,
-    imagenet_preprocess,
-    load_backbone,
-    save_torchscript,
-)
-from dvml.extract.datasets import (
-    DatasetIndex,
-    DatasetName,
-    Sample,
-    read_cars196,
-    read_cub,
-    read_dataset,
-    read_folder,
-    read_inshop,
-    read_sop,
-)
-from dvml.extract.extractor import ExtractConfig, ExtractResult, FeatureModel, run
-from dvml.extract.transforms import (
-    BadImageError,
-    ViewDataset,
-    ViewSpec,
-    collate_views,
-    load_rgb,
-    resize_shorter,
-)
+from dvml._lazy import lazy_exports
+
+# imported on first use: importing a light submodule (e.g. a config) must not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "dvml.extract.backbone": ["BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone",
+        "Preprocess", "backbone_from_cache", "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess",
+        "load_backbone", "save_exported", "save_torchscript"],
+    "dvml.extract.datasets": ["DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset",
+        "read_folder", "read_inshop", "read_sop"],
+    "dvml.extract.extractor": ["ExtractConfig", "ExtractResult", "FeatureModel", "run"],
+    "dvml.extract.transforms": ["BadImageError", "ViewDataset", "ViewSpec", "collate_views", "load_rgb",
+        "resize_shorter"],
+})
 
 __all__ = [
     "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone", "Preprocess",
     "backbone_from_cache",
-    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_torchscript",
+    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_exported",
+    "save_torchscript",
     "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset", "read_folder",
     "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
     "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",

@@ -16,9 +16,11 @@
   ``timm`` extra: ``timm.create_model(NAME, num_classes=0)`` (timm's pooled pre-logits features), the
   preprocessing from timm's pretrained config (``input_size``, ``crop_pct`` -> resize = floor(crop / crop_pct),
   mean, std, interpolation);
-* a **TorchScript file** (a path; ``torchscript:PATH`` also works): normalised float (B, 3, crop, crop) in,
-  (B, D) features out. Its preprocessing is stored inside it (``dvml_preprocess.json``, written by
-  :func:`save_torchscript`) or given by options (crop, mean, std, and optionally resize, interpolation).
+* a **torch.export file** (``.pt2``, written by :func:`save_exported`: the format current PyTorch maintains) or a
+  **TorchScript file** (any other path; ``torchscript:PATH`` also works): normalised float (B, 3, crop, crop)
+  in, (B, D) features out. Its preprocessing is stored inside it (``dvml_preprocess.json``, written by
+  :func:`save_exported` / :func:`save_torchscript`) or given by options (crop, mean, std, and optionally
+  resize, interpolation). A TorchScript file is a program: load only files you trust.
 
 ``weights``:
 
@@ -205,7 +207,8 @@ class Backbone:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A parsed ``--backbone``: ``kind`` is ``torchvision``, ``timm`` or ``torchscript``."""
+    """A parsed ``--backbone``: ``kind`` is ``torchvision``, ``timm``, ``exported`` (a ``.pt2`` file) or
+    ``torchscript``."""
 
     kind: str
     name: str  # model name, or the file path for torchscript
@@ -233,7 +236,8 @@ def parse_spec(spec: str | Path) -> BackboneSpec:
         if not path.is_file():
             raise DvmlError(f"--backbone {s}: no such model file (expected a torchvision model name, "
                             f"timm:NAME or a TorchScript file)")
-        return BackboneSpec("torchscript", str(path))
+        return BackboneSpec("exported" if path.suffix.lower() == ".pt2" and forced is None else "torchscript",
+                            str(path))
     from torchvision import models
 
     names = set(models.list_models(module=models))
@@ -524,7 +528,46 @@ def save_torchscript(model: nn.Module | torch.jit.ScriptModule, preprocess: Prep
     return path
 
 
-def _torchscript_backbone(path: Path, weights: str) -> Backbone:
+class ExportedFeatures(nn.Module):
+    """A loaded ``.pt2`` program's module, usable as a backbone: ``train()``/``eval()`` are no-ops (an exported
+    graph has no mode to switch; torch refuses the call)."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def train(self, mode: bool = True) -> ExportedFeatures:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x.contiguous())
+
+
+def save_exported(model: nn.Module, preprocess: Preprocess, path: str | Path, *, note: str = "",
+                  max_batch: int = 65536) -> Path:
+    """Write ``model`` (normalised float (B, 3, crop, crop) -> (B, D)) as a ``torch.export`` program (``.pt2``,
+    dynamic batch 1..``max_batch``) that carries its preprocessing, ready for ``dvml extract --backbone PATH``.
+    Returns the path."""
+    path = Path(path)
+    model = model.eval()
+    example = torch.randn(2, 3, preprocess.crop, preprocess.crop, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        out = program.module()(example)
+    if out.ndim != 2:
+        raise ValueError(f"the model must return (B, D) features, got shape {tuple(out.shape)}")
+    meta = {**preprocess.as_dict(), "feature_dim": int(out.shape[1]), "note": note,
+            "input": "float32 (B, 3, crop, crop), (RGB/255 - mean) / std"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's serialiser chatter about weight groups
+        torch.export.save(program, str(path), extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def _model_file_backbone(path: Path, weights: str, exported: bool) -> Backbone:
     weights = str(weights)
     identity = f"file:{path.name}:{file_digest(path)}"
     if weights.startswith("file:"):  # an identity read back from a cache: the file must be the same
@@ -537,11 +580,17 @@ def _torchscript_backbone(path: Path, weights: str) -> Backbone:
     try:
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it still loads
             warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as e:  # RuntimeError / zipfile errors for a non-TorchScript file
-        raise DvmlError(f"--backbone {path}: not a TorchScript model file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); export one with torch.jit.trace/script "
-                        f"or dvml.extract.save_torchscript") from None
+            if exported:
+                warnings.simplefilter("ignore", UserWarning)
+                model = ExportedFeatures(torch.export.load(str(path), extra_files=extra).module())
+            else:
+                model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as e:  # RuntimeError / zipfile errors for a file of another kind
+        what, how = (("torch.export (.pt2)", "dvml.extract.save_exported") if exported else
+                     ("TorchScript", "torch.jit.trace/script or dvml.extract.save_torchscript"))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DvmlError(f"--backbone {path}: not a {what} model file ({type(e).__name__}: {first[:200]}); export "
+                        f"one with {how}") from None
     preprocess, dim = None, None
     raw = extra[TORCHSCRIPT_EXTRA]
     if raw:
@@ -552,9 +601,11 @@ def _torchscript_backbone(path: Path, weights: str) -> Backbone:
         except (ValueError, TypeError, KeyError) as e:
             raise DvmlError(f"--backbone {path}: its {TORCHSCRIPT_EXTRA} is not valid ({e})") from None
     model.eval()
-    return Backbone(model=model, name=f"torchscript:{path.name}", weights=identity,
+    kind = "exported" if exported else "torchscript"
+    return Backbone(model=model, name=f"{kind}:{path.name}", weights=identity,
                     preprocess=preprocess, feature_dim=dim, spec=str(path.resolve()),
-                    feature="the TorchScript model's output", source={"model_file": str(path.resolve())})
+                    feature=f"the {'exported program' if exported else 'TorchScript model'}'s output",
+                    source={"model_file": str(path.resolve())})
 
 
 # --------------------------------------------------------------------------- entry points
@@ -578,7 +629,7 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, weights: str | Path = "im
     elif parsed.kind == "timm":
         bb = _timm_backbone(parsed.name, str(weights), init_seed)
     else:
-        bb = _torchscript_backbone(Path(parsed.name), str(weights))
+        bb = _model_file_backbone(Path(parsed.name), str(weights), exported=parsed.kind == "exported")
     if transform_input is not None and bb.transform_input is None:
         raise DvmlError(f"--transform-input applies to torchvision googlenet and inception_v3 only, not {bb.name}")
     if bb.name == "torchvision.googlenet":

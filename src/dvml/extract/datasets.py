@@ -140,23 +140,49 @@ def _require_file(path: Path, hint: str) -> Path:
     return path
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 list file; DvmlError naming it when it is not text (a binary or damaged file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DvmlError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DvmlError(f"{path}: not a UTF-8 text file (byte {data[e.start]:#04x} at offset {e.start}); is it the "
+                        "dataset's own list file, complete?") from None
+    if "\0" in text:
+        raise DvmlError(f"{path}: not a text file (it holds NUL bytes); is it the dataset's own list file?")
+    return text.splitlines(keepends=True)
+
+
+def image_path(path: Path, lineno: int | str, rel: str) -> str:
+    """A listed image path, ``/``-separated, that stays inside the dataset folder; DvmlError naming the list file
+    and line for an absolute path, a ``..`` component or a control character."""
+    rel = str(rel).strip().replace("\\", "/")
+    if not rel or rel.startswith("/") or (len(rel) > 1 and rel[1] == ":") or ".." in rel.split("/"):
+        raise DvmlError(f"{path}:{lineno}: image path {rel!r} leaves the dataset folder (absolute or with '..')")
+    if not rel.isprintable():
+        raise DvmlError(f"{path}:{lineno}: image path {rel!r} holds a control character")
+    return rel
+
+
 def _read_table(path: Path, n_fields: int, *, header: Sequence[str] | None = None) -> list[tuple[int, list[str]]]:
     """Whitespace-separated rows of ``path`` as (line number, fields); the last field may hold spaces."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = iter(enumerate(f, start=1))
-        if header is not None:
-            first = next(lines, None)
-            if first is None or first[1].split() != list(header):
-                raise DvmlError(f"{path}: line 1 should be the header {' '.join(header)!r}")
-        for lineno, line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=n_fields - 1)
-            if len(parts) != n_fields:
-                raise DvmlError(f"{path}:{lineno}: expected {n_fields} fields, got {line!r}")
-            rows.append((lineno, parts))
+    lines = iter(enumerate(_text_lines(path), start=1))
+    if header is not None:
+        first = next(lines, None)
+        if first is None or first[1].split() != list(header):
+            raise DvmlError(f"{path}: line 1 should be the header {' '.join(header)!r}")
+    for lineno, line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=n_fields - 1)
+        if len(parts) != n_fields:
+            raise DvmlError(f"{path}:{lineno}: expected {n_fields} fields, got {line!r}")
+        rows.append((lineno, parts))
     if not rows:
         raise DvmlError(f"{path}: no entries")
     return rows
@@ -184,14 +210,14 @@ def read_cub(root: str | Path) -> DatasetIndex:
     Paths are ``images/<class dir>/<file>``; classes 1-100 train, 101-200 test.
     """
     hint = ("is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)? "
-            "`dvml data download cub --to DIR` downloads and verifies it into DIR/CUB_200_2011")
+            "`dvml data download cub --out DIR` downloads and verifies it into DIR/CUB_200_2011")
     root = _require_dir(root, hint)
     images_txt = _require_file(root / "images.txt", hint)
     labels_txt = _require_file(root / "image_class_labels.txt", hint)
     _require_dir(root / "images", hint)
     paths = {}
     for lineno, (img_id, rel) in _read_table(images_txt, 2):
-        paths[_int(images_txt, lineno, img_id, "image id")] = rel
+        paths[_int(images_txt, lineno, img_id, "image id")] = image_path(images_txt, lineno, rel)
     labels = {}
     for lineno, (img_id, cls) in _read_table(labels_txt, 2):
         labels[_int(labels_txt, lineno, img_id, "image id")] = _int(labels_txt, lineno, cls, "class id")
@@ -233,7 +259,7 @@ def read_cars196(root: str | Path) -> DatasetIndex:
     for needed in ("relative_im_path", "class"):
         if needed not in fields:
             raise DvmlError(f"{mat_path}: 'annotations' has no field {needed!r} (fields: {', '.join(fields)})")
-    samples = [Sample(str(rel).strip().replace("\\", "/"), _int(mat_path, f"annotations[{i}]", cls, "class"))
+    samples = [Sample(image_path(mat_path, f"annotations[{i}]", rel), _int(mat_path, f"annotations[{i}]", cls, "class"))
                for i, (rel, cls) in enumerate(zip(ann["relative_im_path"], ann["class"], strict=True))]
     names = {}
     if "class_names" in mat:
@@ -247,12 +273,12 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 def read_sop(root: str | Path) -> DatasetIndex:
     """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``; paths relative to the root."""
     hint = ("is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)? "
-            "`dvml data download sop --to DIR` downloads and verifies it into DIR/Stanford_Online_Products")
+            "`dvml data download sop --out DIR` downloads and verifies it into DIR/Stanford_Online_Products")
     root = _require_dir(root, hint)
     splits = {}
     for split in ("train", "test"):
         path = _require_file(root / f"Ebay_{split}.txt", hint)
-        splits[split] = [Sample(rel.replace("\\", "/"), _int(path, lineno, cls, "class_id"))
+        splits[split] = [Sample(image_path(path, lineno, rel), _int(path, lineno, cls, "class_id"))
                          for lineno, (_, cls, _, rel) in _read_table(path, 4, header=SOP_HEADER)]
     return DatasetIndex("sop", root, splits["train"], splits["test"],
                         split_rule="Ebay_train.txt train, Ebay_test.txt test")
@@ -276,8 +302,7 @@ def read_inshop(root: str | Path) -> DatasetIndex:
     root = _require_dir(root, hint)
     path = _require_file(root / INSHOP_PARTITION, hint)
     _require_dir(root / "img", hint)
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line.strip()) for i, line in enumerate(f, start=1)]
+    lines = [(i, line.strip()) for i, line in enumerate(_text_lines(path), start=1)]
     lines = [(i, line) for i, line in lines if line]
     if len(lines) < 2:
         raise DvmlError(f"{path}: expected the image count, the header {' '.join(INSHOP_HEADER)!r} and entries")
@@ -293,7 +318,7 @@ def read_inshop(root: str | Path) -> DatasetIndex:
         rel, item, status = parts
         if not item.startswith("id_"):
             raise DvmlError(f"{path}:{lineno}: item_id must look like id_00000001, got {item!r}")
-        sample = Sample(rel.replace("\\", "/"), _int(path, lineno, item[3:], "the item number"))
+        sample = Sample(image_path(path, lineno, rel), _int(path, lineno, item[3:], "the item number"))
         if status == "train":
             train.append(sample)
         elif status in INSHOP_STATUS:

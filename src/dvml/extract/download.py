@@ -45,7 +45,7 @@ from pathlib import Path
 from dvml import __version__
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
-from dvml.extract.archive import ArchiveError, temporary_dir, unpack
+from dvml.extract.archive import ArchiveError, ArchiveLimitError, Limits, temporary_dir, unpack
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ class ChecksumError(DvmlError):
 class RemoteFile:
     """One file of a dataset release.
 
-    ``name``: its file name in ``--to``; ``md5``: the published checksum (None: none published);
+    ``name``: its file name in ``--to``; ``md5``: the published checksum (None: none published); ``max_bytes``:
+    an upper bound a little above the published size (a download that sends more is not the published file and
+    is stopped there, whether or not the server announced its length; None: no bound);
     ``urls``: where to download it, tried in order (empty: no official download); ``top``: for an archive,
     the top-level folder it contains (None: not an archive); ``dest``: where that folder (or the file) goes
     inside the dataset directory (``""``: it *is* the dataset directory); ``also``: other places in ``--to``
@@ -83,6 +85,7 @@ class RemoteFile:
     top: str | None = None
     dest: str = ""
     also: tuple[str, ...] = ()
+    max_bytes: int | None = None
 
     def local(self, to: Path) -> Path | None:
         """Where this file already is in ``to`` (``to/name`` or one of ``also``), or None."""
@@ -123,7 +126,7 @@ SOURCES: dict[str, DatasetSource] = {
         name="cub", folder="CUB_200_2011",
         files=(RemoteFile("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78",
                           ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",),
-                          top="CUB_200_2011"),),
+                          top="CUB_200_2011", max_bytes=1_200_000_000),),  # published: 1.15 GB
         counts=Counts(train_images=5864, train_classes=100, test_images=5924, test_classes=100),
         obtain="CaltechDATA record 65de6-vp158 (https://data.caltech.edu/records/65de6-vp158), file "
                "CUB_200_2011.tgz",
@@ -132,7 +135,7 @@ SOURCES: dict[str, DatasetSource] = {
         name="sop", folder="Stanford_Online_Products",
         files=(RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e",
                           ("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",),
-                          top="Stanford_Online_Products"),),
+                          top="Stanford_Online_Products", max_bytes=3_300_000_000),),  # published: 2.9 GB
         counts=Counts(train_images=59551, train_classes=11318, test_images=60502, test_classes=11316),
         obtain="Stanford CVGL's server: http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip "
                "(also ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip)",
@@ -177,7 +180,7 @@ def manual_steps(source: DatasetSource, to: Path) -> str:
     """One paragraph: where to get the files by hand and where to put them."""
     files = ", ".join(f.name + (f" (MD5 {f.md5})" if f.md5 else "") for f in source.files)
     return (f"get {files} from {source.obtain}; put {'them' if len(source.files) > 1 else 'it'} in {to} and run "
-            f"`dvml data download {source.name} --to {to}` (it checks "
+            f"`dvml data download {source.name} --out {to}` (it checks "
             f"{'the MD5' if any(f.md5 for f in source.files) else 'the structure'} and unpacks into "
             f"{to / source.folder})")
 
@@ -218,23 +221,32 @@ def _open(url: str, start: int, timeout: float):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
+def _reason(e: BaseException) -> str:
+    """One line for a network error (urllib's redirect-loop message spans three)."""
+    text = getattr(e, "reason", None) or repr(e)
+    return " ".join(str(text).split())
+
+
 def _kept(part: Path) -> str:
     size = part.stat().st_size if part.exists() else 0
     return f"; {part} keeps the {size:,} bytes received, rerun to resume" if size else ""
 
 
 def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn | None = None,
-          retries: int = 20, timeout: float = 60.0) -> Path:
+          retries: int = 20, timeout: float = 60.0, max_bytes: int | None = None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resumably, and check its MD5 before renaming.
 
     An existing ``dest.part`` is continued with ``Range: bytes=<size>-`` (a server that answers 200 instead
     of 206 restarts it). A connection cut mid-file (after some bytes arrived) is resumed the same way, up
     to ``retries`` times per call; an attempt that receives nothing fails at once (offline, refused, HTTP
     error). ``dest`` appears only once the whole file has the expected size and MD5; a wrong MD5 removes the
-    ``.part`` file (resuming it could never succeed).
+    ``.part`` file (resuming it could never succeed), and so does a download that grows past ``max_bytes``
+    (checked as the bytes arrive, so a server that never says the length cannot fill the disk). Bytes are
+    written as they arrive: a server that stalls leaves what it sent in ``.part`` for the next run.
 
     Raises:
-        DownloadError: unreachable, HTTP error, or cut too often (``.part`` kept: rerun resumes).
+        DownloadError: unreachable, HTTP error, cut too often (``.part`` kept: rerun resumes), or larger than
+            ``max_bytes`` (``.part`` removed).
         ChecksumError: the finished file is not the published one.
     """
     dest = Path(dest)
@@ -264,14 +276,34 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
                     length = resp.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
                     mode = "wb"
-                with open(part, mode) as out:
-                    if progress is not None:
-                        progress("download", dest.name, have, total)
-                    while chunk := resp.read(CHUNK_BYTES):
+                if max_bytes is not None and total is not None and total > max_bytes:
+                    raise DownloadError(f"{url}: the server announces {total:,} bytes, more than the published "
+                                        f"file's {max_bytes:,}: not the published file; not downloaded")
+                read = getattr(resp, "read1", resp.read)  # what has arrived, not a full 1 MiB buffer
+                if progress is not None:
+                    progress("download", dest.name, have, total)
+                out = None  # opened at the first byte: a restart that receives nothing keeps the old .part
+                try:
+                    while chunk := read(CHUNK_BYTES):
+                        if out is None:
+                            out = open(part, mode)
                         out.write(chunk)
+                        out.flush()  # a stalled or killed connection keeps every byte received
                         received += len(chunk)
+                        if max_bytes is not None and have + received > max_bytes:
+                            break
                         if progress is not None:
                             progress("download", dest.name, have + received, total)
+                    if out is None and (mode == "wb" and total == 0 or not part.exists()):
+                        out = open(part, mode)  # an empty file
+                finally:
+                    if out is not None:
+                        out.close()
+                if max_bytes is not None and have + received > max_bytes:
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"{url}: sent more than {max_bytes:,} bytes, more than the published file "
+                                        f"(the server gave no length); not the published file, the partial "
+                                        f"download was removed")
             size = part.stat().st_size
             if total is not None and size < total:  # the server closed early without an error
                 raise http.client.IncompleteRead(b"", total - size)
@@ -279,9 +311,9 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
         except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing left to send: the .part is (over)complete; the MD5 decides
                 break
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{_kept(part)}") from None
+            raise DownloadError(f"{url}: HTTP {e.code} {_reason(e)}{_kept(part)}") from None
         except (OSError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", None) or repr(e)
+            reason = _reason(e)
             if not received or resumes >= retries:
                 raise DownloadError(f"{url}: cannot download ({reason}){_kept(part)}") from None
             resumes += 1
@@ -299,11 +331,13 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, progress: ProgressFn 
 # ------------------------------------------------------------------------------------------------ verify
 @dataclass(frozen=True)
 class Check:
-    """One verification result: ``what`` was checked, ``ok``, and a one-line ``detail``."""
+    """One verification result: ``what`` was checked, ``ok``, and a one-line ``detail``; ``checked`` False for a
+    check that had nothing to look at (it does not fail the report, and says so rather than "ok")."""
 
     what: str
     ok: bool
     detail: str
+    checked: bool = True
 
 
 @dataclass(frozen=True)
@@ -398,7 +432,8 @@ def verify(name: DatasetName | str, path: str | Path, *, source: DatasetSource |
             if f.top is None and f.md5:  # a checksummed file the dataset itself needs
                 checks.append(Check(f"{f.name} MD5", False, f"{root / f.dest}: not found"))
             elif f.md5:  # an archive that is not kept here: the unpacked tree is checked instead
-                checks.append(Check(f"{f.name} MD5", True, f"not checked: no {f.name} in {path}"))
+                checks.append(Check(f"{f.name} MD5", True, f"no {f.name} in {path}; the unpacked files are "
+                                    "checked instead", checked=False))
             continue
         if f.md5 is None:
             continue
@@ -412,7 +447,8 @@ def verify(name: DatasetName | str, path: str | Path, *, source: DatasetSource |
 
 
 # ------------------------------------------------------------------------------------------------ download
-def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress: ProgressFn | None) -> Path:
+def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress: ProgressFn | None,
+              limits: Limits = Limits()) -> Path:
     """Unpack/copy the verified files into ``to/.dvml-extract-<folder>-<pid>/<folder>``, check the structure
     and counts there, then rename it to ``to/<folder>``. ``files``: where each source file is."""
     final = to / source.folder
@@ -434,8 +470,12 @@ def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress:
                     progress("extract", _name, done, total)
 
             try:
-                extracted = unpack(files[f.name], work, f.top, progress=member_progress)
-            except ArchiveError as e:  # unsafe or damaged: keeping it would only fail again
+                extracted = unpack(files[f.name], work, f.top, progress=member_progress, limits=limits)
+            except ArchiveLimitError as e:  # perhaps genuine: kept, the limits can be raised
+                raise ArchiveLimitError(f"{e}; {to / source.folder} was not created") from None
+            except ArchiveError as e:  # unsafe or damaged: a downloaded copy would only fail again
+                if not f.urls:  # brought by hand: the user's file stays
+                    raise ArchiveError(f"{e} ({to / source.folder} was not created)") from None
                 files[f.name].unlink(missing_ok=True)
                 raise ArchiveError(f"{e} ({files[f.name]} was removed; {to / source.folder} was not created)") \
                     from None
@@ -460,7 +500,7 @@ def _assemble(source: DatasetSource, to: Path, files: dict[str, Path], progress:
 
 def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource | None = None,
              url: str | None = None, progress: ProgressFn | None = None, retries: int = 5,
-             timeout: float = 60.0, keep_archives: bool = True) -> Path:
+             timeout: float = 60.0, keep_archives: bool = True, limits: Limits = Limits()) -> Path:
     """Get a dataset into ``to/<folder>`` (see the module docstring); return that directory.
 
     Args:
@@ -469,6 +509,7 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
         source: override :data:`SOURCES` (tests, private mirrors with the same files).
         url: a mirror of the (single) archive, tried before the official URL; the MD5 must still match.
         keep_archives: keep the archive files after unpacking (their MD5 lets ``verify`` recheck them).
+        limits: how much an archive may unpack to (:class:`~dvml.extract.archive.Limits`).
     Raises:
         DownloadError (unreachable, with the manual steps), ChecksumError, ArchiveError (unsafe archive),
         DvmlError (a file with no download URL is missing; the unpacked tree is not the official one; the
@@ -476,6 +517,8 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
     """
     source = source or source_for(name)
     to = Path(to).expanduser()
+    if to.exists() and not to.is_dir():
+        raise DvmlError(f"{to}: exists and is not a folder; name the folder to download into")
     final = to / source.folder
     if final.exists():
         _, checks = structure_checks(source.name, final, source.counts)
@@ -503,7 +546,8 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
         errors = []
         for i, u in enumerate(urls):
             try:
-                files[f.name] = fetch(u, dest, md5=f.md5, progress=progress, retries=retries, timeout=timeout)
+                files[f.name] = fetch(u, dest, md5=f.md5, progress=progress, retries=retries, timeout=timeout,
+                                      max_bytes=f.max_bytes)
                 break
             except DownloadError as e:
                 errors.append(str(e))
@@ -511,7 +555,7 @@ def download(name: DatasetName | str, to: str | Path, *, source: DatasetSource |
                     log.warning("%s; trying the next URL", e)
         else:
             raise DownloadError("; ".join(errors) + ". Manual steps: " + manual_steps(source, to))
-    path = _assemble(source, to, files, progress)
+    path = _assemble(source, to, files, progress, limits)
     if not keep_archives:
         for p in files.values():
             p.unlink(missing_ok=True)

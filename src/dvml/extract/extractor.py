@@ -15,6 +15,10 @@ cache's ``extra["skipped"]`` (split, index, path, error) *before* the batch that
 appended, and the resume point is the smallest dataset position p with
 ``p - #skipped(index < p) == n_written`` -- correct whether or not the last batch reached the disk.
 
+Several processes (``torchrun --nproc-per-node N -m dvml extract ...``, the caller having joined the process
+group): each rank writes a contiguous block of whole batches to its own shard and the last to finish merges them;
+the cache is the single-process one, bit for bit (see :mod:`dvml.extract.sharding`).
+
 Options that change the features (backbone, weights, preprocessing, views, seed, test flip, dtype, the image list) are
 part of the writer's configuration: resuming with different ones is refused. Batch size, workers,
 device and ``skip_bad`` are not (``--skip-bad`` may be added to continue past a bad image).
@@ -38,6 +42,7 @@ from dvml.cache import CacheExistsError, CacheSpec, CacheWriter
 from dvml.cache import schema as S
 from dvml.devices import autocast_dtype, check_device_name, pin_memory, resolve_device
 from dvml.errors import DvmlError
+from dvml.extract import sharding
 from dvml.extract.backbone import (
     DEFAULT_BACKBONE,
     INTERPOLATIONS,
@@ -143,6 +148,8 @@ class ExtractResult:
     weights: str = ""
     feature_dim: int = 0
     preprocess: dict | None = None
+    world_size: int = 1  # processes of a torchrun extraction (see dvml.extract.sharding)
+    merged: bool = True  # False: this rank wrote its shard (``path``), another rank merges the cache
 
 
 def make_spec(index: DatasetIndex, backbone: Backbone, views: ViewSpec, dtype: str, seed: int) -> CacheSpec:
@@ -235,6 +242,59 @@ def _read_skipped(writer: CacheWriter) -> list[dict]:
     return list(writer.extra().get("skipped", []))
 
 
+def _extract_rows(cfg: ExtractConfig, writer: CacheWriter, index: DatasetIndex, split: str, rows: range,
+                  skipped: list[dict], progress: ProgressFn | None, model: FeatureModel, pre: Preprocess,
+                  view_spec: ViewSpec) -> int:
+    """Write the images ``rows`` (dataset positions of ``split``, a contiguous range) to ``writer``, resuming after
+    its ``n_written`` rows of them; ``skipped`` (every split's, updated in place) lists the images left out.
+    Returns the number of images processed by this call. ``progress`` sees positions relative to ``rows``."""
+    samples = index.split(split)
+    mine = [s for s in skipped if s["split"] == split and s["index"] in rows]
+    start = rows.start + resume_position(writer.n_written(split), [s["index"] - rows.start for s in mine])
+    stale = [s for s in mine if s["index"] >= start]  # listed, but their batch never landed
+    if stale:
+        skipped[:] = [s for s in skipped if s not in stale]
+        writer.set_extra(skipped=skipped)
+    if start > rows.start:
+        log.info("%s: resuming at image %d of %d", split, start, len(samples))
+    if progress is not None:
+        progress(split, start - rows.start, len(rows))
+    if start >= rows.stop:
+        return 0
+    processed = 0
+    dataset = ViewDataset(index.root, samples, split, pre, view_spec)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=range(start, rows.stop),
+                        num_workers=cfg.workers, collate_fn=collate_views, pin_memory=model.cuda,
+                        worker_init_fn=worker_init if cfg.workers else None,
+                        prefetch_factor=4 if cfg.workers else None)
+    for batch in loader:
+        ok = np.array([not e for e in batch["errors"]])
+        if not ok.all():
+            bad = [(int(i), err) for i, err, good in zip(batch["index"], batch["errors"], ok, strict=True)
+                   if not good]
+            if not cfg.skip_bad:
+                raise DvmlError(f"{bad[0][1]} (pass --skip-bad to skip unreadable images; "
+                                "rerun to resume)")
+            for i, err in bad:
+                log.warning("skipped: %s", err)
+                skipped.append({"split": split, "index": i, "path": samples[i].path, "error": err})
+            writer.set_extra(skipped=skipped)  # before the append: see the module docstring
+        views = batch["views"][torch.from_numpy(ok)] if not ok.all() else batch["views"]
+        if len(views):
+            feats = model(views)
+            if not np.isfinite(feats).all():
+                raise DvmlError(f"{split}: the backbone produced NaN/inf features for images "
+                                f"{samples[int(batch['index'][0])].path} ...; check --weights")
+            idx = batch["index"].numpy()[ok]
+            roles = ([index.test_roles[i] for i in idx] if split == S.TEST and index.test_roles is not None
+                     else None)  # query/gallery marks (In-Shop), row by row like the paths
+            writer.append(split, feats, batch["labels"].numpy()[ok], [samples[i].path for i in idx], roles)
+        processed += len(ok)
+        if progress is not None:
+            progress(split, int(batch["index"][-1]) + 1 - rows.start, len(rows))
+    return processed
+
+
 def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: DatasetIndex | None = None,
         backbone: Backbone | None = None) -> ExtractResult:
     """Extract features of ``cfg.dataset`` into ``cfg.out`` (resuming an incomplete file); return a summary.
@@ -244,10 +304,23 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     output (unless ``overwrite``) or an incomplete one written with other settings.
     """
     t0 = time.perf_counter()
-    check_not_busy(cfg.out, "wait for it to finish, or stop it")  # before the slow part; CacheWriter locks it
-    if not cfg.overwrite:
-        _refuse_complete(cfg.out)  # before the slow part (model build); CacheWriter checks again
-    index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
+    world = sharding.world_size()
+    if world > 1:
+        token = sharding.check_same_arguments(cfg)  # first: a rank that refused alone would leave the others waiting
+    error = None
+    try:
+        check_not_busy(cfg.out, "wait for it to finish, or stop it")  # before the slow part; CacheWriter locks it
+        if not cfg.overwrite:
+            _refuse_complete(cfg.out)  # before the slow part (model build); CacheWriter checks again
+        if sharding.rank() == 0:
+            sharding.refuse_leftover_shards(cfg.out, cfg.overwrite, world)
+        index = index or read_dataset(cfg.dataset, cfg.root, train_classes=cfg.train_classes)
+    except DvmlError as e:
+        if world == 1:
+            raise
+        error = str(e)
+    if world > 1:  # every rank refuses alike (none hangs), and all see the same image list
+        sharding.agree({"the image list": None if error else index.digest()}, error)
     backbone = backbone or load_backbone(cfg.backbone, cfg.weights, transform_input=cfg.transform_input)
     backbone = resolve_backbone(backbone, cfg)
     pre = backbone.preprocess
@@ -258,60 +331,28 @@ def run(cfg: ExtractConfig, *, progress: ProgressFn | None = None, index: Datase
     log.info("extracting %s (%d train / %d test images, %s) with %s (%d-D), %d view(s) at %d/%d on %s into %s",
              index.name, len(index.train), len(index.test), index.split_rule, backbone.name, backbone.feature_dim,
              cfg.views, pre.resize, pre.crop, device, cfg.out)
-    processed = 0
-    with CacheWriter(cfg.out, spec, overwrite=cfg.overwrite) as writer:
-        writer.set_extra(root=str(index.root.resolve()), device=str(device), amp=model.amp)
-        skipped = _read_skipped(writer)
-        for split in S.SPLITS:
-            samples = index.split(split)
-            mine = [s for s in skipped if s["split"] == split]
-            start = resume_position(writer.n_written(split), [s["index"] for s in mine])
-            stale = [s for s in mine if s["index"] >= start]  # listed, but their batch never landed
-            if stale:
-                skipped = [s for s in skipped if s not in stale]
-                writer.set_extra(skipped=skipped)
-            if start:
-                log.info("%s: resuming at image %d of %d", split, start, len(samples))
-            if progress is not None:
-                progress(split, start, len(samples))
-            if start >= len(samples):
-                continue
-            dataset = ViewDataset(index.root, samples, split, pre, view_spec)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=range(start, len(samples)),
-                                num_workers=cfg.workers, collate_fn=collate_views, pin_memory=model.cuda,
-                                worker_init_fn=worker_init if cfg.workers else None,
-                                prefetch_factor=4 if cfg.workers else None)
-            for batch in loader:
-                ok = np.array([not e for e in batch["errors"]])
-                if not ok.all():
-                    bad = [(int(i), err) for i, err, good in zip(batch["index"], batch["errors"], ok, strict=True)
-                           if not good]
-                    if not cfg.skip_bad:
-                        raise DvmlError(f"{bad[0][1]} (pass --skip-bad to skip unreadable images; "
-                                        "rerun to resume)")
-                    for i, err in bad:
-                        log.warning("skipped: %s", err)
-                        skipped.append({"split": split, "index": i, "path": samples[i].path, "error": err})
-                    writer.set_extra(skipped=skipped)  # before the append: see the module docstring
-                views = batch["views"][torch.from_numpy(ok)] if not ok.all() else batch["views"]
-                if len(views):
-                    feats = model(views)
-                    if not np.isfinite(feats).all():
-                        raise DvmlError(f"{split}: the backbone produced NaN/inf features for images "
-                                        f"{samples[int(batch['index'][0])].path} ...; check --weights")
-                    idx = batch["index"].numpy()[ok]
-                    roles = ([index.test_roles[i] for i in idx] if split == S.TEST and index.test_roles is not None
-                             else None)  # query/gallery marks (In-Shop), row by row like the paths
-                    writer.append(split, feats, batch["labels"].numpy()[ok], [samples[i].path for i in idx], roles)
-                processed += len(ok)
-                if progress is not None:
-                    progress(split, int(batch["index"][-1]) + 1, len(samples))
-        writer.set_extra(skipped=skipped)
-        n_train, n_test = writer.n_written(S.TRAIN), writer.n_written(S.TEST)
-        path = writer.finalize()
+    merged = True
+    if world > 1:
+        n_train, n_test, skipped, processed, path = sharding.run_rank(
+            cfg, index, spec, token=token, extract_rows=lambda writer, split, rows, skipped, report: _extract_rows(
+                cfg, writer, index, split, rows, skipped, report, model, pre, view_spec),
+            extra=dict(root=str(index.root.resolve()), device=str(device), amp=model.amp), progress=progress)
+        merged, path = path is not None, path or sharding.shard_path(cfg.out, sharding.rank(), world)
+    else:
+        with CacheWriter(cfg.out, spec, overwrite=cfg.overwrite) as writer:
+            writer.set_extra(root=str(index.root.resolve()), device=str(device), amp=model.amp)
+            skipped = _read_skipped(writer)
+            processed = 0
+            for split in S.SPLITS:
+                rows = range(len(index.split(split)))
+                processed += _extract_rows(cfg, writer, index, split, rows, skipped, progress, model, pre, view_spec)
+            writer.set_extra(skipped=skipped)
+            n_train, n_test = writer.n_written(S.TRAIN), writer.n_written(S.TEST)
+            path = writer.finalize()
     seconds = time.perf_counter() - t0
     log.info("wrote %s: %d train x %d views, %d test x %d views, %d skipped, %.1f s",
              path, n_train, cfg.views, n_test, view_spec.n_views("test"), len(skipped), seconds)
     return ExtractResult(path=path, n_train=n_train, n_test=n_test, skipped=skipped, seconds=seconds,
                          images_processed=processed, backbone=backbone.name, weights=backbone.weights,
-                         feature_dim=int(backbone.feature_dim), preprocess=pre.as_dict())
+                         feature_dim=int(backbone.feature_dim), preprocess=pre.as_dict(), world_size=world,
+                         merged=merged)

@@ -8,8 +8,13 @@
 * :mod:`dvml.finetune.inference`    :func:`load_finetuned`, :func:`embed_test_split`
 """
 
-from dvml.finetune.config import FinetuneConfig
-from dvml.finetune.inference import Finetuned, embed_test_split, extract_split, load_finetuned
-from dvml.finetune.train import finetune
+from dvml._lazy import lazy_exports
+
+# imported on first use: importing a light submodule (e.g. a config) must not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "dvml.finetune.config": ["FinetuneConfig"],
+    "dvml.finetune.inference": ["Finetuned", "embed_test_split", "extract_split", "load_finetuned"],
+    "dvml.finetune.train": ["finetune"],
+})
 
 __all__ = ["FinetuneConfig", "Finetuned", "embed_test_split", "extract_split", "finetune", "load_finetuned"]

@@ -129,6 +129,7 @@ from dvml.heads.core import (
     start_log,
 )
 from dvml.heads.objective import TERMS
+from dvml.heads.schedule import schedule_warnings, warn_schedule
 from dvml.seeding import step_seed
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class _Finetune:
         # a default batch too large for the data's classes is fitted to them (as fit-heads does)
         cfg, self.batch = fit_batch(cfg, np.array([s.label for s in index.train]), where=str(cfg.root),
                                     multiple_of=ctx.world_size)
+        self.warnings = warn_schedule(cfg) if ctx.is_main else schedule_warnings(cfg)  # said once, in config.json
         self.cfg = cfg
         self.ckpt = ckpt = _prepare_dir(cfg, ctx)
         self.digest = index.digest()
@@ -288,7 +290,8 @@ class _Finetune:
 
     def write_config(self, status: str, epochs_done: int, global_step: int) -> None:
         R.write_config(self.cfg.out, {**self.header, "config": self.cfg.to_dict(), "status": status,
-                                      "epochs_done": epochs_done, "global_step": global_step})
+                                      "epochs_done": epochs_done, "global_step": global_step,
+                                      "warnings": self.warnings})
 
     def save(self, epoch: int, step_in_epoch: int, epochs_done: int, finished: bool) -> None:
         """Rank 0: checkpoint.pt, then backbone.pt and heads.pt (both carrying the global step), config.json."""

@@ -8,11 +8,16 @@
 * :mod:`dvml.heads.embed`      :func:`embed`: z_I of features with a run's heads
 """
 
-from dvml.heads.config import DeviceChoice, FitConfig, Lambdas
-from dvml.heads.core import FitEvent
-from dvml.heads.embed import embed
-from dvml.heads.model import DVMLHeads, HeadsOutput
-from dvml.heads.objective import DVMLLoss
-from dvml.heads.train import fit
+from dvml._lazy import lazy_exports
+
+# imported on first use: importing a light submodule (e.g. a config) must not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "dvml.heads.config": ["DeviceChoice", "FitConfig", "Lambdas"],
+    "dvml.heads.core": ["FitEvent"],
+    "dvml.heads.embed": ["embed"],
+    "dvml.heads.model": ["DVMLHeads", "HeadsOutput"],
+    "dvml.heads.objective": ["DVMLLoss"],
+    "dvml.heads.train": ["fit"],
+})
 
 __all__ = ["DVMLHeads", "DVMLLoss", "DeviceChoice", "FitConfig", "FitEvent", "HeadsOutput", "Lambdas", "embed", "fit"]

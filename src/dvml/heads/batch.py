@@ -75,7 +75,7 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
     Raises:
         DvmlError: a given ``batch_size`` needs more eligible classes than the data has, or fewer than 2 are
             eligible. ``batch_option`` / ``per_class_option`` name the fields (marked as :mod:`dvml.errors` says)
-            (a format string, e.g. ``--set per_class={}`` for ablate). ``multiple_of``: a fitted batch is a
+            (a format string, e.g. ``--set per-class={}`` for ablate). ``multiple_of``: a fitted batch is a
             multiple of this (finetune's global batch is split over that many processes). ``views``: views per
             image of a feature cache (fit-heads), so classes without ``per_class`` distinct (image, view) pairs
             do not count (as the sampler never draws them).

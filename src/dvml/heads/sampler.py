@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from dvml._lazy import lazy_module
 from dvml.errors import DvmlError
+
+torch = lazy_module("torch")  # imported on first draw: the batch-size rule (heads.batch) needs none of it
 
 log = logging.getLogger(__name__)
 

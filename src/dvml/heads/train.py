@@ -44,6 +44,7 @@ from dvml.heads.core import (
 from dvml.heads.model import DVMLHeads
 from dvml.heads.objective import TERMS
 from dvml.heads.sampler import ClassBalancedSampler
+from dvml.heads.schedule import warn_schedule
 from dvml.heads.triplet_input import TripletInputSampler
 from dvml.seeding import diag_seeds, hold_out_classes, noise_seed, seed_everything
 
@@ -148,6 +149,7 @@ class _HeadsFit:
         labels = train.labels if train is not None else load_labels(cfg.cache, "train")
         views = train.features.shape[1] if train is not None else read_info(cfg.cache).splits["train"].views
         cfg, self.batch = fit_batch(cfg, labels, where=str(cfg.cache), views=views)  # before the resume check
+        self.warnings = warn_schedule(cfg)  # once, at the start; recorded in config.json
         self.cfg, out = cfg, cfg.out
         self.ckpt = ckpt = _prepare_dir(cfg)
         self.info = read_info(cfg.cache)
@@ -256,7 +258,7 @@ class _HeadsFit:
 
     def write_config(self, status: str, done: int) -> None:
         R.write_config(self.cfg.out, {**self.header, "config": self.cfg.to_dict(), "status": status,
-                                      "epochs_done": done, "dataset": self.info.dataset})
+                                      "epochs_done": done, "dataset": self.info.dataset, "warnings": self.warnings})
 
     def save(self, done: int, finished: bool) -> None:
         cfg, device, best = self.cfg, self.device, self.best

@@ -8,16 +8,14 @@
 * :mod:`dvml.losses.dr`      direction-regularised triplet / Proxy-NCA and Proxy-NCA++
 """
 
-from dvml.losses.metric import MetricLoss, make_metric_loss
-from dvml.losses.names import (
-    CROSS_PAIR_LOSSES,
-    LOSS_PARAM_DEFAULTS,
-    LOSS_PARAM_NAMES,
-    PROXY_LOSSES,
-    LossName,
-    MetricReduction,
-    SyntheticPairs,
-)
+from dvml._lazy import lazy_exports
+
+# imported on first use: importing a light submodule (e.g. a config) must not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "dvml.losses.metric": ["MetricLoss", "make_metric_loss"],
+    "dvml.losses.names": ["CROSS_PAIR_LOSSES", "LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName",
+        "MetricReduction", "SyntheticPairs"],
+})
 
 __all__ = ["CROSS_PAIR_LOSSES", "LOSS_PARAM_DEFAULTS", "LOSS_PARAM_NAMES", "PROXY_LOSSES", "LossName", "MetricLoss",
            "MetricReduction", "SyntheticPairs", "make_metric_loss"]

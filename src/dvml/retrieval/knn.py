@@ -16,8 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 
-import faiss
 import numpy as np
+
+from dvml._lazy import lazy_module
+
+faiss = lazy_module("faiss")  # imported on first use: the CLI reads this module's light parts to declare options
 
 log = logging.getLogger(__name__)
 

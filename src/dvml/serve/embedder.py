@@ -41,6 +41,16 @@ class ExportError(DvmlError):
     """A run, cache or model file that cannot be turned into (or used as) an image embedder."""
 
 
+def check_images(images: torch.Tensor, crop: int) -> None:
+    """Refuse (ValueError) anything but uint8 ``(B, 3, crop, crop)``: a float image in [0, 1] would otherwise
+    give a different embedding without a word."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 RGB in [0, 255], shape (B, 3, {crop}, {crop}); got dtype "
+                         f"{images.dtype} (floats in [0, 1]? multiply by 255 and round to uint8)")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, crop, crop):
+        raise ValueError(f"images must have shape (B, 3, {crop}, {crop}) (uint8 RGB), got {tuple(images.shape)}")
+
+
 class ImageEmbedder(nn.Module):
     """uint8 images (B, 3, H, W) RGB in [0, 255] → (B, E) float32 z_I (or raw features without heads).
 
@@ -56,11 +66,13 @@ class ImageEmbedder(nn.Module):
         self.backbone = backbone.to(memory_format=torch.channels_last)
         self.embedding = embedding if embedding is not None else nn.Identity()
         self.round_features = bool(round_features_to_float16)
+        self.crop = int(preprocess.crop)
         self.register_buffer("mean255", torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1) * 255)
         self.register_buffer("inv_std255",
                              1.0 / (torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1) * 255))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.crop)
         x = (images.to(torch.float32) - self.mean255) * self.inv_std255
         feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
         if self.round_features:
@@ -136,6 +148,9 @@ def backbone_of_cache(info, weights: str | Path | None = None) -> Backbone:
     from dvml.extract.backbone import backbone_from_cache, parse_spec
 
     recorded = backbone_from_cache(info)
+    if weights is not None and not recorded.identity.startswith("state_dict:"):
+        raise ExportError(f"--weights {weights}: {info.path} was extracted with weights {recorded.identity}, not a "
+                          "local state dict file, so there is nothing to pass; drop --weights")
     try:
         parse_spec(recorded.spec)
     except DvmlError as e:

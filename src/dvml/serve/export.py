@@ -1,4 +1,5 @@
-"""``dvml export``: one file from images to z_I, as TorchScript (``.pt``) or ONNX (``.onnx``), and its loader.
+"""``dvml export``: one file from images to z_I, as a ``torch.export`` program (``.pt2``), TorchScript (``.pt``) or
+ONNX (``.onnx``), and its loader.
 
 The file holds :class:`~dvml.serve.embedder.ImageEmbedder` (normalisation → backbone → embedding layer)
 traced on the CPU, plus a JSON record (:func:`dvml.serve.embedder.describe`): input/output names and shapes,
@@ -6,12 +7,25 @@ the preprocessing (resize, crop, interpolation, mean, std, and the recipe in wor
 the retrieval metric, the feature rounding, and where it came from (run directory, cache and fingerprint,
 backbone and weights, dvml and torch versions).
 
-* TorchScript: the record is the extra file ``dvml.json``::
+* ``torch.export`` (``.pt2``, the format current PyTorch maintains; dynamic batch): an ``ExportedProgram``
+  whose record is the extra file ``dvml.json``::
+
+      extra = {"dvml.json": ""}
+      program = torch.export.load("model.pt2", extra_files=extra)
+      meta = json.loads(extra["dvml.json"])
+      z = program.module()(uint8_images)           # (B, 3, crop, crop) uint8 -> (B, E) float32
+
+  The program checks its input itself: another dtype or shape raises (dtype mismatch, guard failed).
+
+* TorchScript (``.pt``; deprecated by PyTorch since 2.10, still written and read while torch ships it): the
+  record is the extra file ``dvml.json``::
 
       extra = {"dvml.json": ""}
       model = torch.jit.load("model.pt", _extra_files=extra)
       meta = json.loads(extra["dvml.json"])
       z = model(uint8_images)                      # (B, 3, crop, crop) uint8 -> (B, E) float32
+
+  The model checks its input (uint8, (B, 3, crop, crop)) and raises naming what it got.
 
 * ONNX (opset 17, dynamic batch): the record is the metadata entry ``dvml``; input ``images``, output
   ``embeddings``::
@@ -20,7 +34,10 @@ backbone and weights, dvml and torch versions).
       meta = json.loads(sess.get_modelmeta().custom_metadata_map["dvml"])
       z = sess.run(["embeddings"], {"images": uint8_images})[0]
 
-Neither needs dvml. Accuracy against ``dvml evaluate`` on the CPU: TorchScript runs the same kernels, so its
+None needs dvml. Trust: a TorchScript file is a program (loading and running it runs whatever it holds); a
+``.pt2`` or ONNX file is a graph of tensor operators, but load only model files from sources you trust.
+
+Accuracy against ``dvml evaluate`` on the CPU: ``.pt2`` and TorchScript run the same kernels, so their
 embeddings equal evaluate's to float rounding (measured 0.0 on the backbone features). ONNX Runtime has its own
 convolution kernels (features differ by ~1e-5 relative); with a float16 cache, a feature that lands on the
 other side of a float16 rounding boundary moves by one float16 step, so a few z_I entries can differ by
@@ -41,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from dvml import files
 from dvml.extract.backbone import Preprocess
@@ -53,24 +71,30 @@ TORCHSCRIPT_META_FILE = "dvml.json"  # TorchScript extra file
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 ONNX_OPSET = 17
+EXPORTED_META_FILE = "dvml.json"  # torch.export extra file
 SELF_CHECK_TOLERANCE = 1e-3
+MAX_BATCH = 65536  # upper bound of the .pt2 program's dynamic batch dimension
 
 
 class ExportFormat(str, Enum):
     """Chosen by the output file's suffix."""
 
+    exported = "torch.export"
     torchscript = "torchscript"
     onnx = "onnx"
 
 
-SUFFIXES = {".pt": ExportFormat.torchscript, ".ts": ExportFormat.torchscript, ".onnx": ExportFormat.onnx}
+SUFFIXES = {".pt2": ExportFormat.exported, ".pt": ExportFormat.torchscript, ".ts": ExportFormat.torchscript,
+            ".onnx": ExportFormat.onnx}
 
 
 def format_of(path: str | Path) -> ExportFormat:
-    """``.pt`` / ``.ts`` → TorchScript, ``.onnx`` → ONNX; anything else is refused (ValueError)."""
+    """``.pt2`` → torch.export, ``.pt`` / ``.ts`` → TorchScript, ``.onnx`` → ONNX; anything else is refused
+    (ValueError)."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .pt (TorchScript) or .onnx")
+        raise ValueError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .pt2 (torch.export), "
+                         ".pt (TorchScript) or .onnx")
     return SUFFIXES[suffix]
 
 
@@ -88,8 +112,8 @@ class ExportConfig:
         object.__setattr__(self, "target", Path(self.target))
         object.__setattr__(self, "out", Path(self.out))
         if self.out.suffix.lower() not in SUFFIXES and self.out.is_dir():  # not "unknown model format '(no suffix)'"
-            raise ValueError(f"--out {self.out}: is a directory; give a file path ending .pt (TorchScript) or "
-                             f".onnx (ONNX), e.g. {self.out / 'model.pt'}")
+            raise ValueError(f"--out {self.out}: is a directory; give a file path ending .pt2 (torch.export), .pt "
+                             f"(TorchScript) or .onnx (ONNX), e.g. {self.out / 'model.pt2'}")
         format_of(self.out)
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
@@ -113,12 +137,46 @@ def _example(e: Embedding, n: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, c, c), dtype=torch.uint8, generator=g)
 
 
+class _CheckedInput(nn.Module):
+    """A traced embedder behind a scripted input check (tracing bakes Python checks away): uint8 (B, 3, crop,
+    crop) or a RuntimeError saying what was given."""
+
+    def __init__(self, inner: nn.Module, crop: int):
+        super().__init__()
+        self.inner = inner
+        self.crop = crop
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise RuntimeError("dvml model: images must be uint8 RGB in [0, 255] (B, 3, " + str(self.crop) + ", "
+                               + str(self.crop) + "), not another dtype (e.g. floats in [0, 1])")
+        if images.dim() != 4 or images.size(1) != 3 or images.size(2) != self.crop or images.size(3) != self.crop:
+            raise RuntimeError("dvml model: images must have shape (B, 3, " + str(self.crop) + ", " + str(self.crop)
+                               + "), got " + str(images.size()))
+        return self.inner(images)
+
+
 def _write_torchscript(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and "torch.jit is deprecated" chatter; the self-check is the test
         traced = torch.jit.trace(e.module.eval(), example, check_trace=False)
-    with open(path, "wb") as f:  # a python file: a failed write is an OSError (torch's own writer: RuntimeError)
-        torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
+        checked = torch.jit.script(_CheckedInput(traced, e.preprocess.crop))
+        with open(path, "wb") as f:  # a python file: a failed write is an OSError (torch's writer: RuntimeError)
+            torch.jit.save(checked, f, _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta).encode()})
+
+
+def _write_exported(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(e.module.eval(), (example,), dynamic_shapes=({0: batch},))
+        except Exception as err:  # noqa: BLE001 - torch.export raises many types for an unexportable model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ExportError(f"{e.source.get('run_dir') or e.source.get('cache')}: its model cannot be exported "
+                              f"with torch.export ({type(err).__name__}: {first[:200]}); use .pt or .onnx") from None
+        with open(path, "wb") as f:
+            torch.export.save(program, f, extra_files={EXPORTED_META_FILE: json.dumps(meta)})
 
 
 def _write_onnx(e: Embedding, example: torch.Tensor, meta: dict, path: Path) -> None:
@@ -158,8 +216,11 @@ def run(cfg: ExportConfig, *, embedding: Embedding | None = None) -> ExportResul
             model is built), or a failed write.
     """
     files.check_target(cfg.out)
-    if cfg.out.exists() and not cfg.overwrite:
-        raise ExportError(f"{cfg.out}: already exists; pass --overwrite to replace it")
+    with files.output_guard(cfg.out, overwrite=cfg.overwrite):
+        return _run(cfg, embedding)
+
+
+def _run(cfg: ExportConfig, embedding: Embedding | None) -> ExportResult:
     e = embedding or from_target(cfg.target, weights=cfg.weights)
     meta = describe(e)
     meta["format_name"] = cfg.format.value
@@ -168,7 +229,9 @@ def run(cfg: ExportConfig, *, embedding: Embedding | None = None) -> ExportResul
 
     def write_and_check(tmp: Path) -> None:
         nonlocal diff
-        if cfg.format is ExportFormat.torchscript:
+        if cfg.format is ExportFormat.exported:
+            _write_exported(e, example, meta, tmp)
+        elif cfg.format is ExportFormat.torchscript:
             _write_torchscript(e, example, meta, tmp)
         else:
             _write_onnx(e, example, meta, tmp)
@@ -231,7 +294,8 @@ def _check_meta(path: Path, raw: str | bytes | None) -> dict:
 
 
 def load_exported(path: str | Path, *, fmt: ExportFormat | None = None) -> ExportedModel:
-    """Load a file written by :func:`run` (TorchScript with torch.jit, ONNX with onnxruntime) on the CPU; ``fmt``
+    """Load a file written by :func:`run` (``.pt2`` with torch.export, TorchScript with torch.jit, ONNX with
+    onnxruntime) on the CPU; ``fmt``
     defaults to the one its suffix names (:func:`format_of`).
 
     Raises :class:`ExportError` naming the file when it is missing, damaged or not a dvml export.
@@ -240,6 +304,22 @@ def load_exported(path: str | Path, *, fmt: ExportFormat | None = None) -> Expor
     if not path.is_file():
         raise ExportError(f"{path}: no such model file")
     fmt = format_of(path) if fmt is None else fmt
+    if fmt is ExportFormat.exported:
+        extra = {EXPORTED_META_FILE: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(path), extra_files=extra)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+            raise ExportError(f"{path}: not a loadable torch.export (.pt2) file ({type(err).__name__})") from None
+        meta = _check_meta(path, extra[EXPORTED_META_FILE])
+        graph = program.module()
+
+        def run_exported(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return graph(torch.from_numpy(x)).numpy()
+
+        return ExportedModel(path, meta, run_exported)
     if fmt is ExportFormat.torchscript:
         extra = {TORCHSCRIPT_META_FILE: ""}
         try:

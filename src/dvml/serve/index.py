@@ -8,15 +8,20 @@ Files (format version 1)::
                   (blake2b of INDEX), "kind" (flat | ivf | hnsw), "metric", "dim", "n", "params" (nlist,
                   hnsw_m, seed), "search" (default nprobe / ef_search), "recall_vs_exact" (approximate kinds:
                   k, queries, recall), "source" (what was indexed), "embedder" (how to embed query images: a
-                  run directory, a cache or an exported model file), "root" (what row paths are relative to),
-                  "class_names", "rows": {"ids", "labels", "paths"}, "versions"}
+                  run directory, a cache or an exported model file, with its identity: a run's
+                  "checkpoint_sha256" and "cache_fingerprint", a cache's "cache_fingerprint", a model file's
+                  "digest"), "root" (what row paths are relative to), "class_names", "rows": {"ids", "labels",
+                  "paths"}, "versions"}
 
-Loading checks that the two files belong together (digest, size, row count, dimension, kind and metric)
-and refuses anything else with one :class:`IndexFormatError` naming the file.
+Loading checks every field's type and that the two files belong together (digest, size, row count,
+dimension, kind and metric), and refuses anything else with one :class:`IndexFormatError` naming the file
+(and the field). ``search`` refuses an embedder whose identity changed since the index was built.
+Writing holds the writer lock of both files (:func:`dvml.files.output_guard`), so two ``dvml index`` runs on
+one output never leave a mixed pair.
 
 Sources: a run directory (its cache's split, embedded with its heads exactly as ``dvml evaluate`` does), a
 cache file (raw features, the floor), or a folder of images with an embedder (``--model``: an exported
-``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
+``.pt2``/``.pt``/``.onnx``, a run directory or a cache). A folder's images are labelled by their first sub-folder
 (sorted names → 0, 1, ...), or -1 when they lie directly in it. The test split of a query/gallery cache
 (schema 2, In-Shop) is indexed by its gallery rows, the set ``dvml evaluate`` searches.
 
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 FORMAT = "dvml-index"
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
-MODEL_SUFFIXES = (".pt", ".ts", ".onnx")
+MODEL_SUFFIXES = (".pt2", ".pt", ".ts", ".onnx")
 RECALL_QUERIES = 1000
 RECALL_K = 10
 
@@ -77,7 +82,8 @@ def file_digest(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ embedders
 def load_embedder(spec: str | Path, *, weights: str | Path | None = None):
-    """What embeds query images: an exported model file (``.pt``/``.ts``/``.onnx``), a run directory or a cache.
+    """What embeds query images: an exported model file (``.pt2``/``.pt``/``.ts``/``.onnx``), a run directory or
+    a cache.
 
     Returns an object with ``embed_paths(paths) -> (N, E)``, ``embedding_dim`` and ``metric``.
     """
@@ -91,12 +97,66 @@ def load_embedder(spec: str | Path, *, weights: str | Path | None = None):
     return from_target(spec, weights=weights)
 
 
-def embedder_record(spec: str | Path) -> dict:
-    """How the sidecar names an embedder: kind, absolute path, and a digest for model files."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+IDENTITY_KEYS = ("digest", "checkpoint_sha256", "backbone_sha256", "cache_fingerprint")
+
+
+def embedder_identity(spec: str | Path) -> dict:
+    """What makes an embedder the one it is, as it is now: a model file's ``digest``; a run's
+    ``checkpoint_sha256`` (its heads file; a finetune run's ``backbone_sha256`` too) and the
+    ``cache_fingerprint`` it was fit on; a cache's ``cache_fingerprint``. A missing file gives ``None`` values."""
     spec = Path(spec)
-    if spec.suffix.lower() in MODEL_SUFFIXES and spec.is_file():
-        return {"kind": "model", "path": str(spec.resolve()), "digest": file_digest(spec)}
-    return {"kind": "run" if spec.is_dir() else "cache", "path": str(spec.resolve())}
+    if spec.suffix.lower() in MODEL_SUFFIXES and not spec.is_dir():
+        return {"digest": file_digest(spec) if spec.is_file() else None}
+    if spec.is_dir():
+        heads, backbone = spec / R.HEADS_FILE, spec / R.BACKBONE_FILE
+        out = {"checkpoint_sha256": _sha256(heads) if heads.is_file() else None}
+        if backbone.is_file():
+            out["backbone_sha256"] = _sha256(backbone)
+        try:
+            out["cache_fingerprint"] = R.load_run(spec).cache_fingerprint
+        except DvmlError:
+            out["cache_fingerprint"] = None
+        return out
+    from dvml.cache import fingerprint
+
+    try:
+        return {"cache_fingerprint": fingerprint(spec)}
+    except (DvmlError, OSError):
+        return {"cache_fingerprint": None}
+
+
+def embedder_record(spec: str | Path) -> dict:
+    """How the sidecar names an embedder: kind, absolute path and its identity (:func:`embedder_identity`)."""
+    spec = Path(spec)
+    kind = "model" if spec.suffix.lower() in MODEL_SUFFIXES and spec.is_file() else \
+        "run" if spec.is_dir() else "cache"
+    return {"kind": kind, "path": str(spec.resolve()), **embedder_identity(spec)}
+
+
+def check_embedder_unchanged(index: Path, rec: dict) -> None:
+    """Refuse (DvmlError, naming the index and the embedder) an embedder whose identity differs from the one
+    recorded when ``index`` was built: queries would be embedded by other weights than the gallery."""
+    path = rec.get("path")
+    recorded = {k: rec[k] for k in IDENTITY_KEYS if k in rec}
+    if not recorded:
+        raise DvmlError(f"{index}: records no identity for its embedder {path} (an older dvml index); rebuild it "
+                        "with dvml index, or pass --model to embed the queries anyway")
+    now = embedder_identity(path)
+    changed = [k for k, v in recorded.items() if now.get(k) != v]
+    if changed:
+        k = changed[0]
+        was, is_ = str(recorded[k])[:12], str(now.get(k))[:12] if now.get(k) is not None else "missing"
+        raise DvmlError(f"{index}: its embedder {path} changed since the index was built ({k} {was}… then, "
+                        f"{is_}… now): the queries would not match the gallery; rebuild the index with dvml index, "
+                        "or pass --model to use it anyway")
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -220,7 +280,7 @@ def gallery_from_source(source: str | Path, *, split: str = "test", model: str |
         raise DvmlError(f"{source}: no such run directory, cache file or image folder")
     if source.is_dir() and not (source / R.CONFIG_FILE).is_file():
         if model is None:
-            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt/.onnx, a run directory "
+            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt2/.pt/.onnx, a run directory "
                             "or a cache) to embed them")
         return gallery_from_images(source, model, weights=weights)
     if model is not None:
@@ -353,12 +413,12 @@ def run(cfg: IndexConfig) -> dict:
         WriteError: an output that cannot be written (a directory, a path under a regular file: found before the
             gallery is embedded), or a failed write.
     """
-    for p in (cfg.out, sidecar_path(cfg.out)):
+    outs = (cfg.out, sidecar_path(cfg.out))
+    for p in outs:
         files.check_target(p)
-        if p.exists() and not cfg.overwrite:
-            raise DvmlError(f"{p}: already exists; pass --overwrite to replace it")
-    g = gallery_from_source(cfg.source, split=cfg.split, model=cfg.model, weights=cfg.weights)
-    return write_gallery_index(g, cfg)
+    with files.output_guard(*outs, overwrite=cfg.overwrite):  # one writer; "exists" checked under the lock
+        g = gallery_from_source(cfg.source, split=cfg.split, model=cfg.model, weights=cfg.weights)
+        return write_gallery_index(g, cfg)
 
 
 # ------------------------------------------------------------------------------------------------ load + search
@@ -391,6 +451,53 @@ class GalleryIndex:
                 "path": path, "file": str(Path(root) / path) if root else path}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_sidecar(side: Path, meta: dict) -> None:
+    """Every field search reads, of the type it needs; IndexFormatError naming the file and the field."""
+    def bad(field: str, want: str, got) -> IndexFormatError:
+        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+        return IndexFormatError(f"{side}: field {field!r} must be {want}, got {shown}")
+
+    for k in ("index_bytes", "dim", "n"):
+        if not _is_int(meta[k]) or meta[k] < 0:
+            raise bad(k, "a non-negative integer", meta[k])
+    for k in ("index_digest", "kind", "metric"):
+        if not isinstance(meta[k], str):
+            raise bad(k, "a string", meta[k])
+    if meta["metric"] not in {m.value for m in Metric}:
+        raise bad("metric", f"one of {', '.join(m.value for m in Metric)}", meta["metric"])
+    rows = meta["rows"]
+    if not isinstance(rows, dict):
+        raise bad("rows", "an object with ids, labels and paths", rows)
+    for col, ok, want in (("ids", _is_int, "integers"), ("labels", _is_int, "integers"),
+                          ("paths", lambda v: isinstance(v, str), "strings")):
+        values = rows.get(col)
+        if not isinstance(values, list):
+            raise bad(f"rows.{col}", f"a list of {want}", values)
+        wrong = next((v for v in values if not ok(v)), None)
+        if wrong is not None or (values and not all(map(ok, values))):
+            raise bad(f"rows.{col}", f"a list of {want}", wrong)
+    if meta.get("root") is not None and not isinstance(meta["root"], str):
+        raise bad("root", "a path string or null", meta["root"])
+    names = meta.get("class_names", {})
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise bad("class_names", "an object of class names (strings)", names)
+    search_defaults = meta.get("search")
+    if search_defaults is not None:
+        if not isinstance(search_defaults, dict):
+            raise bad("search", "an object", search_defaults)
+        for k in ("nprobe", "ef_search"):
+            v = search_defaults.get(k)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise bad(f"search.{k}", "a positive integer or null", v)
+    emb = meta.get("embedder")
+    if emb is not None and (not isinstance(emb, dict) or not isinstance(emb.get("path", ""), str)):
+        raise bad("embedder", "an object with a path string", emb)
+
+
 def load_index(path: str | Path) -> GalleryIndex:
     """Read INDEX and INDEX.json and check they belong together. Raises :class:`IndexFormatError`."""
     path = Path(path)
@@ -413,6 +520,7 @@ def load_index(path: str | Path) -> GalleryIndex:
     missing = [k for k in ("index_bytes", "index_digest", "kind", "metric", "dim", "n", "rows") if k not in meta]
     if missing:
         raise IndexFormatError(f"{side}: missing key(s) {', '.join(missing)}")
+    _validate_sidecar(side, meta)
     size = path.stat().st_size
     if size != meta["index_bytes"] or file_digest(path) != meta["index_digest"]:
         raise IndexFormatError(f"{path}: does not match {side.name} ({size:,} bytes, digest differs from the recorded "
@@ -496,9 +604,8 @@ def search(cfg: SearchConfig) -> dict:
     spec = cfg.model if cfg.model is not None else rec.get("path")
     if spec is None:
         raise DvmlError(f"{cfg.index}: records no embedder; pass --model")
-    if cfg.model is None and rec.get("kind") == "model" and Path(spec).is_file() and file_digest(Path(spec)) != rec.get(
-            "digest"):
-        raise DvmlError(f"{spec}: changed since {cfg.index} was built (digest differs); pass --model to use it anyway")
+    if cfg.model is None:
+        check_embedder_unchanged(cfg.index, rec)
     embedder = load_embedder(spec, weights=cfg.weights)
     if embedder.embedding_dim != g.dim:
         raise DvmlError(f"{spec}: gives {embedder.embedding_dim}-D embeddings but {cfg.index} holds {g.dim}-D ones")

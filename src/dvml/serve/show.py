@@ -10,7 +10,10 @@ Output by suffix:
 
 * ``.html``: one self-contained static page (no scripts, no server) plus the folder ``<name>_files/`` with a
   JPEG thumbnail of every image shown, referenced by relative links, so the pair can be copied anywhere.
-  The page is well-formed XML (XHTML syntax), so any XML parser reads it.
+  The page is well-formed XML (XHTML syntax), so any XML parser reads it. The folder is dvml's when it holds
+  the marker file ``.dvml-show``: then its old thumbnails are replaced. An existing folder without the marker
+  is refused unless ``overwrite`` (the thumbnails are then written into it, nothing of it removed); a
+  symlinked folder is refused. Every file goes through :mod:`dvml.files` (atomic, writer lock).
 * ``.png``: a grid (matplotlib): one row per (query, target), the query then its top-k, green frames
   for correct and red for wrong, class names above.
 """
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import html
 import logging
-import shutil
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dvml import files
 from dvml.errors import DvmlError
 from dvml.files import write_file, write_text
 from dvml.retrieval import knn
@@ -34,6 +39,8 @@ from dvml.serve.index import Gallery, gallery_from_source
 log = logging.getLogger(__name__)
 
 THUMB_SUFFIX = "_files"
+MARKER = ".dvml-show"  # in <name>_files/: the folder is dvml show's own
+_THUMB_NAME = re.compile(r"row\d{6}\.jpg")
 
 
 @dataclass(frozen=True)
@@ -157,17 +164,44 @@ def _thumbnail(src: Path, dst: Path, box: int) -> None:
 
     img = load_rgb(src)
     img.thumbnail((box, box))
-    img.save(dst, quality=85)
+    write_file(dst, lambda f: img.save(f, format="JPEG", quality=85))
+
+
+def thumb_folder(out: Path) -> Path:
+    """``<dir>/<stem>_files``: the thumbnails of page ``out``."""
+    return out.with_name(out.stem + THUMB_SUFFIX)
+
+
+def check_thumb_folder(folder: Path, overwrite: bool) -> bool:
+    """Whether ``folder`` may receive the thumbnails; True when it is dvml show's own (the marker). Raises
+    DvmlError for a symlink, a non-folder, or a foreign folder without ``overwrite``."""
+    if os.path.islink(folder):
+        raise DvmlError(f"{folder}: is a symbolic link; dvml show writes its thumbnails into a real folder beside "
+                        "the page: remove the link or choose another -o")
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise DvmlError(f"{folder}: exists and is not a folder; the page's thumbnails go there: move it away or "
+                        "choose another -o")
+    if (folder / MARKER).is_file():
+        return True
+    if not overwrite:
+        raise DvmlError(f"{folder}: exists and was not written by dvml show; pass --overwrite to write the "
+                        "thumbnails into it (nothing in it is removed), or choose another -o")
+    return False
 
 
 def write_html(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path, names: dict[str, str]) -> Path:
     """The page and its thumbnail folder (replaced whole). Returns the page's path."""
     g = panels[0].gallery
     labels = g.labels
-    folder = cfg.out.with_name(cfg.out.stem + THUMB_SUFFIX)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder = thumb_folder(cfg.out)
+    if check_thumb_folder(folder, cfg.overwrite):  # ours: its old thumbnails go (nothing else in it)
+        for old in folder.iterdir():
+            if _THUMB_NAME.fullmatch(old.name) and old.is_file() and not old.is_symlink():
+                old.unlink()
+    files.make_dir(folder)
+    write_text(f"thumbnails of {cfg.out.name}, written by dvml show (replaced when the page is)\n", folder / MARKER)
     srcs: dict[int, str] = {}
 
     def src(row: int) -> str:
@@ -223,6 +257,12 @@ def write_html(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Pat
     return cfg.out
 
 
+def _plain(text: str) -> str:
+    """``text`` as matplotlib shows it literally: ``$`` escaped (else a class name like ``e$x^{$`` is parsed as
+    mathtext and fails)."""
+    return text.replace("$", r"\$")
+
+
 def write_png(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path, names: dict[str, str]) -> Path:
     """A (queries × targets) by (1 + k) grid of thumbnails. Returns the PNG's path."""
     import matplotlib
@@ -253,7 +293,7 @@ def write_png(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path
         for s in ax.spines.values():
             s.set_edgecolor(colour)
             s.set_linewidth(4)
-        ax.set_title(title, fontsize=7)
+        ax.set_title(_plain(title), fontsize=7)
 
     for qi, row in enumerate(rows):
         qlabel = int(labels[row])
@@ -261,7 +301,7 @@ def write_png(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path
             r = qi * len(panels) + pi
             cell(axes[r, 0], int(row), f"query: {_label_name(qlabel, names)[:20]}", "#444444")
             if len(panels) > 1:
-                axes[r, 0].set_ylabel(p.name[:18], fontsize=7)
+                axes[r, 0].set_ylabel(_plain(p.name[:18]), fontsize=7)
             for c, (j, d) in enumerate(zip(p.neighbours[qi], p.distances[qi], strict=True), 1):
                 ok = int(labels[j]) == qlabel
                 cell(axes[r, c], int(j), f"{'✓' if ok else '✗'} {_label_name(int(labels[j]), names)[:16]}\nd={d:.3f}",
@@ -277,12 +317,16 @@ def write_png(cfg: ShowConfig, panels: list[Panel], rows: np.ndarray, root: Path
 def run(cfg: ShowConfig) -> dict:
     """``dvml show``: write ``cfg.out``; returns ``{"out", "queries" (test rows), "k", "targets": [{"target",
     "precision@k", "recall@1"}]}`` for the shown queries."""
-    if cfg.out.exists() and not cfg.overwrite:
-        raise DvmlError(f"{cfg.out}: already exists; pass --overwrite to replace it")
-    panels, rows, root, names = build_panels(cfg)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    writer = write_html if cfg.out.suffix.lower() == ".html" else write_png
-    path = writer(cfg, panels, rows, root, names)
+    html_page = cfg.out.suffix.lower() == ".html"
+    files.check_target(cfg.out)
+    files.refuse_existing(cfg.out, cfg.overwrite)
+    if html_page:
+        check_thumb_folder(thumb_folder(cfg.out), cfg.overwrite)  # before the embedding
+    guarded = (cfg.out, thumb_folder(cfg.out)) if html_page else (cfg.out,)
+    with files.output_guard(*guarded[:1], overwrite=cfg.overwrite), files.writer_lock(guarded[-1]):
+        panels, rows, root, names = build_panels(cfg)
+        writer = write_html if html_page else write_png
+        path = writer(cfg, panels, rows, root, names)
     labels = panels[0].gallery.labels
     summary = []
     for p in panels:
