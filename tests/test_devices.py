@@ -24,11 +24,11 @@ def test_explicit_choices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(devices, "mps_available", lambda: False)
     assert devices.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(DvmlError, match="--device mps: Apple-silicon MPS is not available here .available: cpu"):
+    with pytest.raises(DvmlError, match="^device mps: Apple-silicon MPS is not available here .available: cpu"):
         devices.resolve_device("mps")
-    with pytest.raises(DvmlError, match="--device cuda:1: CUDA is not available"):
+    with pytest.raises(DvmlError, match="^device cuda:1: CUDA is not available"):
         devices.resolve_device("cuda:1")
-    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"):
+    with pytest.raises(ValueError, match="^device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"):
         devices.resolve_device("gpu")
     monkeypatch.setattr(devices, "mps_available", lambda: True)
     assert devices.resolve_device("mps") == torch.device("mps")

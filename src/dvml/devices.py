@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 
 
 def mps_available() -> bool:
@@ -25,17 +25,17 @@ def available() -> list[str]:
     return (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if mps_available() else []) + ["cpu"]
 
 
-def check_device_name(name: str, option: str = "--device") -> None:
+def check_device_name(name: str, option: str = "`device`") -> None:
     """Validate the spelling (not the availability) of a device choice; ValueError naming ``option``."""
     name = str(name)
     if name in ("auto", "cpu", "cuda", "mps"):
         return
     if name.startswith("cuda:") and name[5:].isdigit():
         return
-    raise ValueError(f"{option} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    raise FieldError(f"{option} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
-def resolve_device(name: str | torch.device = "auto", option: str = "--device") -> torch.device:
+def resolve_device(name: str | torch.device = "auto", option: str = "`device`") -> torch.device:
     """The torch device for a choice: ``auto`` picks cuda, then mps, then cpu.
 
     Raises:

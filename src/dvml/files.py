@@ -149,10 +149,10 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
     if os.path.islink(p) and not p.exists():
         if not overwrite:
             raise DvmlError(f"{p}: is a symbolic link to {os.readlink(p)}, which does not exist; remove the link, "
-                            "or pass --overwrite to write through it")
+                            "or pass `overwrite` to write through it")
         _real_target_problem(p)
     elif p.exists() and not overwrite:
-        raise DvmlError(f"{p}: already exists; pass --overwrite to replace it")
+        raise DvmlError(f"{p}: already exists; pass `overwrite` to replace it")
 
 
 def _real_target_problem(p: Path) -> None:

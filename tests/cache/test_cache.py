@@ -133,7 +133,7 @@ def test_resume_after_sigkill(tmp_path):
 def test_writer_refuses_complete_file_and_different_settings(tmp_path):
     arrays = make_arrays()
     path = write(tmp_path / "c.h5", arrays, spec_for())
-    with pytest.raises(CacheExistsError, match="--overwrite"):
+    with pytest.raises(CacheExistsError, match="a complete cache already exists here; pass overwrite to replace it$"):
         CacheWriter(path, spec_for())
     CacheWriter(path, spec_for(), overwrite=True).close()  # overwrite starts afresh
     assert CacheWriter(path, spec_for()).n_written("train") == 0
@@ -153,7 +153,7 @@ def test_float16_writer_refuses_values_beyond_its_range(tmp_path):
     feats, labels = make_arrays()["train"]
     feats[3, 1, 2] = 7e4  # finite in float32, inf in float16
     with CacheWriter(tmp_path / "c.h5", spec_for()) as w:
-        too_large = r"1 feature value\(s\) exceed float16's range .*--dtype float32"
+        too_large = r"1 feature value\(s\) exceed float16's range .*and would be stored as inf; use dtype float32$"
         with pytest.raises(CacheValueError, match=too_large) as e:
             w.append("train", feats, labels)
         assert str(e.value).startswith(str(tmp_path / "c.h5"))

@@ -3,7 +3,6 @@ common ones first (the rest in named panels)."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import typing
@@ -13,7 +12,8 @@ from typer.testing import CliRunner
 
 from dvml.cli import app, root_command
 from dvml.cli.options import format_lambdas, parse_set
-from dvml.heads.config import FitConfig, HeadsConfig
+from dvml.heads.config import FitConfig, HeadsConfig, config_fields
+from dvml.losses.registry import loss_names
 
 COMMANDS = root_command().commands
 
@@ -27,10 +27,12 @@ def _bare(tp):
 def test_every_fit_field_is_a_typed_fit_heads_option(config):
     params = {p.name: p for p in COMMANDS["fit-heads"].params}
     hints = typing.get_type_hints(config)
-    for f in dataclasses.fields(config):
+    for f in config_fields(config):  # the settable fields (not the derived batch_size_given)
         assert f.name in params, f"{config.__name__}.{f.name} has no fit-heads option"
         field, option = _bare(hints[f.name]), _bare(params[f.name].type_descriptor.annotation)
-        if typing.get_origin(field) is tuple:  # the lambdas: four numbers written a,b,c,d
+        if f.name == "loss":  # any registered loss: a string, listed, checked against the registry on use
+            assert option is str and params[f.name].metavar == "<" + "|".join(loss_names()) + ">"
+        elif typing.get_origin(field) is tuple:  # the lambdas: four numbers written a,b,c,d
             assert option is str and params[f.name].default == format_lambdas(f.default), f.name
         elif isinstance(field, type) and issubclass(field, enum.Enum):
             assert option is field, f"{f.name}: option {option}, field {field}"
@@ -41,7 +43,7 @@ def test_every_fit_field_is_a_typed_fit_heads_option(config):
 def test_every_fit_field_is_reachable_through_set_and_config(tmp_path):
     """ablate and tune reach the fields without a flag of their own through --set; fit-heads takes any field from
     --config (a JSON object of field names)."""
-    for f in dataclasses.fields(FitConfig):
+    for f in config_fields(FitConfig):
         if f.name in ("cache", "out"):
             continue
         value = f.default.value if isinstance(f.default, enum.Enum) else f.default

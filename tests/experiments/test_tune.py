@@ -69,7 +69,7 @@ def test_split_train_classes_is_disjoint_seeded_and_checked():
     again = tune.split_train_classes(labels, 0.25, seed=0)
     assert all((a == b).all() for a, b in zip(again, (fit_c, val_c), strict=True))
     assert not (tune.split_train_classes(labels, 0.25, seed=1)[1] == val_c).all()
-    with pytest.raises(DvmlError, match="val-fraction"):
+    with pytest.raises(DvmlError, match="both need >= 2 \\(change val_fraction\\)$"):
         tune.split_train_classes(np.repeat(np.arange(3), 2), 0.25, seed=0)
 
 

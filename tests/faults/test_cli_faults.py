@@ -382,7 +382,7 @@ def test_finetune_skip_bad_leaves_a_bad_image_out_and_fits_the_batch(tiny_cub, t
     victim.write_bytes(b"not a jpeg")
     small = dict(dataset="cub", root=tiny_cub, weights="none", resize=40, crop=32, per_class=2, samples=2,
                  embedding_size=8, decoder_hidden=8, workers=0, epochs=1, device="cpu")
-    with pytest.raises(DvmlError, match="pass --skip-bad"):
+    with pytest.raises(DvmlError, match="pass skip_bad to leave unreadable images out\\)$"):
         finetune(FinetuneConfig(out=tmp_path / "a", **small))
     assert not (tmp_path / "a" / R.HEADS_FILE).exists()
     out = finetune(FinetuneConfig(out=tmp_path / "b", skip_bad=True, **small))

@@ -166,7 +166,7 @@ def test_resume_equals_uninterrupted(tiny_cub: Path, tmp_path: Path):
     ck = torch.load(cut / CHECKPOINT_FILE, weights_only=True)
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 1, 4)
 
-    with pytest.raises(DvmlError, match="pass --resume"):
+    with pytest.raises(DvmlError, match="pass resume to continue it or overwrite to replace it$"):
         finetune(small_cfg(tiny_cub, cut, **kw))
     with pytest.raises(DvmlError, match="different config"):
         finetune(small_cfg(tiny_cub, cut, **{**kw, "lr": 5e-4}, resume=True))
@@ -322,11 +322,12 @@ def test_init_heads_incompatible_runs_are_clear_errors(wide_cache: Path, tiny_ca
         load_init_heads(narrow, init_model(cfg, 3), cfg, np.arange(3), "cub")
     wide = _fit_heads(wide_cache, tmp_path / "wide")
     cfg = small_cfg(tmp_path, tmp_path / "o", init_heads=wide, embedding_size=8)
-    with pytest.raises(DvmlError, match="--embedding-size 16"):
+    with pytest.raises(DvmlError, match="embedding size 16 != embedding_size 8; pass embedding_size 16$"):
         load_init_heads(wide, init_model(cfg, 3), cfg, np.arange(3), "cub")
     base = _fit_heads(wide_cache, tmp_path / "base", dvml=False)
     cfg = small_cfg(tmp_path, tmp_path / "o", init_heads=base)
-    with pytest.raises(DvmlError, match="no-dvml"):
+    with pytest.raises(DvmlError, match="a baseline run \\(dvml off\\) has no variance heads or decoder to start DVML "
+                                        "from; pass dvml off or initialise from a DVML run$"):
         load_init_heads(base, init_model(cfg, 3), cfg, np.arange(3), "cub")
 
 

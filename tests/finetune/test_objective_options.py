@@ -111,7 +111,8 @@ def test_a_run_from_before_the_options_loads_and_resumes_as_the_paper_heads(tiny
     heads = load_finetuned(out, read_index=False).heads
     assert (heads.variance_space, heads.variance_scale, heads.centre_mu) == (VarianceSpace.raw, VarianceScale.unit,
                                                                               False)
-    with pytest.raises(DvmlError, match="--resume with a different config.*likelihood: 'l2' -> 'gaussian'"):
+    with pytest.raises(DvmlError, match="resume with a different config.*likelihood: 'l2' -> 'gaussian'.*rerun with "
+                                         "the original options or use overwrite$"):
         finetune(small_cfg(tiny_cub, out, epochs=2, steps_per_epoch=1, resume=True))  # today's defaults
     finetune(small_cfg(tiny_cub, out, epochs=2, steps_per_epoch=1, resume=True, **PAPER_HEADS))
     assert json.loads((out / R.CONFIG_FILE).read_text())["epochs_done"] == 2

@@ -8,7 +8,7 @@ import torch
 
 from dvml.heads import diagnostics as diag
 from dvml.heads.config import Lambdas
-from dvml.heads.model import DVMLHeads
+from dvml.heads.model import PAPER_HEADS, DVMLHeads
 from dvml.heads.objective import DVMLLoss
 from dvml.losses.metric import make_metric_loss
 
@@ -75,8 +75,9 @@ def test_branch_stats_baseline_keys():
 def test_term_gradients_against_separate_backward():
     """Per-term gradient norms and the cosine equal those of separate backward passes on fresh graphs."""
     torch.manual_seed(0)
-    model = DVMLHeads(10, 8, 12).double()
-    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8)).double()
+    model = DVMLHeads(10, 8, 12, **PAPER_HEADS).double()
+    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8), reduction="mean",
+                    likelihood="l2").double()
     x = torch.randn(12, 10, dtype=torch.float64)
     y = torch.arange(3).repeat_interleave(4)
     eps = torch.randn(4, 12, 8, dtype=torch.float64)
@@ -121,8 +122,9 @@ def test_term_gradients_against_separate_backward():
 
 def _halves_setup(t, eps_halves=None, seed=0):
     torch.manual_seed(seed)
-    model = DVMLHeads(10, 8, 12).double()
-    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8), likelihood="gaussian").double()
+    model = DVMLHeads(10, 8, 12, **PAPER_HEADS).double()
+    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8), likelihood="gaussian",
+                    reduction="mean").double()
     x = torch.randn(12, 10, dtype=torch.float64)
     y = torch.arange(3).repeat_interleave(4)
     eps = torch.randn(t, 12, 8, dtype=torch.float64) if eps_halves is None else eps_halves
@@ -202,7 +204,7 @@ def test_expected_gradient_cosine_converges_with_many_draws():
 
 
 def test_draw_halves_needs_two_draws():
-    model = DVMLHeads(10, 8, 12)
+    model = DVMLHeads(10, 8, 12, **PAPER_HEADS)
     assert diag.draw_halves(model(torch.randn(4, 10), samples=1)) is None
     a, b = diag.draw_halves(model(torch.randn(4, 10), samples=5))
     assert a.z_syn.shape[0] == b.z_syn.shape[0] == 2 and a.x_hat.shape[0] == 2
@@ -210,8 +212,9 @@ def test_draw_halves_needs_two_draws():
 
 def test_term_gradients_phase1_recon_is_zero():
     torch.manual_seed(0)
-    model = DVMLHeads(10, 8, 12).double()
-    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8)).double()
+    model = DVMLHeads(10, 8, 12, **PAPER_HEADS).double()
+    loss = DVMLLoss(make_metric_loss("triplet", num_classes=3, embedding_size=8), reduction="mean",
+                    likelihood="l2").double()
     x = torch.randn(12, 10, dtype=torch.float64)
     y = torch.arange(3).repeat_interleave(4)
     lam = Lambdas(1.0, 1.0, 0.1, 1.0, stop_recon_grad=True, phase=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dvml.heads.config import FitConfig
-from dvml.heads.model import DVMLHeads
+from dvml.heads.model import PAPER_HEADS, DVMLHeads
 from dvml.heads.objective import recon_term
 
 D, E, H, T, B = 12, 6, 8, 5, 4
@@ -14,7 +14,7 @@ D, E, H, T, B = 12, 6, 8, 5, 4
 
 def _heads(seed=0, dvml=True):
     torch.manual_seed(seed)
-    return DVMLHeads(D, E, H, dvml=dvml).double()
+    return DVMLHeads(D, E, H, dvml=dvml, **PAPER_HEADS).double()
 
 
 def _x(seed=1, requires_grad=False):
@@ -123,7 +123,7 @@ def test_embed_is_z_i_only():
 def test_decoder_output_is_linear_so_targets_above_one_are_reachable():
     """The tanh sits on the hidden layer: a pooled-feature target with entries > 1 can be reconstructed."""
     torch.manual_seed(0)
-    model = DVMLHeads(D, E, H)
+    model = DVMLHeads(D, E, H, **PAPER_HEADS)
     target = torch.full((B, D), 3.0)
     opt = torch.optim.Adam(model.decoder.parameters(), lr=0.05)
     z = torch.randn(B, E)

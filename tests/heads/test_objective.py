@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dvml.heads.config import FitConfig
-from dvml.heads.model import DVMLHeads
+from dvml.heads.model import PAPER_HEADS, DVMLHeads
 from dvml.heads.objective import TERMS, DVMLLoss, kl_term, recon_term
 from dvml.losses.metric import make_metric_loss
 
@@ -14,11 +14,11 @@ D, E, T = 10, 6, 5
 
 def _setup(dvml=True, loss="triplet", seed=0):
     torch.manual_seed(seed)
-    model = DVMLHeads(D, E, 8, dvml=dvml).double()
+    model = DVMLHeads(D, E, 8, dvml=dvml, **PAPER_HEADS).double()
     metric = make_metric_loss(loss, num_classes=3, embedding_size=E).double()
     labels = torch.arange(3).repeat_interleave(4)
     x = torch.rand(len(labels), D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
-    return model, DVMLLoss(metric, dvml=dvml), metric, x, labels
+    return model, DVMLLoss(metric, dvml=dvml, reduction="mean", likelihood="l2"), metric, x, labels
 
 
 def test_terms_and_weighted_total():
@@ -58,7 +58,7 @@ def test_baseline_is_the_metric_loss_of_z_i_alone():
 
 def test_sum_reduction_is_the_papers_formula():
     model, _, metric, x, labels = _setup()
-    loss_fn = DVMLLoss(metric, reduction="sum")
+    loss_fn = DVMLLoss(metric, reduction="sum", likelihood="l2")
     out = model(x, samples=T, generator=torch.Generator().manual_seed(3))
     terms = loss_fn(out, x, labels, FitConfig(cache="c", out="o").lambdas(40))
     torch.testing.assert_close(terms["recon"], recon_term(x, out.x_hat, "sum"))
@@ -74,8 +74,8 @@ def test_cross_synthetic_pairs_anchor_on_z_i():
         model, _, metric, x, labels = _setup(loss=loss)
         if loss == "npair":
             labels = torch.arange(6).repeat_interleave(2)
-        cross = DVMLLoss(metric, synthetic_pairs="cross")
-        within = DVMLLoss(metric)
+        cross = DVMLLoss(metric, synthetic_pairs="cross", reduction="mean", likelihood="l2")
+        within = DVMLLoss(metric, reduction="mean", likelihood="l2")
         out = model(x, samples=T, generator=torch.Generator().manual_seed(3))
         lam = FitConfig(cache="c", out="o").lambdas(0)
         got = cross(out, x, labels, lam)["metric_synthetic"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from dvml.heads.model import DVMLHeads
+from dvml.heads.model import PAPER_HEADS, DVMLHeads
 from dvml.heads.objective import kl_term, recon_term
 from dvml.heads.triplet_input import TripletInputSampler
 from dvml.losses.metric import BatchedTripletLoss, pml_reference
@@ -160,7 +160,7 @@ def test_class_scale_is_the_pooled_within_class_std():
 
 def test_unit_scale_raw_space_is_the_paper():
     torch.manual_seed(0)
-    model = DVMLHeads(6, 4, 8).double()
+    model = DVMLHeads(6, 4, 8, **PAPER_HEADS).double()
     x = torch.randn(5, 6, dtype=torch.float64)
     eps = torch.randn(2, 5, 4, dtype=torch.float64)
     out = model(x, eps=eps)
@@ -173,7 +173,7 @@ def test_metric_grad_to_variance_off_keeps_lm_zhat_off_mu_sigma():
     x = torch.randn(8, 6, dtype=torch.float64)
     eps = torch.randn(2, 8, 4, dtype=torch.float64)
     for flag in (True, False):
-        model = DVMLHeads(6, 4, 8, metric_grad_to_variance=flag).double()
+        model = DVMLHeads(6, 4, 8, **{**PAPER_HEADS, "metric_grad_to_variance": flag}).double()
         out = model(x, eps=eps)
         out.z_syn.square().sum().backward(retain_graph=True)
         assert model.embedding.weight.grad.abs().sum() > 0
@@ -186,7 +186,7 @@ def test_metric_grad_to_variance_off_keeps_lm_zhat_off_mu_sigma():
 
 def test_centre_mu_subtracts_the_batch_class_mean():
     torch.manual_seed(0)
-    model = DVMLHeads(6, 4, 8, centre_mu=True).double()
+    model = DVMLHeads(6, 4, 8, centre_mu=True, **PAPER_HEADS).double()
     x = torch.randn(7, 6, dtype=torch.float64)
     y = torch.tensor([3, 3, 5, 5, 5, 9, 3])
     eps = torch.randn(2, 7, 4, dtype=torch.float64)

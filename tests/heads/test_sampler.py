@@ -59,7 +59,7 @@ def test_draws_cover_every_eligible_class():
 
 
 def test_too_few_classes_is_a_dvml_error():
-    with pytest.raises(DvmlError, match="--batch-size"):
+    with pytest.raises(DvmlError, match="but there are 4: lower batch_size or per_class$"):
         ClassBalancedSampler(torch.arange(4).repeat(5), 40, 4, torch.Generator())
 
 

@@ -15,14 +15,14 @@ from pytorch_metric_learning import distances, losses, miners, reducers
 
 from dvml.losses.dr import (
     COS_EPS,
-    PROXY_LR_MULTIPLIER,
+    DR_TRIPLET_REDUCTIONS,
     PROXY_NCA_PP_TEMPERATURE,
     DRProxyNCALoss,
     DRTripletLoss,
     ProxyNCAPlusPlusLoss,
-    TripletReduction,
     all_triplet_indices,
 )
+from dvml.losses.names import MetricReduction
 
 torch.set_num_threads(2)
 
@@ -120,29 +120,29 @@ def test_dr_triplet_against_hand_listed_triplets():
     y = torch.tensor([0, 0, 1, 1])
     listed = [(0, 1, 2), (0, 1, 3), (1, 0, 2), (1, 0, 3), (2, 3, 0), (2, 3, 1), (3, 2, 0), (3, 2, 1)]
     assert set(zip(*[t.tolist() for t in all_triplet_indices(y)], strict=True)) == set(listed)
-    for margin, gamma, reduction in [(0.278, 0.492, "nonzero-mean"), (1.0, 0.7, "mean"), (0.5, -0.3, "mean")]:
+    for margin, gamma, reduction in [(0.278, 0.492, "nonzero"), (1.0, 0.7, "mean"), (0.5, -0.3, "mean")]:
         loss = DRTripletLoss(margin, gamma, normalize_embeddings=False, reduction=reduction)(x, y)
         ref = _loop_dr_triplet(
-            x, y, margin, gamma, normalize=False, nonzero=reduction == "nonzero-mean", triplets=listed
+            x, y, margin, gamma, normalize=False, nonzero=reduction == "nonzero", triplets=listed
         )
         assert _val(loss) == pytest.approx(ref, rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("reduction", list(TripletReduction))
+@pytest.mark.parametrize("reduction", list(DR_TRIPLET_REDUCTIONS))
 def test_dr_triplet_against_loop_random(seed, reduction):
     x, y = _batch(seed)
     loss = DRTripletLoss(0.278, 0.492, reduction=reduction)(x, y)
-    ref = _loop_dr_triplet(x, y, 0.278, 0.492, nonzero=reduction is TripletReduction.nonzero_mean)
+    ref = _loop_dr_triplet(x, y, 0.278, 0.492, nonzero=reduction is MetricReduction.nonzero)
     assert _val(loss) == pytest.approx(ref, rel=1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("margin", [0.05, 0.278, 1.0])
-@pytest.mark.parametrize("reduction", list(TripletReduction))
+@pytest.mark.parametrize("reduction", list(DR_TRIPLET_REDUCTIONS))
 def test_against_pml_triplet_margin_loss_gamma0(seed, margin, reduction):
     x, y = _batch(seed, b=32, e=16, classes=5, dtype=torch.float32)
-    reducer = reducers.AvgNonZeroReducer() if reduction is TripletReduction.nonzero_mean else reducers.MeanReducer()
+    reducer = reducers.AvgNonZeroReducer() if reduction is MetricReduction.nonzero else reducers.MeanReducer()
     ours = DRTripletLoss(margin=margin, gamma=0.0, reduction=reduction)(x, y)
     ref = losses.TripletMarginLoss(margin=margin, reducer=reducer)(x, y)  # LpDistance(normalize, p=2, power=1)
     assert _val(ours) == pytest.approx(_val(ref), rel=1e-5, abs=1e-6)
@@ -177,11 +177,11 @@ def test_dr_triplet_default_is_the_seed_reference_mean():
     assert _val(DRTripletLoss()(x, y)) == pytest.approx(ref, rel=1e-10)
     made = make_metric_loss("dr-triplet", num_classes=4, embedding_size=6)
     assert _val(made(x, y)) == pytest.approx(ref, rel=1e-10)
-    assert _val(DRTripletLoss(reduction="nonzero-mean")(x, y)) > ref * 1.05
+    assert _val(DRTripletLoss(reduction="nonzero")(x, y)) > ref * 1.05
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.492])
-@pytest.mark.parametrize("reduction", list(TripletReduction))
+@pytest.mark.parametrize("reduction", list(DR_TRIPLET_REDUCTIONS))
 def test_balanced_dense_path_against_gather_path_and_loop(gamma, reduction):
     """Class-balanced batches (shuffled, 3 classes x 4) take the dense block path; it must equal the
     gathered listed-triplet path (values and gradients) and the plain loop."""
@@ -197,7 +197,7 @@ def test_balanced_dense_path_against_gather_path_and_loop(gamma, reduction):
     dense.backward()
     gather.backward()
     torch.testing.assert_close(zd.grad, zg.grad)
-    nonzero = reduction is TripletReduction.nonzero_mean
+    nonzero = reduction is MetricReduction.nonzero
     ref = sum(_loop_dr_triplet(z[t], y, 0.278, gamma, nonzero=nonzero) for t in range(3)) / 3
     assert dense.item() == pytest.approx(ref, rel=1e-10)
     if gamma == 0.0 and nonzero:
@@ -210,10 +210,10 @@ def test_against_pml_with_pml_miner_gamma0_and_loop_gamma_nonzero():
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     triplets = miner(x, y)
     assert len(triplets[0]) > 0
-    ours = DRTripletLoss(0.2, 0.0, miner=miner, reduction="nonzero-mean")(x, y)
+    ours = DRTripletLoss(0.2, 0.0, miner=miner, reduction="nonzero")(x, y)
     assert _val(ours) == pytest.approx(_val(losses.TripletMarginLoss(0.2)(x, y, triplets)), rel=1e-10)
     listed = list(zip(*[t.tolist() for t in triplets], strict=True))
-    ours = DRTripletLoss(0.2, 0.492, miner=miner, reduction="nonzero-mean")(x, y)
+    ours = DRTripletLoss(0.2, 0.492, miner=miner, reduction="nonzero")(x, y)
     assert _val(ours) == pytest.approx(_loop_dr_triplet(x, y, 0.2, 0.492, triplets=listed), rel=1e-10)
 
 
@@ -273,7 +273,7 @@ def test_dr_triplet_batched_equals_loop_over_t():
     g = torch.Generator().manual_seed(5)
     z = torch.randn(5, 16, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (16,), generator=g)
-    for reduction in TripletReduction:
+    for reduction in DR_TRIPLET_REDUCTIONS:
         loss = DRTripletLoss(0.278, 0.492, reduction=reduction)
         zb = z.clone().requires_grad_(True)
         zl = z.clone().requires_grad_(True)
@@ -461,12 +461,11 @@ def test_proxies_survive_state_dict_save_load(idx):
     assert _val(fresh(x, y)) == _val(loss(x, y))
 
 
-def test_proxy_init_seeded_and_lr_multiplier():
+def test_proxy_init_seeded():
     a = DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(3))
     b = DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.proxies, b.proxies)
-    assert a.proxy_lr_multiplier == PROXY_LR_MULTIPLIER == ProxyNCAPlusPlusLoss.proxy_lr_multiplier
-    assert ProxyNCAPlusPlusLoss(5, 4, proxy_lr_multiplier=10.0).proxy_lr_multiplier == 10.0
+    assert not torch.equal(a.proxies, DRProxyNCALoss(5, 4, generator=torch.Generator().manual_seed(4)).proxies)
 
 
 @pytest.mark.parametrize("cls", [DRProxyNCALoss, ProxyNCAPlusPlusLoss])
@@ -486,3 +485,9 @@ def test_proxy_losses_reject_bad_labels(idx):
         loss(torch.randn(3, 5), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="shape"):
         loss.forward_batched(torch.randn(3, 6), torch.tensor([0, 1, 1]))
+
+
+def test_dr_triplet_takes_the_triplet_losses_reduction_enum():
+    assert DRTripletLoss(reduction="nonzero").reduction is MetricReduction.nonzero
+    with pytest.raises(ValueError, match="^reduction must be one of nonzero, mean, got 'sum'$"):
+        DRTripletLoss(reduction="sum")

@@ -218,16 +218,16 @@ class CacheWriter:
             if e.errno:  # permission, read-only file system, ...: a write error, not a damaged file
                 raise
             raise CacheError(self.path, f"exists but cannot be opened as HDF5 ({e}); "
-                                        "pass --overwrite to replace it") from None
+                                        "pass `overwrite` to replace it") from None
         if bool(f.attrs.get(S.ATTR_COMPLETE, False)):
             f.close()
             raise CacheExistsError(self.path, "a complete cache already exists here; "
-                                              "pass --overwrite to replace it")
+                                              "pass `overwrite` to replace it")
         stored = f.attrs.get(S.ATTR_WRITER_CONFIG)
         if stored is None or json.loads(stored) != json.loads(self.spec.to_json()):
             f.close()
             raise CacheError(self.path, "an incomplete cache written with different settings exists here; "
-                                        "rerun with the same settings to resume, or pass --overwrite")
+                                        "rerun with the same settings to resume, or pass `overwrite`")
         for split in S.SPLITS:  # drop rows past the last durable chunk (a crash mid-append)
             g = f[split]
             n = int(g.attrs[S.ATTR_N_WRITTEN])
@@ -311,7 +311,7 @@ class CacheWriter:
             largest = float(np.abs(features[overflow]).max())
             raise CacheValueError(self.path, f"{split}: {int(overflow.sum())} feature value(s) exceed float16's range "
                                              f"(|x| > {FLOAT16_MAX:g}, largest {largest:.3g}) and would be stored as "
-                                             "inf; use --dtype float32")
+                                             "inf; use `dtype` float32")
         lost = features.any(axis=(1, 2)) & ~stored.any(axis=(1, 2))
         if lost.any() and not self._warned_underflow:
             self._warned_underflow = True

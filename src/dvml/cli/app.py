@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.text import Text
 
 from dvml import __version__
+from dvml.cli.fields import flag_message
 from dvml.errors import DvmlError
 from dvml.files import os_error_message
 
@@ -261,7 +262,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (DvmlError, ValueError, OSError) as e:
-            text = os_error_message(e) if isinstance(e, OSError) else str(e)
+            text = os_error_message(e) if isinstance(e, OSError) else flag_message(e)
             err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
             if getattr(e, "hdf5_broken", False):
                 # HDF5 failed writing a file and cannot be closed or shut down cleanly (it would crash the

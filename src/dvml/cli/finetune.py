@@ -23,7 +23,6 @@ from dvml.cli.render import format_terms
 from dvml.extract.datasets import DatasetName
 from dvml.finetune import FinetuneConfig
 from dvml.heads.config import DeviceChoice
-from dvml.losses import LossName
 
 _F = FinetuneConfig  # option defaults are the config dataclass defaults
 IMAGES_PANEL = "Images and augmentation"
@@ -40,7 +39,7 @@ def finetune_cmd(
     root: Path = typer.Option(..., "--root", help="Dataset directory (as for dvml extract)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (heads.pt, backbone.pt, checkpoint.pt, "
                              "config.json, log.jsonl)."),
-    loss: LossName = HEAD_OPTS["loss"],
+    loss: str = HEAD_OPTS["loss"],
     dvml: bool = HEAD_OPTS["dvml"],
     backbone: str = typer.Option(_F.backbone, help="googlenet (the paper's), any torchvision classification model "
                                  "(resnet50, efficientnet_b0, vit_b_16, ...) or timm:NAME (pip install "

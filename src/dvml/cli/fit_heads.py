@@ -21,7 +21,6 @@ from dvml.cli.options import (
 from dvml.cli.render import format_terms
 from dvml.files import os_error_message
 from dvml.heads.config import DeviceChoice, FitConfig
-from dvml.losses import LossName
 
 
 def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
@@ -63,7 +62,7 @@ def fit_heads_cmd(
     ctx: typer.Context,
     cache: Path = typer.Argument(..., help="HDF5 feature cache (dvml extract / dvml synth)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (heads.pt, config.json, log.jsonl)."),
-    loss: LossName = HEAD_OPTS["loss"],
+    loss: str = HEAD_OPTS["loss"],
     dvml: bool = HEAD_OPTS["dvml"],
     embedding_size: int = HEAD_OPTS["embedding_size"],
     decoder_hidden: int = HEAD_OPTS["decoder_hidden"],

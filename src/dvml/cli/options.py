@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import json
@@ -14,8 +13,20 @@ from pathlib import Path
 
 import typer
 
-from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig
+from dvml.heads.config import DEFAULT_PROXY_LR, DeviceChoice, FitConfig, HeadsConfig, config_fields
 from dvml.losses import LOSS_PARAM_DEFAULTS, LOSS_PARAM_NAMES
+from dvml.losses.registry import loss_names, loss_spec
+
+
+def loss_choice(value: str | None) -> str | None:
+    """``--loss``'s check: a registered loss name (read from :mod:`dvml.losses.registry` when the command runs,
+    so a loss registered before then is accepted although the option was declared earlier)."""
+    if value is None:
+        return None
+    try:
+        return loss_spec(value).name
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(loss_names())}") from None
 
 
 def loss_param_help(name: str) -> str:
@@ -61,7 +72,8 @@ def head_options() -> dict:
     H = HeadsConfig
     lam = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
     options = {
-        "loss": typer.Option(H.loss, help="Metric loss Lm."),
+        "loss": typer.Option(H.loss.value, callback=loss_choice, metavar="<" + "|".join(loss_names()) + ">",
+                             help="Metric loss Lm (any registered loss: dvml.losses.registry)."),
         "dvml": typer.Option(H.dvml, "--dvml/--no-dvml",
                              help="--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."),
         "embedding_size": typer.Option(H.embedding_size, help="Embedding size E (z_I, mu, log sigma^2)."),
@@ -246,7 +258,7 @@ DeviceOption = DeviceChoice | None
 
 def fit_defaults() -> dict:
     """FitConfig's field defaults by name (the help texts of the experiments' fit options)."""
-    return {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    return {f.name: f.default for f in config_fields(FitConfig)}
 
 
 FIT_DEFAULTS = fit_defaults()
@@ -289,7 +301,7 @@ def check_field_types(cls, values: dict, where: str) -> None:
     ``cls``: an unknown key or a value of the wrong type is a ValueError naming ``where``, the key and the type
     expected (``--config c.json: lr: expected a number, got 'fast'``)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in config_fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(names)}")
@@ -303,7 +315,7 @@ def parse_set(items: list[str] | None) -> dict:
     """``--set key=value`` pairs -> FitConfig overrides. A key is spelled as the fit-heads flag without its dashes
     (``phase2-epoch``, ``lambdas-phase2``; the field name ``phase2_epoch`` is accepted too). Values parse as JSON
     when they do (numbers, true/false, lists), ``a,b,c`` as a list of numbers, else they are kept as strings."""
-    names = {f.name for f in dataclasses.fields(FitConfig)}
+    names = {f.name for f in config_fields(FitConfig)}
     out: dict = {}
     for item in items or []:
         if "=" not in item:

@@ -18,10 +18,11 @@ import numpy as np
 
 from dvml import files
 from dvml import runs as R
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.retrieval import knn
 from dvml.retrieval import metrics as M
 from dvml.retrieval.knn import Metric
+from dvml.retrieval.protocol import query_gallery
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise ValueError(f"--ks must be comma-separated positive integers, got {text!r}") from None
+        raise FieldError(f"`ks` must be comma-separated positive integers, got {text!r}") from None
     if not ks or ks[0] < 1:
-        raise ValueError(f"--ks must be comma-separated positive integers, got {text!r}")
+        raise FieldError(f"`ks` must be comma-separated positive integers, got {text!r}")
     return tuple(ks)
 
 
@@ -87,7 +88,7 @@ def _check_ks(ks: Sequence[int], n_candidates: int, where: str, what: str) -> tu
         raise EvaluationError(f"{where}: K values must be positive integers, got {ks}")
     if ks[-1] > n_candidates:
         raise EvaluationError(f"{where}: K={ks[-1]} is larger than the set: each query has only "
-                              f"{n_candidates} {what} (pass smaller --ks)")
+                              f"{n_candidates} {what} (pass smaller `ks`)")
     return ks
 
 
@@ -228,18 +229,13 @@ def _evaluate_query_gallery(embeddings, labels, roles, *, ks, metric: Metric, km
     if roles.shape != y.shape or not np.isin(roles, S.ROLE_VALUES).all():
         raise EvaluationError(f"{where}: roles must be one of {S.ROLE_VALUES} per row "
                               f"({y.shape[0]} rows, roles of shape {roles.shape})")
-    is_q, is_g = (roles & S.ROLE_QUERY) > 0, (roles & S.ROLE_GALLERY) > 0
-    q_rows, g_rows = np.flatnonzero(is_q), np.flatnonzero(is_g)
+    q_rows, g_rows, exclude = query_gallery(roles)  # a query that is also in the gallery must not retrieve itself
     if not q_rows.size or not g_rows.size:
         raise EvaluationError(f"{where}: {q_rows.size} query and {g_rows.size} gallery rows; need both")
     classes, codes = np.unique(y, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int32)
     q_codes, g_codes = codes[q_rows], codes[g_rows]
     gallery_counts = np.bincount(g_codes, minlength=classes.size)
-    # a query that is also in the gallery must not retrieve itself: its gallery position, else -1
-    gallery_pos = np.full(y.shape[0], -1, dtype=np.int64)
-    gallery_pos[g_rows] = np.arange(g_rows.size)
-    exclude = gallery_pos[q_rows]
     r = gallery_counts[q_codes] - (exclude >= 0)
     if (r < 1).any():
         bad = np.unique(classes[q_codes[r < 1]])

@@ -49,7 +49,7 @@ from dvml.evaluate.labels import metric_label
 from dvml.experiments.gridlog import GridWarnings
 from dvml.experiments.stats import MeanStd, PairedDiff, mean_std, paired_difference
 from dvml.heads.batch import fit_batch
-from dvml.heads.config import FitConfig
+from dvml.heads.config import FitConfig, config_fields
 from dvml.heads.schedule import warn_schedule
 
 fit = lazy_function("dvml.heads.train", "fit")  # torch on first fit, not for declaring the CLI
@@ -234,7 +234,7 @@ def _row(cell: Cell, metrics: dict, run: Path) -> dict:
 
 
 def _fit_config(cfg: AblateConfig, cell: Cell, run: Path) -> FitConfig:
-    names = {f.name for f in dataclasses.fields(FitConfig)}
+    names = {f.name for f in config_fields(FitConfig)}
     unknown = set(cfg.fit) - names
     if unknown:
         raise DvmlError(f"unknown fit option(s) {sorted(unknown)}; FitConfig has {sorted(names)}")
@@ -520,15 +520,15 @@ def _check_earlier_grid(cfg: AblateConfig, prov_path: Path, fp: str) -> None:
     try:
         old = json.loads(prov_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DvmlError(f"{prov_path}: unreadable ({e}) while {len(done)} cell(s) finished; use another --out") \
+        raise DvmlError(f"{prov_path}: unreadable ({e}) while {len(done)} cell(s) finished; use another `out`") \
             from None
     if old.get("cache_fingerprint") not in (None, fp):
         raise DvmlError(f"{cfg.out} holds an ablation of a different cache (fingerprint "
-                        f"{old['cache_fingerprint']}, now {fp}) with {len(done)} finished cell(s); use another --out")
+                        f"{old['cache_fingerprint']}, now {fp}) with {len(done)} finished cell(s); use another `out`")
     if old.get("fit") not in (None, _jsonable(cfg.fit)):
         raise DvmlError(f"{cfg.out} holds an ablation with other fit options ({old.get('fit')}) and {len(done)} "
                         f"finished cell(s); resuming with {_jsonable(cfg.fit)} would mix them in one table; use "
-                        "another --out")
+                        "another `out`")
 
 
 def run(cfg: AblateConfig, *, callback: AblateCallback | None = None) -> dict:

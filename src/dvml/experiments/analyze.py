@@ -134,7 +134,7 @@ def ks_central(embeddings: np.ndarray, labels: np.ndarray, *, min_class_size: in
         tested.append(c)
     if not per_class:
         raise DvmlError(f"no class has at least {min_class_size} samples with any spread: "
-                        "cannot run the KS test (lower --min-class-size)")
+                        "cannot run the KS test (lower `min_class_size`)")
     pc = np.asarray(per_class)
     return KSResult(classes=np.asarray(tested), per_class=pc, mean=float(pc.mean()),
                     std=float(pc.std(ddof=1)) if pc.size > 1 else math.nan, n_classes=int(pc.size),
@@ -265,7 +265,7 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
         cache = cfg.target
     if cfg.baseline is not None:
         if not cfg.baseline.is_dir():
-            raise DvmlError(f"--baseline {cfg.baseline}: not a run directory")
+            raise DvmlError(f"`baseline` {cfg.baseline}: not a run directory")
         sources["baseline"] = _describe_run(cfg.baseline)
     if not cache.exists():
         raise DvmlError(f"{cfg.target}: its feature cache {cache} does not exist (moved?)")

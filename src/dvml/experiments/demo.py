@@ -112,7 +112,7 @@ def world(cfg: DemoConfig) -> Path:
             log.info("reusing the demo world %s", path)
             return path
         if have is not None:
-            raise DvmlError(f"{path} holds a different synth world (another demo size?); use another --out "
+            raise DvmlError(f"{path} holds a different synth world (another demo size?); use another `out` "
                             "or delete it")
     files.make_dir(cfg.out)
     return generate(cfg.size.world, path, overwrite=path.exists() and have is None and _complete(path))
@@ -137,7 +137,7 @@ def run(cfg: DemoConfig, *, callback: Callable[[ablate.AblateEvent], None] | Non
 
         old = json.loads((ab.out / ablate.PROVENANCE_FILE).read_text()).get("fit")
         if old != ablate._jsonable(ab.fit):
-            raise DvmlError(f"{ab.out} holds a demo ablation of another size or options; use another --out")
+            raise DvmlError(f"{ab.out} holds a demo ablation of another size or options; use another `out`")
     result = ablate.run(ab, callback=callback)
     result["raw"] = evaluate_target(path, clustering=False)
     return result

@@ -98,10 +98,10 @@ def claim_out(cfg: A.AblateConfig, facts: dict) -> str:
     try:
         there = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DvmlError(f"{path}: unreadable ({e}); use another --out") from None
+        raise DvmlError(f"{path}: unreadable ({e}); use another `out`") from None
     if there.get("digest") != digest:
         raise DvmlError(f"{cfg.out} holds another ablation grid ({_first_difference(facts, there)}); every worker "
-                        "of one grid needs the same command; use another --out for another grid")
+                        "of one grid needs the same command; use another `out` for another grid")
     return record["study_name"]
 
 
@@ -132,7 +132,7 @@ def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S, grace_s: int 
         raise
     except Exception as e:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL or server
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DvmlError(f"--storage {_safe_url(url)}: cannot open the study storage ({type(e).__name__}: "
+        raise DvmlError(f"`storage` {_safe_url(url)}: cannot open the study storage ({type(e).__name__}: "
                         f"{first})") from None
 
 
@@ -145,7 +145,7 @@ def _claim_lock(url: str) -> Iterator[None]:
         return
     db = Path(url[len("sqlite:///"):])
     if not db.parent.is_dir():
-        raise DvmlError(f"--storage {url}: the directory {db.parent} does not exist")
+        raise DvmlError(f"`storage` {url}: the directory {db.parent} does not exist")
     fd = os.open(db.with_name(f".{db.name}.claim.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -363,7 +363,7 @@ def summarize_dir(out: Path, *, callback: A.AblateCallback | None = None) -> dic
     try:
         prov = json.loads(prov_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DvmlError(f"{prov_path}: cannot read the grid's record ({e}); is {out} an ablation --out?") from None
+        raise DvmlError(f"{prov_path}: cannot read the grid's record ({e}); is {out} an ablation `out`?") from None
     config = {**prov["config"], "out": out}
     cfg = A.AblateConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     cells = [c for c in cfg.cells() if c.name in set(prov["cells"])]

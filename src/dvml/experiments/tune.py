@@ -28,7 +28,6 @@ scoring unless ``keep_runs``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -50,9 +49,10 @@ from dvml.evaluate import evaluate_embeddings
 from dvml.experiments.gridlog import GridWarnings
 from dvml.heads import FitConfig
 from dvml.heads.batch import batch_size_given, fit_batch
-from dvml.heads.config import PHASE2_LAMBDAS
+from dvml.heads.config import PHASE2_LAMBDAS, config_fields
 from dvml.heads.schedule import warn_schedule
-from dvml.losses import LOSS_PARAM_DEFAULTS, LossName
+from dvml.losses import LossName
+from dvml.losses.registry import loss_spec, resolve_loss
 from dvml.seeding import hold_out_classes
 
 fit = lazy_function("dvml.heads.train", "fit")  # torch on first use, not for declaring the CLI
@@ -81,7 +81,7 @@ class TuneConfig:
     """
 
     cache: Path
-    loss: str = "triplet"
+    loss: LossName | str = LossName.triplet
     dvml: bool = True
     trials: int = 20
     out: Path = Path("dvml-tune")
@@ -98,6 +98,7 @@ class TuneConfig:
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "loss", resolve_loss(self.loss))  # a registered loss (FieldError otherwise)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if not 0 < self.val_fraction < 1:
@@ -123,7 +124,7 @@ def split_train_classes(labels: np.ndarray, val_fraction: float, seed: int) -> t
     if n_val < 2 or classes.size - n_val < 2:
         raise DvmlError(f"the training split has {classes.size} classes: holding out {val_fraction:.0%} "
                         f"leaves {classes.size - n_val} to fit and {n_val} to validate; both need >= 2 "
-                        "(change --val-fraction)")
+                        "(change `val_fraction`)")
     return hold_out_classes(labels, n_val, seed)
 
 
@@ -134,11 +135,11 @@ def subset(split: Split, classes: np.ndarray) -> Split:
                  paths=None if split.paths is None else split.paths[mask])
 
 
-_FIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+_FIT_DEFAULTS = {f.name: f.default for f in config_fields(FitConfig)}
 
 
 def _fit_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(FitConfig)}
+    return {f.name for f in config_fields(FitConfig)}
 
 
 LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2
@@ -165,12 +166,8 @@ def search_space(cfg: TuneConfig) -> list[str]:
     direction weight ``gamma`` are searched for the losses that take them
     (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`).
     """
-    try:
-        loss = LossName(cfg.loss)
-    except ValueError:
-        raise DvmlError(f"--loss must be one of {', '.join(m.value for m in LossName)}, got {cfg.loss!r}") from None
     space = ["lr"]
-    space += [p for p in ("margin", "gamma") if p in LOSS_PARAM_DEFAULTS.get(loss, {})]
+    space += [p for p in ("margin", "gamma") if p in loss_spec(cfg.loss).params]
     epochs = cfg.fit.get("epochs", _FIT_DEFAULTS["epochs"])
     phase2 = cfg.fit.get("phase2_epoch", _FIT_DEFAULTS["phase2_epoch"])
     has_phase2 = phase2 < epochs  # else the phase-2 weights are never used: searching them would be noise
@@ -185,8 +182,8 @@ def search_space(cfg: TuneConfig) -> list[str]:
         asked = set(cfg.search) & set(PHASE2_NAMES)
         if cfg.dvml and asked and not has_phase2:
             raise DvmlError(f"cannot search {', '.join(sorted(asked))}: they weight phase 2, which starts at epoch "
-                            f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (--epochs), so they "
-                            "would never be used; pass --set phase2-epoch=N with N < --epochs, or search without "
+                            f"{phase2} (phase2_epoch) while each trial fits {epochs} epochs (`epochs`), so they "
+                            "would never be used; pass --set phase2-epoch=N with N < `epochs`, or search without "
                             "them")
         unknown = set(cfg.search) - set(space)
         if unknown:
@@ -231,7 +228,7 @@ def params_to_fit(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _study_name(cfg: TuneConfig, fp: str) -> str:
-    return cfg.study_name or f"dvml-{cfg.loss}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
+    return cfg.study_name or f"dvml-{cfg.loss.value}-{'dvml' if cfg.dvml else 'base'}-{fp[:8]}-s{cfg.seed}"
 
 
 def fit_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> FitConfig:
@@ -306,7 +303,7 @@ def _open_storage(url: str):
     try:
         return optuna.storages.get_storage(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad URL or server
-        raise DvmlError(f"--storage {url}: cannot open the study storage ({type(e).__name__}: "
+        raise DvmlError(f"`storage` {url}: cannot open the study storage ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
@@ -318,7 +315,7 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
     train, val = subset(train_all, fit_classes), subset(train_all, val_classes)
     del train_all
     log.info("tuning %s (%s) on %d fit / %d validation classes of the training split; searching %s",
-             cfg.loss, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
+             cfg.loss.value, "DVML" if cfg.dvml else "baseline", fit_classes.size, val_classes.size, ", ".join(space))
 
     study, sampler_seed = _open_study(cfg, fp, val_classes, storage)
 
@@ -368,12 +365,12 @@ def _open_study(cfg: TuneConfig, fp: str, val_classes: np.ndarray, storage=None)
                                 study_name=_study_name(cfg, fp), direction="maximize", load_if_exists=True)
     old_fp = study.user_attrs.get("cache_fingerprint")
     if old_fp not in (None, fp):
-        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '--storage'} "
-                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another --study-name")
+        raise DvmlError(f"study {study.study_name!r} in {cfg.storage_url() if cfg.storage is None else '`storage`'} "
+                        f"was run on another cache (fingerprint {old_fp}, now {fp}); use another `study_name`")
     old_val = study.user_attrs.get("val_classes")
     if old_val not in (None, [int(c) for c in val_classes]):
-        raise DvmlError(f"study {study.study_name!r} validated on other classes (another --seed or "
-                        "--val-fraction); its trials would not be comparable: use another --study-name")
+        raise DvmlError(f"study {study.study_name!r} validated on other classes (another `seed` or "
+                        "`val_fraction`); its trials would not be comparable: use another `study_name`")
     study.set_user_attr("cache_fingerprint", fp)
     study.set_user_attr("val_classes", [int(c) for c in val_classes])
     # A fresh single-machine study is reproducible from cfg.seed. A process joining an existing or shared
@@ -397,7 +394,7 @@ def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val
     files.write_json(best_dict, cfg.out / BEST_CONFIG_FILE)
     summary = {
         "study_name": study.study_name, "storage": cfg.storage_url() if cfg.storage is None else "(given)",
-        "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss, "dvml": cfg.dvml,
+        "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss.value, "dvml": cfg.dvml,
         "objective": cfg.objective, "objective_split": "validation classes held out from the training split",
         "fit_classes": [int(c) for c in fit_classes], "val_classes": [int(c) for c in val_classes],
         "search_space": space, "sampler_seed": sampler_seed,

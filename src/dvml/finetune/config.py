@@ -7,15 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dvml.errors import FieldError
 from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
-from dvml.heads.config import LEGACY_PHASE2_FIELDS, HeadsConfig
-
-#: Fields that may differ on resume (how the run is executed, not what it trains). ``root`` may move: the
-#: dataset's index digest is checked instead.
-CONTROL_FIELDS = frozenset({"root", "out", "epochs", "device", "workers", "checkpoint_every", "resume",
-                            "overwrite"})
+from dvml.heads.config import CONTROL_FIELDS, LEGACY_PHASE2_FIELDS, HeadsConfig
 
 #: What a finetune run from before these fields were recorded trained with (the paper's heads and objective: L2
 #: reconstruction, raw z_V at unit scale; the triplet losses' pml ``nonzero`` reducer): read under its checkpoint's
@@ -97,14 +93,14 @@ class FinetuneConfig(HeadsConfig):
             s(self, "init_heads", Path(self.init_heads))
         super().__post_init__()  # the head-training fields
         if self.standardize:
-            raise ValueError("--standardize is for fit-heads only: it needs fixed training features, and finetune's "
+            raise FieldError("`standardize` is for fit-heads only: it needs fixed training features, and finetune's "
                              "change as the backbone trains")
         if not self.backbone_lr > 0:
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
         check_image_options(self)
         s(self, "backbone", str(self.backbone))
         if parse_spec(self.backbone).kind == "torchscript":
-            raise ValueError(f"--backbone {self.backbone}: finetune trains torchvision or timm backbones; a "
+            raise FieldError(f"`backbone` {self.backbone}: finetune trains torchvision or timm backbones; a "
                              "TorchScript file is for extraction (dvml extract)")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")

@@ -207,15 +207,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s python object on every rank (identity in a single process)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s batch order (a 63-bit integer derived from ``(seed, epoch)``)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -62,7 +62,7 @@ def load_finetuned(run_dir: str | Path, *, read_index: bool = True) -> Finetuned
     bb = R.load_torch(bb_path)
     if bb.get("global_step") != ckpt.get("global_step"):
         raise R.RunError(f"{run_dir}: {R.BACKBONE_FILE} (step {bb.get('global_step')}) and {R.HEADS_FILE} (step "
-                         f"{ckpt.get('global_step')}) are from different steps; rerun with --resume to rewrite them")
+                         f"{ckpt.get('global_step')}) are from different steps; rerun with `resume` to rewrite them")
     spec = bb.get("backbone_spec") or conf.get("config", {}).get("backbone") or DEFAULT_BACKBONE
     ti = conf.get("transform_input")  # None for networks without the option; runs before it: GoogLeNet, True
     if ti is None and parse_spec(spec).name in TRANSFORM_INPUT_MODELS:

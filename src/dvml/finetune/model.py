@@ -126,22 +126,22 @@ def load_init_heads(run_dir: Path, model: Model, cfg: FinetuneConfig, train_clas
     heads = model.net.heads
     in_dim = ckpt.get("in_dim", sd["embedding.weight"].shape[1] if "embedding.weight" in sd else None)
     if in_dim != heads.in_dim:
-        raise DvmlError(f"--init-heads {run_dir}: its heads take {in_dim}-D features (the feature dimension of "
+        raise DvmlError(f"`init_heads` {run_dir}: its heads take {in_dim}-D features (the feature dimension of "
                         f"the cache they were fit on) but the {model.backbone.name} backbone gives "
                         f"{heads.in_dim}-D; fit the heads on a cache extracted with this backbone")
     emb = ckpt.get("embedding_size", sd["embedding.weight"].shape[0])
     if emb != cfg.embedding_size:
-        raise DvmlError(f"--init-heads {run_dir}: embedding size {emb} != --embedding-size {cfg.embedding_size}; "
-                        f"pass --embedding-size {emb}")
+        raise DvmlError(f"`init_heads` {run_dir}: embedding size {emb} != `embedding_size` {cfg.embedding_size}; "
+                        f"pass `embedding_size` {emb}")
     has_var = "mu.weight" in sd
     if cfg.dvml and not has_var:
-        raise DvmlError(f"--init-heads {run_dir}: a --no-dvml (baseline) run has no variance heads or decoder to "
-                        "start DVML from; pass --no-dvml or initialise from a DVML run")
+        raise DvmlError(f"`init_heads` {run_dir}: a baseline run (`dvml` off) has no variance heads or decoder to "
+                        "start DVML from; pass `dvml` off or initialise from a DVML run")
     if cfg.dvml:
         hidden = sd["decoder.hidden.weight"].shape[0]
         if hidden != cfg.decoder_hidden:
-            raise DvmlError(f"--init-heads {run_dir}: decoder width {hidden} != --decoder-hidden "
-                            f"{cfg.decoder_hidden}; pass --decoder-hidden {hidden}")
+            raise DvmlError(f"`init_heads` {run_dir}: decoder width {hidden} != `decoder_hidden` "
+                            f"{cfg.decoder_hidden}; pass `decoder_hidden` {hidden}")
         heads.load_state_dict(sd)
     else:
         heads.load_state_dict({k: v for k, v in sd.items() if k.startswith("embedding.")})

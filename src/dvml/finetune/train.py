@@ -146,8 +146,8 @@ def _prepare_dir(cfg: FinetuneConfig, ctx: D.DistContext) -> dict | None:
     if exists and not cfg.overwrite:
         if not ckpt_path.exists():
             if not cfg.resume:
-                raise DvmlError(f"{out}: holds a run that never reached a checkpoint; pass --resume to start it "
-                                "again or --overwrite")
+                raise DvmlError(f"{out}: holds a run that never reached a checkpoint; pass `resume` to start it "
+                                "again or `overwrite`")
         else:
             ckpt = R.load_torch(ckpt_path)
             if ckpt.get("kind") != R.FINETUNE_KIND:
@@ -155,7 +155,7 @@ def _prepare_dir(cfg: FinetuneConfig, ctx: D.DistContext) -> dict | None:
             if not cfg.resume:
                 state = "a finished" if ckpt.get("finished") else "an unfinished"
                 raise DvmlError(f"{out}: holds {state} finetune run (epoch {ckpt['epochs_done']}, step "
-                                f"{ckpt['global_step']}); pass --resume to continue it or --overwrite to replace it")
+                                f"{ckpt['global_step']}); pass `resume` to continue it or `overwrite` to replace it")
             # runs from before --backbone: GoogLeNet; from before the DVML options: the paper's heads
             old = {"backbone": DEFAULT_BACKBONE, **LEGACY_HEAD_FIELDS, **ckpt["config"]}
             check_resume_config(out, old, cfg.model_dict())
@@ -222,8 +222,8 @@ class _Finetune:
         self.ckpt = ckpt = _prepare_dir(cfg, ctx)
         self.digest = index.digest()
         if ckpt is not None and ckpt.get("index_digest") != self.digest:
-            raise DvmlError(f"{out}: --resume on a different image list ({cfg.root}: {index.name} index digest "
-                            f"{self.digest}, the run started on {ckpt.get('index_digest')}); use --overwrite to "
+            raise DvmlError(f"{out}: `resume` on a different image list ({cfg.root}: {index.name} index digest "
+                            f"{self.digest}, the run started on {ckpt.get('index_digest')}); use `overwrite` to "
                             "start again")
         if ctx.is_main:
             R.invalidate_metrics(out)  # the checkpoint is about to change: no metrics.json may describe the old one
@@ -365,7 +365,7 @@ class _Finetune:
         for batch in loader:
             bad = [e for e in batch["errors"] if e]
             if bad:
-                raise DvmlError(f"{bad[0]} (finetune needs every training image readable; pass --skip-bad to "
+                raise DvmlError(f"{bad[0]} (finetune needs every training image readable; pass `skip_bad` to "
                                 "leave unreadable images out)")
             images = self.pre.normalize(batch["images"].to(device, non_blocking=True))
             if self.cuda:
@@ -375,10 +375,10 @@ class _Finetune:
                 detail = str(dict(zip(TERMS, values.round(4).tolist(), strict=True)))
                 if not (cfg.out / R.CHECKPOINT_FILE).is_file():  # never name a checkpoint that was never written
                     raise DvmlError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} of {steps} ({detail}); "
-                                    "no checkpoint was written yet; lower --lr / --backbone-lr")
+                                    "no checkpoint was written yet; lower `lr` / `backbone_lr`")
                 raise non_finite_error(epoch + 1, step + 1, steps, detail,
                                        f"checkpoint is kept in {cfg.out / R.CHECKPOINT_FILE}",
-                                       "lower --lr / --backbone-lr")
+                                       "lower `lr` / `backbone_lr`")
             self.sums += values
             step += 1
             if callback:
@@ -398,8 +398,7 @@ class _Finetune:
             lo, hi = self.ctx.rank * b_local, (self.ctx.rank + 1) * b_local
             eps = torch.randn((cfg.samples, cfg.batch_size, cfg.embedding_size), generator=gen,
                               device=device)[:, lo:hi]
-        if hasattr(self.model.metric, "generator"):
-            self.model.metric.generator = gen
+        self.model.metric.generator = gen  # the step's draws (MetricLoss.generator)
         x, heads_out = self.ddp(images, labels, samples=cfg.samples, stop_recon_grad=lam.stop_recon_grad, eps=eps)
         terms = self.train_loss(heads_out, x.detach(), labels, lam)  # the reconstruction target is detached
         self.optimizer.zero_grad(set_to_none=True)

@@ -19,10 +19,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, render_fields
 from dvml.heads.config import HeadsConfig
 from dvml.heads.sampler import drawable
-from dvml.losses import LossName
+from dvml.losses.registry import loss_spec
 from dvml.seeding import hold_out_classes
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ C = TypeVar("C", bound=HeadsConfig)  # FitConfig or FinetuneConfig
 
 def batch_size_given(cfg: HeadsConfig) -> bool:
     """Whether ``cfg.batch_size`` was chosen by the user (else it is the loss's default, resolved)."""
-    return getattr(cfg, "_batch_size_given", True)
+    return cfg.batch_size_given
 
 
 def eligible_classes(labels: np.ndarray, per_class: int = 2, views: int | None = None) -> int:
@@ -55,7 +55,7 @@ def fitting_labels(cfg: HeadsConfig, labels: np.ndarray) -> np.ndarray:
 def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -> str:
     fixes = [f"lower {batch_option} to {n * cfg.per_class} or less", f"leave {batch_option} out to fit the batch "
              "to the data"]
-    if cfg.loss is not LossName.npair:  # npair's per_class is fixed at 2 (its pairs)
+    if not loss_spec(cfg.loss).per_class_fixed:  # e.g. npair's per_class is fixed at 2 (its pairs)
         ms = [m for m in range(cfg.per_class + 1, cfg.batch_size // 2 + 1)
               if cfg.batch_size % m == 0 and cfg.batch_size // m <= n]
         if ms:
@@ -63,8 +63,8 @@ def _fixes(cfg: HeadsConfig, n: int, batch_option: str, per_class_option: str) -
     return "; ".join(fixes)
 
 
-def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "--batch-size",
-              per_class_option: str = "--per-class {}", multiple_of: int = 1,
+def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str = "`batch_size`",
+              per_class_option: str = "`per_class` {}", multiple_of: int = 1,
               views: int | None = None) -> tuple[C, dict]:
     """``cfg`` with its batch fitted to ``labels`` (the training split's labels, before any hold-out).
 
@@ -74,7 +74,7 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
         (eligible), "default" (when fitted)}``.
     Raises:
         DvmlError: a given ``batch_size`` needs more eligible classes than the data has, or fewer than 2 are
-            eligible. ``batch_option`` / ``per_class_option`` are how the calling command spells the options
+            eligible. ``batch_option`` / ``per_class_option`` name the fields (marked as :mod:`dvml.errors` says)
             (a format string, e.g. ``--set per-class={}`` for ablate). ``multiple_of``: a fitted batch is a
             multiple of this (finetune's global batch is split over that many processes). ``views``: views per
             image of a feature cache (fit-heads), so classes without ``per_class`` distinct (image, view) pairs
@@ -106,9 +106,9 @@ def fit_batch(cfg: C, labels: np.ndarray, *, where: str = "", batch_option: str 
         raise DvmlError(f"{prefix}{n} training classes x {cfg.per_class} images per class cannot be split evenly "
                         f"over {multiple_of} processes; pass {batch_option}")
     fitted = dataclasses.replace(cfg, batch_size=k_fit * cfg.per_class)
-    object.__setattr__(fitted, "_batch_size_given", False)
+    object.__setattr__(fitted, "batch_size_given", False)  # replace() re-derives it from the int batch_size
     log.warning("%sbatch fitted to the data: %d training classes x %d images per class = %d images (the default "
                 "%d needs %d classes); pass %s to choose", prefix, k_fit, cfg.per_class, fitted.batch_size,
-                cfg.batch_size, k, batch_option)
+                cfg.batch_size, k, render_fields(batch_option))
     return fitted, {"batch_size": fitted.batch_size, "per_class": cfg.per_class, "classes": n, "source": "fitted",
                     "default": cfg.batch_size}

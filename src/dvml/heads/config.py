@@ -18,21 +18,21 @@ images per class in a batch, and the proxies' learning rate.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
+from dvml.errors import FieldError
 from dvml.losses.names import (
-    CROSS_PAIR_LOSSES,
     CROSS_PAIR_NAMES,
-    DOT_PRODUCT_LOSSES,
-    LOSS_PARAM_DEFAULTS,
+    LOSS_PARAM_DEFAULTS,  # noqa: F401  (importable from here, as before)
     LOSS_PARAM_NAMES,
     LossName,
     MetricReduction,
     SyntheticPairs,
 )
+from dvml.losses.registry import loss_spec, resolve_loss
 
 
 class Reduction(str, Enum):
@@ -114,9 +114,14 @@ DEFAULT_PROXY_LR = 0.1
 FLOAT_FIELDS = ("recon_share", "free_bits", "variance_kappa", "lr", "proxy_lr", "weight_decay", "margin", "gamma",
                 "temperature", "label_smoothing")
 
-# Fields that control how a run is executed, not what is trained: they may differ on --resume and are
-# not part of the recorded model config.
-CONTROL_FIELDS = frozenset({"resume", "overwrite", "device", "eval_every", "epochs", "diag_images", "grad_every"})
+#: Fields of the run configs (:class:`FitConfig`, :class:`~dvml.finetune.config.FinetuneConfig`) that control how a
+#: run is executed, not what is trained: they may differ on resume and are not part of the model config
+#: (``model_dict``). ``cache`` and ``root`` may move: the cache's fingerprint / the dataset's index digest is checked
+#: instead.
+CONTROL_FIELDS = frozenset({"cache", "root", "out", "resume", "overwrite", "device", "epochs", "eval_every",
+                            "diag_images", "grad_every", "workers", "checkpoint_every"})
+#: Metadata of a field that is derived, not chosen: not recorded (:func:`plain_dict`), not compared.
+DERIVED = {"recorded": False}
 
 
 def set_choice(config, name: str, choices: type[Enum]) -> None:
@@ -126,8 +131,7 @@ def set_choice(config, name: str, choices: type[Enum]) -> None:
     try:
         object.__setattr__(config, name, choices(value))
     except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(m.value for m in choices)}, "
-                         f"got {value!r}") from None
+        raise FieldError(f"`{name}` must be one of {', '.join(m.value for m in choices)}, got {value!r}") from None
 
 
 #: The fields of :class:`HeadsConfig` that are :class:`~dvml.heads.model.DVMLHeads`' keyword arguments after
@@ -136,9 +140,17 @@ HEADS_KWARGS = ("embedding_size", "decoder_hidden", "dvml", "variance_space", "v
                 "metric_grad_to_variance", "centre_mu")
 
 
+def config_fields(cls) -> tuple:
+    """The fields of a config dataclass that are set (its ``__init__``'s), without the derived ones."""
+    return tuple(f for f in fields(cls) if f.init)
+
+
 def plain_dict(config) -> dict:
     """A config dataclass as JSON-ready python: ``asdict`` with paths and enums as strings, tuples as lists."""
     d = asdict(config)
+    for f in fields(config):
+        if not f.metadata.get("recorded", True):
+            del d[f.name]
     for k, v in d.items():
         if isinstance(v, Path):
             d[k] = str(v)
@@ -146,39 +158,36 @@ def plain_dict(config) -> dict:
             d[k] = v.value
         elif isinstance(v, tuple):
             d[k] = list(v)
+        elif isinstance(v, str):  # a plug-in loss's LossKey: a plain string in what is recorded
+            d[k] = str(v)
     return d
 
 
-def default_synthetic_pairs(loss: LossName) -> SyntheticPairs:
-    """What Lm(ẑ) pairs by default: ``within`` (the paper's eq. 10) for every loss."""
-    return SyntheticPairs.within
-
-
 def default_batch_size(loss: LossName) -> int:
-    """The paper's batch size: 120 for the triplet input, 128 for pair- and batch-based losses."""
-    return 120 if loss is LossName.triplet else 128
+    """The loss's registry default: the paper's 120 for the triplet input, 128 for pair- and batch-based losses."""
+    return loss_spec(loss).batch_size
 
 
 #: Losses whose paper definition sums over triplets (eqs. 2 and 4): ``reduction=None`` resolves to ``sum`` for them.
-SUMMED_LOSSES = frozenset({LossName.triplet, LossName.triplet_dws})
+SUMMED_LOSSES = frozenset(n for n in LossName if loss_spec(n).summed)
 
 
 def default_reduction(loss: LossName) -> Reduction:
     """``sum`` (the paper's eqs. 2, 4, 8, 9) for the triplet losses; ``mean`` for every loss that averages over
     its pairs or samples (N-pair's eq. 3, the proxy and pml losses): summed ELBO terms (nats per image) next to a
     per-pair mean swamp the metric loss (measured, issue 14: DVML+N-pair Recall@1 −22 points on the demo world)."""
-    return Reduction.sum if loss in SUMMED_LOSSES else Reduction.mean
+    return Reduction.sum if loss_spec(loss).summed else Reduction.mean
 
 
 def default_variance_space(loss: LossName) -> VarianceSpace:
     """Where z_V is added by default: in the space the metric loss compares embeddings in — the unit sphere
     (``normalized``) for the losses that L2-normalise, raw z_I for the dot-product losses (N-pair)."""
-    return VarianceSpace.raw if loss in DOT_PRODUCT_LOSSES else VarianceSpace.normalized
+    return VarianceSpace.raw if loss_spec(loss).dot_product else VarianceSpace.normalized
 
 
 def default_per_class(loss: LossName) -> int:
-    """Images per class in a batch: N-pair needs exactly its pairs (2); 4 otherwise."""
-    return 2 if loss is LossName.npair else 4
+    """Images per class in a batch (the registry's): N-pair needs exactly its pairs (2); 4 otherwise."""
+    return loss_spec(loss).per_class
 
 
 @dataclass(frozen=True)
@@ -246,7 +255,7 @@ class HeadsConfig:
         synthetic_pairs: what Lm(ẑ) pairs: ``within`` (the paper's eq. 10: each synthetic batch alone) or
             ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
             paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
-            :func:`default_synthetic_pairs`. ``cross`` is for triplet, triplet-dws and npair. Measured (issue 14,
+            ``within``. ``cross`` is for triplet, triplet-dws and npair. Measured (on
             validation classes of both sets): cross leaves validation Recall@1 where it was and brings the sum of
             Lm(z_I)'s and Lm(ẑ)'s gradients *closer* to Lm(z_I)'s (the draws' noise on one side of each
             distance, not both).
@@ -297,10 +306,16 @@ class HeadsConfig:
     temperature: float | None = None
     label_smoothing: float | None = None
     seed: int = 0
+    #: Derived: whether ``batch_size`` was chosen (not ``None``) or is the loss's default, which a fit may fit to
+    #: the data (:mod:`dvml.heads.batch`). Not recorded: a recorded config's batch was the one used.
+    batch_size_given: bool = field(default=True, init=False, repr=False, compare=False, metadata=DERIVED)
 
     def __post_init__(self):
         s = object.__setattr__
-        set_choice(self, "loss", LossName)
+        s(self, "loss", resolve_loss(self.loss))
+        spec = loss_spec(self.loss)
+        if self.dvml and not spec.dvml:
+            raise FieldError(f"`loss` {self.loss.value} cannot be DVML's metric loss; fit the baseline (`dvml` off)")
         if self.reduction is None:
             s(self, "reduction", default_reduction(self.loss))
         set_choice(self, "reduction", Reduction)
@@ -310,14 +325,14 @@ class HeadsConfig:
             s(self, "metric_reduction", MetricReduction.sum if self.reduction is Reduction.sum
               else MetricReduction.nonzero)
         if self.synthetic_pairs is None:
-            s(self, "synthetic_pairs", default_synthetic_pairs(self.loss))
+            s(self, "synthetic_pairs", SyntheticPairs.within)  # the paper's eq. 10, for every loss
         for name, choices in (("metric_reduction", MetricReduction), ("likelihood", Likelihood),
                               ("variance_space", VarianceSpace), ("variance_scale", VarianceScale),
                               ("synthetic_pairs", SyntheticPairs)):
             set_choice(self, name, choices)
-        if self.synthetic_pairs is SyntheticPairs.cross and self.loss not in CROSS_PAIR_LOSSES:
-            raise ValueError(f"--synthetic-pairs cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
-                             f"--loss {self.loss.value}")
+        if self.synthetic_pairs is SyntheticPairs.cross and not spec.cross_pairs:
+            raise FieldError(f"`synthetic_pairs` cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
+                             f"`loss` {self.loss.value}")
         for name in FLOAT_FIELDS:
             v = getattr(self, name)
             if v is not None and not math.isfinite(float(v)):
@@ -349,15 +364,15 @@ class HeadsConfig:
         s(self, "proxy_lr", float(self.proxy_lr) if self.proxy_lr is not None else DEFAULT_PROXY_LR)
         if not self.proxy_lr > 0:
             raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
-        s(self, "_batch_size_given", self.batch_size is not None)  # else fitted to the data (heads.batch)
+        s(self, "batch_size_given", self.batch_size is not None)  # else fitted to the data (heads.batch)
         s(self, "batch_size", int(self.batch_size) if self.batch_size is not None
           else default_batch_size(self.loss))
         s(self, "per_class", int(self.per_class) if self.per_class is not None else default_per_class(self.loss))
         if self.per_class < 2:
             raise ValueError(f"per_class must be >= 2 (a batch needs positives), got {self.per_class}")
-        if self.loss is LossName.npair and self.per_class != 2:
-            raise ValueError(f"the npair loss takes exactly 2 images per class (its pairs), got per_class="
-                             f"{self.per_class}")
+        if spec.per_class_fixed and self.per_class != spec.per_class:
+            raise ValueError(f"the {self.loss.value} loss takes exactly {spec.per_class} images per class (its "
+                             f"pairs), got per_class={self.per_class}")
         triplets = getattr(self, "triplet_input", False)  # a FitConfig field: batches of triplets, not of classes
         if not triplets and (self.batch_size < 2 * self.per_class or self.batch_size % self.per_class):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of per_class ({self.per_class}) "
@@ -365,15 +380,15 @@ class HeadsConfig:
         self._resolve_loss_params()
 
     def _resolve_loss_params(self) -> None:
-        takes = LOSS_PARAM_DEFAULTS.get(self.loss, {})
+        takes = loss_spec(self.loss).params
         for name in LOSS_PARAM_NAMES:
             value = getattr(self, name)
             if value is None:
                 object.__setattr__(self, name, takes.get(name))
                 continue
             if name not in takes:
-                has = ", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none"
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to --loss {self.loss.value} "
+                has = ", ".join(f"`{k}`" for k in takes) or "none"
+                raise FieldError(f"`{name}` does not apply to `loss` {self.loss.value} "
                                  f"(its parameters: {has})")
             value = float(value)
             if name == "temperature" and not value > 0:
@@ -391,7 +406,7 @@ class HeadsConfig:
 
     def loss_params(self) -> dict[str, float]:
         """The metric loss's parameters (resolved): keyword arguments of ``make_metric_loss``."""
-        return {k: getattr(self, k) for k in LOSS_PARAM_DEFAULTS.get(self.loss, {})}
+        return {k: getattr(self, k) for k in loss_spec(self.loss).params}
 
     # -- derived -----------------------------------------------------------------------------------------
     @property
@@ -465,20 +480,20 @@ class FitConfig(HeadsConfig):
         if self.diag_images < 0 or self.grad_every < 0:
             raise ValueError("diag_images and grad_every must be >= 0")
         if self.triplet_input:
-            if self.loss is not LossName.triplet:
-                raise ValueError(f"--triplet-input applies to --loss triplet only, got {self.loss.value}")
+            if "fixed_triplets" not in loss_spec(self.loss).settings:
+                raise FieldError(f"`triplet_input` applies to `loss` triplet only, got {self.loss.value}")
             if self.batch_size % 3:
-                raise ValueError(f"--triplet-input needs a batch size divisible by 3, got {self.batch_size}")
+                raise FieldError(f"`triplet_input` needs a batch size divisible by 3, got {self.batch_size}")
 
     def model_dict(self) -> dict:
         """:meth:`to_dict` without the execution-control fields (what must match on --resume)."""
-        return {k: v for k, v in self.to_dict().items() if k not in CONTROL_FIELDS and k not in ("cache", "out")}
+        return {k: v for k, v in self.to_dict().items() if k not in CONTROL_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> FitConfig:
         """A recorded config (``config.json``, a checkpoint's) back as a FitConfig. Every field is recorded, but
         ``recon_share`` only since it exists: a config without it trained with k = 1 and, if it lacks them too,
         the paper's phase-2 λs (dvml's defaults until issue 14's sixth round), not today's defaults."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in config_fields(cls)}
         d = {**LEGACY_PHASE2_FIELDS, **d}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -23,44 +24,39 @@ from dvml import runs as R
 from dvml.errors import DvmlError
 from dvml.heads.config import HeadsConfig
 from dvml.heads.model import Gather
-from dvml.heads.objective import TERMS, DVMLLoss
-from dvml.losses import PROXY_LOSSES, MetricLoss, make_metric_loss
-from dvml.losses.metric import BatchedTripletLoss
-
-
-def metric_loss(cfg: HeadsConfig, n_classes: int) -> MetricLoss:
-    """``cfg``'s metric loss Lm: its parameters, proxies seeded by ``cfg.seed`` (the same for a baseline and a DVML
-    fit), and the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4 sum over triplets)."""
-    metric = make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
-                              **cfg.loss_params())
-    if isinstance(metric, BatchedTripletLoss):
-        metric.reducer = cfg.metric_reduction
-    return metric
+from dvml.heads.objective import TERMS, DVMLLoss, metric_loss  # noqa: F401  (metric_loss: importable from here)
+from dvml.losses import MetricLoss
+from dvml.losses.registry import loss_spec
 
 
 def dvml_loss(cfg: HeadsConfig, metric: MetricLoss, gather: Gather | None = None,
               target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None) -> DVMLLoss:
-    """The four-term loss of ``cfg`` around ``metric`` (its reduction, likelihood, free bits, synthetic pairs);
-    ``gather``, ``target_mean``, ``target_std`` as :class:`~dvml.heads.objective.DVMLLoss`'s."""
-    return DVMLLoss(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
-                    free_bits=cfg.free_bits, target_mean=target_mean, target_std=target_std, gather=gather,
-                    synthetic_pairs=cfg.synthetic_pairs)
+    """The four-term loss of ``cfg`` around ``metric`` (:meth:`~dvml.heads.objective.DVMLLoss.from_config`)."""
+    return DVMLLoss.from_config(cfg, metric=metric, gather=gather, target_mean=target_mean, target_std=target_std)
+
+
+class FitEventKind(str, Enum):
+    """What a :class:`FitEvent` reports."""
+
+    start = "start"  # epoch = the first epoch to run, 0-based
+    step = "step"  # step steps of epoch done
+    epoch = "epoch"  # record = the epoch's log record
+    end = "end"
 
 
 @dataclass(frozen=True)
 class FitEvent:
-    """Progress report handed to a trainer's callback.
+    """Progress report handed to a trainer's callback (``kind``: :class:`FitEventKind`, or its value)."""
 
-    kind: "start" (epoch = first epoch to run, 0-based), "step" (step steps of epoch done), "epoch" (record =
-    the epoch's log record), "end".
-    """
-
-    kind: str
+    kind: FitEventKind
     epoch: int
     epochs: int
     step: int
     steps: int
     record: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", FitEventKind(self.kind))
 
 
 Callback = Callable[[FitEvent], None]
@@ -77,8 +73,8 @@ def optimizer(cfg, heads: Iterable[torch.nn.Parameter], loss_params: list[torch.
     groups = [*before, {"params": list(heads), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.proxy_lr, "weight_decay": 0.0})
-    elif cfg.loss in PROXY_LOSSES:
-        raise DvmlError(f"--loss {cfg.loss.value}: the loss module has no proxies to train")
+    elif loss_spec(cfg.loss).proxies:
+        raise DvmlError(f"`loss` {cfg.loss.value}: the loss module has no proxies to train")
     if fused:
         try:  # one fused kernel per step instead of ~10 elementwise passes per parameter
             return torch.optim.Adam(groups, fused=True)
@@ -89,15 +85,15 @@ def optimizer(cfg, heads: Iterable[torch.nn.Parameter], loss_params: list[torch.
 
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise DvmlError(f"--out {out}: exists and is not a directory")
+        raise DvmlError(f"`out` {out}: exists and is not a directory")
 
 
 def check_resume_config(out: Path, old: dict, new: dict) -> None:
     """Refuse ``--resume`` when what is trained differs (``old``: the run's model dict, ``new``: this one's)."""
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
     if diff:
-        raise DvmlError(f"{out}: --resume with a different config ({'; '.join(diff)}); rerun with the original "
-                        "options or use --overwrite")
+        raise DvmlError(f"{out}: `resume` with a different config ({'; '.join(diff)}); rerun with the original "
+                        "options or use `overwrite`")
 
 
 def start_log(out: Path, resumed_epoch: int | None) -> None:

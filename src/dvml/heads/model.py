@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import VarianceScale, VarianceSpace
+from dvml.heads.config import HeadsConfig, VarianceScale, VarianceSpace
+
+#: The paper's variance branch (z_V added to raw z_I at unit scale, Lm(ẑ)'s gradient on μ and σ): keyword arguments
+#: of :class:`DVMLHeads` over its defaults (dvml's).
+PAPER_HEADS = {"variance_space": "raw", "variance_scale": "unit", "metric_grad_to_variance": True}
+#: The heads' defaults are the config's: ``DVMLHeads(in_dim)`` is the model ``fit(FitConfig(...))`` builds.
+_DEFAULT = HeadsConfig()
 
 #: Concatenates a tensor's rows over the processes of a distributed run, keeping the gradient (finetune under
 #: torchrun: :func:`dvml.finetune.distributed.gather_batch`); the batch statistics are then the global batch's.
@@ -101,15 +107,21 @@ class DVMLHeads(nn.Module):
         dvml: False builds only the embedding layer (the ``--no-dvml`` baseline). The embedding layer is
             created first, so the same seed gives the baseline and DVML the same initial embedding layer.
         variance_space, variance_scale, variance_kappa, metric_grad_to_variance, centre_mu: the variance
-            branch's options (:class:`~dvml.heads.config.HeadsConfig`; members or their strings). The defaults
-            here are the paper's heads; the configs' defaults (the loss's own space, ``class``, no Lm(ẑ) gradient on μ
-            and σ) are dvml's.
+            branch's options (:class:`~dvml.heads.config.HeadsConfig`; members or their strings).
+
+    Every default is :class:`~dvml.heads.config.HeadsConfig`'s (for its default loss, triplet: z_V on the unit
+    sphere at the class's scale, no Lm(ẑ) gradient on μ and σ), so ``DVMLHeads(in_dim)`` is the model a default
+    fit builds; :meth:`from_config` builds any config's. The paper's heads: ``variance_space="raw",
+    variance_scale="unit", metric_grad_to_variance=True``.
     """
 
-    def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True,
-                 variance_space: VarianceSpace | str = VarianceSpace.raw,
-                 variance_scale: VarianceScale | str = VarianceScale.unit, variance_kappa: float = 1.0,
-                 metric_grad_to_variance: bool = True, centre_mu: bool = False):
+    def __init__(self, in_dim: int, embedding_size: int = _DEFAULT.embedding_size,
+                 decoder_hidden: int = _DEFAULT.decoder_hidden, dvml: bool = _DEFAULT.dvml,
+                 variance_space: VarianceSpace | str = _DEFAULT.variance_space,
+                 variance_scale: VarianceScale | str = _DEFAULT.variance_scale,
+                 variance_kappa: float = _DEFAULT.variance_kappa,
+                 metric_grad_to_variance: bool = _DEFAULT.metric_grad_to_variance,
+                 centre_mu: bool = _DEFAULT.centre_mu):
         super().__init__()
         variance_space, variance_scale = VarianceSpace(variance_space), VarianceScale(variance_scale)
         if not variance_kappa > 0:
@@ -153,6 +165,12 @@ class DVMLHeads(nn.Module):
                    eps: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> HeadsOutput:
         """The forward pass without the decoder (``x_hat`` is None); arguments as :meth:`forward`."""
         return self.forward(x, samples=samples, generator=generator, eps=eps, labels=labels, decode=False)
+
+    @classmethod
+    def from_config(cls, in_dim: int, cfg: HeadsConfig | None = None) -> DVMLHeads:
+        """The heads of ``cfg`` (default: ``HeadsConfig()``) on ``in_dim``-dimensional features, as a fit builds
+        them (:meth:`~dvml.heads.config.HeadsConfig.heads_kwargs`)."""
+        return cls(in_dim, **(cfg if cfg is not None else _DEFAULT).heads_kwargs())
 
     def forward(self, x: torch.Tensor, *, samples: int = 20, stop_recon_grad: bool = False,
                 generator: torch.Generator | None = None, eps: torch.Tensor | None = None,

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import Lambdas, Likelihood
+from dvml.heads.config import HeadsConfig, Lambdas, Likelihood
 from dvml.heads.model import Gather, HeadsOutput
-from dvml.losses.metric import MetricLoss
+from dvml.losses.metric import MetricLoss, make_metric_loss
 from dvml.losses.names import CROSS_PAIR_NAMES, SyntheticPairs
 
 
@@ -98,13 +98,30 @@ def recon_term(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "sum", lik
 TERMS = ("kl", "recon", "metric_invariant", "metric_synthetic", "total")
 
 
+def metric_loss(cfg: HeadsConfig, n_classes: int, generator: torch.Generator | None = None) -> MetricLoss:
+    """``cfg``'s metric loss Lm, every setting given at construction: its parameters, proxies seeded by ``cfg.seed``
+    (the same for a baseline and a DVML fit), the triplet losses' ``metric_reduction`` (the paper's eqs. 2 and 4
+    sum over triplets), the triplet input (``triplet_input``, a fit-heads field) and ``generator`` for the loss's
+    own draws. ``n_classes``: the training classes (proxy losses)."""
+    return make_metric_loss(cfg.loss, num_classes=n_classes, embedding_size=cfg.embedding_size, seed=cfg.seed,
+                            reducer=cfg.metric_reduction, fixed_triplets=getattr(cfg, "triplet_input", False),
+                            generator=generator, **cfg.loss_params())
+
+
+_DEFAULT = HeadsConfig()
+
+
 class DVMLLoss(nn.Module):
     """The four-term loss; holds the metric loss (and so its proxies: ``state_dict`` is the run's "loss").
 
+    Every default is :class:`~dvml.heads.config.HeadsConfig`'s (for its default loss, triplet), so ``DVMLLoss()``
+    is the objective a default fit builds; :meth:`from_config` builds any config's.
+
     Args:
-        metric: Lm.
+        metric: Lm; ``None`` = the default config's (triplet, its triplets summed).
         dvml: False = baseline: only Lm(z_I), with weight 1 (``--no-dvml``).
-        reduction: ``"mean"`` (default) or ``"sum"`` (the letter of the paper's eqs. 8-9): KL over E, recon over D.
+        reduction: ``"sum"`` (the letter of the paper's eqs. 8-9; the default config's for triplet) or
+            ``"mean"``: KL over E, recon over D.
         likelihood: the reconstruction term's form, ``"l2"`` (the paper) or ``"gaussian"`` (calibrated decoder;
             :func:`recon_term`).
         free_bits: nats per dimension the KL does not charge (:func:`kl_term`); 0 = off.
@@ -117,12 +134,13 @@ class DVMLLoss(nn.Module):
             (ẑ_t) — the metric's ``anchors`` argument.
     """
 
-    def __init__(self, metric: MetricLoss, dvml: bool = True, reduction: str = "mean",
-                 likelihood: Likelihood | str = Likelihood.l2, free_bits: float = 0.0,
-                 target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None,
-                 gather: Gather | None = None, synthetic_pairs: SyntheticPairs | str = SyntheticPairs.within):
+    def __init__(self, metric: MetricLoss | None = None, dvml: bool = _DEFAULT.dvml,
+                 reduction: str = _DEFAULT.reduction.value, likelihood: Likelihood | str = _DEFAULT.likelihood,
+                 free_bits: float = _DEFAULT.free_bits, target_mean: torch.Tensor | None = None,
+                 target_std: torch.Tensor | None = None, gather: Gather | None = None,
+                 synthetic_pairs: SyntheticPairs | str = _DEFAULT.synthetic_pairs):
         super().__init__()
-        self.metric = metric
+        self.metric = metric = metric if metric is not None else metric_loss(_DEFAULT, 0)
         self.synthetic_pairs = SyntheticPairs(synthetic_pairs)
         if self.synthetic_pairs is SyntheticPairs.cross and not metric.takes_anchors:
             raise ValueError(f"synthetic_pairs='cross' needs a loss with anchors ({CROSS_PAIR_NAMES}), got "
@@ -137,6 +155,20 @@ class DVMLLoss(nn.Module):
             self.register_buffer("target_mean", torch.as_tensor(target_mean, dtype=torch.float32), persistent=False)
             self.register_buffer("target_scale", 1.0 / torch.as_tensor(target_std, dtype=torch.float32).clamp_min(
                 1e-6), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: HeadsConfig | None = None, n_classes: int = 0, *, metric: MetricLoss | None = None,
+                    generator: torch.Generator | None = None, gather: Gather | None = None,
+                    target_mean: torch.Tensor | None = None, target_std: torch.Tensor | None = None) -> DVMLLoss:
+        """The four-term loss of ``cfg`` (default: ``HeadsConfig()``) as a fit builds it: around ``metric`` or
+        :func:`metric_loss` ``(cfg, n_classes, generator)``, with ``cfg``'s reduction, likelihood, free bits and
+        synthetic pairs; ``gather``, ``target_mean``, ``target_std`` as for the class."""
+        cfg = cfg if cfg is not None else _DEFAULT
+        if metric is None:
+            metric = metric_loss(cfg, n_classes, generator)
+        return cls(metric, dvml=cfg.dvml, reduction=cfg.reduction.value, likelihood=cfg.likelihood,
+                   free_bits=cfg.free_bits, target_mean=target_mean, target_std=target_std, gather=gather,
+                   synthetic_pairs=cfg.synthetic_pairs)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction target of features x (B, D): x itself, or standardised."""

@@ -76,8 +76,8 @@ class ClassBalancedSampler:
         need = "2 images" if views is None else f"2 images and {per_class} distinct (image, view) pairs"
         if int(keep.sum()) < self.k:
             raise DvmlError(f"a batch of {batch_size} with {per_class} images per class needs {self.k} training "
-                            f"classes with >= {need}, but there are {int(keep.sum())}: lower --batch-size "
-                            "or --per-class")
+                            f"classes with >= {need}, but there are {int(keep.sum())}: lower `batch_size` "
+                            "or `per_class`")
         order = torch.argsort(inverse, stable=True)  # image indices grouped by class
         starts = torch.cumsum(counts, 0) - counts
         max_n = int(counts.max())

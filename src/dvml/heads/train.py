@@ -24,7 +24,6 @@ import torch
 from dvml import devices
 from dvml import runs as R
 from dvml.cache import Split, fingerprint, load_labels, load_split, read_info
-from dvml.cache import schema as S
 from dvml.errors import DvmlError
 from dvml.files import make_dir
 from dvml.heads import diagnostics as diag
@@ -47,7 +46,6 @@ from dvml.heads.objective import TERMS
 from dvml.heads.sampler import ClassBalancedSampler
 from dvml.heads.schedule import warn_schedule
 from dvml.heads.triplet_input import TripletInputSampler
-from dvml.losses.metric import BatchedTripletLoss
 from dvml.seeding import diag_seeds, hold_out_classes, noise_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -63,15 +61,14 @@ def _recall_at_1(emb: torch.Tensor, labels: np.ndarray, roles: np.ndarray | None
     against the gallery, a row that is both never retrieving itself."""
     from dvml.retrieval import knn
     from dvml.retrieval.metrics import recall_at_k
+    from dvml.retrieval.protocol import query_gallery
 
     x = emb.detach().float().cpu().numpy()
     if roles is None:
         _, idx = knn.search(x, 1, metric="cosine")
         return recall_at_k(labels[idx], labels, (1,))["recall@1"]
-    q, g = np.flatnonzero(roles & S.ROLE_QUERY), np.flatnonzero(roles & S.ROLE_GALLERY)
-    pos = np.full(len(labels), -1)
-    pos[g] = np.arange(g.size)
-    _, idx = knn.search(x[q], 1, database=x[g], metric="cosine", exclude=pos[q])
+    q, g, exclude = query_gallery(roles)
+    _, idx = knn.search(x[q], 1, database=x[g], metric="cosine", exclude=exclude)
     return recall_at_k(labels[g][idx], labels[q], (1,))["recall@1"]
 
 
@@ -92,17 +89,17 @@ def _prepare_dir(cfg: FitConfig) -> dict | None:
         return None
     if not heads.exists():
         if (out / R.CONFIG_FILE).exists() and not cfg.resume:
-            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass --resume to start it again or "
-                            "--overwrite")
+            raise DvmlError(f"{out}: holds a run that never finished an epoch; pass `resume` to start it again or "
+                            "`overwrite`")
         return None
     ckpt = R.load_checkpoint(out)
     done, finished = int(ckpt.get("epochs_done", 0)), bool(ckpt.get("finished", False))
     if not cfg.resume:
         if finished:
-            raise DvmlError(f"{out}: holds a finished run ({done} epochs); pass --overwrite to replace it (or "
-                            "choose another --out)")
+            raise DvmlError(f"{out}: holds a finished run ({done} epochs); pass `overwrite` to replace it (or "
+                            "choose another `out`)")
         raise DvmlError(f"{out}: holds an unfinished run (epoch {done} of {ckpt['config'].get('epochs')}); pass "
-                        "--resume to continue it or --overwrite to start again")
+                        "`resume` to continue it or `overwrite` to start again")
     check_resume_config(out, FitConfig.from_dict(ckpt["config"]).model_dict(), cfg.model_dict())
     return ckpt
 
@@ -112,10 +109,10 @@ def _hold_out_validation(train: Split, k: int, seed: int, min_train_classes: int
     (train', val features (M, D) of view 0, val labels (M,))."""
     n_classes = len(np.unique(train.labels))
     if k >= n_classes:
-        raise DvmlError(f"{where}: --val-classes {k} holds out every training class (there are {n_classes}); "
+        raise DvmlError(f"{where}: `val_classes` {k} holds out every training class (there are {n_classes}); "
                         "hold out fewer, leaving enough to train on")
     if k + min_train_classes > n_classes:
-        raise DvmlError(f"{where}: --val-classes {k} leaves {n_classes - k} training classes, fewer than the "
+        raise DvmlError(f"{where}: `val_classes` {k} leaves {n_classes - k} training classes, fewer than the "
                         f"{min_train_classes} a batch needs")
     _, val_cls = hold_out_classes(train.labels, k, seed)
     is_val = np.isin(train.labels, val_cls)
@@ -158,16 +155,16 @@ class _HeadsFit:
         self.info = read_info(cfg.cache)
         fp = fingerprint(cfg.cache)
         if ckpt is not None and ckpt.get("cache_fingerprint") != fp:
-            raise DvmlError(f"{out}: --resume on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
-                            f"on {ckpt.get('cache_fingerprint')}); use --overwrite to start again")
+            raise DvmlError(f"{out}: `resume` on a changed cache ({cfg.cache} has fingerprint {fp}, the run was fit "
+                            f"on {ckpt.get('cache_fingerprint')}); use `overwrite` to start again")
         self.device = device = resolve_device(cfg.device)
         self._load_data(train, test)
         seed_everything(cfg.seed)
         d = self.dims[2]
         self.model = DVMLHeads(d, **cfg.heads_kwargs()).to(device)
-        metric = metric_loss(cfg, len(self.train_classes))  # same proxies for baseline and DVML
-        if isinstance(metric, BatchedTripletLoss):
-            metric.fixed_triplets = cfg.triplet_input
+        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
+        self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
+        metric = metric_loss(cfg, len(self.train_classes), self.gen_dev)  # same proxies for baseline and DVML
         t_mean = t_std = None
         if cfg.dvml and cfg.standardize:  # per-dimension statistics of the training features (all views)
             flat = self.feats.float().reshape(-1, d)
@@ -175,10 +172,6 @@ class _HeadsFit:
             del flat
         self.loss_fn = dvml_loss(cfg, metric, target_mean=t_mean, target_std=t_std).to(device)
         self.optimizer = optimizer(cfg, self.model.parameters(), list(self.loss_fn.parameters()), fused=True)
-        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
-        self.gen_dev = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed))
-        if hasattr(metric, "generator"):
-            metric.generator = self.gen_dev
         if cfg.triplet_input:
             self.sampler = TripletInputSampler(torch.from_numpy(self.y_mapped), cfg.batch_size, self.gen_cpu)
         else:
@@ -355,7 +348,7 @@ class _HeadsFit:
                 raise
         bad = torch.nonzero(~finite[:step + 1]).flatten()
         if bad.numel():
-            detail, hint = f"{cfg.loss.value}, lr {cfg.lr}", "check the features for NaN/inf or lower --lr"
+            detail, hint = f"{cfg.loss.value}, lr {cfg.lr}", "check the features for NaN/inf or lower `lr`"
             if epoch == 0:  # never name a heads.pt that was never written
                 raise DvmlError(f"non-finite loss at epoch 1, step {int(bad[0]) + 1} of {steps} ({detail}); no "
                                 f"epoch finished, so no checkpoint was written; {hint}")

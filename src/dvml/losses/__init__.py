@@ -1,7 +1,9 @@
 """Metric losses by name, over T synthetic batches at once.
 
-* :mod:`dvml.losses.names`   :class:`LossName`, :class:`MetricReduction`, :class:`SyntheticPairs`, the proxy
-  losses, every loss parameter's default (defined once)
+* :mod:`dvml.losses.registry` one :class:`~dvml.losses.registry.LossSpec` per loss (factory, parameter defaults,
+  traits): the one place a loss is declared; :func:`~dvml.losses.registry.register_loss` adds one
+* :mod:`dvml.losses.names`   :class:`LossName`, the trait sets and parameter defaults derived from the registry;
+  :class:`MetricReduction`, :class:`SyntheticPairs`
 * :mod:`dvml.losses.metric`  :func:`make_metric_loss` and the batched triplet / N-pair losses; pml for the rest
 * :mod:`dvml.losses.dr`      direction-regularised triplet / Proxy-NCA and Proxy-NCA++
 """

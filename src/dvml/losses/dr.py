@@ -21,9 +21,9 @@ L2-normalised) embeddings, for each triplet ``(a, p, n)`` (``y_a = y_p``, ``a �
 
 A negative lying in the positive's direction from the anchor (cos → 1) counts less, so the gradient
 pushes negatives away perpendicular to the anchor–positive line. The batch loss is the **mean of ``ℓ`` over
-all triplets** (``TripletReduction.mean``), as the reference implementation of seed ``003_…``
+all triplets** (``MetricReduction.mean``), as the reference implementation of seed ``003_…``
 (alpoler/mohan2020, ``loss/mvrloss.py``, ``MVR_Triplet``: ``torch.mean(penalties)``) computes it — its Optuna-tuned
-margin 0.278 and γ 0.492 (the defaults here) were found with that mean. ``TripletReduction.nonzero_mean`` (the
+margin 0.278 and γ 0.492 (the defaults here) were found with that mean. ``MetricReduction.nonzero`` (the
 reduction of pytorch-metric-learning's ``TripletMarginLoss``: ``AvgNonZeroReducer``) averages over the triplets
 with ``ℓ > 0`` instead; with it and γ = 0 this is pml's ``TripletMarginLoss(margin)`` (``LpDistance``: normalised
 embeddings, p = 2, power 1), up to float rounding.
@@ -57,27 +57,21 @@ the smoothed targets of the official ``binarize_and_smooth_labels`` (which the o
 over every class). Batch loss: mean. τ's default is :data:`PROXY_NCA_PP_TEMPERATURE` (see there).
 
 Proxies are ``nn.Parameter`` of shape (C, E), initialised ``N(0, 1)`` as in pml, so they are in the
-loss ``state_dict`` and can form their own optimizer group: ``loss.proxy_lr_multiplier`` (default
-:data:`PROXY_LR_MULTIPLIER`) is a factor for the base learning rate of ``loss.parameters()`` (ProxyNCA++'s
-"fast moving proxies"), for an optimizer of the user's own. dvml's trainers do not read it: they give the proxies
-``proxy_lr`` (:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the heads' lr). Labels must be class
-indices in ``[0, num_classes)``.
+loss ``state_dict`` and form their own optimizer group: dvml's trainers give them ``proxy_lr``
+(:data:`dvml.heads.config.DEFAULT_PROXY_LR`, 0.1, whatever the heads' lr: ProxyNCA++'s "fast moving proxies").
+Labels must be class indices in ``[0, num_classes)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName
+from dvml.losses.names import LOSS_PARAM_DEFAULTS, LossName, MetricReduction
 
-#: Learning-rate factor for proxies relative to the base lr (proxy losses' default ``proxy_lr_multiplier``), for
-#: an optimizer built outside dvml; dvml's trainers use ``proxy_lr`` instead.
-PROXY_LR_MULTIPLIER = 100.0
 #: Seed 003's Optuna-tuned DR-Triplet values (Adam lr 1e-5, batch 128, 64-D).
 DR_TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["margin"]
 DR_TRIPLET_GAMMA = LOSS_PARAM_DEFAULTS[LossName.dr_triplet]["gamma"]
@@ -98,11 +92,9 @@ PROXY_NCA_PP_LABEL_SMOOTHING = LOSS_PARAM_DEFAULTS[LossName.proxy_nca_pp]["label
 Miner = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 
 
-class TripletReduction(str, Enum):
-    """How DR-Triplet averages per-triplet losses."""
-
-    nonzero_mean = "nonzero-mean"  # mean over triplets with loss > 0 (pml AvgNonZeroReducer)
-    mean = "mean"  # mean over all triplets
+#: The reductions DR-Triplet takes (:class:`~dvml.losses.names.MetricReduction`, the triplet losses' one enum):
+#: ``nonzero`` = the mean over triplets with loss > 0 (pml AvgNonZeroReducer), ``mean`` = over all triplets.
+DR_TRIPLET_REDUCTIONS = (MetricReduction.nonzero, MetricReduction.mean)
 
 
 def _check_batch(embeddings: Tensor, labels: Tensor, batched: bool) -> None:
@@ -175,7 +167,7 @@ class DRTripletLoss(nn.Module):
         miner: optional pml-style miner ``miner(embeddings (B, E), labels (B,)) -> (a, p, n)``; without
             one, all valid triplets of the batch are used.
         normalize_embeddings: L2-normalise embeddings first (pml ``LpDistance`` default).
-        reduction: :class:`TripletReduction` (default: ``mean`` over all triplets, the seed reference's).
+        reduction: :data:`DR_TRIPLET_REDUCTIONS` (default: ``mean`` over all triplets, the seed reference's).
         eps: norms ≤ eps make the cosine 0 (see :func:`safe_cosine`).
 
     All valid triplets are computed without a python loop: class-balanced batches (every class m ≥ 2
@@ -190,7 +182,7 @@ class DRTripletLoss(nn.Module):
         miner: Miner | None = None,
         *,
         normalize_embeddings: bool = True,
-        reduction: TripletReduction | str = TripletReduction.mean,
+        reduction: MetricReduction | str = MetricReduction.mean,
         eps: float = COS_EPS,
     ) -> None:
         super().__init__()
@@ -202,7 +194,10 @@ class DRTripletLoss(nn.Module):
         self.gamma = float(gamma)
         self.miner = miner
         self.normalize_embeddings = normalize_embeddings
-        self.reduction = TripletReduction(reduction)
+        self.reduction = MetricReduction(reduction)
+        if self.reduction not in DR_TRIPLET_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(r.value for r in DR_TRIPLET_REDUCTIONS)}, got "
+                             f"{self.reduction.value!r}")
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
@@ -279,7 +274,7 @@ class DRTripletLoss(nn.Module):
         if n_triplets == 0:
             return (embeddings * 0).sum()
         losses = losses.flatten(1)
-        if self.reduction is TripletReduction.mean:
+        if self.reduction is MetricReduction.mean:
             return losses.sum(dim=1).mean() / n_triplets
         count = (losses > 0).sum(dim=1).clamp_min(1)  # rows without a positive loss sum to 0 -> 0
         return (losses.sum(dim=1) / count).mean()
@@ -327,15 +322,12 @@ class _ProxyLoss(nn.Module):
     """Shared part of the proxy losses: proxies (C, E), the temperature τ > 0, label checks, normalised
     distances."""
 
-    proxy_lr_multiplier: float = PROXY_LR_MULTIPLIER
-
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         *,
         temperature: float,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -348,10 +340,6 @@ class _ProxyLoss(nn.Module):
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.temperature = float(temperature)
-        if proxy_lr_multiplier is not None:
-            if proxy_lr_multiplier <= 0:
-                raise ValueError(f"proxy_lr_multiplier must be > 0, got {proxy_lr_multiplier}")
-            self.proxy_lr_multiplier = float(proxy_lr_multiplier)
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size, generator=generator))
 
     def extra_repr(self) -> str:
@@ -400,7 +388,6 @@ class DRProxyNCALoss(_ProxyLoss):
             plain distances with the negatives-only denominator.
         temperature: τ > 0; the exponent ``−(d + γ·cos)`` is divided by it (default 1: the reference's).
         eps: norms ≤ eps make the cosine 0.
-        proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
     """
 
@@ -412,10 +399,9 @@ class DRProxyNCALoss(_ProxyLoss):
         temperature: float = DR_PROXY_NCA_TEMPERATURE,
         *,
         eps: float = COS_EPS,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+        super().__init__(num_classes, embedding_size, temperature=temperature,
                          generator=generator)
         self.gamma = float(gamma)
         self.eps = float(eps)
@@ -447,7 +433,6 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         temperature: τ > 0 (default :data:`PROXY_NCA_PP_TEMPERATURE`).
         label_smoothing: ε in [0, 1): target 1 − ε on the own proxy, ε / (C − 1) on each other one (default 0,
             the official training's).
-        proxy_lr_multiplier: overrides the class default :data:`PROXY_LR_MULTIPLIER`.
         generator: torch.Generator for the N(0, 1) proxy initialisation.
     """
 
@@ -458,10 +443,9 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
         temperature: float = PROXY_NCA_PP_TEMPERATURE,
         label_smoothing: float = PROXY_NCA_PP_LABEL_SMOOTHING,
         *,
-        proxy_lr_multiplier: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, embedding_size, temperature=temperature, proxy_lr_multiplier=proxy_lr_multiplier,
+        super().__init__(num_classes, embedding_size, temperature=temperature,
                          generator=generator)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

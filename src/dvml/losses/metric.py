@@ -54,11 +54,14 @@ same proxies whatever layers were built before.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.losses.names import CROSS_PAIR_NAMES, LOSS_PARAM_DEFAULTS, PROXY_NCA_SCALE, LossName, MetricReduction
+from dvml.losses.names import CROSS_PAIR_NAMES, LOSS_PARAM_DEFAULTS, LossName, MetricReduction
+from dvml.losses.registry import LossSpec, loss_spec
 from dvml.seeding import proxy_seed
 
 TRIPLET_MARGIN = LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
@@ -75,13 +78,23 @@ def _as_tb(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings
 
 
+class Strategy(str, Enum):
+    """How a :class:`MetricLoss` computes its T batches (the module docstring)."""
+
+    batched = "batched"  # one vectorised pass over (T, B, E)
+    flatten = "flatten"  # a per-sample loss over one (T·B, E) batch
+    loop = "loop"  # the loss called once per t
+
+
 class MetricLoss(nn.Module):
     """Base: ``forward(embeddings (T, B, E) | (B, E), labels (B,)) -> mean over t of Lm(embeddings[t], labels)``.
 
-    ``strategy`` says how the T batches are computed (``"batched"``, ``"flatten"`` or ``"loop"``).
+    ``strategy`` (:class:`Strategy`) says how the T batches are computed.
     """
 
-    strategy = "loop"
+    strategy = Strategy.loop
+    #: The generator of the loss's own random draws (``None``: the global RNG); a trainer may set it per step.
+    generator: torch.Generator | None = None
     #: Whether :meth:`forward` takes ``anchors`` (the cross pairs of the synthetic term, ``--synthetic-pairs cross``).
     takes_anchors = False
 
@@ -113,7 +126,7 @@ class MetricLoss(nn.Module):
 class LoopOverT(MetricLoss):
     """Any ``loss(emb, labels[, indices_tuple])`` module (+ optional pml miner), called once per t."""
 
-    strategy = "loop"
+    strategy = Strategy.loop
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
         super().__init__()
@@ -134,7 +147,7 @@ class ForwardBatched(MetricLoss):
     """A loss module with its own vectorised ``forward_batched(embeddings (T, B, E), labels (B,))`` (the
     direction-regularised losses of :mod:`dvml.losses.dr`); ``(B, E)`` inputs go through it as T = 1."""
 
-    strategy = "batched"
+    strategy = Strategy.batched
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -147,7 +160,7 @@ class ForwardBatched(MetricLoss):
 class FlattenT(MetricLoss):
     """A per-sample loss with a plain mean over samples: the T batches are one (T·B, E) batch."""
 
-    strategy = "flatten"
+    strategy = Strategy.flatten
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -221,15 +234,16 @@ class BatchedTripletLoss(MetricLoss):
     the inverse density of distances between uniform points on the unit sphere of dimension E (pml
     ``DistanceWeightedMiner``'s weights: distances clipped below at ``cutoff``, zero weight at or beyond
     ``nonzero_loss_cutoff``), independently for every t. Anchors without any eligible negative contribute no
-    triplet. ``generator`` (attribute, may be set after construction) drives the draws.
+    triplet. ``generator`` drives the draws (a trainer may replace it per step).
     """
 
-    strategy = "batched"
+    strategy = Strategy.batched
     takes_anchors = True
 
     def __init__(self, margin: float = TRIPLET_MARGIN, squared: bool = True, dws: bool = False,
                  cutoff: float = DWS_CUTOFF, nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF,
-                 reducer: MetricReduction | str = MetricReduction.nonzero, fixed_triplets: bool = False):
+                 reducer: MetricReduction | str = MetricReduction.nonzero, fixed_triplets: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
         try:
             reducer = MetricReduction(reducer)
@@ -240,7 +254,7 @@ class BatchedTripletLoss(MetricLoss):
         self.margin, self.squared, self.dws = float(margin), squared, dws
         self.reducer, self.fixed_triplets = reducer, fixed_triplets
         self.cutoff, self.nonzero_loss_cutoff = float(cutoff), float(nonzero_loss_cutoff)
-        self.generator: torch.Generator | None = None
+        self.generator = generator
         self.embedding_dim = 0
 
     def forward_tb(self, z, labels, anchors=None):
@@ -356,7 +370,7 @@ class BatchedNPairLoss(MetricLoss):
     embedding of the batch (pml ``embedding_regularizer=LpRegularizer(power=2)``). Mean over t.
     """
 
-    strategy = "batched"
+    strategy = Strategy.batched
     takes_anchors = True
 
     def __init__(self, l2_reg: float = NPAIR_L2_REG):
@@ -387,94 +401,70 @@ class BatchedNPairLoss(MetricLoss):
         return F.cross_entropy(logits.reshape(t * n, n), target) + reg
 
 
-def _params(name: LossName, params: dict[str, float]) -> dict[str, float]:
-    """``params`` over the loss's defaults (:data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS`); unknown ones refused."""
-    defaults = LOSS_PARAM_DEFAULTS.get(name, {})
-    unknown = set(params) - set(defaults)
+def _params(spec: LossSpec, params: dict[str, float]) -> dict[str, float]:
+    """``params`` over the loss's defaults (its registry entry's ``params``); unknown ones refused."""
+    unknown = set(params) - set(spec.params)
     if unknown:
-        raise ValueError(f"loss {name.value} takes no parameter(s) {sorted(unknown)} (it takes: "
-                         f"{', '.join(defaults) or 'none'})")
-    return {**defaults, **{k: float(v) for k, v in params.items() if v is not None}}
+        raise ValueError(f"loss {spec.name} takes no parameter(s) {sorted(unknown)} (it takes: "
+                         f"{', '.join(spec.params) or 'none'})")
+    return {**spec.params, **{k: float(v) for k, v in params.items() if v is not None}}
 
 
 def pml_reference(name: LossName | str, *, num_classes: int, embedding_size: int,
                   **params: float) -> tuple[nn.Module, nn.Module | None]:
-    """The pytorch-metric-learning (loss, miner) behind a name, with the settings in the module docstring.
+    """The pytorch-metric-learning (loss, miner) behind a name, with the settings in the module docstring (the
+    registry entry's ``reference``).
 
     For the batched losses this is the *reference* they are tested against (for ``triplet-dws`` without the
     miner, whose draws are random: tests pass the sampled triplets as an ``indices_tuple``). ``params``: the
     loss's ``margin`` (as for :func:`make_metric_loss`).
     """
-    from pytorch_metric_learning import distances, losses, miners, regularizers
-
-    name = LossName(name)
-    p = _params(name, params)
-    if name is LossName.triplet:
-        return losses.TripletMarginLoss(margin=p["margin"], distance=distances.LpDistance(power=2)), None
-    if name is LossName.triplet_dws:
-        return (losses.TripletMarginLoss(margin=p["margin"], distance=distances.LpDistance(power=1)),
-                miners.DistanceWeightedMiner(cutoff=DWS_CUTOFF, nonzero_loss_cutoff=DWS_NONZERO_LOSS_CUTOFF))
-    if name is LossName.npair:
-        return losses.NPairsLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False),
-                                 embedding_regularizer=regularizers.LpRegularizer(power=2),
-                                 embedding_reg_weight=NPAIR_L2_REG), None
-    if name is LossName.contrastive:
-        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=p["margin"]), None
-    if name is LossName.lifted:
-        return losses.LiftedStructureLoss(neg_margin=p["margin"], pos_margin=0.0), None
-    if name is LossName.angular:
-        return losses.AngularLoss(alpha=40), None
-    if name is LossName.proxy_nca:
-        return losses.ProxyNCALoss(num_classes, embedding_size, softmax_scale=PROXY_NCA_SCALE), None
-    if name is LossName.multi_similarity:
-        return (losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1))
-    if name is LossName.proxy_anchor:
-        return losses.ProxyAnchorLoss(num_classes, embedding_size, margin=p["margin"], alpha=32), None
-    raise ValueError(f"{name.value} is not a pytorch-metric-learning loss")
+    spec = loss_spec(name)
+    if spec.reference is None:
+        raise ValueError(f"{spec.name} is not a pytorch-metric-learning loss")
+    return spec.reference(num_classes, embedding_size, **_params(spec, params))
 
 
-def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: int,
-                     seed: int | None = None, **params: float) -> MetricLoss:
-    """The :class:`MetricLoss` for ``name`` (settings in the module docstring).
+def make_metric_loss(name: LossName | str, *, num_classes: int, embedding_size: int, seed: int | None = None,
+                     reducer: MetricReduction | str | None = None, fixed_triplets: bool = False,
+                     generator: torch.Generator | None = None, **params: float) -> MetricLoss:
+    """The :class:`MetricLoss` for ``name``, built by its registry entry's factory
+    (:mod:`dvml.losses.registry`; the built-in settings are in the module docstring).
 
     Args:
-        name: a :class:`~dvml.heads.config.LossName` or its value.
+        name: a registered loss name (:class:`~dvml.losses.names.LossName`, or a plug-in's).
         num_classes: training classes C (proxy losses; labels must be 0..C-1).
         embedding_size: E (proxy losses).
-        params: the loss's parameters (``margin``, ``gamma``, ``temperature``, ``label_smoothing``: those
-            :data:`~dvml.heads.config.LOSS_PARAM_DEFAULTS` lists for it, e.g. ``FitConfig.loss_params()``);
-            missing or ``None`` ones take the defaults; one the loss does not take raises ``ValueError``.
+        params: the loss's parameters (``margin``, ``gamma``, ``temperature``, ``label_smoothing``: those its
+            registry entry lists, e.g. ``FitConfig.loss_params()``); missing or ``None`` ones take the
+            defaults; one the loss does not take raises ``ValueError``.
+        reducer: how a loss with the ``reducer`` setting (triplet, triplet-dws) reduces over its triplets
+            (``None``: ``nonzero``); ignored by the other losses.
+        fixed_triplets: the paper's triplet input (batches of [anchors; positives; negatives]); only for a loss
+            with the ``fixed_triplets`` setting (triplet), ``ValueError`` otherwise.
+        generator: drives a loss's own random draws (triplet-dws's negatives); ignored by losses without any.
         seed: the fit's seed; when given, every random draw of the construction (the proxies' initialisation)
             comes from a torch RNG seeded with :func:`dvml.seeding.proxy_seed` ``(seed)`` inside
             :func:`torch.random.fork_rng` (CPU), so the proxies depend on the seed alone (the same for a baseline
             and a DVML fit) and the caller's global RNG is untouched.
     """
+    spec = loss_spec(name)
+    kw = _params(spec, params)
+    if fixed_triplets:
+        if "fixed_triplets" not in spec.settings:
+            raise ValueError(f"triplet_input (fixed triplets) is not for loss {spec.name}")
+        kw["fixed_triplets"] = True
+    if reducer is not None and "reducer" in spec.settings:
+        kw["reducer"] = MetricReduction(reducer)
+    if generator is not None and "generator" in spec.settings:
+        kw["generator"] = generator
     if seed is None:
-        return _make_metric_loss(LossName(name), num_classes, embedding_size, params)
+        return _as_metric_loss(spec.factory(num_classes, embedding_size, **kw))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(proxy_seed(seed))
-        return _make_metric_loss(LossName(name), num_classes, embedding_size, params)
+        return _as_metric_loss(spec.factory(num_classes, embedding_size, **kw))
 
 
-def _make_metric_loss(name: LossName, num_classes: int, embedding_size: int, params: dict) -> MetricLoss:
-    p = _params(name, params)
-    if name is LossName.triplet:
-        return BatchedTripletLoss(margin=p["margin"], squared=True)
-    if name is LossName.triplet_dws:
-        return BatchedTripletLoss(margin=p["margin"], squared=False, dws=True)
-    if name is LossName.npair:
-        return BatchedNPairLoss(NPAIR_L2_REG)
-    if name in (LossName.dr_triplet, LossName.dr_proxy_nca, LossName.proxy_nca_pp):
-        from dvml.losses import dr as dr_losses
-
-        if name is LossName.dr_triplet:
-            return ForwardBatched(dr_losses.DRTripletLoss(margin=p["margin"], gamma=p["gamma"]))
-        if name is LossName.dr_proxy_nca:
-            return ForwardBatched(dr_losses.DRProxyNCALoss(num_classes, embedding_size, gamma=p["gamma"],
-                                                           temperature=p["temperature"]))
-        return ForwardBatched(dr_losses.ProxyNCAPlusPlusLoss(num_classes, embedding_size, temperature=p["temperature"],
-                                                             label_smoothing=p["label_smoothing"]))
-    loss, miner = pml_reference(name, num_classes=num_classes, embedding_size=embedding_size, **p)
-    if name is LossName.proxy_nca:
-        return FlattenT(loss)
-    return LoopOverT(loss, miner)
+def _as_metric_loss(loss: nn.Module) -> MetricLoss:
+    """A factory's module as a :class:`MetricLoss` (a plain per-batch loss is looped over the T batches)."""
+    return loss if isinstance(loss, MetricLoss) else LoopOverT(loss)
