@@ -123,29 +123,27 @@ def build_panels(cfg: ShowConfig) -> tuple[list[Panel], np.ndarray, Path, dict[s
         raise DvmlError(f"{cfg.targets[0]}: records no dataset root; pass --root")
     n = len(first.paths)
     if first.roles is None:  # all against all, each query excluded (dvml evaluate's protocol)
-        q_rows, g_rows = np.arange(n), None
+        q_rows, qg = np.arange(n), None
         k = min(cfg.k, n - 1)
     else:  # queries against the gallery; a row in both never retrieves itself (dvml evaluate's protocol)
-        from dvml.cache import schema as S
+        from dvml.retrieval.protocol import query_gallery
 
-        roles = np.asarray(first.roles)
-        q_rows = np.flatnonzero((roles & S.ROLE_QUERY) > 0)
-        g_rows = np.flatnonzero((roles & S.ROLE_GALLERY) > 0)
-        gallery_pos = np.full(n, -1, dtype=np.int64)
-        gallery_pos[g_rows] = np.arange(g_rows.size)
-        k = min(cfg.k, g_rows.size - 1 if (gallery_pos[q_rows] >= 0).any() else g_rows.size)
+        qg = query_gallery(first.roles)
+        q_rows = qg.query
+        k = min(cfg.k, qg.gallery.size - 1 if (qg.exclude >= 0).any() else qg.gallery.size)
     if k < 1 or not q_rows.size:
         raise DvmlError(f"{cfg.targets[0]}: the test split has too few items to retrieve from ({n} rows)")
-    rows = q_rows[pick_queries(q_rows.size, cfg.queries, cfg.seed)]
+    picked = pick_queries(q_rows.size, cfg.queries, cfg.seed)
+    rows = q_rows[picked]
     panels = []
     for t, g in zip(cfg.targets, galleries, strict=True):
-        if g_rows is None:
+        if qg is None:
             d, i = knn.search(g.embeddings, k, metric=cfg.metric, exclude_self=True)
             d, i = d[rows], i[rows]
         else:
-            d, i = knn.search(g.embeddings[rows], k, database=g.embeddings[g_rows], metric=cfg.metric,
-                              exclude=gallery_pos[rows])
-            i = g_rows[i]  # gallery positions -> test rows
+            d, i = knn.search(g.embeddings[rows], k, database=g.embeddings[qg.gallery], metric=cfg.metric,
+                              exclude=qg.exclude[picked])
+            i = qg.gallery[i]  # gallery positions -> test rows
         panels.append(Panel(name=t.name, target=t, gallery=g, neighbours=i, distances=d))
     used = sorted({int(r) for r in rows} | {int(j) for p in panels for j in p.neighbours.ravel()})
     missing = [first.paths[r] for r in used if not (root / first.paths[r]).is_file()]
