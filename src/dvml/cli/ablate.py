@@ -22,7 +22,9 @@ def ablate_cmd(
     losses: str = typer.Option(",".join(_D.losses), help="Comma-separated metric losses (any fit-heads --loss)."),
     seeds: int = typer.Option(len(_D.seeds), help="Number of seeds per (loss, method): 0..N-1 from --first-seed."),
     first_seed: int = typer.Option(_D.seeds[0], help="First seed."),
-    methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
+    methods: str = typer.Option("base,dvml", help="Comma-separated methods: base (--no-dvml), dvml, noise (the "
+                                                  "control: DVML's training with z_V replaced by isotropic noise "
+                                                  "of the same scale; the summary adds DVML − noise)."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
                                                     "triplet, 128 otherwise; fitted to the data when it has fewer "
@@ -41,18 +43,17 @@ def ablate_cmd(
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
 ):
-    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table."""
+    """Grid of losses x {baseline, DVML[, noise control]} x seeds on one cache: results.csv, summary.md, chart,
+    live table."""
     from dvml.experiments import ablate
 
-    modes = {m.strip() for m in methods.split(",") if m.strip()}
-    if not modes or modes - {"base", "dvml"}:
-        raise ValueError(f"--methods must be base, dvml or base,dvml; got {methods!r}")
+    chosen = ablate.parse_methods(methods)
     fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, lr=lr, embedding_size=embedding_size,
                                   samples=samples, phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
                                   eval_every=eval_every, device=device), set_)
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
-                              dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,
+                              methods=chosen, fit=fit,
                               clustering=clustering)
     result = run_ablation(ablate.run, cfg)
     print_ablation_result(result, title=cache.name)

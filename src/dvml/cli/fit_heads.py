@@ -18,7 +18,7 @@ from dvml.cli.options import (
 )
 from dvml.cli.render import format_terms
 from dvml.files import os_error_message
-from dvml.heads.config import DeviceChoice, FitConfig
+from dvml.heads.config import DeviceChoice, FitConfig, VarianceSource
 from dvml.losses import LossName
 
 
@@ -77,6 +77,11 @@ def fit_heads_cmd(
     grad_every: int = typer.Option(FitConfig.grad_every,
                                    help="Sample the per-term gradients on the embedding layer every N steps (and "
                                         "at each epoch's first step); 0 = off."),
+    variance_source: VarianceSource = typer.Option(
+        FitConfig.variance_source, rich_help_panel="DVML objective and variance branch",
+        help="learned: z_V drawn from the learned posterior (DVML); noise: the control arm, trained exactly as DVML "
+             "but z_V is isotropic N(0, I) noise at the same per-batch scale (no encoder, KL 0; decoder and "
+             "reconstruction kept)."),
     triplet_input: bool = typer.Option(FitConfig.triplet_input, "--triplet-input/--no-triplet-input",
                                        help="triplet loss: batches of 40 explicit triplets (the paper's triplet "
                                             "input) instead of every triplet of a class-balanced batch."),
@@ -111,7 +116,8 @@ def fit_heads_cmd(
               kl_warmup_epochs=kl_warmup_epochs,
               lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
               lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
-              diag_images=diag_images, grad_every=grad_every, triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
+              variance_source=variance_source, diag_images=diag_images, grad_every=grad_every,
+              triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
               weight_decay=weight_decay,
               batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma, temperature=temperature,
               label_smoothing=label_smoothing, seed=seed, device=device, eval_every=eval_every,

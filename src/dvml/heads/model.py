@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import VarianceScale, VarianceSpace
+from dvml.heads.config import VarianceScale, VarianceSource, VarianceSpace
 
 #: Concatenates a tensor's rows over the processes of a distributed run, keeping the gradient (finetune under
 #: torchrun: :func:`dvml.finetune.distributed.gather_batch`); the batch statistics are then the global batch's.
@@ -104,12 +104,15 @@ class DVMLHeads(nn.Module):
             branch's options (:class:`~dvml.heads.config.HeadsConfig`; members or their strings). The defaults
             here are the paper's heads; the configs' defaults (the loss's own space, ``class``, no Lm(ẑ) gradient on μ
             and σ) are dvml's.
+        variance_source: ``learned`` (DVML) or ``noise`` (the control arm: no μ, log σ² layers; z_V = ε ~ N(0, I)
+            at the same scale s, and the output's ``mu``/``logvar`` are zeros, so the KL term is 0).
     """
 
     def __init__(self, in_dim: int, embedding_size: int = 512, decoder_hidden: int = 512, dvml: bool = True,
                  variance_space: VarianceSpace | str = VarianceSpace.raw,
                  variance_scale: VarianceScale | str = VarianceScale.unit, variance_kappa: float = 1.0,
-                 metric_grad_to_variance: bool = True, centre_mu: bool = False):
+                 metric_grad_to_variance: bool = True, centre_mu: bool = False,
+                 variance_source: VarianceSource | str = VarianceSource.learned):
         super().__init__()
         variance_space, variance_scale = VarianceSpace(variance_space), VarianceScale(variance_scale)
         if not variance_kappa > 0:
@@ -118,10 +121,12 @@ class DVMLHeads(nn.Module):
         self.variance_space, self.variance_scale, self.variance_kappa = variance_space, variance_scale, variance_kappa
         self.metric_grad_to_variance = metric_grad_to_variance
         self.centre_mu = centre_mu
+        self.variance_source = VarianceSource(variance_source)
         self.embedding = nn.Linear(in_dim, embedding_size)
         if dvml:
-            self.mu = nn.Linear(in_dim, embedding_size)
-            self.logvar = nn.Linear(in_dim, embedding_size)
+            if self.variance_source is VarianceSource.learned:
+                self.mu = nn.Linear(in_dim, embedding_size)
+                self.logvar = nn.Linear(in_dim, embedding_size)
             self.decoder = Decoder(embedding_size, decoder_hidden, in_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +189,12 @@ class DVMLHeads(nn.Module):
         z_i = self.embedding(x)
         if not self.dvml:
             return HeadsOutput(z_i, None, None, None, None)
-        mu, logvar = self.mu(x), self.logvar(x)
-        if self.centre_mu:
+        noise = self.variance_source is VarianceSource.noise
+        if noise:  # the control arm: z_V ~ N(0, I), the prior itself (no encoder, no gradient, KL 0)
+            mu = logvar = z_i.new_zeros(z_i.shape).detach()
+        else:
+            mu, logvar = self.mu(x), self.logvar(x)
+        if self.centre_mu and not noise:
             mu = class_centred(mu, labels, gather)
         if eps is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
@@ -200,7 +209,7 @@ class DVMLHeads(nn.Module):
         if not decode:
             return HeadsOutput(z_i, mu, logvar, z_syn_metric, None)
         if stop_recon_grad:
-            if x.requires_grad:  # a trainable backbone below: recompute the variance branch on a detached x
+            if x.requires_grad and not noise:  # a trainable backbone below: the variance branch on a detached x
                 xd = x.detach()
                 mu_d = class_centred(self.mu(xd), labels, gather) if self.centre_mu else self.mu(xd)
                 z_v = mu_d + (0.5 * self.logvar(xd)).exp() * eps
