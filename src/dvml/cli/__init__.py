@@ -16,6 +16,7 @@ from dvml.cli import (  # noqa: F401  (register the commands, in the order of th
     finetune,
     fit_heads,
     index,
+    report,
     search,
     show,
     synth,
