@@ -22,6 +22,14 @@ from dvml.heads.config import DeviceChoice, FitConfig, VarianceSource
 from dvml.losses import LossName
 
 
+def _apply_preset(ctx: typer.Context, kw: dict, preset: str) -> dict:
+    """The preset's values for the options the command line did not give; ``preset`` recorded."""
+    from dvml.heads.presets import preset_fields
+
+    given = {k for k in kw if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"}
+    return {**kw, **preset_fields(preset, given), "preset": preset}
+
+
 def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
     """Fit options from a JSON file (e.g. ``dvml tune``'s best_config.json: FitConfig fields without cache/out)
     for every option not given on the command line; options given on the command line win."""
@@ -103,6 +111,12 @@ def fit_heads_cmd(
                                          "(default: the last epoch)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
+    preset: str = typer.Option("dvml", "--preset",
+                               help="Defaults for the options not given: dvml (fit-heads' defaults, phase-2 weights "
+                                    "chosen by the written protocol, docs/protocol.md) or paper (every setting as "
+                                    "the paper has it: phase-2 weights 0.8,1,0.2,0.8, recon share 1, l2 "
+                                    "reconstruction, raw z_I, unit scale, Lm(z_hat) trains mu and sigma). Recorded "
+                                    "in config.json."),
     config: Path = typer.Option(None, "--config",
                                 help="JSON file of fit options (e.g. dvml tune's best_config.json); options given "
                                      "on the command line override it."),
@@ -122,7 +136,8 @@ def fit_heads_cmd(
               batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma, temperature=temperature,
               label_smoothing=label_smoothing, seed=seed, device=device, eval_every=eval_every,
               val_classes=val_classes, resume=resume, overwrite=overwrite, **objective_opts)
-    if config is not None:
+    kw = _apply_preset(ctx, kw, preset)
+    if config is not None:  # a --config file's values win over the preset's, the command line's over both
         kw = _merge_config_file(ctx, kw, config)
     cfg = FitConfig(cache=cache, out=out, **kw)
     refuse_resume_with_overwrite(cfg)

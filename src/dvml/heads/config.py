@@ -446,6 +446,8 @@ class FitConfig(HeadsConfig):
         val_classes: hold this many classes out of the *training* classes as a validation split
             (:func:`~dvml.seeding.hold_out_classes`); the reported model is then the epoch with the best
             validation Recall@1 (otherwise the last epoch). Never selects on test classes.
+        preset: the name of the :mod:`~dvml.heads.presets` preset the CLI filled the defaults from (``dvml`` or
+            ``paper``); recorded in config.json (a label: the fields hold what was used).
         resume: continue an interrupted run in ``out``.
         overwrite: replace a run already in ``out``.
         triplet_input: triplet loss only: batches of batch_size/3 explicit (anchor, positive, negative)
@@ -459,6 +461,7 @@ class FitConfig(HeadsConfig):
 
     cache: Path
     out: Path
+    preset: str = "dvml"
     triplet_input: bool = False
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
@@ -474,6 +477,8 @@ class FitConfig(HeadsConfig):
         s(self, "out", Path(self.out))
         super().__post_init__()
         set_choice(self, "device", DeviceChoice)
+        if self.preset not in ("dvml", "paper"):
+            raise ValueError(f"--preset must be one of dvml, paper, got {self.preset!r}")
         for name in ("eval_every", "val_classes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
