@@ -18,11 +18,11 @@ from dvml.cli.options import (
 )
 from dvml.cli.render import format_terms
 from dvml.files import os_error_message
-from dvml.heads.config import DeviceChoice, FitConfig, VarianceSource
+from dvml.heads.config import DeviceChoice, FitConfig, Preset, VarianceSource
 from dvml.losses import LossName
 
 
-def _apply_preset(ctx: typer.Context, kw: dict, preset: str) -> dict:
+def _apply_preset(ctx: typer.Context, kw: dict, preset: Preset) -> dict:
     """The preset's values for the options the command line did not give; ``preset`` recorded."""
     from dvml.heads.presets import preset_fields
 
@@ -111,7 +111,7 @@ def fit_heads_cmd(
                                          "(default: the last epoch)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
-    preset: str = typer.Option("dvml", "--preset",
+    preset: Preset = typer.Option(FitConfig.preset, "--preset",
                                help="Defaults for the options not given: dvml (fit-heads' defaults, phase-2 weights "
                                     "chosen by the written protocol, docs/protocol.md) or paper (every setting as "
                                     "the paper has it: phase-2 weights 0.8,1,0.2,0.8, recon share 1, l2 "

@@ -70,6 +70,13 @@ class VarianceSource(str, Enum):
     noise = "noise"  # the control arm: z_V ~ N(0, I), no encoder (μ ≡ 0, σ ≡ 1: the KL is 0), same scale s
 
 
+class Preset(str, Enum):
+    """A named set of fit-heads defaults (:mod:`dvml.heads.presets`)."""
+
+    paper = "paper"  # every setting as the paper has it
+    dvml = "dvml"  # fit-heads' own defaults
+
+
 class DeviceChoice(str, Enum):
     """Where the features live and the heads train: ``auto`` = CUDA, then Apple-silicon MPS, then the CPU."""
 
@@ -461,7 +468,7 @@ class FitConfig(HeadsConfig):
 
     cache: Path
     out: Path
-    preset: str = "dvml"
+    preset: Preset = Preset.dvml
     triplet_input: bool = False
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
@@ -477,8 +484,7 @@ class FitConfig(HeadsConfig):
         s(self, "out", Path(self.out))
         super().__post_init__()
         set_choice(self, "device", DeviceChoice)
-        if self.preset not in ("dvml", "paper"):
-            raise ValueError(f"--preset must be one of dvml, paper, got {self.preset!r}")
+        set_choice(self, "preset", Preset)
         for name in ("eval_every", "val_classes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

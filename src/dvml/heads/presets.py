@@ -8,15 +8,7 @@ A preset only supplies values for options not given otherwise: fields given expl
 
 from __future__ import annotations
 
-from enum import Enum
-
-from dvml.heads.config import PAPER_PHASE2_LAMBDAS, PAPER_RECON_SHARE
-
-
-class Preset(str, Enum):
-    paper = "paper"
-    dvml = "dvml"
-
+from dvml.heads.config import PAPER_PHASE2_LAMBDAS, PAPER_RECON_SHARE, Preset
 
 #: The fields each preset sets (``dvml``: none, the config's defaults are its values). ``paper`` reverts the
 #: deviations listed in :mod:`dvml.heads.config`: phase-2 weights and reconstruction share, the L2 reconstruction,
