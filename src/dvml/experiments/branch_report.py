@@ -16,7 +16,7 @@ margin :data:`CHECKS` states:
   Lm(ẑ) does), in units of the margin (the loss's margin where it has one, else the triplet loss's 0.2), for
   z_I, the learned draws and the noise. Any zero-mean perturbation makes triplets harder (the hinge is convex); the
   learned draws must be harder than noise of their own size: learned / noise ≥ 1.10.
-* **gradient** (at the run's final weights, phase-2 λ, T draws, up to :data:`GRAD_BATCHES` batches): the
+* **gradient** (at the run's final weights, phase-2 λ, T draws, :data:`GRAD_BATCHES` batches): the
   cosine of the expected gradient of λ3·Lm(ẑ) + λ4·Lm(z_I) on the embedding layer with the *baseline's*
   gradient at the same weights (∇Lm(z_I), weight 1), for the learned draws and for the noise (the same
   expression with the noise in place of ẑ). The reconstruction's gradient is left out of both: the decoder was
@@ -49,7 +49,7 @@ CHECKS = (
     ("hardness_vs_noise", ">=", 1.10, "violation per active triplet: learned / noise"),
     ("grad_vs_noise", ">=", 0.01, "cos(noise's gradient, baseline's) - cos(learned's, baseline's)"),
 )
-#: Batches of the gradient check (a seeded class-balanced pass over the report's images, at most this many).
+#: Batches of the gradient check (seeded class-balanced passes over the report's images, as many as make this).
 GRAD_BATCHES = 16
 
 
@@ -98,7 +98,9 @@ def noise_comparison(model, x: torch.Tensor, y: torch.Tensor, cfg, *, samples: i
         result = {"n_images": n, "samples": t, "margin": margin, "consistency": cons, "hardness": hard,
                   "batches": int(len(batches))}
         if metric is not None and len(batches):
-            result["grad"] = _gradient_vs_baseline(model, metric, x, y, cfg, batches[:GRAD_BATCHES], g)
+            passes = [batches] + [D.class_balanced_batches(y, cfg.classes_per_batch, cfg.per_class, g)
+                                  for _ in range(-(-GRAD_BATCHES // len(batches)) - 1)]
+            result["grad"] = _gradient_vs_baseline(model, metric, x, y, cfg, torch.cat(passes)[:GRAD_BATCHES], g)
         return result
     finally:
         model.train(was)
