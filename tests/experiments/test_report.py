@@ -73,6 +73,8 @@ def test_cli_prints_and_refuses_a_directory_without_its_command(tmp_path):
     assert r.exit_code == 1 and "no command.txt" in r.output
     r = runner.invoke(app, ["report", str(tmp_path / "none")])
     assert r.exit_code == 1 and "no results.csv" in r.output
+    r = runner.invoke(app, ["report"])
+    assert r.exit_code == 1 and "at least one results directory" in r.output
 
 
 def test_docs_results_regenerate_from_the_kept_files():

@@ -12,8 +12,8 @@ from dvml.cli.app import app, console, err_console, handle_errors
 @app.command("report")
 @handle_errors
 def report_cmd(
-    dirs: list[Path] = typer.Argument(..., help="Kept results directories (results/<name>: results.csv, "
-                                                "command.txt, provenance.json)."),
+    dirs: list[Path] | None = typer.Argument(None, help="Kept results directories (results/<name>: results.csv, "
+                                                       "command.txt, provenance.json)."),
     update: Path | None = typer.Option(None, "--update", help="Rewrite this document's blocks for DIRS (between "
                                                               "<!-- dvml report DIR --> and <!-- /dvml report -->; "
                                                               "a missing block is appended) instead of printing."),
@@ -33,6 +33,8 @@ def report_cmd(
             raise typer.Exit(1)
         console.print(f"{check}: every report block matches its results")
         return
+    if not dirs:
+        raise ValueError("give at least one results directory (or --check DOC)")
     if update is not None:
         changed = report.update_document(update, dirs)
         console.print(f"{update}: {'updated ' + ', '.join(changed) if changed else 'already up to date'}")
