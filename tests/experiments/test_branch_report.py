@@ -127,6 +127,8 @@ def test_a_trained_run_whose_encoder_is_swapped_for_noise_fails_the_checks(tmp_p
                         device="cpu"))
     trained = BR.run_report(run)
     assert set(trained["checks"]) == {c[0] for c in BR.CHECKS} and trained["vs_noise"]["grad"]["batches"] >= 1
+    g = trained["vs_noise"]["grad"]
+    assert trained["checks"]["grad_vs_noise"]["value"] == min(h["cos_noise"] - h["cos_learned"] for h in g["halves"])
     ckpt = R.load_checkpoint(run)
     for k in ("mu.weight", "mu.bias", "logvar.weight", "logvar.bias"):  # q(z_V|x) = N(0, I): the encoder is noise
         ckpt["model"][k].zero_()

@@ -147,8 +147,11 @@ def _noise_rows(t: Table, vs: dict, checks: dict) -> None:
     if g is not None:
         t.add_row(f"cos(gradient, baseline's gradient at these weights) ({g['batches']} batches): learned / noise",
                   f"{_fmt(g['cos_learned'])} / {_fmt(g['cos_noise'])}", "")
+        halves = " / ".join(_fmt(h["cos_noise"] - h["cos_learned"]) for h in g.get("halves", []))
+        t.add_row(f"  cos_noise - cos_learned: all ({_fmt(g['cos_noise'] - g['cos_learned'])}), halves ({halves})",
+                  "", "")
         k = checks.get("grad_vs_noise", {})
-        t.add_row("  cos_noise - cos_learned", _fmt(k.get("value")), _check(k))
+        t.add_row("  cos_noise - cos_learned, the smaller half", _fmt(k.get("value")), _check(k))
     t.add_section()
 
 

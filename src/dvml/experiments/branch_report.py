@@ -21,7 +21,8 @@ margin :data:`CHECKS` states:
   gradient at the same weights (∇Lm(z_I), weight 1), for the learned draws and for the noise (the same
   expression with the noise in place of ẑ). The reconstruction's gradient is left out of both: the decoder was
   trained on the learned draws only. Passes when the learned draws turn the baseline's direction more than noise
-  does: cos_learned ≤ cos_noise − 0.01.
+  does, cos_noise − cos_learned ≥ 0.01, in *each* half of the batches (the estimate moves with the batches
+  drawn: on wordnet_dev, 9 and 16 batches gave 0.001 and 0.023).
 
 The posterior's own figures (active units, KL) keep their absolute thresholds: they say whether the branch is alive
 at all (the noise control arm has none by construction).
@@ -47,7 +48,8 @@ CHECKS = (
     ("kl_sum", ">=", 1.0, "KL(q(z_V|x) || N(0, I)) in nats per image, clearly above 0"),
     ("consistency_vs_noise", ">=", 0.02, "class consistency (leave-one-out centres): learned - noise"),
     ("hardness_vs_noise", ">=", 1.10, "violation per active triplet: learned / noise"),
-    ("grad_vs_noise", ">=", 0.01, "cos(noise's gradient, baseline's) - cos(learned's, baseline's)"),
+    ("grad_vs_noise", ">=", 0.01, "cos(noise's gradient, baseline's) - cos(learned's, baseline's), the smaller "
+                                  "over two halves of the batches"),
 )
 #: Batches of the gradient check (seeded class-balanced passes over the report's images, as many as make this).
 GRAD_BATCHES = 16
@@ -108,11 +110,13 @@ def noise_comparison(model, x: torch.Tensor, y: torch.Tensor, cfg, *, samples: i
 
 def _gradient_vs_baseline(model, metric, x, y, cfg, batches, g) -> dict:
     """cos(E[λ3∇Lm(ẑ) + λ4∇Lm(z_I)], ∇Lm(z_I)) on the embedding layer at the current weights, for the learned
-    draws and for norm-matched noise, the gradients summed over ``batches`` with ``cfg.samples`` draws each."""
+    draws and for norm-matched noise, the gradients summed over ``batches`` with ``cfg.samples`` draws each; also
+    for each half of the batches (``halves``: how much the estimate moves with the batches drawn)."""
     lam = cfg.lambdas(float(cfg.epochs))  # the weights at the end of the fit (phase 2 when it was reached)
     params = [model.embedding.weight, model.embedding.bias]
-    acc = {k: [torch.zeros_like(p) for p in params] for k in ("base", "learned", "noise")}
-    for idx in batches:
+    half = max(1, len(batches) // 2)
+    acc = [{k: [torch.zeros_like(p) for p in params] for k in ("base", "learned", "noise")} for _ in range(2)]
+    for i, idx in enumerate(batches):
         xb, yb = x[idx], y[idx]
         out = model.synthesize(xb, samples=cfg.samples, generator=g, labels=yb)
         base = model.variance_base(out.z_i)
@@ -121,11 +125,16 @@ def _gradient_vs_baseline(model, metric, x, y, cfg, batches, g) -> dict:
         terms = {"base": m_inv, "learned": lam.synthetic * metric(out.z_syn, yb) + lam.invariant * m_inv,
                  "noise": lam.synthetic * metric(noise, yb) + lam.invariant * m_inv}
         for k, v in terms.items():
-            for a, gr in zip(acc[k], torch.autograd.grad(v, params, retain_graph=True), strict=True):
+            for a, gr in zip(acc[min(1, i // half)][k], torch.autograd.grad(v, params, retain_graph=True),
+                             strict=True):
                 a += gr
-    flat = {k: torch.cat([a.flatten() for a in v]) for k, v in acc.items()}
-    return {"cos_learned": float(F.cosine_similarity(flat["learned"], flat["base"], dim=0)),
-            "cos_noise": float(F.cosine_similarity(flat["noise"], flat["base"], dim=0)), "batches": int(len(batches)),
+
+    def cosines(parts: list[dict]) -> dict:
+        flat = {k: sum(torch.cat([a.flatten() for a in p[k]]) for p in parts) for k in ("base", "learned", "noise")}
+        return {"cos_learned": float(F.cosine_similarity(flat["learned"], flat["base"], dim=0)),
+                "cos_noise": float(F.cosine_similarity(flat["noise"], flat["base"], dim=0))}
+
+    return {**cosines(acc), "halves": [cosines([a]) for a in acc], "batches": int(len(batches)),
             "lambdas": [lam.synthetic, lam.invariant]}
 
 
@@ -137,8 +146,8 @@ def checks_from(stats: dict, cmp: dict | None) -> dict:
         values["consistency_vs_noise"] = c["learned"] - c["noise"]
         values["hardness_vs_noise"] = (h["learned"]["per_active"] / h["noise"]["per_active"]
                                        if h["noise"]["per_active"] > 0 else None)
-        if "grad" in cmp:
-            values["grad_vs_noise"] = cmp["grad"]["cos_noise"] - cmp["grad"]["cos_learned"]
+        if "grad" in cmp:  # the smaller of the two halves' margins: a verdict the batches drawn cannot flip
+            values["grad_vs_noise"] = min(h["cos_noise"] - h["cos_learned"] for h in cmp["grad"]["halves"])
     out = {}
     for key, op, thr, meaning in CHECKS:
         v = values.get(key)
