@@ -86,13 +86,15 @@ def test_analyze_compares_dvml_with_baseline(ablation, tmp_path):
     assert "run: DVML branch diagnostics" in r.stdout and "baseline: DVML branch diagnostics" in r.stdout
     assert "active units" in r.stdout and "class consistency of z_hat" in r.stdout  # (1 epoch: no phase 2)
     branch = saved["dvml_branch"]
-    assert set(branch["run"]["checks"]) == {"active_frac", "kl_sum", "hardness", "syn_consistency",
-                                            "grad_cos_phase2"}
+    assert set(branch["run"]["checks"]) == {"active_frac", "kl_sum", "consistency_vs_noise", "hardness_vs_noise",
+                                            "grad_vs_noise"}
     assert branch["baseline"]["checks"] is None and "img_consistency" in branch["baseline"]["final"]
-    hard = branch["run"]["checks"]["hardness"]  # the hardness check stands beside its own value, not Lm(z_I)'s
-    row = next(line for line in r.stdout.splitlines() if "Lm(z_hat) - Lm(z_I)" in line)
-    assert f"{hard['value']:.4g}" in row and ("ok (> 0)" if hard["ok"] else "FAIL (> 0)") in row
-    assert "(> 0)" not in next(line for line in r.stdout.splitlines() if "Lm(z_I) last epoch" in line)
+    # each learned-vs-noise check stands beside its own value and stated margin
+    assert "learned - noise" in r.stdout and "cos_noise - cos_learned" in r.stdout
+    hard = branch["run"]["checks"]["hardness_vs_noise"]
+    row = next(line for line in r.stdout.splitlines() if "│   learned / noise " in line)
+    assert f"{hard['value']:.4g}" in row and ("ok (>= 1.1)" if hard["ok"] else "FAIL (>= 1.1)") in row
+    assert "(>=" not in next(line for line in r.stdout.splitlines() if "Lm(z_I) last epoch" in line)
     assert (tmp_path / "an" / "test_run_pca.png").exists() and not (tmp_path / "an" / "test_run_tsne.png").exists()
     bad = runner.invoke(app, ["analyze", str(runs / "triplet-dvml-s0"), "--splits", "val"])
     assert bad.exit_code == 1 and "splits" in bad.output

@@ -192,3 +192,50 @@ def test_per_class_recall_is_kept_per_run_and_compared(finished):
         assert (c["seeds_baseline"], c["seeds_dvml"]) == ("2", "2")
     diffs = [float(c["diff"]) for c in compare]
     assert diffs == sorted(diffs)
+
+
+def test_noise_arm_extends_a_grid_and_is_summarised_against_dvml(finished, tiny_cache, tmp_path, monkeypatch):
+    import shutil
+
+    cfg, _, _ = finished
+    out = tmp_path / "grid3"
+    shutil.copytree(cfg.out, out)
+    three = ablate.AblateConfig(cache=tiny_cache, out=out, losses=("triplet",), seeds=(0, 1), fit=FIT,
+                                methods=ablate.parse_methods("base,dvml,noise"))
+    calls = []
+    real_fit = ablate.fit
+    monkeypatch.setattr(ablate, "fit", lambda c, **kw: (calls.append((c.dvml, c.variance_source.value, c.seed)),
+                                                        real_fit(c, **kw))[1])
+    result = ablate.run(three)
+    assert sorted(calls) == [(True, "noise", 0), (True, "noise", 1)]  # the base and dvml cells were kept
+    rows = ablate.read_results_csv(out / ablate.RESULTS_FILE)
+    assert [(r["method"], r["seed"]) for r in rows] == [("base", 0), ("dvml", 0), ("noise", 0), ("base", 1),
+                                                         ("dvml", 1), ("noise", 1)]
+    for r in rows:
+        run_cfg = json.loads((ablate.Path(r["run_dir"]) / "config.json").read_text())["config"]
+        assert run_cfg["variance_source"] == ("noise" if r["method"] == "noise" else "learned")
+    assert (out / "runs" / "triplet-noise-s1" / "heads.pt").exists()
+    e = result["losses"]["triplet"]["metrics"]["map@r"]
+    dv = [r["map@r"] for r in rows if r["method"] == "dvml"]
+    nz = [r["map@r"] for r in rows if r["method"] == "noise"]
+    assert e["noise"]["mean"] == pytest.approx(np.mean(nz))
+    assert e["diff_noise"]["mean"] == pytest.approx(np.mean(np.subtract(dv, nz)))
+    assert result["losses"]["triplet"]["n_seeds"] == {"baseline": 2, "DVML": 2, "noise": 2}
+    md = (out / ablate.SUMMARY_MD).read_text()
+    assert "| metric | baseline | DVML | noise | Δ [95% CI] | p | Δ vs noise [95% CI] | p |" in md
+
+
+def test_results_written_before_the_method_column_read_back(tmp_path):
+    old = tmp_path / "results.csv"
+    old.write_text("loss,dvml,seed,recall@1,map@r,run_dir,fit_seconds,eval_seconds\n"
+                   "triplet,False,0,0.5,0.2,runs/triplet-base-s0,1.0,1.0\n"
+                   "triplet,True,0,0.6,0.3,runs/triplet-dvml-s0,1.0,1.0\n")
+    rows = ablate.read_results_csv(old)
+    assert [r["method"] for r in rows] == ["base", "dvml"]
+    assert [ablate.Cell(r["loss"], ablate.row_method(r), r["seed"]).name for r in rows] == [
+        "triplet-base-s0", "triplet-dvml-s0"]
+    s = ablate.summarize(rows)
+    assert s["methods"] == ["baseline", "DVML"] and "diff_noise" not in s["losses"]["triplet"]["metrics"]["map@r"]
+    assert s["losses"]["triplet"]["metrics"]["map@r"]["diff"]["mean"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="--methods must be a comma-separated subset of base, dvml, noise"):
+        ablate.parse_methods("base,gauss")

@@ -291,18 +291,19 @@ def test_diagnostics_do_not_change_the_fit(tiny_cache, tmp_path, loss):
 
 def test_run_report_and_ablate_columns_read_the_run(tiny_cache, tmp_path):
     from dvml.experiments.ablate import run_diagnostics
+    from dvml.experiments.branch_report import CHECKS, run_report
     from dvml.heads import FitConfig, fit
     from dvml.runs import read_log
 
     run = fit(FitConfig(cache=tiny_cache, out=tmp_path / "run", **FAST))
     recs = read_log(run)
-    rep = diag.run_report(run)
+    rep = run_report(run)
     p2 = [r["grad_cos_invariant"] for r in recs if r["phase"] == 2]
     assert rep["train_time"]["grad_cos_invariant_phase2"] == pytest.approx(np.mean(p2))
     hard = recs[-1]["metric_synthetic"] - recs[-1]["metric_invariant"]
-    assert rep["checks"]["hardness"]["value"] == pytest.approx(hard)
-    assert rep["checks"]["hardness"]["ok"] == (hard > 0)
-    assert set(rep["checks"]) == {c[0] for c in diag.CHECKS}
+    assert set(rep["checks"]) == {c[0] for c in CHECKS}
+    c = rep["vs_noise"]["consistency"]
+    assert rep["checks"]["consistency_vs_noise"]["value"] == pytest.approx(c["learned"] - c["noise"])
     assert set(diag.BRANCH_KEYS) <= set(rep["final"])
     cols = run_diagnostics(run)
     assert cols["diag_grad_cos"] == pytest.approx(np.mean(p2)) and cols["diag_hardness"] == pytest.approx(hard)

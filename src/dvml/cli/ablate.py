@@ -24,7 +24,9 @@ def ablate_cmd(
     seeds: int = typer.Option(len(_D.seeds), metavar="N", help="How many seeds per (loss, method), a count: the "
                                                                "seeds are --first-seed, --first-seed + 1, ..."),
     first_seed: int = typer.Option(_D.seeds[0], metavar="SEED", help="The first seed's value."),
-    methods: str = typer.Option("base,dvml", help="Which methods: base (--no-dvml), dvml, or both."),
+    methods: str = typer.Option("base,dvml", help="Comma-separated methods: base (--no-dvml), dvml, noise (the "
+                                                  "control: DVML's training with z_V replaced by isotropic noise "
+                                                  "of the same scale; the summary adds DVML − noise)."),
     epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
     batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
                                                     "triplet, 128 otherwise; fitted to the data when it has fewer "
@@ -59,7 +61,8 @@ def ablate_cmd(
                                     "one by one, the reason logged). --no-stack: one fit after another."),
     stack_size: int = typer.Option(_D.stack_size, min=2, help="Most cells in one stack (bounds memory)."),
 ):
-    """Grid of losses x {baseline, DVML} x seeds on one cache: results.csv, summary.md, chart, live table.
+    """Grid of losses x {baseline, DVML[, noise control]} x seeds on one cache: results.csv, summary.md, chart,
+    live table.
 
     Many workers, one grid: start the same command with --storage (on one machine or many); see
     docs/distributed.md for the SLURM array-job pattern.
@@ -71,15 +74,13 @@ def ablate_cmd(
         return
     if cache is None or out is None:
         raise ValueError("dvml ablate needs CACHE and --out (or --summarize DIR)")
-    modes = {m.strip() for m in methods.split(",") if m.strip()}
-    if not modes or modes - {"base", "dvml"}:
-        raise ValueError(f"--methods must be base, dvml or base,dvml; got {methods!r}")
+    chosen = ablate.parse_methods(methods)
     fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, lr=lr, embedding_size=embedding_size,
                                   samples=samples, phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
                                   eval_every=eval_every, device=device), set_)
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
-                              dvml_modes=tuple(m == "dvml" for m in ("base", "dvml") if m in modes), fit=fit,
+                              methods=chosen, fit=fit,
                               clustering=clustering, stack=stack, stack_size=stack_size)
     if storage is None:
         result = run_ablation(ablate.run, cfg)

@@ -20,7 +20,15 @@ from dvml.cli.options import (
 )
 from dvml.cli.render import format_terms
 from dvml.files import os_error_message
-from dvml.heads.config import DeviceChoice, FitConfig
+from dvml.heads.config import DeviceChoice, FitConfig, Preset, VarianceSource
+
+
+def _apply_preset(ctx: typer.Context, kw: dict, preset: Preset) -> dict:
+    """The preset's values for the options the command line did not give; ``preset`` recorded."""
+    from dvml.heads.presets import preset_fields
+
+    given = {k for k in kw if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"}
+    return {**kw, **preset_fields(preset, given), "preset": preset}
 
 
 def _merge_config_file(ctx: typer.Context, kw: dict, path: Path) -> dict:
@@ -78,6 +86,11 @@ def fit_heads_cmd(
     grad_every: int = typer.Option(FitConfig.grad_every, rich_help_panel=DIAGNOSTICS_PANEL,
                                    help="Sample the per-term gradients on the embedding layer every N steps (and "
                                         "at each epoch's first step); 0 = off."),
+    variance_source: VarianceSource = typer.Option(
+        FitConfig.variance_source, rich_help_panel="DVML objective and variance branch",
+        help="learned: z_V drawn from the learned posterior (DVML); noise: the control arm, trained exactly as DVML "
+             "but z_V is isotropic N(0, I) noise at the same per-batch scale (no encoder, KL 0; decoder and "
+             "reconstruction kept)."),
     triplet_input: bool = typer.Option(FitConfig.triplet_input, "--triplet-input/--no-triplet-input",
                                        rich_help_panel=SCHEDULE_PANEL,
                                        help="triplet loss: batches of 40 explicit triplets (the paper's triplet "
@@ -100,6 +113,12 @@ def fit_heads_cmd(
                                          "(default: the last epoch)."),
     resume: bool = HEAD_OPTS["resume"],
     overwrite: bool = HEAD_OPTS["overwrite"],
+    preset: Preset = typer.Option(FitConfig.preset, "--preset",
+                               help="Defaults for the options not given: dvml (fit-heads' defaults, phase-2 weights "
+                                    "chosen by the written protocol, docs/protocol.md) or paper (every setting as "
+                                    "the paper has it: phase-2 weights 0.8,1,0.2,0.8, recon share 1, l2 "
+                                    "reconstruction, raw z_I, unit scale, Lm(z_hat) trains mu and sigma). Recorded "
+                                    "in config.json."),
     config: Path = typer.Option(None, "--config",
                                 help="JSON file of fit options (e.g. dvml tune's best_config.json); options given "
                                      "on the command line override it."),
@@ -113,12 +132,14 @@ def fit_heads_cmd(
               kl_warmup_epochs=kl_warmup_epochs,
               lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
               lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
-              diag_images=diag_images, grad_every=grad_every, triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
+              variance_source=variance_source, diag_images=diag_images, grad_every=grad_every,
+              triplet_input=triplet_input, lr=lr, proxy_lr=proxy_lr,
               weight_decay=weight_decay,
               batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma, temperature=temperature,
               label_smoothing=label_smoothing, seed=seed, device=device, eval_every=eval_every,
               val_classes=val_classes, resume=resume, overwrite=overwrite, **objective_opts)
-    if config is not None:
+    kw = _apply_preset(ctx, kw, preset)
+    if config is not None:  # a --config file's values win over the preset's, the command line's over both
         kw = _merge_config_file(ctx, kw, config)
     cfg = FitConfig(cache=cache, out=out, **kw)
     refuse_resume_with_overwrite(cfg)

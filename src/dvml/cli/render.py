@@ -104,8 +104,9 @@ class _AblationView:
 
 
 def summary_tables(summary: dict, *, title: str) -> list[Table]:
-    """One table per loss: metric rows; baseline and DVML as mean ± std (%) over seeds, and
-    Δ = DVML − baseline paired by seed with its t-interval (green/red when the interval excludes 0)."""
+    """One table per loss: metric rows; each method (baseline, DVML, the noise control if run) as mean ± std (%)
+    over seeds, and Δ = DVML − baseline (and DVML − noise) paired by seed with its t-interval (green/red when the
+    interval excludes 0)."""
     metrics = [m for m in summary["metrics"] if m not in ("precision", "recall")]
     from dvml.experiments.stats import MeanStd, PairedDiff  # lazily: scipy is slow to import
 
@@ -115,20 +116,25 @@ def summary_tables(summary: dict, *, title: str) -> list[Table]:
         n = e["n_seeds"]
         t = Table(title=f"{title}: {loss}", title_justify="left")
         t.add_column("metric (%)")
-        t.add_column(f"baseline (n={n['baseline']})", justify="right")
-        t.add_column(f"DVML (n={n['DVML']})", justify="right")
-        t.add_column(f"Δ DVML−base [{c}% CI]", justify="right")
+        names = summary.get("methods", ["baseline", "DVML"])
+        diffs = [("diff", f"Δ DVML−base [{c}% CI]")] + ([("diff_noise", f"Δ DVML−noise [{c}% CI]")]
+                                                          if "noise" in names else [])
+        for k in names:
+            t.add_column(f"{k} (n={n[k]})", justify="right")
+        for _, head in diffs:
+            t.add_column(head, justify="right")
         for m in metrics:
             row = e["metrics"][m]
-            cells = [MeanStd(**row[k]).format() if row[k] else "—" for k in ("baseline", "DVML")]
-            d = row["diff"]
-            if d is None:
-                diff = "—"
-            else:
+            cells = [MeanStd(**row[k]).format() if row.get(k) else "—" for k in names]
+            for key, _ in diffs:
+                d = row.get(key)
+                if d is None:
+                    cells.append("—")
+                    continue
                 pd = PairedDiff(**d)
                 style = ("green" if pd.mean > 0 else "red") if pd.significant else ""
-                diff = f"[{style}]{pd.format()}[/]" if style else pd.format()
-            t.add_row(metric_label(m), *cells, diff)
+                cells.append(f"[{style}]{pd.format()}[/]" if style else pd.format())
+            t.add_row(metric_label(m), *cells)
         tables.append(t)
     return tables
 

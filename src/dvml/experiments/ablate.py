@@ -1,17 +1,20 @@
-"""``dvml ablate``: the paper's comparison table (loss × {baseline, DVML} × seeds), with error bars.
+"""``dvml ablate``: the paper's comparison table (loss × {baseline, DVML, noise control} × seeds), with error bars.
 
-One **cell** is one fit: a metric loss, with or without DVML, one seed. Cells live in
-``OUT/runs/<loss>-<dvml|base>-s<seed>/`` (ordinary run directories, evaluated with :mod:`dvml.evaluate`,
-so ``metrics.json`` sits beside ``heads.pt``). The cache's features are loaded **once** and handed to every
-fit. A cell counts as finished when its ``metrics.json`` is complete (every metric present; it is written
-last and atomically by evaluate), so an interrupted ablation resumes by running the same command: finished
-cells are read back, an unfinished cell's directory is cleared and the cell refit from scratch.
+One **cell** is one fit: a metric loss, one method (:class:`Method`: ``base`` = the baseline, ``dvml``, or
+``noise`` = DVML's training with z_V replaced by isotropic noise of the same scale, the control that tells what
+the *learned* distribution adds), one seed. Cells live in ``OUT/runs/<loss>-<base|dvml|noise>-s<seed>/``
+(ordinary run directories, evaluated with :mod:`dvml.evaluate`, so ``metrics.json`` sits beside ``heads.pt``).
+The cache's features are loaded **once** and handed to every fit. A cell counts as finished when its ``metrics.json``
+is complete (every metric present; it is written last and atomically by evaluate), so an interrupted ablation resumes
+by running the same command: finished cells are read back, an unfinished cell's directory is cleared and the cell
+refit from scratch.
 
 Outputs in ``OUT``:
 
-* ``results.csv``  one row per finished cell: loss, dvml, seed, every metric, run_dir, fit/eval seconds;
-* ``summary.json`` / ``summary.md``  per loss and metric: mean ± std over seeds for baseline and DVML, and
-  the paired DVML − baseline difference over the seeds both have, with a 95% t-interval
+* ``results.csv``  one row per finished cell: loss, method, dvml (the DVML objective on: dvml and noise), seed,
+  every metric, run_dir, fit/eval seconds (a file written before ``method`` existed reads back by ``dvml``);
+* ``summary.json`` / ``summary.md``  per loss and metric: mean ± std over seeds for every method run, and
+  the paired DVML − baseline and DVML − noise differences over the seeds both have, with a 95% t-interval
   (:mod:`dvml.experiments.stats`);
 * ``per_class.csv``  one row per (finished cell, test class): loss, dvml, seed, class, count (queries),
   recall@1, map@r -- gathered from each cell's ``runs/<cell>/per_class.csv``;
@@ -36,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +70,54 @@ PER_CLASS_FILE = "per_class.csv"  # in each run directory and, gathered, in OUT
 PER_CLASS_COMPARE_FILE = "per_class_compare.csv"
 
 
+class Method(str, Enum):
+    """A method of the grid: its cell-name part; :data:`METHOD_TITLES` has the summary's names."""
+
+    base = "base"  # the baseline: Lm(z_I) alone (fit-heads --no-dvml)
+    dvml = "dvml"  # DVML: z_V from the learned posterior
+    noise = "noise"  # the control: DVML's training, z_V isotropic noise at the same scale (variance_source=noise)
+
+
+#: The methods' names in summaries (``summary.json`` keys; the first two as before the noise arm existed).
+METHOD_TITLES = {Method.base: "baseline", Method.dvml: "DVML", Method.noise: "noise"}
+#: The paired differences of the summary: key → (minuend, subtrahend).
+DIFFS = {"diff": (Method.dvml, Method.base), "diff_noise": (Method.dvml, Method.noise)}
+
+
+def parse_methods(text: str) -> tuple[Method, ...]:
+    """``"base,dvml,noise"`` → the methods (ValueError naming ``--methods`` and the choices otherwise)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in Method._value2member_map_]
+    if not names or bad:
+        raise ValueError(f"--methods must be a comma-separated subset of {', '.join(m.value for m in Method)}; "
+                         f"got {text!r}")
+    return tuple(Method(m) for m in dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One fit of the grid."""
+    """One fit of the grid. ``method`` also takes a bool (True = dvml, False = base), as before ``noise``."""
 
     loss: str
-    dvml: bool
+    method: Method
     seed: int
+
+    def __post_init__(self):
+        m = self.method
+        object.__setattr__(self, "method", (Method.dvml if m else Method.base) if isinstance(m, bool) else Method(m))
 
     @property
     def name(self) -> str:
-        return f"{self.loss}-{'dvml' if self.dvml else 'base'}-s{self.seed}"
+        return f"{self.loss}-{self.method.value}-s{self.seed}"
 
     @property
-    def method(self) -> str:
-        return "DVML" if self.dvml else "baseline"
+    def dvml(self) -> bool:
+        """Whether the DVML objective is on (dvml and the noise control)."""
+        return self.method is not Method.base
+
+    @property
+    def title(self) -> str:
+        return METHOD_TITLES[self.method]
 
 
 @dataclass(frozen=True)
@@ -90,7 +127,7 @@ class AblateConfig:
     cache: HDF5 feature cache. out: output directory (created; reused to resume).
     losses: metric-loss names understood by fit-heads (e.g. ``triplet``, ``npair``, ``triplet-dws``, any
         regulariser variant the loss factory knows). seeds: the seeds of every (loss, method) pair.
-    dvml_modes: which methods to run: ``(False, True)`` = baseline and DVML.
+    methods: which methods to run (:class:`Method`): ``(base, dvml)`` by default; ``noise`` adds the control.
     fit: extra :class:`dvml.heads.FitConfig` fields shared by every cell (epochs, lr, batch_size, device,
         ...); ``loss``, ``seed``, the DVML switch and the output directory are set per cell.
     ks / clustering / kmeans_runs: evaluation options (``ks=None``: the paper's K for the dataset).
@@ -103,7 +140,7 @@ class AblateConfig:
     out: Path
     losses: tuple[str, ...] = ("triplet", "npair")
     seeds: tuple[int, ...] = (0, 1, 2)
-    dvml_modes: tuple[bool, ...] = (False, True)
+    methods: tuple[Method, ...] = (Method.base, Method.dvml)
     fit: dict[str, Any] = field(default_factory=dict)
     ks: tuple[int, ...] | None = None
     clustering: bool = True
@@ -117,24 +154,24 @@ class AblateConfig:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "losses", tuple(dict.fromkeys(s.strip() for s in self.losses if s.strip())))
         object.__setattr__(self, "seeds", tuple(dict.fromkeys(int(s) for s in self.seeds)))
-        object.__setattr__(self, "dvml_modes", tuple(dict.fromkeys(bool(m) for m in self.dvml_modes)))
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(Cell("", m, 0).method for m in self.methods)))
         if not self.losses:
             raise ValueError("losses must name at least one metric loss")
         if not self.seeds:
             raise ValueError("seeds must contain at least one seed")
-        if not self.dvml_modes:
-            raise ValueError("dvml_modes must contain True and/or False")
+        if not self.methods:
+            raise ValueError("methods must name at least one of base, dvml, noise")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.stack_size < 2:
             raise ValueError(f"stack_size must be >= 2 (a stack of one is a one-by-one fit), got {self.stack_size}")
-        reserved = {"cache", "out", "loss", "seed", "dvml", "resume", "overwrite"} & set(self.fit)
+        reserved = {"cache", "out", "loss", "seed", "dvml", "variance_source", "resume", "overwrite"} & set(self.fit)
         if reserved:
             raise ValueError(f"fit options {sorted(reserved)} are set per cell by the ablation; remove them")
 
     def cells(self) -> list[Cell]:
-        """Grid order: per loss, per seed, baseline then DVML (so pairs complete early)."""
-        return [Cell(loss, mode, seed) for loss in self.losses for seed in self.seeds for mode in self.dvml_modes]
+        """Grid order: per loss, per seed, the methods in their given order (so pairs complete early)."""
+        return [Cell(loss, m, seed) for loss in self.losses for seed in self.seeds for m in self.methods]
 
 
 @dataclass(frozen=True)
@@ -226,7 +263,7 @@ def run_diagnostics(run: Path) -> dict:
 
 def _row(cell: Cell, metrics: dict, run: Path) -> dict:
     ab = metrics["ablate"]
-    row = {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed}
+    row = {"loss": cell.loss, "method": cell.method.value, "dvml": cell.dvml, "seed": cell.seed}
     row.update({k: float(metrics[k]) for k in metric_names(metrics)})
     row.update({"run_dir": str(run), "fit_seconds": ab.get("fit_seconds"), "eval_seconds": ab.get("eval_seconds")})
     row.update(run_diagnostics(run))
@@ -239,7 +276,8 @@ def _fit_config(cfg: AblateConfig, cell: Cell, run: Path) -> FitConfig:
     if unknown:
         raise DvmlError(f"unknown fit option(s) {sorted(unknown)}; FitConfig has {sorted(names)}")
     kw = dict(cfg.fit)
-    kw.update(cache=cfg.cache, out=run, loss=cell.loss, seed=cell.seed, dvml=cell.dvml)
+    kw.update(cache=cfg.cache, out=run, loss=cell.loss, seed=cell.seed, dvml=cell.dvml,
+              variance_source="noise" if cell.method is Method.noise else "learned")
     return FitConfig(**kw)
 
 
@@ -274,7 +312,8 @@ def _evaluate_cell(cfg: AblateConfig, cell: Cell, run: Path, fit_s: float) -> di
     t0 = time.perf_counter()
     # metrics.json is written last (atomically): its presence marks the cell finished
     evaluate_target(run, ks=cfg.ks, clustering=cfg.clustering, kmeans_runs=cfg.kmeans_runs,
-                    extra={"ablate": {"loss": cell.loss, "dvml": cell.dvml, "seed": cell.seed,
+                    extra={"ablate": {"loss": cell.loss, "method": cell.method.value, "dvml": cell.dvml,
+                                      "seed": cell.seed,
                                       "fit_seconds": round(fit_s, 3), "eval_seconds": None}},
                     per_class_csv=run / PER_CLASS_FILE)
     eval_s = time.perf_counter() - t0
@@ -288,14 +327,22 @@ def _evaluate_cell(cfg: AblateConfig, cell: Cell, run: Path, fit_s: float) -> di
 # summary
 
 
+def row_method(row: dict) -> Method:
+    """A results row's method: its ``method``, or (a row written before the noise arm) its ``dvml`` flag."""
+    m = row.get("method")
+    return Method(m) if m else (Method.dvml if row["dvml"] else Method.base)
+
+
 def summarize(rows: Sequence[dict], *, confidence: float = 0.95) -> dict:
-    """Per loss and metric: baseline / DVML mean ± std over seeds and the paired difference.
+    """Per loss and metric: each method's mean ± std over seeds and the paired differences :data:`DIFFS`.
 
     Returns:
-        ``{"losses": {loss: {"n_seeds": {"baseline": n, "DVML": n}, "paired_seeds": [..],
-        "metrics": {metric: {"baseline": {mean, std, n}, "DVML": {...}, "diff": {mean, std, low, high,
-        p_value, n, confidence}}}}}, "metrics": [metric names], "confidence": c}``; a method with no runs
-        has ``None`` in its place, and ``diff`` is ``None`` unless both methods share a seed.
+        ``{"losses": {loss: {"n_seeds": {"baseline": n, "DVML": n[, "noise": n]}, "paired_seeds": [..],
+        "paired_seeds_noise": [..], "metrics": {metric: {"baseline": {mean, std, n}, "DVML": {...}[, "noise":
+        {...}], "diff": {mean, std, low, high, p_value, n, confidence}, "diff_noise": {...}}}}}, "metrics":
+        [metric names], "methods": [titles], "confidence": c}``: baseline and DVML always, noise when any row
+        has it; a method with no runs has ``None`` in its place, and a difference is ``None`` unless both of
+        its methods share a seed (``diff`` = DVML − baseline, ``diff_noise`` = DVML − noise).
     """
     metrics: list[str] = []
     for r in rows:
@@ -303,28 +350,34 @@ def summarize(rows: Sequence[dict], *, confidence: float = 0.95) -> dict:
             if k not in metrics:
                 metrics.append(k)
     metrics = metric_names(dict.fromkeys(metrics))
-    out: dict = {"losses": {}, "metrics": metrics, "confidence": confidence}
+    methods = [Method.base, Method.dvml] + ([Method.noise] if any(row_method(r) is Method.noise for r in rows)
+                                            else [])
+    diffs = {k: v for k, v in DIFFS.items() if v[1] in methods}
+    out: dict = {"losses": {}, "metrics": metrics, "methods": [METHOD_TITLES[m] for m in methods],
+                 "confidence": confidence}
     for loss in dict.fromkeys(r["loss"] for r in rows):
-        by = {m: {int(r["seed"]): r for r in rows if r["loss"] == loss and bool(r["dvml"]) == m} for m in (False, True)}
-        paired = sorted(set(by[False]) & set(by[True]))
-        entry: dict = {"n_seeds": {"baseline": len(by[False]), "DVML": len(by[True])}, "paired_seeds": paired,
+        by = {m: {int(r["seed"]): r for r in rows if r["loss"] == loss and row_method(r) is m} for m in methods}
+        pairs = {k: sorted(set(by[a]) & set(by[b])) for k, (a, b) in diffs.items()}
+        entry: dict = {"n_seeds": {METHOD_TITLES[m]: len(by[m]) for m in methods}, "paired_seeds": pairs["diff"],
                        "metrics": {}}
+        if "diff_noise" in pairs:
+            entry["paired_seeds_noise"] = pairs["diff_noise"]
         for k in metrics:
             e = {}
-            for mode, name in ((False, "baseline"), (True, "DVML")):
-                vals = [r[k] for _, r in sorted(by[mode].items()) if k in r and r[k] is not None]
-                e[name] = dataclasses.asdict(mean_std(vals)) if vals else None
-            ok = [s for s in paired if by[True][s].get(k) is not None and by[False][s].get(k) is not None]
-            e["diff"] = dataclasses.asdict(paired_difference([by[True][s][k] for s in ok],
-                                                             [by[False][s][k] for s in ok],
-                                                             confidence=confidence)) if ok else None
+            for m in methods:
+                vals = [r[k] for _, r in sorted(by[m].items()) if k in r and r[k] is not None]
+                e[METHOD_TITLES[m]] = dataclasses.asdict(mean_std(vals)) if vals else None
+            for key, (a, b) in diffs.items():
+                ok = [s for s in pairs[key] if by[a][s].get(k) is not None and by[b][s].get(k) is not None]
+                e[key] = dataclasses.asdict(paired_difference([by[a][s][k] for s in ok], [by[b][s][k] for s in ok],
+                                                              confidence=confidence)) if ok else None
             entry["metrics"][k] = e
         entry["diagnostics"] = {}
         for col, _, _ in DIAG_COLUMNS:
             e = {}
-            for mode, name in ((False, "baseline"), (True, "DVML")):
-                vals = [r[col] for _, r in sorted(by[mode].items()) if r.get(col) is not None]
-                e[name] = dataclasses.asdict(mean_std(vals)) if vals else None
+            for m in methods:
+                vals = [r[col] for _, r in sorted(by[m].items()) if r.get(col) is not None]
+                e[METHOD_TITLES[m]] = dataclasses.asdict(mean_std(vals)) if vals else None
             entry["diagnostics"][col] = e
         out["losses"][loss] = entry
     return out
@@ -349,27 +402,36 @@ def _fmt_p(d: dict | None) -> str:
 
 
 def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
-    """``summary.md``: one table per loss, metrics as rows, values in percent."""
+    """``summary.md``: one table per loss, metrics as rows, values in percent; the noise arm's columns and
+    DVML − noise when the summary has them."""
     c = int(round(summary["confidence"] * 100))
+    names = summary.get("methods", ["baseline", "DVML"])
+    noise = "noise" in names
     lines = [f"# {title}", "",
-             "Values in %: mean ± std over seeds (sample std). Δ = DVML − baseline, paired by seed, with its "
-             f"{c}% t-interval across seeds and the paired t-test p-value.", ""]
+             "Values in %: mean ± std over seeds (sample std). Δ = DVML − baseline"
+             + (" and DVML − noise (the control: z_V replaced by isotropic noise of the same scale)" if noise else "")
+             + f", paired by seed, with its {c}% t-interval across seeds and the paired t-test p-value.", ""]
     for loss, e in summary["losses"].items():
         n = e["n_seeds"]
-        lines += [f"## {loss}", "",
-                  f"seeds: baseline {n['baseline']}, DVML {n['DVML']}, paired {len(e['paired_seeds'])}", "",
-                  f"| metric | baseline | DVML | Δ [{c}% CI] | p |", "|---|---|---|---|---|"]
+        seeds = ", ".join(f"{k} {v}" for k, v in n.items())
+        paired = f"paired {len(e['paired_seeds'])}" + (f" / {len(e.get('paired_seeds_noise', []))}" if noise else "")
+        head = f"| metric | {' | '.join(names)} | Δ [{c}% CI] | p |" + (f" Δ vs noise [{c}% CI] | p |" if noise else "")
+        lines += [f"## {loss}", "", f"seeds: {seeds}, {paired}", "", head,
+                  "|---" * (len(names) + 3 + (2 if noise else 0)) + "|"]
         for k, m in e["metrics"].items():
-            lines.append(f"| {metric_label(k)} | {_fmt_ms(m['baseline'])} | {_fmt_ms(m['DVML'])} "
-                         f"| {_fmt_diff(m['diff'])} | {_fmt_p(m['diff'])} |")
+            cells = " | ".join(_fmt_ms(m.get(name)) for name in names)
+            line = f"| {metric_label(k)} | {cells} | {_fmt_diff(m['diff'])} | {_fmt_p(m['diff'])} |"
+            if noise:
+                line += f" {_fmt_diff(m.get('diff_noise'))} | {_fmt_p(m.get('diff_noise'))} |"
+            lines.append(line)
         lines.append("")
-        diag = {col: d for col, d in e.get("diagnostics", {}).items() if d.get("DVML") or d.get("baseline")}
+        diag = {col: d for col, d in e.get("diagnostics", {}).items() if any(d.get(name) for name in names)}
         if diag:
             titles = {col: title for col, _, title in DIAG_COLUMNS}
             lines += ["DVML branch diagnostics (last epoch; gradient cosine: phase-2 mean), mean ± std over seeds:",
-                      "", "| diagnostic | baseline | DVML |", "|---|---|---|"]
+                      "", f"| diagnostic | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
             for col, d in diag.items():
-                lines.append(f"| {titles[col]} | {_fmt_raw(d['baseline'])} | {_fmt_raw(d['DVML'])} |")
+                lines.append(f"| {titles[col]} | {' | '.join(_fmt_raw(d.get(name)) for name in names)} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -385,7 +447,8 @@ def gather_per_class(rows: Sequence[dict]) -> list[dict]:
             continue
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                out.append({"loss": row["loss"], "dvml": row["dvml"], "seed": row["seed"], "class": int(r["class"]),
+                out.append({"loss": row["loss"], "method": row_method(row).value, "dvml": row["dvml"],
+                            "seed": row["seed"], "class": int(r["class"]),
                             "count": int(r["count"]), "recall@1": float(r["recall@1"]), "map@r": float(r["map@r"])})
     return out
 
@@ -399,6 +462,8 @@ def compare_per_class(per_class: Sequence[dict]) -> list[dict]:
     acc: dict[tuple[str, int], dict[bool, list[float]]] = {}
     counts: dict[tuple[str, int], int] = {}
     for r in per_class:
+        if row_method(r) is Method.noise:  # baseline against DVML only
+            continue
         acc.setdefault((r["loss"], r["class"]), {True: [], False: []})[bool(r["dvml"])].append(r["recall@1"])
         counts[(r["loss"], r["class"])] = r["count"]
     out = []
@@ -430,7 +495,7 @@ def _fmt_raw(d: dict | None) -> str:
 
 def write_results_csv(rows: Sequence[dict], path: Path) -> None:
     metrics = summarize(rows)["metrics"] if rows else []
-    cols = ["loss", "dvml", "seed", *metrics, *(c for c, _, _ in DIAG_COLUMNS), "run_dir", "fit_seconds",
+    cols = ["loss", "method", "dvml", "seed", *metrics, *(c for c, _, _ in DIAG_COLUMNS), "run_dir", "fit_seconds",
             "eval_seconds"]
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -441,13 +506,14 @@ def write_results_csv(rows: Sequence[dict], path: Path) -> None:
 
 
 def read_results_csv(path: Path) -> list[dict]:
-    """Rows of a ``results.csv`` with numbers parsed (dvml as bool, seed as int, metrics as float)."""
+    """Rows of a ``results.csv`` with numbers parsed (dvml as bool, seed as int, metrics as float; ``method`` as
+    written, or from ``dvml`` in a file written before it existed)."""
     rows = []
     with Path(path).open(newline="") as f:
         for r in csv.DictReader(f):
             out: dict = {}
             for k, v in r.items():
-                if k == "loss" or k == "run_dir":
+                if k in ("loss", "run_dir", "method"):
                     out[k] = v
                 elif k == "dvml":
                     out[k] = v == "True"
@@ -455,6 +521,8 @@ def read_results_csv(path: Path) -> list[dict]:
                     out[k] = int(v)
                 else:
                     out[k] = float(v) if v not in ("", "None") else None
+            if not out.get("method"):
+                out["method"] = row_method({**out, "method": None}).value
             rows.append(out)
     return rows
 
@@ -468,7 +536,7 @@ def write_chart(summary: dict, path: Path, *, title: str) -> Path:
         if k not in summary["metrics"]:
             continue
         series = {}
-        for name in ("baseline", "DVML"):
+        for name in summary.get("methods", ("baseline", "DVML")):
             ms = [summary["losses"][loss]["metrics"][k][name] for loss in losses]
             if all(m is None for m in ms):
                 continue
@@ -604,7 +672,7 @@ def _run(cfg: AblateConfig, cells: list[Cell], info, fp: str, cb: AblateCallback
 
         for cell, row in run_cells(cfg, todo, train, test, cb, _run_cell):  # stacked where cells allow
             rows.append(row)
-            rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
+            rows.sort(key=lambda r: cells.index(Cell(r["loss"], row_method(r), r["seed"])))
             write_results_csv(rows, cfg.out / RESULTS_FILE)  # after every cell: partial results are usable
             cb(AblateEvent("cell_done", cell=cell, row=row))
     return write_summary(cfg, cells, rows, info, prov, cb)
@@ -614,7 +682,7 @@ def write_summary(cfg: AblateConfig, cells: list[Cell], rows: list[dict], info, 
                   cb: AblateCallback) -> dict:
     """Write results.csv, summary.json/md, the chart, the per-class files and the finished ablation.json."""
     prov_path = cfg.out / PROVENANCE_FILE
-    rows.sort(key=lambda r: cells.index(Cell(r["loss"], r["dvml"], r["seed"])))
+    rows.sort(key=lambda r: cells.index(Cell(r["loss"], row_method(r), r["seed"])))
     write_results_csv(rows, cfg.out / RESULTS_FILE)
     summary = summarize(rows, confidence=cfg.confidence)
     title = f"{info.dataset}: {', '.join(cfg.losses)}; {len(cfg.seeds)} seed(s), error bars ±1 std over seeds"

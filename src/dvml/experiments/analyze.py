@@ -285,7 +285,7 @@ def run(cfg: AnalyzeConfig, *, progress: Callable[[str], None] | None = None) ->
     branch = {}
     for name in ("run", "baseline"):
         if name in sources and sources[name]["kind"] == "heads":
-            from dvml.heads.diagnostics import run_report
+            from dvml.experiments.branch_report import run_report
 
             step(f"{name}: DVML branch diagnostics")
             branch[name] = run_report(Path(sources[name]["run_dir"]))

@@ -6,6 +6,9 @@
 * :mod:`dvml.heads.sampler`    seeded class-balanced batches
 * :mod:`dvml.heads.train`      :func:`fit` (writes a run directory, :mod:`dvml.runs`)
 * :mod:`dvml.heads.embed`      :func:`embed`: z_I of features with a run's heads
+* :mod:`dvml.heads.presets`    ``--preset paper|dvml``: the paper's settings, or fit-heads' defaults
+* :mod:`dvml.heads.diagnostics` per-epoch branch statistics and the learned-vs-noise measures (the run report and
+  its thresholds: :mod:`dvml.experiments.branch_report`)
 """
 
 from dvml._lazy import lazy_exports

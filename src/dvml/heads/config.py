@@ -63,6 +63,20 @@ class VarianceScale(str, Enum):
     class_ = "class"  # the batch's pooled within-class standard deviation per dimension (times variance_kappa)
 
 
+class VarianceSource(str, Enum):
+    """Where z_V comes from (:class:`~dvml.heads.model.DVMLHeads`)."""
+
+    learned = "learned"  # DVML: z_V ~ q(z_V | x) = N(μ(x), σ²(x)), the encoder's posterior
+    noise = "noise"  # the control arm: z_V ~ N(0, I), no encoder (μ ≡ 0, σ ≡ 1: the KL is 0), same scale s
+
+
+class Preset(str, Enum):
+    """A named set of fit-heads defaults (:mod:`dvml.heads.presets`)."""
+
+    paper = "paper"  # every setting as the paper has it
+    dvml = "dvml"  # fit-heads' own defaults
+
+
 class DeviceChoice(str, Enum):
     """Where the features live and the heads train: ``auto`` = CUDA, then Apple-silicon MPS, then the CPU."""
 
@@ -252,6 +266,13 @@ class HeadsConfig:
             (κ 1.5).
         centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
             information).
+        variance_source: ``learned`` (DVML) or ``noise``, the control arm: everything trains as DVML does, but
+            z_V is isotropic N(0, I) noise instead of a draw from the learned posterior (no μ, log σ² layers), at
+            the same per-batch scale s (:meth:`~dvml.heads.model.DVMLHeads.zv_scale`). What remains: Lm(ẑ) on
+            ẑ = base + s·ε with the same λ3; the decoder and the reconstruction term with the same λ2 (in phase 2
+            they still train z_I to carry what reconstructs x, as in DVML: the arm differs only in the draws); the
+            KL term is 0 (the noise *is* the prior) and has no gradient. A gain of DVML over this arm is what the
+            learned intra-class distribution adds over noise of the same size.
         synthetic_pairs: what Lm(ẑ) pairs: ``within`` (the paper's eq. 10: each synthetic batch alone) or
             ``cross`` (the pairs and triplets of Lm(z_I), anchors real, positives and negatives synthetic; the
             paper's "hard samples generated from easy negatives" seen from a real anchor). ``None`` =
@@ -295,6 +316,7 @@ class HeadsConfig:
     variance_kappa: float = 1.0
     metric_grad_to_variance: bool = False
     centre_mu: bool = False
+    variance_source: VarianceSource = VarianceSource.learned
     synthetic_pairs: SyntheticPairs | None = None
     lr: float = 1e-4
     proxy_lr: float | None = None
@@ -328,7 +350,8 @@ class HeadsConfig:
             s(self, "synthetic_pairs", SyntheticPairs.within)  # the paper's eq. 10, for every loss
         for name, choices in (("metric_reduction", MetricReduction), ("likelihood", Likelihood),
                               ("variance_space", VarianceSpace), ("variance_scale", VarianceScale),
-                              ("synthetic_pairs", SyntheticPairs)):
+                              ("synthetic_pairs", SyntheticPairs),
+                              ("variance_source", VarianceSource)):
             set_choice(self, name, choices)
         if self.synthetic_pairs is SyntheticPairs.cross and not spec.cross_pairs:
             raise FieldError(f"`synthetic_pairs` cross needs anchors to pair: it is for {CROSS_PAIR_NAMES}, not "
@@ -401,8 +424,9 @@ class HeadsConfig:
 
     def heads_kwargs(self) -> dict:
         """Keyword arguments of :class:`~dvml.heads.model.DVMLHeads` after ``in_dim``: sizes and the variance
-        branch's options (:data:`HEADS_KWARGS`)."""
-        return {name: getattr(self, name) for name in HEADS_KWARGS}
+        branch's options (:data:`HEADS_KWARGS` and ``variance_source``, which recorded configs without it read
+        back as ``learned``)."""
+        return {**{name: getattr(self, name) for name in HEADS_KWARGS}, "variance_source": self.variance_source}
 
     def loss_params(self) -> dict[str, float]:
         """The metric loss's parameters (resolved): keyword arguments of ``make_metric_loss``."""
@@ -444,6 +468,8 @@ class FitConfig(HeadsConfig):
         val_classes: hold this many classes out of the *training* classes as a validation split
             (:func:`~dvml.seeding.hold_out_classes`); the reported model is then the epoch with the best
             validation Recall@1 (otherwise the last epoch). Never selects on test classes.
+        preset: the name of the :mod:`~dvml.heads.presets` preset the CLI filled the defaults from (``dvml`` or
+            ``paper``); recorded in config.json (a label: the fields hold what was used).
         resume: continue an interrupted run in ``out``.
         overwrite: replace a run already in ``out``.
         triplet_input: triplet loss only: batches of batch_size/3 explicit (anchor, positive, negative)
@@ -457,6 +483,7 @@ class FitConfig(HeadsConfig):
 
     cache: Path
     out: Path
+    preset: Preset = Preset.dvml
     triplet_input: bool = False
     device: DeviceChoice = DeviceChoice.auto
     eval_every: int = 5
@@ -472,6 +499,7 @@ class FitConfig(HeadsConfig):
         s(self, "out", Path(self.out))
         super().__post_init__()
         set_choice(self, "device", DeviceChoice)
+        set_choice(self, "preset", Preset)
         for name in ("eval_every", "val_classes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

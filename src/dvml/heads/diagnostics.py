@@ -1,4 +1,6 @@
-"""How alive DVML's variational branch is: cheap diagnostics logged every epoch (issue 14).
+"""How alive DVML's variational branch is: cheap diagnostics logged every epoch, and the measures that compare
+the learned draws with noise (:func:`norm_matched_noise`, :func:`loo_consistency`, :func:`triplet_hardness`).
+The report of a finished run and its pass/fail thresholds are :mod:`dvml.experiments.branch_report`.
 
 Two kinds, both read-only (they never change the fit's trajectory: no optimizer state, no draw from the fit's
 random generators):
@@ -243,64 +245,93 @@ def phase2_mean(log: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-#: Issue 14's acceptance thresholds for a DVML run: (key, comparison, threshold, meaning).
-CHECKS = (
-    ("active_frac", ">=", 0.10, "posterior not collapsed: share of dimensions with Var_x[mu_j] > 0.01"),
-    ("kl_sum", ">=", 1.0, "KL(q(z_V|x) || N(0, I)) in nats per image, clearly above 0"),
-    ("hardness", ">", 0.0, "synthetic samples are hard: Lm(z_hat) - Lm(z_I) at the last epoch"),
-    ("syn_consistency", ">=", 0.80, "synthetic samples are class-consistent: nearest training-class centre is own"),
-    ("grad_cos_phase2", "<", 0.95, "DVML changes how z_I learns: cos(total, Lm(z_I)) gradient, phase-2 mean"),
-)
+# ------------------------------------------------------------------------------------------------------------
+# the learned draws against noise: measures a check can fail on (used by dvml.experiments.branch_report)
 
 
-def run_report(run_dir, *, samples: int = 2, max_images: int = 20000) -> dict:
-    """Diagnostics of a finished fit-heads run, for ``dvml analyze``.
+def norm_matched_noise(z_syn: torch.Tensor, base: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+    """Isotropic noise with the learned draws' norms: ``base + ‖ẑ_t − base‖ · ε/‖ε‖`` per draw and image,
+    ε ~ N(0, I) from ``generator``. z_syn: (T, N, E) draws added to base (N, E) → (T, N, E). Each noise sample
+    moves its embedding exactly as far as the learned one, in a uniformly random direction: what is left to tell
+    them apart is the direction the learned distribution chose."""
+    disp = (z_syn - base).norm(dim=-1, keepdim=True)
+    eps = torch.randn(z_syn.shape, generator=generator, device=z_syn.device, dtype=z_syn.dtype)
+    return base + disp * F.normalize(eps, dim=-1)
 
-    Recomputes :func:`branch_stats` with the run's reported model on its training classes (view 0 of up to
-    ``max_images`` images, seeded noise) and reads the training-time ones from ``log.jsonl``: the last epoch's
-    loss terms and the phase-2 means of the sampled gradient statistics. ``checks`` holds issue 14's acceptance
-    tests (:data:`CHECKS`) for a DVML run (``None`` for a baseline).
+
+@torch.no_grad()
+def loo_consistency(points: torch.Tensor, source: torch.Tensor, u: torch.Tensor, labels: torch.Tensor,
+                    chunk: int = 4096) -> float:
+    """Share of ``points`` whose nearest class centre is their source image's class, with **leave-one-out**
+    centres: the centres are the mean unit embeddings ``u`` (N, E) of every image of each class, and the own
+    class's centre leaves the source image out (so a point derived from an image is never judged against a
+    centre that contains that image). points: (M, E) unit vectors; source: (M,) the row of ``u`` each derives
+    from (``u`` itself: ``arange(N)``). Points whose class has a single image (no centre left) are not counted.
+    Euclidean distance."""
+    classes, inv = torch.unique(labels, return_inverse=True)
+    u = u.float()
+    sums = torch.zeros((len(classes), u.shape[1]), dtype=u.dtype, device=u.device).index_add(0, inv, u)
+    counts = torch.bincount(inv, minlength=len(classes)).to(u.dtype)
+    centres = sums / counts[:, None]
+    hits, total = 0, 0
+    for lo in range(0, points.shape[0], chunk):
+        p, src = points[lo:lo + chunk].float(), source[lo:lo + chunk]
+        own = inv[src]
+        keep = counts[own] > 1
+        p, src, own = p[keep], src[keep], own[keep]
+        loo = (sums[own] - u[src]) / (counts[own] - 1)[:, None]
+        d_own = (p - loo).square().sum(1)
+        d2 = p.square().sum(1, keepdim=True) - 2.0 * p @ centres.T + centres.square().sum(1)[None, :]
+        d2[torch.arange(len(own), device=own.device), own] = float("inf")
+        hits += int((d_own < d2.min(dim=1).values).sum())
+        total += len(own)
+    return hits / total if total else float("nan")
+
+
+def class_balanced_batches(labels: torch.Tensor, classes_per_batch: int, per_class: int,
+                           generator: torch.Generator) -> torch.Tensor:
+    """(K, classes_per_batch · per_class) rows of ``labels``: each batch ``per_class`` images of each of
+    ``classes_per_batch`` classes (classes with fewer images left out), every eligible class once per pass,
+    seeded. Empty (0, B) when fewer than two classes are eligible."""
+    classes, inv = torch.unique(labels.cpu(), return_inverse=True)
+    rows = [torch.nonzero(inv == c).flatten() for c in range(len(classes))]
+    rows = [r[torch.randperm(len(r), generator=generator)[:per_class]] for r in rows if len(r) >= per_class]
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    cpb = min(classes_per_batch, len(rows))
+    if cpb < 2:
+        return torch.zeros((0, cpb * per_class), dtype=torch.long)
+    batches = [torch.cat([rows[c] for c in order[i:i + cpb]]) for i in range(0, len(order) - cpb + 1, cpb)]
+    return torch.stack(batches).to(labels.device)
+
+
+@torch.no_grad()
+def triplet_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor, margin: float
+                     ) -> dict[str, float]:
+    """How hard embeddings make the triplets of class-balanced batches, in units of the margin.
+
+    z: (N, E) or (T, N, E) embeddings (each of the T sets is batched on its own, like Lm(ẑ) within a synthetic
+    batch); labels: (N,); batches: (K, B) rows (:func:`class_balanced_batches`). For every triplet (a, p, n) of a
+    batch (y_a = y_p, a ≠ p, y_n ≠ y_a), on unit vectors with the squared euclidean distance D (the triplet loss's),
+    the violation is v = max(0, D(a, p) − D(a, n) + m). Returns ``per_active`` = mean v over the triplets with
+    v > 0, divided by m (how far an active triplet is violated, in margins: comparable across sets, losses and
+    batch sizes, unlike a sum over a batch's triplets), and ``active`` = the share of triplets with v > 0.
     """
-    from pathlib import Path
-
-    import numpy as np
-
-    from dvml import runs as R
-    from dvml.cache import load_split
-    from dvml.heads.config import FitConfig
-    from dvml.heads.model import DVMLHeads
-
-    run_dir = Path(run_dir)
-    ckpt = R.load_checkpoint(run_dir)
-    if ckpt.get("kind", "heads") != "heads":
-        raise R.RunError(f"{run_dir}: a {ckpt.get('kind')} run; the branch diagnostics need a fit-heads run")
-    cfg = FitConfig.from_dict({**ckpt["config"], "overwrite": False, "resume": False})
-    model = DVMLHeads(int(ckpt["in_dim"]), **cfg.heads_kwargs())
-    model.load_state_dict(ckpt["model"])
-    train = load_split(Path(ckpt["cache"]), "train", views=[0])
-    keep = np.isin(train.labels, np.asarray(ckpt["train_classes"]))
-    rows = np.nonzero(keep)[0]
-    if len(rows) > max_images:
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, max_images, replace=False))
-    x = torch.from_numpy(np.ascontiguousarray(train.features[rows, 0], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(train.labels)[rows].astype(np.int64))
-    stats = heads_branch_stats(model, x, y, samples=samples, generator=torch.Generator().manual_seed(cfg.seed))
-    log = R.read_log(run_dir)
-    last = log[-1] if log else {}
-    train_time = {"epochs": len(log), "kl_term": last.get("kl"), "recon_term": last.get("recon"),
-                  "metric_synthetic": last.get("metric_synthetic"), "metric_invariant": last.get("metric_invariant")}
-    for k in GRAD_KEYS + GRAD_DRAW_KEYS:
-        train_time[f"{k}_phase2"] = phase2_mean(log, k)
-    out = {"run_dir": str(run_dir), "dvml": cfg.dvml, "n_images": int(len(rows)), "final": stats,
-           "train_time": train_time, "checks": None}
-    if cfg.dvml:
-        values = {**stats, "grad_cos_phase2": train_time["grad_cos_invariant_phase2"],
-                  "hardness": (None if last.get("metric_synthetic") is None else
-                               float(last["metric_synthetic"] - last["metric_invariant"]))}
-        checks = {}
-        for key, op, thr, meaning in CHECKS:
-            v = values.get(key)
-            ok = None if v is None else bool(v >= thr if op == ">=" else v > thr if op == ">" else v < thr)
-            checks[key] = {"value": v, "op": op, "threshold": thr, "ok": ok, "meaning": meaning}
-        out["checks"] = checks
-    return out
+    u = F.normalize(z.float(), dim=-1)
+    if u.dim() == 2:
+        u = u[None]
+    total = active = 0.0
+    vsum = 0.0
+    for idx in batches:
+        y = labels[idx]
+        same = y[:, None] == y[None, :]
+        pos = same & ~torch.eye(len(idx), dtype=torch.bool, device=y.device)
+        neg = ~same
+        mask = pos[:, :, None] & neg[:, None, :]  # (B, B, B): a, p, n
+        ub = u[:, idx]  # (T, B, E)
+        d = (ub[:, :, None, :] - ub[:, None, :, :]).square().sum(-1)  # (T, B, B)
+        v = F.relu(d[:, :, :, None] - d[:, :, None, :] + margin)[:, mask]  # (T, K_triplets)
+        vsum += float(v.sum())
+        active += float((v > 0).sum())
+        total += v.numel()
+    return {"per_active": vsum / active / margin if active else 0.0, "active": active / total if total else 0.0}

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvml.heads.config import HeadsConfig, VarianceScale, VarianceSpace
+from dvml.heads.config import HeadsConfig, VarianceScale, VarianceSource, VarianceSpace
 
 #: The paper's variance branch (z_V added to raw z_I at unit scale, Lm(ẑ)'s gradient on μ and σ): keyword arguments
 #: of :class:`DVMLHeads` over its defaults (dvml's).
@@ -113,6 +113,9 @@ class DVMLHeads(nn.Module):
     sphere at the class's scale, no Lm(ẑ) gradient on μ and σ), so ``DVMLHeads(in_dim)`` is the model a default
     fit builds; :meth:`from_config` builds any config's. The paper's heads: ``variance_space="raw",
     variance_scale="unit", metric_grad_to_variance=True``.
+
+    variance_source: ``learned`` (DVML) or ``noise`` (the control arm: no μ, log σ² layers; z_V = ε ~ N(0, I) at
+    the same scale s, and the output's ``mu``/``logvar`` are zeros, so the KL term is 0).
     """
 
     def __init__(self, in_dim: int, embedding_size: int = _DEFAULT.embedding_size,
@@ -121,7 +124,8 @@ class DVMLHeads(nn.Module):
                  variance_scale: VarianceScale | str = _DEFAULT.variance_scale,
                  variance_kappa: float = _DEFAULT.variance_kappa,
                  metric_grad_to_variance: bool = _DEFAULT.metric_grad_to_variance,
-                 centre_mu: bool = _DEFAULT.centre_mu):
+                 centre_mu: bool = _DEFAULT.centre_mu,
+                 variance_source: VarianceSource | str = _DEFAULT.variance_source):
         super().__init__()
         variance_space, variance_scale = VarianceSpace(variance_space), VarianceScale(variance_scale)
         if not variance_kappa > 0:
@@ -130,10 +134,12 @@ class DVMLHeads(nn.Module):
         self.variance_space, self.variance_scale, self.variance_kappa = variance_space, variance_scale, variance_kappa
         self.metric_grad_to_variance = metric_grad_to_variance
         self.centre_mu = centre_mu
+        self.variance_source = VarianceSource(variance_source)
         self.embedding = nn.Linear(in_dim, embedding_size)
         if dvml:
-            self.mu = nn.Linear(in_dim, embedding_size)
-            self.logvar = nn.Linear(in_dim, embedding_size)
+            if self.variance_source is VarianceSource.learned:
+                self.mu = nn.Linear(in_dim, embedding_size)
+                self.logvar = nn.Linear(in_dim, embedding_size)
             self.decoder = Decoder(embedding_size, decoder_hidden, in_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,8 +208,12 @@ class DVMLHeads(nn.Module):
         z_i = self.embedding(x)
         if not self.dvml:
             return HeadsOutput(z_i, None, None, None, None)
-        mu, logvar = self.mu(x), self.logvar(x)
-        if self.centre_mu:
+        noise = self.variance_source is VarianceSource.noise
+        if noise:  # the control arm: z_V ~ N(0, I), the prior itself (no encoder, no gradient, KL 0)
+            mu = logvar = z_i.new_zeros(z_i.shape).detach()
+        else:
+            mu, logvar = self.mu(x), self.logvar(x)
+        if self.centre_mu and not noise:
             mu = class_centred(mu, labels, gather)
         if eps is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
@@ -218,7 +228,7 @@ class DVMLHeads(nn.Module):
         if not decode:
             return HeadsOutput(z_i, mu, logvar, z_syn_metric, None)
         if stop_recon_grad:
-            if x.requires_grad:  # a trainable backbone below: recompute the variance branch on a detached x
+            if x.requires_grad and not noise:  # a trainable backbone below: the variance branch on a detached x
                 xd = x.detach()
                 mu_d = class_centred(self.mu(xd), labels, gather) if self.centre_mu else self.mu(xd)
                 z_v = mu_d + (0.5 * self.logvar(xd)).exp() * eps

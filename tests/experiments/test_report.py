@@ -1,0 +1,90 @@
+"""dvml report: tables regenerated from kept results files (against numpy/scipy), document blocks that go stale
+when their files change, and the repository's docs/results.md against its results/ directories."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from typer.testing import CliRunner
+
+from dvml.cli import app
+from dvml.experiments import report
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _kept(tmp_path: Path, name="r") -> tuple[Path, dict]:
+    rng = np.random.default_rng(0)
+    vals = {m: rng.uniform(0.4, 0.6, 4) for m in ("base", "dvml", "noise")}
+    d = tmp_path / name
+    d.mkdir()
+    with open(d / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["loss", "method", "dvml", "seed", "recall@1", "map@r", "run_dir", "fit_seconds", "eval_seconds"])
+        for m, v in vals.items():
+            for s, x in enumerate(v):
+                w.writerow(["triplet", m, m != "base", s, x, x / 2, "", 1, 1])
+    (d / "command.txt").write_text("dvml ablate w.h5 -o out --methods base,dvml,noise --seeds 4\n")
+    return d, vals
+
+
+def test_render_matches_numpy_and_scipy(tmp_path):
+    d, vals = _kept(tmp_path)
+    md = report.render(d, shown_as="results/r")
+    assert "Regenerate: `dvml report results/r`" in md and "dvml ablate w.h5 -o out" in md
+    row = next(line for line in md.splitlines() if line.startswith("| recall@1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for cell, m in zip(cells[1:4], ("base", "dvml", "noise"), strict=True):
+        assert cell == f"{100 * vals[m].mean():.2f} ± {100 * vals[m].std(ddof=1):.2f}"
+    for cell, other in zip(cells[4:], ("base", "noise"), strict=True):
+        ci = stats.ttest_rel(vals["dvml"], vals[other]).confidence_interval(0.95)
+        want = f"{100 * (vals['dvml'] - vals[other]).mean():+.2f} [{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]"
+        assert cell.strip("*") == want
+        assert cell.startswith("**") == (ci.low > 0 or ci.high < 0)
+
+
+def test_document_blocks_update_and_go_stale(tmp_path):
+    d, _ = _kept(tmp_path)
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Results\n\nintro\n")
+    assert report.update_document(doc, [d]) == [d.as_posix()]
+    assert report.update_document(doc, [d]) == []  # idempotent
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nintro\n") and report.blocks(text)[d.as_posix()] == report.render(d)
+    assert report.stale_blocks(doc, root="/") == []
+    lines = (d / "results.csv").read_text().splitlines()
+    (d / "results.csv").write_text("\n".join(lines[:-1]) + "\n")  # a seed lost: the embedded table is stale
+    assert report.stale_blocks(doc, root="/") == [d.as_posix()]
+    r = runner.invoke(app, ["report", str(d), "--update", str(doc)])
+    assert r.exit_code == 0 and report.stale_blocks(doc, root="/") == []
+
+
+def test_cli_prints_and_refuses_a_directory_without_its_command(tmp_path):
+    d, _ = _kept(tmp_path)
+    r = runner.invoke(app, ["report", str(d)])
+    assert r.exit_code == 0 and "| metric | baseline | DVML | noise |" in r.output
+    (d / "command.txt").unlink()
+    r = runner.invoke(app, ["report", str(d)])
+    assert r.exit_code == 1 and "no command.txt" in r.output
+    r = runner.invoke(app, ["report", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "no results.csv" in r.output
+    r = runner.invoke(app, ["report"])
+    assert r.exit_code == 1 and "at least one results directory" in r.output
+
+
+def test_docs_results_regenerate_from_the_kept_files():
+    doc = ROOT / "docs" / "results.md"
+    kept = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "results").glob("*/results.csv"))
+    if not kept:
+        pytest.skip("no kept results in this checkout")
+    embedded = report.blocks(doc.read_text())
+    assert set(kept) <= set(embedded), f"results without a table in {doc}: {set(kept) - set(embedded)}"
+    assert report.stale_blocks(doc, root=ROOT) == []
+    for key in kept:  # kept small: CSV and text only
+        assert all(p.suffix in (".csv", ".txt", ".json") and p.stat().st_size < 200_000
+                   for p in (ROOT / key).iterdir())
