@@ -60,12 +60,15 @@ COMMANDS: dict[str, Entry] = {
                                                      "cached features."),
     "finetune": Entry("dvml.cli.finetune", PIPELINE, "Train backbone + DVML heads end to end from images (GPU)."),
     "demo": Entry("dvml.cli.demo", EXPERIMENTS, "No download, no arguments: a synthetic world, baseline vs DVML."),
-    "ablate": Entry("dvml.cli.ablate", EXPERIMENTS, "Grid of losses x {baseline, DVML} x seeds on one cache, with "
-                                                    "paired differences."),
+    "ablate": Entry("dvml.cli.ablate", EXPERIMENTS, "Grid of losses x {baseline, DVML, noise control} x seeds on one "
+                                                    "cache, with paired differences."),
     "tune": Entry("dvml.cli.tune", EXPERIMENTS, "Optuna search on classes held out from the training split."),
-    "analyze": Entry("dvml.cli.analyze", EXPERIMENTS, "The paper's Table 4 evidence and how alive a run's "
-                                                      "variational branch is."),
-    "export": Entry("dvml.cli.export", SERVE, "One model file, images to embeddings (TorchScript or ONNX)."),
+    "analyze": Entry("dvml.cli.analyze", EXPERIMENTS, "The paper's Table 4 evidence, how alive a run's "
+                                                      "variational branch is, and whether it beats noise."),
+    "report": Entry("dvml.cli.report", EXPERIMENTS, "The markdown tables of a kept results folder, regenerated from "
+                    "its files (and checked against a document)."),
+    "export": Entry("dvml.cli.export", SERVE, "One model file, images to embeddings (torch.export .pt2, TorchScript "
+                                              "or ONNX)."),
     "index": Entry("dvml.cli.index", SERVE, "Build a faiss gallery index with row ids, labels and paths."),
     "search": Entry("dvml.cli.search", SERVE, "Top-k gallery items of query images."),
     "show": Entry("dvml.cli.show", SERVE, "An HTML page of seeded test queries and their top-k, right or wrong."),
