@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from dvml.errors import DvmlError
+from dvml.evaluate.labels import metric_label
 from dvml.experiments.ablate import RESULTS_FILE, metric_names, read_results_csv, summarize
 from dvml.experiments.stats import MeanStd, PairedDiff
 
@@ -92,7 +93,7 @@ def render(results_dir: str | Path, *, shown_as: str | None = None) -> str:
                   "|---" * (1 + len(names) + len(diffs)) + "|"]
         for k in metric_names(dict.fromkeys(m for m in SHOWN if m in e["metrics"])):
             m = e["metrics"][k]
-            lines.append(f"| {k} | " + " | ".join(_ms(m.get(x)) for x in names) + " | "
+            lines.append(f"| {metric_label(k)} | " + " | ".join(_ms(m.get(x)) for x in names) + " | "
                          + " | ".join(_diff(m.get(key)) for key, _ in diffs) + " |")
         lines.append("")
     return "\n".join(lines)
