@@ -37,7 +37,7 @@ def test_render_matches_numpy_and_scipy(tmp_path):
     d, vals = _kept(tmp_path)
     md = report.render(d, shown_as="results/r")
     assert "Regenerate: `dvml report results/r`" in md and "dvml ablate w.h5 -o out" in md
-    row = next(line for line in md.splitlines() if line.startswith("| recall@1 |"))
+    row = next(line for line in md.splitlines() if line.startswith("| R@1 |"))  # the metric under its display name
     cells = [c.strip() for c in row.strip("|").split("|")]
     for cell, m in zip(cells[1:4], ("base", "dvml", "noise"), strict=True):
         assert cell == f"{100 * vals[m].mean():.2f} ± {100 * vals[m].std(ddof=1):.2f}"
