@@ -87,7 +87,7 @@ def test_plan_stacks_by_loss_and_method_and_falls_back_with_a_reason(cache, tmp_
         f"slower stacked (limit {stacking.CPU_STACK_MAX_ACTIVATIONS:,})"] * 2
     with caplog.at_level(logging.WARNING, logger="dvml.experiments.stacking"):
         out = ablate.run(ablate.AblateConfig(cache=cache, out=tmp_path / "r", losses=("triplet", "proxy-nca"),
-                                             seeds=(0, 1), dvml_modes=(False,), clustering=False,
+                                             seeds=(0, 1), methods=("base",), clustering=False,
                                              fit={**FIT, "batch_size": 16, "epochs": 1}))
     assert any("fitted one by one" in r.message and "proxy-nca" in r.message for r in caplog.records)
     assert {r["loss"]: trainer(r["run_dir"]) for r in out["rows"]} == {"triplet": "stacked",

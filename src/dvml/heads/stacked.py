@@ -71,7 +71,9 @@ STACKED_FIELDS = frozenset({
     "free_bits", "variance_space", "variance_scale", "variance_kappa", "metric_grad_to_variance", "centre_mu",
     "synthetic_pairs", "lr", "proxy_lr", "weight_decay", "batch_size", "per_class", "margin", "gamma", "temperature",
     "label_smoothing", "seed", "cache", "out", "triplet_input", "device", "eval_every", "val_classes", "diag_images",
-    "grad_every", "resume", "overwrite"})
+    "grad_every", "resume", "overwrite",
+    "batch_size_given",  # derived from batch_size; fit_batch reads it for every member as fit() does
+    "preset"})  # a label: the values it filled in are the fields above
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
