@@ -13,7 +13,7 @@ Contract:
   :class:`~dvml.files.BusyError` and readers say the file is being written. A symlink is written through.
 * A float16 cache does not silently lose features: a batch with finite values beyond float16's range (which
   would be stored as inf) is refused with :class:`~dvml.cache.errors.CacheValueError`; rows that are non-zero
-  but round to all zeros in float16 (e.g. features ~1e-9 of random weights) are written, with one warning per
+  but become all zeros in float16 (e.g. features ~1e-9 of random weights) are written, with one warning per
   writer. Both suggest ``--dtype float32``.
 * A failed write (full disk, read-only file system, ...) raises :class:`~dvml.files.WriteError`
   (``cannot write PATH: CAUSE``) and leaves ``complete`` false. After a failed write *inside* HDF5 the library's
@@ -316,7 +316,7 @@ class CacheWriter:
         if lost.any() and not self._warned_underflow:
             self._warned_underflow = True
             largest = float(np.abs(features[lost]).max())
-            log.warning("%s: %d %s row(s) of non-zero features (|x| <= %.2g) round to all zeros in float16, so those "
+            log.warning("%s: %d %s row(s) of non-zero features (|x| <= %.2g) become all zeros in float16, so those "
                         "images cannot be told apart; use --dtype float32 (warned once; dvml cache validate counts "
                         "them all)", self.path, int(lost.sum()), split, largest)
         return stored

@@ -110,7 +110,7 @@ def summary_tables(summary: dict, *, title: str) -> list[Table]:
     metrics = [m for m in summary["metrics"] if m not in ("precision", "recall")]
     from dvml.experiments.stats import MeanStd, PairedDiff  # lazily: scipy is slow to import
 
-    c = int(round(summary["confidence"] * 100))
+    c = int(f"{summary['confidence'] * 100:.0f}")
     tables = []
     for loss, e in summary["losses"].items():
         n = e["n_seeds"]

@@ -77,7 +77,7 @@ def tune_cmd(
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         seconds.append(float(t["seconds"] or 0.0))
         left = max(0, t["target"] - t["n_complete"])
-        eta = str(timedelta(seconds=round(left * sum(seconds) / len(seconds))))  # mean trial time x trials left
+        eta = str(timedelta(seconds=int(f"{left * sum(seconds) / len(seconds):.0f}")))  # mean trial time x trials left
         if not task:
             progress.start()
             task.append(progress.add_task("tune", total=t["target"], eta=eta))

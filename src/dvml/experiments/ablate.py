@@ -314,11 +314,11 @@ def _evaluate_cell(cfg: AblateConfig, cell: Cell, run: Path, fit_s: float) -> di
     evaluate_target(run, ks=cfg.ks, clustering=cfg.clustering, kmeans_runs=cfg.kmeans_runs,
                     extra={"ablate": {"loss": cell.loss, "method": cell.method.value, "dvml": cell.dvml,
                                       "seed": cell.seed,
-                                      "fit_seconds": round(fit_s, 3), "eval_seconds": None}},
+                                      "fit_seconds": float(f"{fit_s:.3f}"), "eval_seconds": None}},
                     per_class_csv=run / PER_CLASS_FILE)
     eval_s = time.perf_counter() - t0
     metrics = json.loads((run / R.METRICS_FILE).read_text())
-    metrics["ablate"]["eval_seconds"] = round(eval_s, 3)
+    metrics["ablate"]["eval_seconds"] = float(f"{eval_s:.3f}")
     R.atomic_write_json(metrics, run / R.METRICS_FILE)
     return _row(cell, metrics, run)
 
@@ -404,7 +404,7 @@ def _fmt_p(d: dict | None) -> str:
 def summary_markdown(summary: dict, *, title: str = "Ablation") -> str:
     """``summary.md``: one table per loss, metrics as rows, values in percent; the noise arm's columns and
     DVML − noise when the summary has them."""
-    c = int(round(summary["confidence"] * 100))
+    c = int(f"{summary['confidence'] * 100:.0f}")
     names = summary.get("methods", ["baseline", "DVML"])
     noise = "noise" in names
     lines = [f"# {title}", "",
@@ -693,7 +693,7 @@ def write_summary(cfg: AblateConfig, cells: list[Cell], rows: list[dict], info, 
     _write_rows_csv(per_class, cfg.out / PER_CLASS_FILE)
     _write_rows_csv(compare_per_class(per_class), cfg.out / PER_CLASS_COMPARE_FILE)
     prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    prov["fit_seconds_total"] = round(sum(r["fit_seconds"] or 0.0 for r in rows), 3)
+    prov["fit_seconds_total"] = float(f"{sum(r['fit_seconds'] or 0.0 for r in rows):.3f}")
     R.atomic_write_json(prov, prov_path)
     result = {**summary, "rows": rows, "out": str(cfg.out)}
     cb(AblateEvent("done", summary=result))

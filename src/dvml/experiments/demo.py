@@ -60,7 +60,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
     # phase-2 weights, not fit-heads' default ones: at this fast schedule the default's heavier synthetic term
     # costs triplet about 9 points of validation Recall@1 (held-out training classes, seeds 0 / 1: 0.603 / 0.619
     # against 0.691 / 0.709; N-pair 0.741 / 0.688 against 0.731 / 0.716), while at the default schedule it
-    # gains (README, issue 14's sixth round).
+    # gains (docs/history.md).
     "default": DemoSize(
         world=SynthConfig(n_classes=128, images_per_class=20, views=4, feature_dim=256, class_dim=64,
                           variation_dim=16, hidden_dim=128, seed=0),

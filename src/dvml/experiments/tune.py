@@ -120,7 +120,7 @@ def split_train_classes(labels: np.ndarray, val_fraction: float, seed: int) -> t
     Raises DvmlError when either side would have fewer than 2 classes.
     """
     classes = np.unique(labels)
-    n_val = int(round(val_fraction * classes.size))
+    n_val = int(f"{val_fraction * classes.size:.0f}")
     if n_val < 2 or classes.size - n_val < 2:
         raise DvmlError(f"the training split has {classes.size} classes: holding out {val_fraction:.0%} "
                         f"leaves {classes.size - n_val} to fit and {n_val} to validate; both need >= 2 "
@@ -147,7 +147,7 @@ LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitCo
 LAMBDA_RANGE = (0.05, 8.0)
 #: The reconstruction's share k (:attr:`~dvml.heads.config.HeadsConfig.recon_share`): multiplies the phase-2 λ1
 #: and λ2 together (the variance branch's β = λ1/λ2 unchanged), i.e. how strongly the decoder's gradient trains
-#: z_I against the metric loss — the lever measured in issue 14's third round (wordnet N-pair validation
+#: z_I against the metric loss — the lever measured in docs/history.md (wordnet N-pair validation
 #: Recall@1 up at k = 16, the demo world's down).
 RECON_SHARE = "recon_share"
 RECON_SHARE_RANGE = (0.25, 64.0)
@@ -336,7 +336,7 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
                 shutil.rmtree(out)
         value = float(metrics[cfg.objective])
         trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+        trial.set_user_attr("seconds", float(f"{time.perf_counter() - t0:.3f}"))
         return value
 
     def on_trial(study_, trial) -> None:

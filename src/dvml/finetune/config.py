@@ -30,12 +30,12 @@ class FinetuneConfig(HeadsConfig):
         out: run directory.
         loss ... seed: :class:`~dvml.heads.config.HeadsConfig` (``lr`` is the heads' learning rate; ``batch_size``
             is the global batch over all processes; ``weight_decay`` applies to backbone and heads). The DVML
-            objective and variance branch have fit-heads' defaults (issue 14): the calibrated ``gaussian``
+            objective and variance branch have fit-heads' defaults: the calibrated ``gaussian``
             likelihood, z_V on the unit sphere at the class's scale (``normalized``, ``class``) and the
             per-loss ``reduction`` (``sum`` for triplet and triplet-dws, ``mean`` otherwise): the gaussian
             reconstruction does not scale with the backbone's feature units, so the summed terms weigh as the
             paper's λs assume end to end too; the paper's heads are ``likelihood="l2", variance_space="raw",
-            variance_scale="unit"`` (with ``reduction="mean"``, finetune's default before issue 14, since the
+            variance_scale="unit"`` (with ``reduction="mean"``, finetune's default before those deviations, since the
             L2 reconstruction summed over D swamps the metric loss). The batch statistics (class scale, class
             centring, the gaussian's s²) are the global batch's under torchrun. ``standardize`` is refused: it
             needs fixed training features, and the backbone's change as it trains.

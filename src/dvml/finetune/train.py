@@ -372,7 +372,7 @@ class _Finetune:
                 images = images.contiguous(memory_format=torch.channels_last)
             values = self._step(images, batch["labels"].to(device, non_blocking=True), epoch, step)
             if not np.isfinite(values).all():
-                detail = str(dict(zip(TERMS, values.round(4).tolist(), strict=True)))
+                detail = str(dict(zip(TERMS, np.around(values, 4).tolist(), strict=True)))
                 if not (cfg.out / R.CHECKPOINT_FILE).is_file():  # never name a checkpoint that was never written
                     raise DvmlError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} of {steps} ({detail}); "
                                     "no checkpoint was written yet; lower `lr` / `backbone_lr`")

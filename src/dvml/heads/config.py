@@ -4,7 +4,7 @@
 The paper's settings (section 3.5) are the defaults: embedding size 512, T = 20 synthetic draws, Adam with
 lr 1e-4, λ = (1, 1, 0.1, 1) in phase 1 and (0.8, 1, 0.2, 0.8) in phase 2, the sums of eqs. 2, 4, 8 and 9,
 batch 120 for the triplet loss and 128 for every other loss. Four defaults deviate from the paper, by
-measurement (issue 14; README's deviation table): the phase-2 weights (:data:`PHASE2_LAMBDAS` with
+measurement (the README's deviation table; docs/history.md): the phase-2 weights (:data:`PHASE2_LAMBDAS` with
 ``recon_share`` 4: λ3 = 3.2 instead of 0.2, KL and reconstruction ×4); the reconstruction likelihood is calibrated
 (``likelihood="gaussian"``); z_V is added where the metric loss compares embeddings, at the class's scale
 (``variance_space``: the unit sphere, raw z_I for N-pair; ``variance_scale``); and Lm(ẑ) does not train μ and σ
@@ -105,19 +105,20 @@ PHASE1_LAMBDAS = (1.0, 1.0, 0.1, 1.0)
 #: The paper's phase-2 weights (λ1 KL, λ2 recon, λ3 Lm(ẑ), λ4 Lm(z_I)) and reconstruction share k.
 PAPER_PHASE2_LAMBDAS = (0.8, 1.0, 0.2, 0.8)
 PAPER_RECON_SHARE = 1.0
-#: dvml's phase-2 defaults (issue 14, sixth round of the README): the synthetic term 16× the paper's weight
+#: dvml's phase-2 defaults (docs/history.md, 2026-12-03): the synthetic term 16× the paper's weight
 #: (λ3 = 3.2 = 4 λ4) and the KL and reconstruction 4× (k = 4; effective phase-2 weights 3.2, 4, 3.2, 0.8). Chosen on
 #: validation classes of the training split at the default schedule (lr 1e-4, 60 epochs, E 512, T 20) for
 #: triplet, N-pair and triplet-dws on the demo world and wordnet_dev: there the paper's weights leave DVML's
 #: gradient on the embedding layer within cos 0.96-0.996 of the baseline's ("baseline plus noise"). At a fast
 #: schedule (lr 1e-3, ``dvml demo``) the same weights cost triplet about 9 validation points: there the paper's
-#: are better (the demo pins them).
+#: are better (the demo pins them). Adopted after a test-split look, before the written protocol
+#: (docs/protocol.md) existed: not yet chosen by it.
 PHASE2_LAMBDAS = (0.8, 1.0, 3.2, 0.8)
 DEFAULT_RECON_SHARE = 4.0
 #: How a recorded config (fit-heads' or finetune's) without these fields trained: ``recon_share`` is recorded only
-#: since it exists, and runs before the sixth round had the paper's phase-2 weights. JSON form, as recorded.
+#: since it exists, and runs from before that field had the paper's phase-2 weights. JSON form, as recorded.
 LEGACY_PHASE2_FIELDS = {"recon_share": PAPER_RECON_SHARE, "lambdas_phase2": list(PAPER_PHASE2_LAMBDAS)}
-#: Learning rate of a proxy loss's proxies, whatever the heads' lr (issue 14, seventh round of the README). Was
+#: Learning rate of a proxy loss's proxies, whatever the heads' lr (docs/history.md, "Proxy losses"). Was
 #: 100 × lr (Proxy-Anchor's recipe; 0.01 at the default lr 1e-4): on the demo world's 10 steps an epoch
 #: ``proxy-nca-pp`` was still converging at epoch 60 and trailed triplet by 2.7 / 3.1 test points (baseline / DVML).
 #: Chosen on validation classes of the training split at the default schedule: demo world 0.675 / 0.678 → 0.731 /
@@ -189,7 +190,7 @@ SUMMED_LOSSES = frozenset(n for n in LossName if loss_spec(n).summed)
 def default_reduction(loss: LossName) -> Reduction:
     """``sum`` (the paper's eqs. 2, 4, 8, 9) for the triplet losses; ``mean`` for every loss that averages over
     its pairs or samples (N-pair's eq. 3, the proxy and pml losses): summed ELBO terms (nats per image) next to a
-    per-pair mean swamp the metric loss (measured, issue 14: DVML+N-pair Recall@1 −22 points on the demo world)."""
+    per-pair mean swamp the metric loss (measured: DVML+N-pair Recall@1 −22 points on the demo world)."""
     return Reduction.sum if loss_spec(loss).summed else Reduction.mean
 
 
@@ -227,7 +228,7 @@ class HeadsConfig:
             the variance branch's β = λ1/λ2 stays and only how strongly the decoder's gradient trains z_I
             against the metric loss moves. Default 4 (with λ3 = 3.2, see :data:`PHASE2_LAMBDAS`); 1 = the
             paper, and what a recorded config without the field (runs before it existed) reads back as.
-            Measured on validation classes (issue 14, README): k alone (λ3 = 0.2) lifts N-pair on wordnet_dev
+            Measured on validation classes (docs/history.md): k alone (λ3 = 0.2) lifts N-pair on wordnet_dev
             at k = 16 and costs the demo world; at the default schedule it turns the gradient below cos 0.95
             on the demo world only at k ≳ 64, at −9 points of validation Recall@1.
         reduction: ``None`` = :func:`default_reduction`: ``sum`` for triplet and triplet-dws, ``mean`` for the
@@ -237,7 +238,7 @@ class HeadsConfig:
             triplets (dvml's earlier default). With the paper's L2 reconstruction the sums made recon O(100)
             against O(0.1-1) metric terms (a synth world's test Recall@1 fell from 0.64 to 0.09 once phase 2
             opened); with the calibrated ``likelihood="gaussian"`` the reconstruction no longer scales with
-            the features' units, and the sums weigh the four terms as the paper's λs assume (issue 14).
+            the features' units, and the sums weigh the four terms as the paper's λs assume.
         metric_reduction: how the triplet losses reduce over their triplets: ``sum``, ``mean`` (over all
             triplets) or ``nonzero`` (over the non-zero ones, pml's reducer); ``None`` = ``sum`` with
             ``reduction="sum"``, ``nonzero`` with ``"mean"``.
@@ -260,8 +261,8 @@ class HeadsConfig:
         metric_grad_to_variance: whether Lm(ẑ)'s gradient reaches μ and σ. False (default): they learn from the
             KL and reconstruction only — the variance branch is a generative model of the features, and the metric
             loss uses its samples as data. True (the paper, eq. 12 read literally): Lm(ẑ) also trains the
-            generator of its own inputs, towards *easy* samples and an input-independent μ — measured (issue 14,
-            seed 0): on wordnet_dev 10 of 512 units active (KL 31 nats from a uniformly narrowed σ, no
+            generator of its own inputs, towards *easy* samples and an input-independent μ — measured (seed
+            0): on wordnet_dev 10 of 512 units active (KL 31 nats from a uniformly narrowed σ, no
             information about x) against 512 of 512 without; on the demo world Lm(ẑ) − Lm(z_I) 95 against 1,400
             (κ 1.5).
         centre_mu: centre the posterior mean within each class of the batch (z_V's mean carries no class
@@ -521,7 +522,7 @@ class FitConfig(HeadsConfig):
     def from_dict(cls, d: dict) -> FitConfig:
         """A recorded config (``config.json``, a checkpoint's) back as a FitConfig. Every field is recorded, but
         ``recon_share`` only since it exists: a config without it trained with k = 1 and, if it lacks them too,
-        the paper's phase-2 λs (dvml's defaults until issue 14's sixth round), not today's defaults."""
+        the paper's phase-2 λs (dvml's defaults until 2026-12-03), not today's defaults."""
         names = {f.name for f in config_fields(cls)}
         d = {**LEGACY_PHASE2_FIELDS, **d}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})

@@ -111,8 +111,8 @@ def epoch_record(cfg, epoch: int, means: Sequence[float], seconds: float, sample
     lam = cfg.lambdas(epoch)
     return {"epoch": epoch + 1, "phase": lam.phase if cfg.dvml else 0,
             **{k: float(v) for k, v in zip(TERMS, means, strict=True)},
-            "lambda_kl": lam.kl if cfg.dvml else 0.0, **extra, "seconds": round(seconds, 4),
-            "samples_per_s": round(samples_per_s, digits)}
+            "lambda_kl": lam.kl if cfg.dvml else 0.0, **extra, "seconds": float(f"{seconds:.4f}"),
+            "samples_per_s": float(f"{samples_per_s:.{digits}f}")}
 
 
 def non_finite_error(epoch: int, step: int, steps: int, detail: str, kept: str, hint: str) -> DvmlError:

@@ -291,7 +291,7 @@ def default_nlist(n: int) -> int:
     >>> default_nlist(60502), default_nlist(100)
     (984, 2)
     """
-    return max(1, min(int(round(4 * n ** 0.5)), n // 39))
+    return max(1, min(int(f"{4 * n ** 0.5:.0f}"), n // 39))
 
 
 def build_index(gallery: np.ndarray, *, metric: Metric | str = Metric.cosine, kind: IndexKind | str = IndexKind.flat,
