@@ -88,3 +88,11 @@ def test_docs_results_regenerate_from_the_kept_files():
     for key in kept:  # kept small: CSV and text only
         assert all(p.suffix in (".csv", ".txt", ".json") and p.stat().st_size < 200_000
                    for p in (ROOT / key).iterdir())
+
+
+def test_readme_tables_regenerate_from_the_kept_files():
+    """The README's result tables are report blocks too: each matches what its kept directory renders."""
+    readme = ROOT / "README.md"
+    embedded = report.blocks(readme.read_text())
+    assert embedded, "the README shows no result table rendered by dvml report"
+    assert report.stale_blocks(readme, root=ROOT) == []
