@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dvml.losses.metric import DWS_CUTOFF, DWS_NONZERO_LOSS_CUTOFF, NPAIR_L2_REG
+from dvml.losses.metric import DWS_CUTOFF, DWS_NONZERO_LOSS_CUTOFF, NPAIR_L2_REG, block_triplet_violations
 from dvml.losses.names import MetricReduction
 
 
@@ -74,18 +74,8 @@ def block_triplet(z: torch.Tensor, m: int, *, margin: float, squared: bool = Tru
 
     ``anchors`` (G, B, E): the cross pairs (each triplet's anchor from ``anchors``, positive and negative from z).
     """
-    d = _distances(z, squared, anchors)
-    g, b, _ = d.shape
-    c = b // m
-    d5 = d.view(g, c, m, c, m)
-    idx = torch.arange(c, device=d.device)
-    ap = d5[:, idx, :, idx, :].transpose(0, 1)  # (G, C, m, m): anchor j, positive k of the same block
-    eye = torch.eye(m, dtype=torch.bool, device=d.device)
-    ap = ap.masked_fill(eye, float("-inf"))
-    same_block = torch.eye(c, dtype=torch.bool, device=d.device).repeat_interleave(m, dim=1)  # (C, B)
-    an = d.view(g, c, m, b).masked_fill(same_block[None, :, None, :], float("inf"))  # (G, C, m, B)
-    v = F.relu(ap.unsqueeze(-1) - an.unsqueeze(-2) + margin)  # (G, C, m, m, B)
-    return reduce_rows(v.reshape(g, -1), reducer, max(1, c * m * (m - 1) * (b - m)))
+    v, count = block_triplet_violations(_distances(z, squared, anchors), m, margin)
+    return reduce_rows(v, reducer, count)
 
 
 def block_npair(z: torch.Tensor, *, anchors: torch.Tensor | None = None, l2_reg: float = NPAIR_L2_REG

@@ -78,6 +78,27 @@ def _as_tb(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings
 
 
+def block_triplet_violations(d: torch.Tensor, m: int, margin: float) -> tuple[torch.Tensor, int]:
+    """The hinge of every triplet of batches whose classes sit in contiguous blocks of ``m`` images.
+
+    ``d`` (T, B, B): each batch's distances, anchors as rows (B = C·m, block c = rows c·m … c·m + m − 1). Returns
+    ``(v, count)``: ``v`` (T, C·m·m·B) = relu(d(a, p) − d(a, n) + margin) over anchor a, positive p of a's block
+    (p ≠ a) and negative n of another block (the non-triplets are 0), and ``count`` = the number of real triplets
+    per batch, C·m·(m − 1)·(B − m) (at least 1).
+    """
+    t, b, _ = d.shape
+    c = b // m
+    d5 = d.view(t, c, m, c, m)
+    idx = torch.arange(c, device=d.device)
+    ap = d5[:, idx, :, idx, :].transpose(0, 1)  # (T, C, m, m): anchor j, positive k of the same block
+    eye = torch.eye(m, dtype=torch.bool, device=d.device)
+    ap = ap.masked_fill(eye, float("-inf"))  # an image is not its own positive
+    same_block = torch.eye(c, dtype=torch.bool, device=d.device).repeat_interleave(m, dim=1)  # (C, B)
+    an = d.view(t, c, m, b).masked_fill(same_block[None, :, None, :], float("inf"))  # (T, C, m, B)
+    v = F.relu(ap.unsqueeze(-1) - an.unsqueeze(-2) + margin)  # (T, C, m, m, B)
+    return v.reshape(t, -1), max(1, c * m * (m - 1) * (b - m))
+
+
 class Strategy(str, Enum):
     """How a :class:`MetricLoss` computes its T batches (the module docstring)."""
 
@@ -285,17 +306,8 @@ class BatchedTripletLoss(MetricLoss):
         """Every class has m images: sort into blocks, then one dense (T, C, m, m, B) broadcast."""
         d = _pair_distances(z[:, order], self.squared,  # (T, B, B), classes in contiguous blocks
                             None if anchors is None else anchors[order])
-        t, b, _ = d.shape
-        c = b // m
-        d5 = d.view(t, c, m, c, m)
-        idx = torch.arange(c, device=d.device)
-        ap = d5[:, idx, :, idx, :].transpose(0, 1)  # (T, C, m, m): anchor j, positive k of the same block
-        eye = torch.eye(m, dtype=torch.bool, device=d.device)
-        ap = ap.masked_fill(eye, float("-inf"))  # an image is not its own positive
-        same_block = torch.eye(c, dtype=torch.bool, device=d.device).repeat_interleave(m, dim=1)  # (C, B)
-        an = d.view(t, c, m, b).masked_fill(same_block[None, :, None, :], float("inf"))  # (T, C, m, B)
-        v = F.relu(ap.unsqueeze(-1) - an.unsqueeze(-2) + self.margin)  # (T, C, m, m, B)
-        return _reduce_triplets(v.reshape(t, -1), self.reducer, max(1, c * m * (m - 1) * (b - m)))
+        v, count = block_triplet_violations(d, m, self.margin)
+        return _reduce_triplets(v, self.reducer, count)
 
     def _all_triplets_general(self, z, labels, anchors=None):
         d = _pair_distances(z, self.squared, anchors)
