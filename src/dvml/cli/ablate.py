@@ -7,12 +7,13 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set
+from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set, panel
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
 from dvml.experiments.grid_storage import DEFAULT_HEARTBEAT_S
 
 _D = AblateConfig  # option defaults are the config dataclass defaults
+SCALE_PANEL = "Speed and many workers"
 
 
 @app.command("ablate")
@@ -46,20 +47,24 @@ def ablate_cmd(
                                                "--losses)."),
     clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
                                     help="NMI/F1 (k-means) besides the retrieval metrics."),
-    storage: str | None = typer.Option(None, help="Share the grid among workers: an Optuna RDB storage URL "
-                                       "(sqlite:///grid.db on one machine, postgresql://... or mysql+pymysql://... "
-                                       "across machines). Start the same command as many times as you like; each "
-                                       "cell runs once, a killed worker's cell is taken again, the last worker "
-                                       "writes the summary. Workers fit the cells they claim one by one (no --stack)."),
-    heartbeat: int = typer.Option(DEFAULT_HEARTBEAT_S, min=1, help="With --storage: seconds between a worker's "
-                                  "heartbeats; a cell whose worker is silent for 4x this is taken by another."),
-    summarize: Path | None = typer.Option(None, help="Write the summary of the finished grid in this --out "
-                                          "directory from its run directories, and run nothing."),
-    stack: bool = typer.Option(_D.stack, "--stack/--no-stack",
-                               help="Train the cells that differ only in their seed together, as one stacked model "
-                                    "(same outputs, faster; losses triplet, npair, triplet-dws; other cells run "
-                                    "one by one, the reason logged). --no-stack: one fit after another."),
-    stack_size: int = typer.Option(_D.stack_size, min=2, help="Most cells in one stack (bounds memory)."),
+    storage: str | None = panel(SCALE_PANEL, typer.Option(
+        None, help="Share the grid among workers: an Optuna RDB storage URL (sqlite:///grid.db on one machine, "
+                   "postgresql://... or mysql+pymysql://... across machines). Start the same command as many times "
+                   "as you like; each cell runs once, a killed worker's cell is taken again, the last worker writes "
+                   "the summary. Workers fit the cells they claim one by one (no --stack).")),
+    heartbeat: int = panel(SCALE_PANEL, typer.Option(
+        DEFAULT_HEARTBEAT_S, min=1, help="With --storage: seconds between a worker's heartbeats; a cell whose worker "
+                                         "is silent for 4x this is taken by another.")),
+    summarize: Path | None = panel(SCALE_PANEL, typer.Option(
+        None, help="Write the summary of the finished grid in this --out directory from its run directories, and "
+                   "run nothing.")),
+    stack: bool = panel(SCALE_PANEL, typer.Option(
+        _D.stack, "--stack/--no-stack",
+        help="Train the cells that differ only in their seed together, as one stacked model (same outputs, faster; "
+             "losses triplet, npair, triplet-dws; other cells run one by one, the reason logged). --no-stack: one "
+             "fit after another.")),
+    stack_size: int = panel(SCALE_PANEL, typer.Option(_D.stack_size, min=2,
+                                                      help="Most cells in one stack (bounds memory).")),
 ):
     """Grid of losses x {baseline, DVML[, noise control]} x seeds on one cache: results.csv, summary.md, chart,
     live table.
