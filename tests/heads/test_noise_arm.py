@@ -55,7 +55,7 @@ def test_variance_source_is_validated_recorded_and_read_back(tmp_path):
     assert cfg.heads_kwargs()["variance_source"] is VarianceSource.noise
     old = {k: v for k, v in cfg.to_dict().items() if k != "variance_source"}  # a config recorded before the arm
     assert FitConfig.from_dict(old).variance_source is VarianceSource.learned
-    with pytest.raises(ValueError, match="--variance-source must be one of learned, noise"):
+    with pytest.raises(ValueError, match="^variance_source must be one of learned, noise"):
         HeadsConfig(variance_source="gauss")
 
 
