@@ -669,7 +669,7 @@ class CacheBackbone:
         if ident.startswith("state_dict:"):
             if weights_file is None:
                 raise DvmlError(f"the cache was made with the local state dict {ident.split(':')[1]} ({ident}); "
-                                "pass that file (weights_file / --weights PATH)")
+                                "pass that file as `weights`")
             weights = str(weights_file)
         elif ident.startswith("torchvision:"):
             weights = ident.rsplit(".", 1)[-1]  # the enum member, e.g. IMAGENET1K_V2
