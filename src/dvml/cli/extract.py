@@ -1,4 +1,5 @@
-"""``dvml extract cub|cars196|sop|folder --root DIR --out FILE.h5`` (see :mod:`dvml.extract`)."""
+"""``dvml extract DATASET --root DIR --out FILE.h5``: DATASET any entry of :mod:`dvml.extract.registry` (cub, cars196,
+sop, inshop, folder, or one registered before the command runs); see :mod:`dvml.extract`."""
 
 from __future__ import annotations
 

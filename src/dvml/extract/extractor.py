@@ -90,7 +90,7 @@ class ExtractConfig:
     """One extraction job. ``backbone``: see :func:`~dvml.extract.backbone.load_backbone`. ``resize``, ``crop``,
     ``mean``, ``std``, ``interpolation`` ``None`` take the backbone's own preprocessing (GoogLeNet: 256 / 224)."""
 
-    dataset: DatasetName
+    dataset: DatasetName | str  # a registered dataset (dvml.extract.registry); a plug-in's name is a DatasetKey
     root: Path
     out: Path
     backbone: str = DEFAULT_BACKBONE
