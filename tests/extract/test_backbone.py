@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dvml.cli.fields import flag_message
 from dvml.errors import DvmlError
 from dvml.extract.backbone import build_backbone, imagenet_checkpoint_path
 
@@ -93,7 +94,8 @@ def test_imagenet_offline_names_the_file_torchvision_expects(monkeypatch, tmp_pa
     msg = str(err.value)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "googlenet-1378be20.pth"
     assert imagenet_checkpoint_path() == expected
-    assert str(expected) in msg and "--weights PATH" in msg and "googlenet-1378be20.pth" in msg
+    assert str(expected) in msg and "pass weights PATH" in msg and "googlenet-1378be20.pth" in msg
+    assert "pass --weights PATH" in flag_message(err.value)  # the field, as the CLI shows it
 
 
 def test_imagenet_loads_what_torchvision_provides(monkeypatch):

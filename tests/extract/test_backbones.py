@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from dvml.cache import load_split, read_info
 from dvml.cli import app
+from dvml.cli.fields import flag_message
 from dvml.errors import DvmlError
 from dvml.extract.backbone import (
     Preprocess,
@@ -89,7 +90,7 @@ def test_bad_specs_are_named(tmp_path):
         load_backbone(tmp_path / "junk.pt")
     with pytest.raises(DvmlError, match="no Linear classifier"):
         load_backbone("squeezenet1_0", "none")
-    with pytest.raises(DvmlError, match="--transform-input applies to"):
+    with pytest.raises(DvmlError, match="^transform_input applies to"):
         load_backbone("resnet18", "none", transform_input=True)
     assert parse_spec("torchvision.googlenet") == parse_spec("googlenet") == parse_spec("torchvision:googlenet")
     assert parse_spec("timm:resnet50.a1_in1k").kind == "timm"
@@ -124,7 +125,8 @@ def test_torchvision_imagenet_offline_names_the_file_and_directory(monkeypatch, 
         load_backbone("resnet18", "imagenet")
     msg = str(err.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
-    assert "ResNet18_Weights.IMAGENET1K_V1" in msg and "--weights PATH" in msg
+    assert "ResNet18_Weights.IMAGENET1K_V1" in msg and "pass weights PATH" in msg
+    assert "pass --weights PATH" in flag_message(err.value)
 
 
 # --------------------------------------------------------------------------- timm (optional extra)
@@ -166,7 +168,8 @@ def test_timm_state_dict_file_and_offline_message(tmp_path, monkeypatch):
     with pytest.raises(DvmlError) as err:
         load_backbone("timm:test_vit", "imagenet")
     msg = str(err.value)
-    assert "timm/test_vit.r160_in1k" in msg and str(hf.HF_HUB_CACHE) in msg and "--weights PATH" in msg
+    assert "timm/test_vit.r160_in1k" in msg and str(hf.HF_HUB_CACHE) in msg and "pass weights PATH" in msg
+    assert "pass --weights PATH" in flag_message(err.value)
 
 
 # --------------------------------------------------------------------------- TorchScript files

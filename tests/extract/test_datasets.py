@@ -54,7 +54,7 @@ def test_folder_splits_sorted_classes_in_half_or_as_told(tiny_folder):
     assert any(s.path.endswith(".png") for s in index.train + index.test)
     three = read_dataset("folder", tiny_folder, train_classes=3)
     assert {s.label for s in three.train} == {0, 1, 2} and {s.label for s in three.test} == {3}
-    with pytest.raises(DvmlError, match="--train-classes 4"):
+    with pytest.raises(DvmlError, match="^train_classes 4: must be between 1 and 3 "):
         read_dataset("folder", tiny_folder, train_classes=4)
     with pytest.raises(DvmlError, match="folder dataset only"):
         read_dataset("cub", tiny_folder, train_classes=2)

@@ -21,19 +21,16 @@ from rich.table import Table
 from rich.text import Text
 
 from dvml.cli.app import app, console, err_console, handle_errors
+from dvml.cli.datasets import metavar, published_choice
 from dvml.cli.options import one_of
 from dvml.errors import DvmlError
 from dvml.extract import download as D
 from dvml.extract.archive import Limits
+from dvml.extract.registry import published_names
 
-
-class PublishedDataset(str, Enum):
-    """The benchmarks with a known source (``folder`` has none)."""
-
-    cub = "cub"
-    cars196 = "cars196"
-    sop = "sop"
-    inshop = "inshop"
+#: The built-in datasets with a known source (``folder`` has none): a view of :mod:`dvml.extract.registry`; the
+#: arguments accept any registered dataset with a source, checked when the command runs.
+PublishedDataset = Enum("PublishedDataset", [(n, n) for n in published_names()], type=str, module=__name__)
 
 
 data_app = typer.Typer(help="Download (resumable, MD5-checked, safely unpacked) and verify the benchmark datasets.",
@@ -83,7 +80,8 @@ def _on_progress(progress: Progress):
 @data_app.command("download")
 @handle_errors
 def download_cmd(
-    dataset: PublishedDataset = typer.Argument(..., help="Dataset to get."),
+    dataset: str = typer.Argument(..., callback=published_choice, metavar=metavar(published_names()),
+                                  help="Dataset to get."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the archive(s) and the unpacked "
                                                               "dataset directory. [required]"),
     to: Path | None = typer.Option(None, "--to", hidden=True, help="Old spelling of --out."),
@@ -104,37 +102,38 @@ def download_cmd(
     check and unpack them.
     """
     to = one_of(out, to, "--out", "--to")
-    source = D.source_for(dataset.value)
+    source = D.source_for(dataset)
     if not source.downloadable and not all(f.local(to) for f in source.files):
         if not (to / source.folder).exists():
-            console.print(f"{dataset.value} has no official download any more. Get the files by hand:")
+            console.print(f"{dataset} has no official download any more. Get the files by hand:")
             for f in source.files:
                 console.print(f"  {f.name}" + (f"  MD5 {f.md5}" if f.md5 else "  (no published MD5)"))
             console.print(f"from {source.obtain}.")
             for note in source.notes:
                 console.print(f"Note: {note}.")
-            console.print(f"Put them in {to}, then rerun `dvml data download {dataset.value} --out {to}` (checks and "
+            console.print(f"Put them in {to}, then rerun `dvml data download {dataset} --out {to}` (checks and "
                           f"unpacks them into {to / source.folder}), or unpack them yourself and run "
-                          f"`dvml data verify {dataset.value} DIR`.")
-            raise DvmlError(f"{to}: {dataset.value} files not found (see above)")
+                          f"`dvml data verify {dataset} DIR`.")
+            raise DvmlError(f"{to}: {dataset} files not found (see above)")
     with _progress() as progress:
-        root = D.download(dataset.value, to, url=url, progress=_on_progress(progress), timeout=timeout,
+        root = D.download(dataset, to, url=url, progress=_on_progress(progress), timeout=timeout,
                           keep_archives=keep_archives,
                           limits=Limits(max_bytes=int(max_unpacked_gb * 1e9), max_ratio=max_ratio))
-    console.print(f"{dataset.value} is ready: dvml extract {dataset.value} --root {root} --out FILE.h5",
+    console.print(f"{dataset} is ready: dvml extract {dataset} --root {root} --out FILE.h5",
                   soft_wrap=True)  # one unbroken line: it is meant to be copied
 
 
 @data_app.command("verify")
 @handle_errors
 def verify_cmd(
-    dataset: PublishedDataset = typer.Argument(..., help="Dataset the directory should hold."),
+    dataset: str = typer.Argument(..., callback=published_choice, metavar=metavar(published_names()),
+                                  help="Dataset the directory should hold."),
     path: Path = typer.Argument(..., help="The dataset directory, or the --out directory of `dvml data download`."),
 ):
     """Check MD5s (of the archives found), structure, official counts and that every image exists."""
     with _progress() as progress:
-        report = D.verify(dataset.value, path, progress=_on_progress(progress))
-    table = Table(title=f"{dataset.value}: {report.root or path}", title_justify="left")
+        report = D.verify(dataset, path, progress=_on_progress(progress))
+    table = Table(title=f"{dataset}: {report.root or path}", title_justify="left")
     for col in ("check", "", "detail"):
         table.add_column(col)
     for c in report.checks:
@@ -143,7 +142,7 @@ def verify_cmd(
     console.print(table)
     if not report.ok:
         first = report.failures()[0]
-        raise DvmlError(f"{path}: {dataset.value} does not verify ({len(report.failures())} failed check(s); "
+        raise DvmlError(f"{path}: {dataset} does not verify ({len(report.failures())} failed check(s); "
                         f"first: {first.what}: {first.detail})")
-    console.print(f"{dataset.value} verified: dvml extract {dataset.value} --root {report.root} --out FILE.h5",
+    console.print(f"{dataset} verified: dvml extract {dataset} --root {report.root} --out FILE.h5",
                   soft_wrap=True)

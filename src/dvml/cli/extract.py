@@ -1,4 +1,5 @@
-"""``dvml extract cub|cars196|sop|folder --root DIR --out FILE.h5`` (see :mod:`dvml.extract`)."""
+"""``dvml extract DATASET --root DIR --out FILE.h5``: DATASET any entry of :mod:`dvml.extract.registry` (cub, cars196,
+sop, inshop, folder, or one registered before the command runs); see :mod:`dvml.extract`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import typer
 from rich.table import Table
 
 from dvml.cli.app import app, console, handle_errors, make_progress
+from dvml.cli.datasets import dataset_choice, metavar
 from dvml.cli.options import FeatureDtype, Interpolation, choice_value, panel
 from dvml.extract.datasets import DatasetName
 from dvml.extract.extractor import ExtractConfig, run
+from dvml.extract.registry import dataset_names
 
 PRE = "Preprocessing (default: the backbone's own)"  # --help panels
 DATA = "Dataset and output"
@@ -34,7 +37,8 @@ def parse_rgb(value: str | None, option: str) -> tuple[float, float, float] | No
 @app.command("extract")
 @handle_errors
 def extract_cmd(
-    dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
+    dataset: str = typer.Argument(..., callback=dataset_choice, metavar=metavar(dataset_names()),
+                                  help="Dataset format of --root (any registered dataset: dvml.extract.registry)."),
     root: Path = typer.Option(..., "--root", help="Dataset directory (CUB_200_2011, the Cars196 directory with "
                               "cars_annos.mat, Stanford_Online_Products, or a <class>/<image> folder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 feature cache."),

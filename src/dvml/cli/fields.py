@@ -9,7 +9,7 @@ from __future__ import annotations
 from dvml.errors import render_fields
 
 #: Fields whose flag is not ``--`` + the name with ``-`` for ``_``.
-FLAGS: dict[str, str] = {}
+FLAGS: dict[str, str] = {"k": "-k"}
 
 
 def flag_for(field: str) -> str:

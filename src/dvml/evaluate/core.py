@@ -19,6 +19,12 @@ import numpy as np
 from dvml import files
 from dvml import runs as R
 from dvml.errors import DvmlError, FieldError
+
+# The Recall@K values are the datasets' registry entries' (DEFAULT_KS: CUB-200-2011, Cars196); re-exported here.
+from dvml.extract.registry import DEFAULT_KS as DEFAULT_KS
+from dvml.extract.registry import INSHOP_KS as INSHOP_KS
+from dvml.extract.registry import SOP_KS as SOP_KS
+from dvml.extract.registry import default_ks as registered_ks
 from dvml.retrieval import knn
 from dvml.retrieval import metrics as M
 from dvml.retrieval.knn import Metric
@@ -26,9 +32,6 @@ from dvml.retrieval.protocol import query_gallery
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)  # CUB-200-2011, Cars196 (the paper's tables)
-SOP_KS: tuple[int, ...] = (1, 10, 100, 1000)  # Stanford Online Products
-INSHOP_KS: tuple[int, ...] = (1, 10, 20, 30, 40, 50)  # In-Shop Clothes Retrieval (the field's convention)
 PER_CLASS_COLUMNS = ("class", "count", "recall@1", "map@r")
 
 # progress(stage, advance, total): stage is "kNN" (queries) or "k-means" (runs)
@@ -40,13 +43,13 @@ class EvaluationError(DvmlError):
 
 
 def default_ks(dataset: str | None) -> tuple[int, ...]:
-    """The usual K values for a dataset name (``"sop"`` -> 1, 10, 100, 1000; ``"inshop"`` -> 1, 10, 20, ..., 50;
-    else 1, 2, 4, 8).
+    """The K values of a registered dataset (its entry's ``ks``: ``"sop"`` -> 1, 10, 100, 1000; ``"inshop"`` ->
+    1, 10, 20, ..., 50; CUB, Cars196 and ``folder`` 1, 2, 4, 8), 1, 2, 4, 8 for an unknown name.
 
     >>> default_ks("sop"), default_ks("cub"), default_ks("inshop")
     ((1, 10, 100, 1000), (1, 2, 4, 8), (1, 10, 20, 30, 40, 50))
     """
-    return {"sop": SOP_KS, "inshop": INSHOP_KS}.get((dataset or "").lower(), DEFAULT_KS)
+    return registered_ks(dataset)
 
 
 def parse_ks(text: str) -> tuple[int, ...]:

@@ -143,7 +143,7 @@ def preprocess_from_options(resize: int | None, crop: int | None, mean, std,
     """Preprocessing given entirely by options (a model file that stores none): ``crop``, ``mean`` and
     ``std`` are required; ``resize`` defaults to crop / 0.875 (ImageNet's 224/256), interpolation to bilinear."""
     if crop is None and resize is None or mean is None or std is None:
-        raise DvmlError(f"{what} stores no preprocessing: give --crop (or --resize), --mean and --std, or "
+        raise DvmlError(f"{what} stores no preprocessing: give `crop` (or `resize`), `mean` and `std`, or "
                         f"export it with dvml.extract.save_torchscript(model, preprocess, path)")
     crop = crop if crop is not None else round(resize * 0.875)
     resize = resize if resize is not None else round(crop / 0.875)
@@ -220,7 +220,7 @@ def parse_spec(spec: str | Path) -> BackboneSpec:
     Raises DvmlError for an unknown torchvision name (listing how to see the valid ones) or a missing file."""
     s = str(spec).strip()
     if not s:
-        raise DvmlError("--backbone is empty")
+        raise DvmlError("`backbone` is empty")
     for prefix, kind in (("torchvision:", "torchvision"), ("torchvision.", "torchvision"), ("timm:", "timm"),
                          ("torchscript:", "torchscript")):
         if s.startswith(prefix):
@@ -234,7 +234,7 @@ def parse_spec(spec: str | Path) -> BackboneSpec:
     if looks_like_file and forced != "torchvision":
         path = Path(s).expanduser()
         if not path.is_file():
-            raise DvmlError(f"--backbone {s}: no such model file (expected a torchvision model name, "
+            raise DvmlError(f"`backbone` {s}: no such model file (expected a torchvision model name, "
                             f"timm:NAME or a TorchScript file)")
         return BackboneSpec("exported" if path.suffix.lower() == ".pt2" and forced is None else "torchscript",
                             str(path))
@@ -242,7 +242,7 @@ def parse_spec(spec: str | Path) -> BackboneSpec:
 
     names = set(models.list_models(module=models))
     if s not in names:
-        raise DvmlError(f"--backbone {s}: not a torchvision classification model (e.g. googlenet, resnet50, "
+        raise DvmlError(f"`backbone` {s}: not a torchvision classification model (e.g. googlenet, resnet50, "
                         f"efficientnet_b0, convnext_tiny, vit_b_16; see torchvision.models.list_models()); "
                         f"use timm:NAME for timm models or a path for a TorchScript file")
     return BackboneSpec("torchvision", s)
@@ -253,21 +253,21 @@ def parse_spec(spec: str | Path) -> BackboneSpec:
 def _load_state_dict_file(path: Path) -> tuple[dict, str, bool | None]:
     """(state dict with ``module.`` stripped, content digest, stored transform_input or None)."""
     if not path.is_file():
-        raise DvmlError(f"--weights {path}: no such file (expected 'imagenet', 'none' or a state dict path)")
+        raise DvmlError(f"`weights` {path}: no such file (expected 'imagenet', 'none' or a state dict path)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a non-checkpoint
         if "weights_only" in str(e):  # never repeat torch's advice to load an untrusted pickle unsafely
-            raise DvmlError(f"--weights {path}: refused: it holds Python objects other than tensors (it could run "
+            raise DvmlError(f"`weights` {path}: refused: it holds Python objects other than tensors (it could run "
                             "code when loaded); pass a plain state dict (torch.save(model.state_dict()))") from None
-        raise DvmlError(f"--weights {path}: cannot be loaded as a torch state dict ({e})") from None
+        raise DvmlError(f"`weights` {path}: cannot be loaded as a torch state dict ({e})") from None
     stored_ti = obj.get("transform_input") if isinstance(obj, dict) else None
     for key in ("state_dict", "model", "backbone"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DvmlError(f"--weights {path}: not a state dict (a dict of tensors)")
+        raise DvmlError(f"`weights` {path}: not a state dict (a dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return state, _digest(state), stored_ti if isinstance(stored_ti, bool) else None
 
@@ -356,9 +356,9 @@ def _torchvision_backbone(name: str, weights: str, transform_input: bool | None,
         except Exception as e:  # URLError, OSError, RuntimeError (hash): all mean "no usable file"
             target = Path(torch.hub.get_dir()) / "checkpoints" / member.url.rsplit("/", 1)[-1]
             raise DvmlError(
-                f"--weights {key}: cannot load torchvision's {type(member).__name__}.{member.name} ({e}). "
+                f"`weights` {key}: cannot load torchvision's {type(member).__name__}.{member.name} ({e}). "
                 f"Offline, download {member.url} elsewhere and put it at {target} (the torch hub cache; set "
-                f"TORCH_HOME to move it), or pass --weights PATH to the file"
+                f"TORCH_HOME to move it), or pass `weights` PATH to the file"
             ) from None
         model.load_state_dict(state)
         desc = f"torchvision:{type(member).__name__}.{member.name}"
@@ -388,7 +388,7 @@ def _torchvision_backbone(name: str, weights: str, transform_input: bool | None,
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise DvmlError(f"--weights {path}: does not match torchvision's {name}: {e}") from None
+            raise DvmlError(f"`weights` {path}: does not match torchvision's {name}: {e}") from None
         desc = f"state_dict:{path.name}:{digest}"
         preprocess = _tv_preprocess(default)
     if member is not None or key.lower() == "none":
@@ -434,8 +434,8 @@ def _timm_offline_message(name: str, e: Exception) -> str:
     if url:
         parts.append(f"or the file {url.rsplit('/', 1)[-1]} in {Path(torch.hub.get_dir()) / 'checkpoints'}")
     where = "; ".join(parts) if parts else "timm could not say where its weights live"
-    return (f"--weights imagenet: cannot load timm's pretrained weights for {name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Offline, {where}; or pass --weights PATH to a state dict")
+    return (f"`weights` imagenet: cannot load timm's pretrained weights for {name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Offline, {where}; or pass `weights` PATH to a state dict")
 
 
 def _timm_from_file(timm, name: str, path: Path) -> tuple[nn.Module, str]:
@@ -454,7 +454,7 @@ def _timm_from_file(timm, name: str, path: Path) -> tuple[nn.Module, str]:
                                       pretrained_cfg_overlay={"file": str(path), "hf_hub_id": None, "url": None})
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             shown = ", ".join(list(missing)[:3] + list(unexpected)[:3])
-            raise DvmlError(f"--weights {path}: does not match timm's {name} (e.g. {shown}; timm's loader: "
+            raise DvmlError(f"`weights` {path}: does not match timm's {name} (e.g. {shown}; timm's loader: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return model, f"state_dict:{path.name}:{digest}"
 
@@ -463,10 +463,10 @@ def _timm_backbone(name: str, weights: str, init_seed: int) -> Backbone:
     try:
         import timm
     except ImportError:
-        raise DvmlError(f"--backbone timm:{name} needs timm: pip install 'dvml[timm]' (or pip install timm)") \
+        raise DvmlError(f"`backbone` timm:{name} needs timm: pip install 'dvml[timm]' (or pip install timm)") \
             from None
     if not timm.is_model(name.split(".")[0]):
-        raise DvmlError(f"--backbone timm:{name}: timm has no such model (see timm.list_models())")
+        raise DvmlError(f"`backbone` timm:{name}: timm has no such model (see timm.list_models())")
     key = str(weights)
     try:
         if key.lower() == "imagenet":
@@ -484,7 +484,7 @@ def _timm_backbone(name: str, weights: str, init_seed: int) -> Backbone:
         else:
             model, desc = _timm_from_file(timm, name, Path(weights).expanduser())
     except RuntimeError as e:  # e.g. an unknown pretrained tag
-        raise DvmlError(f"--backbone timm:{name}: {e}") from None
+        raise DvmlError(f"`backbone` timm:{name}: {e}") from None
     model.eval()
     return Backbone(model=model, name=f"timm:{name}", weights=desc, preprocess=_timm_preprocess(model),
                     feature_dim=int(model.num_features) if getattr(model, "head_hidden_size", None) is None
@@ -572,10 +572,10 @@ def _model_file_backbone(path: Path, weights: str, exported: bool) -> Backbone:
     identity = f"file:{path.name}:{file_digest(path)}"
     if weights.startswith("file:"):  # an identity read back from a cache: the file must be the same
         if weights.rsplit(":", 1)[-1] != identity.rsplit(":", 1)[-1]:
-            raise DvmlError(f"--backbone {path}: its content (hash {identity.rsplit(':', 1)[-1]}) differs from "
+            raise DvmlError(f"`backbone` {path}: its content (hash {identity.rsplit(':', 1)[-1]}) differs from "
                             f"the model file the cache was made with ({weights})")
     elif weights.lower() not in ("imagenet", "none", ""):
-        raise DvmlError(f"--weights {weights}: does not apply to a model file ({path.name} carries its own weights)")
+        raise DvmlError(f"`weights` {weights}: does not apply to a model file ({path.name} carries its own weights)")
     extra = {TORCHSCRIPT_EXTRA: ""}
     try:
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it still loads
@@ -589,7 +589,7 @@ def _model_file_backbone(path: Path, weights: str, exported: bool) -> Backbone:
         what, how = (("torch.export (.pt2)", "dvml.extract.save_exported") if exported else
                      ("TorchScript", "torch.jit.trace/script or dvml.extract.save_torchscript"))
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DvmlError(f"--backbone {path}: not a {what} model file ({type(e).__name__}: {first[:200]}); export "
+        raise DvmlError(f"`backbone` {path}: not a {what} model file ({type(e).__name__}: {first[:200]}); export "
                         f"one with {how}") from None
     preprocess, dim = None, None
     raw = extra[TORCHSCRIPT_EXTRA]
@@ -599,7 +599,7 @@ def _model_file_backbone(path: Path, weights: str, exported: bool) -> Backbone:
             preprocess = Preprocess.from_dict(meta)
             dim = int(meta["feature_dim"]) if meta.get("feature_dim") else None
         except (ValueError, TypeError, KeyError) as e:
-            raise DvmlError(f"--backbone {path}: its {TORCHSCRIPT_EXTRA} is not valid ({e})") from None
+            raise DvmlError(f"`backbone` {path}: its {TORCHSCRIPT_EXTRA} is not valid ({e})") from None
     model.eval()
     kind = "exported" if exported else "torchscript"
     return Backbone(model=model, name=f"{kind}:{path.name}", weights=identity,
@@ -631,7 +631,7 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, weights: str | Path = "im
     else:
         bb = _model_file_backbone(Path(parsed.name), str(weights), exported=parsed.kind == "exported")
     if transform_input is not None and bb.transform_input is None:
-        raise DvmlError(f"--transform-input applies to torchvision googlenet and inception_v3 only, not {bb.name}")
+        raise DvmlError(f"`transform_input` applies to torchvision googlenet and inception_v3 only, not {bb.name}")
     if bb.name == "torchvision.googlenet":
         bb.feature = "global average pool output (before dropout and fc), model in eval()"
     if device is not None:
@@ -669,7 +669,7 @@ class CacheBackbone:
         if ident.startswith("state_dict:"):
             if weights_file is None:
                 raise DvmlError(f"the cache was made with the local state dict {ident.split(':')[1]} ({ident}); "
-                                "pass that file (weights_file / --weights PATH)")
+                                "pass that file as `weights`")
             weights = str(weights_file)
         elif ident.startswith("torchvision:"):
             weights = ident.rsplit(".", 1)[-1]  # the enum member, e.g. IMAGENET1K_V2

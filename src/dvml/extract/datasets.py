@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
 from dvml.cache import schema as S
 from dvml.errors import DvmlError
+from dvml.extract.registry import READERS as READERS  # re-exported: name -> reader
+from dvml.extract.registry import DatasetName as DatasetName
+from dvml.extract.registry import dataset_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,8 @@ CUB_TRAIN_CLASSES = 100  # classes 1..100 train, 101..200 test
 CARS196_TRAIN_CLASSES = 98  # classes 1..98 train, 99..196 test
 
 
-class DatasetName(str, Enum):
-    """Datasets ``dvml extract`` reads (the CLI's first argument)."""
-
-    cub = "cub"
-    cars196 = "cars196"
-    sop = "sop"
-    inshop = "inshop"
-    folder = "folder"
+# DatasetName: the built-in datasets; READERS: name -> reader of every registered dataset (both views of the
+# registry, :mod:`dvml.extract.registry`, where a dataset is declared).
 
 
 class Sample(NamedTuple):
@@ -209,7 +205,7 @@ def read_cub(root: str | Path) -> DatasetIndex:
 
     Paths are ``images/<class dir>/<file>``; classes 1-100 train, 101-200 test.
     """
-    hint = ("is --root the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)? "
+    hint = ("is `root` the CUB_200_2011 directory (with images.txt, image_class_labels.txt, images/)? "
             "`dvml data download cub --out DIR` downloads and verifies it into DIR/CUB_200_2011")
     root = _require_dir(root, hint)
     images_txt = _require_file(root / "images.txt", hint)
@@ -243,7 +239,7 @@ def read_cars196(root: str | Path) -> DatasetIndex:
     import numpy as np
     import scipy.io
 
-    hint = ("is --root the Cars196 directory with cars_annos.mat and car_ims/ (the 'all images' release)? "
+    hint = ("is `root` the Cars196 directory with cars_annos.mat and car_ims/ (the 'all images' release)? "
             "`dvml data download cars196` says where to get it, `dvml data verify cars196 DIR` checks it")
     root = _require_dir(root, hint)
     mat_path = _require_file(root / "cars_annos.mat", hint)
@@ -272,7 +268,7 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 
 def read_sop(root: str | Path) -> DatasetIndex:
     """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``; paths relative to the root."""
-    hint = ("is --root the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)? "
+    hint = ("is `root` the Stanford_Online_Products directory (with Ebay_train.txt, Ebay_test.txt)? "
             "`dvml data download sop --out DIR` downloads and verifies it into DIR/Stanford_Online_Products")
     root = _require_dir(root, hint)
     splits = {}
@@ -297,7 +293,7 @@ def read_inshop(root: str | Path) -> DatasetIndex:
     item numbers; train = ``train`` rows, test = ``query`` and ``gallery`` rows in file order, with
     ``test_roles`` saying which.
     """
-    hint = ("is --root the In-Shop Clothes Retrieval directory (with Eval/list_eval_partition.txt and img/)? "
+    hint = ("is `root` the In-Shop Clothes Retrieval directory (with Eval/list_eval_partition.txt and img/)? "
             "`dvml data download inshop` says how to get it")
     root = _require_dir(root, hint)
     path = _require_file(root / INSHOP_PARTITION, hint)
@@ -339,7 +335,7 @@ def read_folder(root: str | Path, *, train_classes: int | None = None) -> Datase
     The first ``train_classes`` classes (default: half, rounded down) are train, the rest test. Class
     directories without images are ignored (logged); files directly under the root are ignored.
     """
-    hint = "expected --root/<class name>/<image files>"
+    hint = "expected `root`/<class name>/<image files>"
     root = _require_dir(root, hint)
     classes = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -354,7 +350,7 @@ def read_folder(root: str | Path, *, train_classes: int | None = None) -> Datase
                         f"with images; need at least 2 ({hint})")
     n_train = len(classes) // 2 if train_classes is None else train_classes
     if not 1 <= n_train < len(classes):
-        raise DvmlError(f"--train-classes {n_train}: must be between 1 and {len(classes) - 1} "
+        raise DvmlError(f"`train_classes` {n_train}: must be between 1 and {len(classes) - 1} "
                         f"({root} has {len(classes)} classes)")
     samples = [[Sample(f, label) for f in files] for label, (_, files) in enumerate(classes)]
     return DatasetIndex(
@@ -365,20 +361,12 @@ def read_folder(root: str | Path, *, train_classes: int | None = None) -> Datase
         class_names={label: name for label, (name, _) in enumerate(classes)})
 
 
-READERS: dict[DatasetName, Callable[..., DatasetIndex]] = {
-    DatasetName.cub: read_cub,
-    DatasetName.cars196: read_cars196,
-    DatasetName.sop: read_sop,
-    DatasetName.inshop: read_inshop,
-    DatasetName.folder: read_folder,
-}
-
-
 def read_dataset(name: DatasetName | str, root: str | Path, *, train_classes: int | None = None) -> DatasetIndex:
-    """Read any supported dataset. ``train_classes`` applies to ``folder`` only."""
-    name = DatasetName(name)
-    if name is DatasetName.folder:
-        return read_folder(root, train_classes=train_classes)
+    """Read any registered dataset with its reader. ``train_classes`` applies to datasets whose split takes it
+    (``folder``)."""
+    spec = dataset_spec(name)
+    if spec.train_classes:
+        return spec.reader(root, train_classes=train_classes)
     if train_classes is not None:
-        raise DvmlError(f"--train-classes applies to the folder dataset only; {name.value} has a fixed split")
-    return READERS[name](root)
+        raise DvmlError(f"`train_classes` applies to the folder dataset only; {spec.name} has a fixed split")
+    return spec.reader(root)

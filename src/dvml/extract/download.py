@@ -1,6 +1,6 @@
 """Getting the benchmark datasets onto disk, checked: download (resumable), MD5, safe extraction, verification.
 
-Sources (:data:`SOURCES`; the MD5s are those of the original releases):
+Sources (:data:`SOURCES`, from :mod:`dvml.extract.registry`'s entries; the MD5s are the original releases'):
 
 ==========  ===================================================================  ===============================
 dataset     files                                                                 download
@@ -39,7 +39,7 @@ import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dvml import __version__
@@ -47,6 +47,11 @@ from dvml.cache import schema as S
 from dvml.errors import DvmlError
 from dvml.extract.archive import ArchiveError, ArchiveLimitError, Limits, temporary_dir, unpack
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
+from dvml.extract.registry import SOURCES as SOURCES  # re-exported: name -> source
+from dvml.extract.registry import Counts as Counts
+from dvml.extract.registry import DatasetSource as DatasetSource
+from dvml.extract.registry import RemoteFile as RemoteFile
+from dvml.extract.registry import dataset_spec
 
 log = logging.getLogger(__name__)
 
@@ -66,110 +71,9 @@ class ChecksumError(DvmlError):
     """A file whose MD5 is not the published one."""
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a dataset release.
-
-    ``name``: its file name in ``--to``; ``md5``: the published checksum (None: none published); ``max_bytes``:
-    an upper bound a little above the published size (a download that sends more is not the published file and
-    is stopped there, whether or not the server announced its length; None: no bound);
-    ``urls``: where to download it, tried in order (empty: no official download); ``top``: for an archive,
-    the top-level folder it contains (None: not an archive); ``dest``: where that folder (or the file) goes
-    inside the dataset directory (``""``: it *is* the dataset directory); ``also``: other places in ``--to``
-    where people commonly have it (the layout of the release's own folders), looked at after ``name``.
-    """
-
-    name: str
-    md5: str | None
-    urls: tuple[str, ...] = ()
-    top: str | None = None
-    dest: str = ""
-    also: tuple[str, ...] = ()
-    max_bytes: int | None = None
-
-    def local(self, to: Path) -> Path | None:
-        """Where this file already is in ``to`` (``to/name`` or one of ``also``), or None."""
-        return next((p for p in (to / self.name, *(to / a for a in self.also)) if p.is_file()), None)
-
-
-@dataclass(frozen=True)
-class Counts:
-    """The official size of a dataset's zero-shot split (images and classes; In-Shop query/gallery sizes)."""
-
-    train_images: int
-    train_classes: int
-    test_images: int
-    test_classes: int
-    query: int | None = None
-    gallery: int | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    """Where a dataset comes from and what it must look like once on disk."""
-
-    name: str  # a DatasetName value
-    folder: str  # the dataset directory under --to (what `dvml extract --root` takes)
-    files: tuple[RemoteFile, ...]
-    counts: Counts | None
-    obtain: str  # how to get the files by hand (where people obtain them)
-    homepage: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def downloadable(self) -> bool:
-        return all(f.urls for f in self.files)
-
-
-SOURCES: dict[str, DatasetSource] = {
-    "cub": DatasetSource(
-        name="cub", folder="CUB_200_2011",
-        files=(RemoteFile("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78",
-                          ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",),
-                          top="CUB_200_2011", max_bytes=1_200_000_000),),  # published: 1.15 GB
-        counts=Counts(train_images=5864, train_classes=100, test_images=5924, test_classes=100),
-        obtain="CaltechDATA record 65de6-vp158 (https://data.caltech.edu/records/65de6-vp158), file "
-               "CUB_200_2011.tgz",
-        homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/"),
-    "sop": DatasetSource(
-        name="sop", folder="Stanford_Online_Products",
-        files=(RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e",
-                          ("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",),
-                          top="Stanford_Online_Products", max_bytes=3_300_000_000),),  # published: 2.9 GB
-        counts=Counts(train_images=59551, train_classes=11318, test_images=60502, test_classes=11316),
-        obtain="Stanford CVGL's server: http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip "
-               "(also ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip)",
-        homepage="https://cvgl.stanford.edu/projects/lifted_struct/"),
-    "cars196": DatasetSource(
-        name="cars196", folder="cars196",
-        files=(RemoteFile("car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14", top="car_ims", dest="car_ims"),
-               RemoteFile("cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc", dest="cars_annos.mat")),
-        counts=Counts(train_images=8054, train_classes=98, test_images=8131, test_classes=98),
-        obtain="a copy of the original release: its links (http://ai.stanford.edu/~jkrause/car196/car_ims.tgz "
-               "and .../car196/cars_annos.mat) have returned 404 since 2023 and torchvision disabled its "
-               "download, but copies circulate (archived snapshots of those URLs, mirrors kept by other "
-               "metric-learning projects); whichever you use, the MD5s tell whether it is the original",
-        homepage="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
-        notes=("the 'all images' release is needed (car_ims/ + cars_annos.mat), not the cars_train/cars_test "
-               "split of the devkit or of Kaggle's copy",)),
-    "inshop": DatasetSource(
-        name="inshop", folder="InShop",
-        files=(RemoteFile("img.zip", None, top="img", dest="img", also=("Img/img.zip",)),
-               RemoteFile("list_eval_partition.txt", None, dest="Eval/list_eval_partition.txt",
-                          also=("Eval/list_eval_partition.txt",))),
-        counts=Counts(train_images=25882, train_classes=3997, test_images=26830, test_classes=3985,
-                      query=14218, gallery=12612),
-        obtain="the DeepFashion project's In-shop Clothes Retrieval Benchmark (Google Drive folder linked from "
-               "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html): Img/img.zip and "
-               "Eval/list_eval_partition.txt; no checksums are published, so verify checks the structure and "
-               "the official counts",
-        homepage="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"),
-}
-
-
 def source_for(name: DatasetName | str) -> DatasetSource:
-    """The source of a dataset name; DvmlError for ``folder`` (a user's own images have no source)."""
-    key = DatasetName(name).value
+    """The source of a registered dataset; DvmlError for one without (``folder``: a user's own images)."""
+    key = dataset_spec(name).name
     if key not in SOURCES:
         raise DvmlError(f"{key}: not a published dataset; nothing to download or verify "
                         f"(choose from {', '.join(SOURCES)})")

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from dvml.cache import CacheExistsError, CacheSpec, CacheWriter
 from dvml.cache import schema as S
 from dvml.devices import autocast_dtype, check_device_name, pin_memory, resolve_device
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.extract import sharding
 from dvml.extract.backbone import (
     DEFAULT_BACKBONE,
@@ -52,6 +52,7 @@ from dvml.extract.backbone import (
     preprocess_from_options,
 )
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
+from dvml.extract.registry import dataset_spec, resolve_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views, worker_init
 from dvml.files import check_not_busy
 
@@ -72,11 +73,11 @@ def check_image_options(cfg) -> None:
     for name in ("resize", "crop"):
         v = getattr(cfg, name)
         if v is not None and v < 8:
-            raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
+            raise FieldError(f"`{name}` must be >= 8 pixels, got {v}")
     if cfg.resize is not None and cfg.crop is not None and cfg.crop > cfg.resize:
-        raise ValueError(f"--crop {cfg.crop} must not exceed --resize {cfg.resize}")
-    if cfg.train_classes is not None and cfg.dataset is not DatasetName.folder:
-        raise ValueError("--train-classes applies to the folder dataset only")
+        raise FieldError(f"`crop` {cfg.crop} must not exceed `resize` {cfg.resize}")
+    if cfg.train_classes is not None and not dataset_spec(cfg.dataset).train_classes:
+        raise FieldError("`train_classes` applies to the folder dataset only")
     for name in ("mean", "std"):
         v = getattr(cfg, name, None)
         if v is not None and (len(v) != 3 or (name == "std" and min(v) <= 0)):
@@ -89,7 +90,7 @@ class ExtractConfig:
     """One extraction job. ``backbone``: see :func:`~dvml.extract.backbone.load_backbone`. ``resize``, ``crop``,
     ``mean``, ``std``, ``interpolation`` ``None`` take the backbone's own preprocessing (GoogLeNet: 256 / 224)."""
 
-    dataset: DatasetName
+    dataset: DatasetName | str  # a registered dataset (dvml.extract.registry); a plug-in's name is a DatasetKey
     root: Path
     out: Path
     backbone: str = DEFAULT_BACKBONE
@@ -113,7 +114,7 @@ class ExtractConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "dataset", DatasetName(self.dataset))
+        object.__setattr__(self, "dataset", resolve_dataset(self.dataset))
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "backbone", str(self.backbone))
@@ -121,15 +122,15 @@ class ExtractConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise FieldError(f"`interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.views < 1:
-            raise ValueError(f"--views must be >= 1, got {self.views}")
+            raise FieldError(f"`views` must be >= 1, got {self.views}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise FieldError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+            raise FieldError(f"`workers` must be >= 0, got {self.workers}")
         if self.dtype not in S.FEATURE_DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(S.FEATURE_DTYPES)}, got {self.dtype!r}")
+            raise FieldError(f"`dtype` must be one of {', '.join(S.FEATURE_DTYPES)}, got {self.dtype!r}")
         check_image_options(self)
 
     def torch_device(self) -> torch.device:
@@ -235,7 +236,7 @@ def _refuse_complete(out: Path) -> None:
     except OSError:
         return  # not HDF5: CacheWriter reports it
     if complete:
-        raise CacheExistsError(out, "a complete cache already exists here; pass --overwrite to replace it")
+        raise CacheExistsError(out, "a complete cache already exists here; pass `overwrite` to replace it")
 
 
 def _read_skipped(writer: CacheWriter) -> list[dict]:
@@ -273,7 +274,7 @@ def _extract_rows(cfg: ExtractConfig, writer: CacheWriter, index: DatasetIndex, 
             bad = [(int(i), err) for i, err, good in zip(batch["index"], batch["errors"], ok, strict=True)
                    if not good]
             if not cfg.skip_bad:
-                raise DvmlError(f"{bad[0][1]} (pass --skip-bad to skip unreadable images; "
+                raise DvmlError(f"{bad[0][1]} (pass `skip_bad` to skip unreadable images; "
                                 "rerun to resume)")
             for i, err in bad:
                 log.warning("skipped: %s", err)
@@ -284,7 +285,7 @@ def _extract_rows(cfg: ExtractConfig, writer: CacheWriter, index: DatasetIndex, 
             feats = model(views)
             if not np.isfinite(feats).all():
                 raise DvmlError(f"{split}: the backbone produced NaN/inf features for images "
-                                f"{samples[int(batch['index'][0])].path} ...; check --weights")
+                                f"{samples[int(batch['index'][0])].path} ...; check `weights`")
             idx = batch["index"].numpy()[ok]
             roles = ([index.test_roles[i] for i in idx] if split == S.TEST and index.test_roles is not None
                      else None)  # query/gallery marks (In-Shop), row by row like the paths

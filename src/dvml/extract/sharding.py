@@ -107,7 +107,7 @@ def refuse_leftover_shards(out: Path, overwrite: bool, world: int = 1) -> None:
         return
     n = max(worlds)
     raise DvmlError(f"{parts_dir(out)}: holds the unfinished shards of a {n}-process extraction; resume it with "
-                    f"torchrun --nproc-per-node {n} (same arguments), or pass --overwrite to start over")
+                    f"torchrun --nproc-per-node {n} (same arguments), or pass `overwrite` to start over")
 
 
 def agree(facts: dict, error: str | None = None, token: str | None = None) -> str | None:

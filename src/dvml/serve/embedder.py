@@ -149,8 +149,8 @@ def backbone_of_cache(info, weights: str | Path | None = None) -> Backbone:
 
     recorded = backbone_from_cache(info)
     if weights is not None and not recorded.identity.startswith("state_dict:"):
-        raise ExportError(f"--weights {weights}: {info.path} was extracted with weights {recorded.identity}, not a "
-                          "local state dict file, so there is nothing to pass; drop --weights")
+        raise ExportError(f"`weights` {weights}: {info.path} was extracted with weights {recorded.identity}, not a "
+                          "local state dict file, so there is nothing to pass; drop `weights`")
     try:
         parse_spec(recorded.spec)
     except DvmlError as e:

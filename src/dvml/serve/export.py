@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from dvml import files
+from dvml.errors import FieldError
 from dvml.extract.backbone import Preprocess
 from dvml.serve.embedder import Embedding, ExportError, describe, from_target, load_images
 
@@ -112,7 +113,7 @@ class ExportConfig:
         object.__setattr__(self, "target", Path(self.target))
         object.__setattr__(self, "out", Path(self.out))
         if self.out.suffix.lower() not in SUFFIXES and self.out.is_dir():  # not "unknown model format '(no suffix)'"
-            raise ValueError(f"--out {self.out}: is a directory; give a file path ending .pt2 (torch.export), .pt "
+            raise FieldError(f"`out` {self.out}: is a directory; give a file path ending .pt2 (torch.export), .pt "
                              f"(TorchScript) or .onnx (ONNX), e.g. {self.out / 'model.pt2'}")
         format_of(self.out)
         if self.batch < 1:

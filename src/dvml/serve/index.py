@@ -43,7 +43,7 @@ import numpy as np
 
 from dvml import files
 from dvml import runs as R
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.retrieval import knn
 from dvml.retrieval.knn import IndexKind, Metric
 
@@ -148,7 +148,7 @@ def check_embedder_unchanged(index: Path, rec: dict) -> None:
     recorded = {k: rec[k] for k in IDENTITY_KEYS if k in rec}
     if not recorded:
         raise DvmlError(f"{index}: records no identity for its embedder {path} (an older dvml index); rebuild it "
-                        "with dvml index, or pass --model to embed the queries anyway")
+                        "with dvml index, or pass `model` to embed the queries anyway")
     now = embedder_identity(path)
     changed = [k for k, v in recorded.items() if now.get(k) != v]
     if changed:
@@ -156,7 +156,7 @@ def check_embedder_unchanged(index: Path, rec: dict) -> None:
         was, is_ = str(recorded[k])[:12], str(now.get(k))[:12] if now.get(k) is not None else "missing"
         raise DvmlError(f"{index}: its embedder {path} changed since the index was built ({k} {was}… then, "
                         f"{is_}… now): the queries would not match the gallery; rebuild the index with dvml index, "
-                        "or pass --model to use it anyway")
+                        "or pass `model` to use it anyway")
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -280,13 +280,13 @@ def gallery_from_source(source: str | Path, *, split: str = "test", model: str |
         raise DvmlError(f"{source}: no such run directory, cache file or image folder")
     if source.is_dir() and not (source / R.CONFIG_FILE).is_file():
         if model is None:
-            raise DvmlError(f"{source}: a folder of images needs --model (an exported .pt2/.pt/.onnx, a run directory "
+            raise DvmlError(f"{source}: a folder of images needs `model` (an exported .pt2/.pt/.onnx, a run directory "
                             "or a cache) to embed them")
         return gallery_from_images(source, model, weights=weights)
     if model is not None:
-        raise DvmlError(f"--model applies to a folder of images; {source} is embedded by itself")
+        raise DvmlError(f"`model` applies to a folder of images; {source} is embedded by itself")
     if split not in ("train", "test"):
-        raise ValueError(f"--split must be train or test, got {split!r}")
+        raise FieldError(f"`split` must be train or test, got {split!r}")
     return gallery_from_run(source, split) if source.is_dir() else gallery_from_cache(source, split)
 
 
@@ -315,14 +315,14 @@ class IndexConfig:
         object.__setattr__(self, "kind", IndexKind(self.kind))
         object.__setattr__(self, "metric", Metric(self.metric))
         if self.split not in ("train", "test"):
-            raise ValueError(f"--split must be train or test, got {self.split!r}")
+            raise FieldError(f"`split` must be train or test, got {self.split!r}")
         for name in ("nprobe", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"--nlist must be >= 1, got {self.nlist}")
+            raise FieldError(f"`nlist` must be >= 1, got {self.nlist}")
         if self.hnsw_m < 2:
-            raise ValueError(f"--hnsw-m must be >= 2, got {self.hnsw_m}")
+            raise FieldError(f"`hnsw_m` must be >= 2, got {self.hnsw_m}")
         if files.is_stdout(self.out):
             raise ValueError("-o -: an index is a file with its row table beside it; name the index file")
         if self.out.suffix == SIDECAR_SUFFIX:
@@ -603,7 +603,7 @@ def search(cfg: SearchConfig) -> dict:
     rec = g.meta.get("embedder") or {}
     spec = cfg.model if cfg.model is not None else rec.get("path")
     if spec is None:
-        raise DvmlError(f"{cfg.index}: records no embedder; pass --model")
+        raise DvmlError(f"{cfg.index}: records no embedder; pass `model`")
     if cfg.model is None:
         check_embedder_unchanged(cfg.index, rec)
     embedder = load_embedder(spec, weights=cfg.weights)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dvml import files
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.files import write_file, write_text
 from dvml.retrieval import knn
 from dvml.retrieval.knn import Metric
@@ -68,9 +68,9 @@ class ShowConfig:
         if self.out.suffix.lower() not in (".html", ".png"):
             raise ValueError(f"-o {self.out}: use a .html or .png file")
         if self.queries < 1 or self.k < 1:
-            raise ValueError(f"--queries and -k must be >= 1, got {self.queries} and {self.k}")
+            raise FieldError(f"`queries` and `k` must be >= 1, got {self.queries} and {self.k}")
         if self.thumb < 16:
-            raise ValueError(f"--thumb must be >= 16 pixels, got {self.thumb}")
+            raise FieldError(f"`thumb` must be >= 16 pixels, got {self.thumb}")
 
 
 @dataclass
@@ -120,7 +120,7 @@ def build_panels(cfg: ShowConfig) -> tuple[list[Panel], np.ndarray, Path, dict[s
     root = cfg.root or (Path(first.root) if first.root else None)
     root = root.resolve() if root is not None else None
     if root is None:
-        raise DvmlError(f"{cfg.targets[0]}: records no dataset root; pass --root")
+        raise DvmlError(f"{cfg.targets[0]}: records no dataset root; pass `root`")
     n = len(first.paths)
     if first.roles is None:  # all against all, each query excluded (dvml evaluate's protocol)
         q_rows, qg = np.arange(n), None
@@ -149,7 +149,7 @@ def build_panels(cfg: ShowConfig) -> tuple[list[Panel], np.ndarray, Path, dict[s
     missing = [first.paths[r] for r in used if not (root / first.paths[r]).is_file()]
     if missing:
         raise DvmlError(f"{root / missing[0]}: image not found ({len(missing)} of the {len(used)} images to show are "
-                        "missing; is --root the dataset directory?)")
+                        "missing; is `root` the dataset directory?)")
     return panels, rows, root, _class_names(first, cfg.root)
 
 
@@ -184,7 +184,7 @@ def check_thumb_folder(folder: Path, overwrite: bool) -> bool:
     if (folder / MARKER).is_file():
         return True
     if not overwrite:
-        raise DvmlError(f"{folder}: exists and was not written by dvml show; pass --overwrite to write the "
+        raise DvmlError(f"{folder}: exists and was not written by dvml show; pass `overwrite` to write the "
                         "thumbnails into it (nothing in it is removed), or choose another -o")
     return False
 
