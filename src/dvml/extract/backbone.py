@@ -130,8 +130,8 @@ class Preprocess:
         """A copy with the given fields replaced; one size given alone keeps this crop/resize ratio."""
         if resize is not None or crop is not None:
             ratio = self.crop / self.resize
-            resize = resize if resize is not None else round(crop / ratio)
-            crop = crop if crop is not None else round(resize * ratio)
+            resize = resize if resize is not None else int(f"{crop / ratio:.0f}")
+            crop = crop if crop is not None else int(f"{resize * ratio:.0f}")
         return replace(self, resize=self.resize if resize is None else resize,
                        crop=self.crop if crop is None else crop,
                        mean=self.mean if mean is None else tuple(mean), std=self.std if std is None else tuple(std),
@@ -145,8 +145,8 @@ def preprocess_from_options(resize: int | None, crop: int | None, mean, std,
     if crop is None and resize is None or mean is None or std is None:
         raise DvmlError(f"{what} stores no preprocessing: give `crop` (or `resize`), `mean` and `std`, or "
                         f"export it with dvml.extract.save_torchscript(model, preprocess, path)")
-    crop = crop if crop is not None else round(resize * 0.875)
-    resize = resize if resize is not None else round(crop / 0.875)
+    crop = crop if crop is not None else int(f"{resize * 0.875:.0f}")
+    resize = resize if resize is not None else int(f"{crop / 0.875:.0f}")
     return Preprocess(resize=resize, crop=crop, mean=tuple(mean), std=tuple(std),
                       interpolation=interpolation or "bilinear")
 

@@ -62,7 +62,7 @@ def resize_shorter(img: Image.Image, size: int, interpolation: str = "bilinear")
 
 def centre_offset(length: int, crop: int) -> int:
     """Top/left offset of a centre crop, rounded as torchvision's ``center_crop`` does."""
-    return int(round((length - crop) / 2.0))
+    return int(f"{(length - crop) / 2.0:.0f}")  # nearest integer, halves to even (torchvision's)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def check_images(images: torch.Tensor, crop: int) -> None:
     give a different embedding without a word."""
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 RGB in [0, 255], shape (B, 3, {crop}, {crop}); got dtype "
-                         f"{images.dtype} (floats in [0, 1]? multiply by 255 and round to uint8)")
+                         f"{images.dtype} (floats in [0, 1]? scale by 255 to uint8)")
     if images.dim() != 4 or tuple(images.shape[1:]) != (3, crop, crop):
         raise ValueError(f"images must have shape (B, 3, {crop}, {crop}) (uint8 RGB), got {tuple(images.shape)}")
 
@@ -62,7 +62,7 @@ class ImageEmbedder(nn.Module):
                  round_features_to_float16: bool):
         super().__init__()
         # channels-last weights and input, as extract's FeatureModel runs it: the same CPU kernels, so the
-        # features are bit-identical to the cached ones (contiguous NCHW convolutions round differently)
+        # features are bit-identical to the cached ones (contiguous NCHW convolutions sum in another order)
         self.backbone = backbone.to(memory_format=torch.channels_last)
         self.embedding = embedding if embedding is not None else nn.Identity()
         self.round_features = bool(round_features_to_float16)
@@ -117,8 +117,8 @@ def preprocess_record(pre: Preprocess) -> dict:
         "mean": list(pre.mean), "std": list(pre.std), "color": "RGB", "layout": "NCHW", "dtype": "uint8",
         "recipe": (f"decode as RGB; resize (PIL, {pre.interpolation}) so the shorter side is {pre.resize} and the "
                    f"longer int({pre.resize} * long / short); cut the centre {pre.crop}x{pre.crop} window at "
-                   f"top = round((height - {pre.crop}) / 2), left = round((width - {pre.crop}) / 2); feed uint8 "
-                   "(B, 3, crop, crop). Mean/std normalisation is inside the model."),
+                   f"top = (height - {pre.crop}) / 2 and left = (width - {pre.crop}) / 2, each to the nearest integer "
+                   "(halves to even); feed uint8 (B, 3, crop, crop). Mean/std normalisation is inside the model."),
     }
 
 

@@ -97,14 +97,6 @@ def load_embedder(spec: str | Path, *, weights: str | Path | None = None):
     return from_target(spec, weights=weights)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 IDENTITY_KEYS = ("digest", "checkpoint_sha256", "backbone_sha256", "cache_fingerprint")
 
 
@@ -117,9 +109,9 @@ def embedder_identity(spec: str | Path) -> dict:
         return {"digest": file_digest(spec) if spec.is_file() else None}
     if spec.is_dir():
         heads, backbone = spec / R.HEADS_FILE, spec / R.BACKBONE_FILE
-        out = {"checkpoint_sha256": _sha256(heads) if heads.is_file() else None}
+        out = {"checkpoint_sha256": R.file_sha256(heads) if heads.is_file() else None}
         if backbone.is_file():
-            out["backbone_sha256"] = _sha256(backbone)
+            out["backbone_sha256"] = R.file_sha256(backbone)
         try:
             out["cache_fingerprint"] = R.load_run(spec).cache_fingerprint
         except DvmlError:
