@@ -6,22 +6,31 @@ not there is a :class:`~dvml.errors.DvmlError` naming the option and what is ava
 Device-dependent choices live here too, so code paths stay free of CUDA-only calls where MPS has an
 equivalent: :func:`autocast_dtype` (float16 on CUDA and MPS, none on the CPU) and :func:`pin_memory`
 (pinned host memory helps CUDA copies only).
+
+torch is imported where a device is resolved, so that :func:`check_device_name` (used by the configs) stays light.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from dvml.errors import DvmlError, FieldError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
 def available() -> list[str]:
     """Devices usable here, e.g. ``["cuda", "cpu"]``."""
+    import torch
+
     return (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if mps_available() else []) + ["cpu"]
 
 
@@ -41,6 +50,8 @@ def resolve_device(name: str | torch.device = "auto", option: str = "`device`") 
     Raises:
         DvmlError: the named device is not available here (the message lists what is).
     """
+    import torch
+
     if isinstance(name, torch.device):
         name = str(name)
     check_device_name(name, option)
@@ -64,6 +75,8 @@ def resolve_device(name: str | torch.device = "auto", option: str = "`device`") 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for inference on ``device``: float16 on CUDA and MPS, None (off) on the CPU."""
+    import torch
+
     return torch.float16 if device.type in ("cuda", "mps") else None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors
-from dvml.serve.export import ExportConfig, run
+from dvml.serve.config import ExportConfig
 
 
 @app.command("export")
@@ -25,7 +25,10 @@ def export_cmd(
                                    help="Replace an existing file."),
 ):
     """Export backbone + embedding layer (images -> z_I) with its preprocessing; usable without dvml."""
-    result = run(ExportConfig(target=target, out=out, weights=weights, overwrite=overwrite))
+    cfg = ExportConfig(target=target, out=out, weights=weights, overwrite=overwrite)
+    from dvml.serve.export import run  # torch: after the arguments are checked
+
+    result = run(cfg)
     m = result.meta
     pre = m["preprocess"]
     console.print(f"wrote {result.path} ({result.format.value}): uint8 RGB (B, 3, {pre['crop']}, {pre['crop']}) -> "

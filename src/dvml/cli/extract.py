@@ -12,8 +12,8 @@ from rich.table import Table
 from dvml.cli.app import app, console, handle_errors, make_progress
 from dvml.cli.datasets import dataset_choice, metavar
 from dvml.cli.options import FeatureDtype, Interpolation, choice_value, panel
+from dvml.extract.config import ExtractConfig
 from dvml.extract.datasets import DatasetName
-from dvml.extract.extractor import ExtractConfig, run
 from dvml.extract.registry import dataset_names
 
 PRE = "Preprocessing (default: the backbone's own)"  # --help panels
@@ -92,6 +92,7 @@ def extract_cmd(
                         interpolation=choice_value(interpolation), dtype=choice_value(dtype),
                         train_classes=train_classes, transform_input=transform_input, skip_bad=skip_bad,
                         overwrite=overwrite)
+    from dvml.extract.extractor import run  # torch: after the arguments are checked
     from dvml.finetune import distributed as D
 
     ctx = D.init_distributed(cfg.device) if D.launched_by_torchrun() else D.DistContext()

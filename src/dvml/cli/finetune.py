@@ -100,9 +100,6 @@ def finetune_cmd(
     (and their defaults) as in fit-heads; --standardize is fit-heads only. Evaluate the result with
     `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
     """
-    from dvml.finetune import distributed as D
-    from dvml.finetune import finetune
-
     cfg = FinetuneConfig(dataset=dataset, root=root, out=out, loss=loss, dvml=dvml, backbone=backbone, weights=weights,
                          init_heads=init_heads, backbone_lr=backbone_lr, lr=lr, proxy_lr=proxy_lr,
                          weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -116,6 +113,9 @@ def finetune_cmd(
                          checkpoint_every=checkpoint_every, seed=seed, device=device.value, resume=resume,
                          overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
     refuse_resume_with_overwrite(cfg)
+    from dvml.finetune import distributed as D  # torch: after the arguments are checked
+    from dvml.finetune import finetune
+
     main = D.env_rank() == 0  # under torchrun only rank 0 draws and prints
     state = {"last": None, "epoch": 0}
     progress = make_progress("step", TextColumn("{task.fields[terms]}"))

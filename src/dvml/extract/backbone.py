@@ -64,16 +64,17 @@ import torch
 from torch import nn
 
 from dvml.errors import DvmlError
+from dvml.extract.config import DEFAULT_BACKBONE as DEFAULT_BACKBONE  # re-exported: the light home of these
+from dvml.extract.config import INTERPOLATIONS as INTERPOLATIONS
+from dvml.extract.config import BackboneSpec as BackboneSpec
+from dvml.extract.config import parse_spec as parse_spec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "googlenet"
 BACKBONE_NAME = "torchvision.googlenet"  # the default backbone's cache name
 FEATURE_DIM = 1024  # the default backbone's feature dimension
 TORCHSCRIPT_EXTRA = "dvml_preprocess.json"  # the file inside a TorchScript archive holding its preprocessing
 TRANSFORM_INPUT_MODELS = ("googlenet", "inception_v3")
-INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
-_FILE_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit", ".ptl")
 
 
 @dataclass(frozen=True)
@@ -201,51 +202,6 @@ class Backbone:
             raise DvmlError(f"backbone {self.name}: expected (B, D) features from a (1, 3, {self.preprocess.crop}, "
                             f"{self.preprocess.crop}) image, got {shape}")
         return replace(self, feature_dim=int(out.shape[1]))
-
-
-# --------------------------------------------------------------------------- spec parsing
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A parsed ``--backbone``: ``kind`` is ``torchvision``, ``timm``, ``exported`` (a ``.pt2`` file) or
-    ``torchscript``."""
-
-    kind: str
-    name: str  # model name, or the file path for torchscript
-
-
-def parse_spec(spec: str | Path) -> BackboneSpec:
-    """``googlenet`` / ``torchvision:NAME`` / ``torchvision.NAME`` / ``timm:NAME`` / ``torchscript:PATH`` / a path.
-
-    Raises DvmlError for an unknown torchvision name (listing how to see the valid ones) or a missing file."""
-    s = str(spec).strip()
-    if not s:
-        raise DvmlError("`backbone` is empty")
-    for prefix, kind in (("torchvision:", "torchvision"), ("torchvision.", "torchvision"), ("timm:", "timm"),
-                         ("torchscript:", "torchscript")):
-        if s.startswith(prefix):
-            s, forced = s[len(prefix):], kind
-            break
-    else:
-        forced = None
-    if forced == "timm":
-        return BackboneSpec("timm", s)
-    looks_like_file = forced == "torchscript" or "/" in s or s.endswith(_FILE_SUFFIXES) or Path(s).is_file()
-    if looks_like_file and forced != "torchvision":
-        path = Path(s).expanduser()
-        if not path.is_file():
-            raise DvmlError(f"`backbone` {s}: no such model file (expected a torchvision model name, "
-                            f"timm:NAME or a TorchScript file)")
-        return BackboneSpec("exported" if path.suffix.lower() == ".pt2" and forced is None else "torchscript",
-                            str(path))
-    from torchvision import models
-
-    names = set(models.list_models(module=models))
-    if s not in names:
-        raise DvmlError(f"`backbone` {s}: not a torchvision classification model (e.g. googlenet, resnet50, "
-                        f"efficientnet_b0, convnext_tiny, vit_b_16; see torchvision.models.list_models()); "
-                        f"use timm:NAME for timm models or a path for a TorchScript file")
-    return BackboneSpec("torchvision", s)
 
 
 # --------------------------------------------------------------------------- state dict files

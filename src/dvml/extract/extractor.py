@@ -27,7 +27,6 @@ device and ``skip_bad`` are not (``--skip-bad`` may be added to continue past a 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -40,101 +39,28 @@ from torch.utils.data import DataLoader
 
 from dvml.cache import CacheExistsError, CacheSpec, CacheWriter
 from dvml.cache import schema as S
-from dvml.devices import autocast_dtype, check_device_name, pin_memory, resolve_device
-from dvml.errors import DvmlError, FieldError
+from dvml.devices import autocast_dtype, pin_memory
+from dvml.errors import DvmlError
 from dvml.extract import sharding
 from dvml.extract.backbone import (
-    DEFAULT_BACKBONE,
-    INTERPOLATIONS,
     Backbone,
     Preprocess,
     load_backbone,
     preprocess_from_options,
 )
+from dvml.extract.config import DEFAULT_WORKERS as DEFAULT_WORKERS  # re-exported: the light home of these
+from dvml.extract.config import ExtractConfig as ExtractConfig
+from dvml.extract.config import check_image_options as check_image_options
 from dvml.extract.datasets import DatasetIndex, DatasetName, read_dataset
-from dvml.extract.registry import dataset_spec, resolve_dataset
 from dvml.extract.transforms import ViewDataset, ViewSpec, collate_views, worker_init
 from dvml.files import check_not_busy
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
-
 ProgressFn = Callable[[str, int, int], None]
 """``progress(split, done, total)``: images of ``split`` processed so far (written or skipped) of ``total``.
 Called once when a split starts (``done`` > 0 when resuming) and after every written batch. It may raise
 (e.g. KeyboardInterrupt) to stop: the file stays resumable."""
-
-
-def check_image_options(cfg) -> None:
-    """Validate the image options extract and finetune share: ``resize``, ``crop`` (None or >= 8 pixels, crop
-    <= resize), ``mean``/``std`` (3 values, std > 0, when the config has them), ``train_classes`` (folder datasets
-    only) and ``device`` (auto, cpu, cuda, cuda:N, mps). Raises ValueError naming the option."""
-    for name in ("resize", "crop"):
-        v = getattr(cfg, name)
-        if v is not None and v < 8:
-            raise FieldError(f"`{name}` must be >= 8 pixels, got {v}")
-    if cfg.resize is not None and cfg.crop is not None and cfg.crop > cfg.resize:
-        raise FieldError(f"`crop` {cfg.crop} must not exceed `resize` {cfg.resize}")
-    if cfg.train_classes is not None and not dataset_spec(cfg.dataset).train_classes:
-        raise FieldError("`train_classes` applies to the folder dataset only")
-    for name in ("mean", "std"):
-        v = getattr(cfg, name, None)
-        if v is not None and (len(v) != 3 or (name == "std" and min(v) <= 0)):
-            raise ValueError(f"--{name} needs 3 values (R,G,B){', all > 0' if name == 'std' else ''}, got {v}")
-    check_device_name(cfg.device)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """One extraction job. ``backbone``: see :func:`~dvml.extract.backbone.load_backbone`. ``resize``, ``crop``,
-    ``mean``, ``std``, ``interpolation`` ``None`` take the backbone's own preprocessing (GoogLeNet: 256 / 224)."""
-
-    dataset: DatasetName | str  # a registered dataset (dvml.extract.registry); a plug-in's name is a DatasetKey
-    root: Path
-    out: Path
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    views: int = 10
-    test_flip: bool = False
-    seed: int = 0
-    batch_size: int = 32  # images per batch (each with P views)
-    workers: int = DEFAULT_WORKERS
-    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    amp: bool = True  # float16 autocast on CUDA and MPS (ignored on CPU)
-    resize: int | None = None
-    crop: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    interpolation: str | None = None
-    dtype: str = "float16"
-    train_classes: int | None = None  # folder only
-    transform_input: bool | None = None  # None: the weights' convention
-    skip_bad: bool = False
-    overwrite: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "dataset", resolve_dataset(self.dataset))
-        object.__setattr__(self, "root", Path(self.root))
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "backbone", str(self.backbone))
-        for name in ("mean", "std"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
-            raise FieldError(f"`interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.views < 1:
-            raise FieldError(f"`views` must be >= 1, got {self.views}")
-        if self.batch_size < 1:
-            raise FieldError(f"`batch_size` must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise FieldError(f"`workers` must be >= 0, got {self.workers}")
-        if self.dtype not in S.FEATURE_DTYPES:
-            raise FieldError(f"`dtype` must be one of {', '.join(S.FEATURE_DTYPES)}, got {self.dtype!r}")
-        check_image_options(self)
-
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)

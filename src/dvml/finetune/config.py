@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvml.errors import FieldError
-from dvml.extract.backbone import DEFAULT_BACKBONE, parse_spec
+from dvml.extract.config import DEFAULT_BACKBONE, DEFAULT_WORKERS, check_image_options, parse_spec
 from dvml.extract.datasets import DatasetName
-from dvml.extract.extractor import DEFAULT_WORKERS, check_image_options
 from dvml.heads.config import CONTROL_FIELDS, LEGACY_PHASE2_FIELDS, HeadsConfig
 
 #: What a finetune run from before these fields were recorded trained with (the paper's heads and objective: L2
