@@ -44,7 +44,8 @@ def extract_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 feature cache."),
     backbone: str = typer.Option(_D.backbone, help="googlenet (the paper's), any torchvision classification "
                                  "model (resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...), timm:NAME "
-                                 "(pip install 'dvml\\[timm]') or a TorchScript file (images in, features out)."),
+                                 "(pip install 'dvml\\[timm]'), or a model file: torch.export .pt2 or TorchScript .pt "
+                                 "(images in, features out; a model file is code: use only files you trust)."),
     weights: str = typer.Option(_D.weights, help="'imagenet' (the model's default pretrained weights; must be in "
                                 "the torch hub / Hugging Face cache offline), a torchvision weights name "
                                 "(IMAGENET1K_V2), 'none' (seeded random init, for tests) or a path to a state "
