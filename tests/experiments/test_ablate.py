@@ -237,5 +237,5 @@ def test_results_written_before_the_method_column_read_back(tmp_path):
     s = ablate.summarize(rows)
     assert s["methods"] == ["baseline", "DVML"] and "diff_noise" not in s["losses"]["triplet"]["metrics"]["map@r"]
     assert s["losses"]["triplet"]["metrics"]["map@r"]["diff"]["mean"] == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="--methods must be a comma-separated subset of base, dvml, noise"):
+    with pytest.raises(ValueError, match="^methods must be a comma-separated subset of base, dvml, noise"):
         ablate.parse_methods("base,gauss")

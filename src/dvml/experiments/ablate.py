@@ -47,7 +47,7 @@ from dvml import files
 from dvml import runs as R
 from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
-from dvml.errors import DvmlError
+from dvml.errors import DvmlError, FieldError
 from dvml.evaluate import evaluate_target
 from dvml.evaluate.labels import metric_label
 from dvml.experiments.gridlog import GridWarnings
@@ -89,7 +89,7 @@ def parse_methods(text: str) -> tuple[Method, ...]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in Method._value2member_map_]
     if not names or bad:
-        raise ValueError(f"--methods must be a comma-separated subset of {', '.join(m.value for m in Method)}; "
+        raise FieldError(f"`methods` must be a comma-separated subset of {', '.join(m.value for m in Method)}; "
                          f"got {text!r}")
     return tuple(Method(m) for m in dict.fromkeys(names))
 

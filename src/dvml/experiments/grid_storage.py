@@ -317,7 +317,7 @@ def run_shared(cfg: A.AblateConfig, storage_url: str, *, callback: A.AblateCallb
         except optuna.exceptions.UpdateFinishedTrialError:
             # alive but silent for longer than the grace period: the cell was queued again; whoever takes it
             # reads this finished run back instead of fitting it again (see _work)
-            log.warning("%s: given up as stale while it ran (raise --heartbeat?); its result is in %s and will be "
+            log.warning("%s: given up as stale while it ran (a longer heartbeat?); its result is in %s and will be "
                         "recorded by the worker that takes the cell again", cell.name, A.run_dir(cfg, cell))
             continue
         seen.add(cell.name)

@@ -8,6 +8,7 @@ A preset only supplies values for options not given otherwise: fields given expl
 
 from __future__ import annotations
 
+from dvml.errors import FieldError
 from dvml.heads.config import PAPER_PHASE2_LAMBDAS, PAPER_RECON_SHARE, Preset
 
 #: The fields each preset sets (``dvml``: none, the config's defaults are its values). ``paper`` reverts the
@@ -25,5 +26,5 @@ def preset_fields(preset: Preset | str, given: set[str] | frozenset[str] = froze
     try:
         p = Preset(preset)
     except ValueError:
-        raise ValueError(f"--preset must be one of {', '.join(m.value for m in Preset)}, got {preset!r}") from None
+        raise FieldError(f"`preset` must be one of {', '.join(m.value for m in Preset)}, got {preset!r}") from None
     return {k: v for k, v in PRESETS[p].items() if k not in given}

@@ -80,7 +80,7 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 def stack_reason(cfg: FitConfig) -> str | None:
     """Why ``cfg`` cannot train in a stack (a one-line reason), or None when it can."""
     if cfg.loss not in STACKED_LOSSES:
-        return (f"--loss {cfg.loss.value} has no stacked form (stacked: "
+        return (f"the loss {cfg.loss.value} has no stacked form (stacked: "
                 f"{', '.join(n.value for n in STACKED_LOSSES)})")
     if cfg.triplet_input:
         return "the triplet input draws triplets, not class blocks"
