@@ -623,15 +623,16 @@ def check_grid(cfg: AblateConfig):
     # Every cell is checked now (and nothing is written), not after hours of other cells: an unknown loss or
     # option, and a batch the training classes cannot fill (e.g. npair at --batch-size 8 needs 4 classes).
     grid = GridWarnings()  # the fits' warnings (batch fitted to the data, schedule) said once for the grid
+    unfinished = {c.name for c in cells if read_finished(run_dir(cfg, c)) is None}
     for cell in cells:
         try:
-            with grid.check(cell.name, runs=read_finished(run_dir(cfg, cell)) is None):
+            with grid.check(cell.name, runs=cell.name in unfinished):
                 fitted, _ = fit_batch(_fit_config(cfg, cell, run_dir(cfg, cell)), labels,
                                       where=f"{cfg.cache} ({cell.name})", per_class_option="--set per-class={}")
                 warn_schedule(fitted)
         except (ValueError, TypeError) as e:
             raise DvmlError(f"{cell.name}: {e}") from None
-    grid.say(log, sum(read_finished(run_dir(cfg, c)) is None for c in cells))
+    grid.say(log, len(unfinished))
     return info, fp, cells
 
 
