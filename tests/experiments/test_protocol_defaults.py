@@ -46,3 +46,21 @@ def test_protocol_writes_its_decision_then_the_test_check(tmp_path):
     check = json.loads((out / P.TEST_FILE).read_text())
     assert check["choice"] == dec["choice"] and set(check["sets"]) == {"w0", "w1", "w2"}
     assert all(len(v) == 2 for e in check["sets"].values() for v in e["test_recall@1"].values())
+
+
+def test_protocol_in_parallel_workers_gives_the_same_decision(tmp_path):
+    """``--jobs 2`` (one-thread worker processes) reproduces the one-process protocol's every validation number."""
+    path = generate(SynthConfig(n_classes=12, images_per_class=6, views=2, feature_dim=16, class_dim=8,
+                                variation_dim=4, hidden_dim=16, seed=5), tmp_path / "w.h5")
+    opts = [f"--set-option={k}={v}" for k, v in {"epochs": 2, "phase2_epoch": 1, "kl_warmup_epochs": 1,
+                                                   "eval_every": 1, "embedding_size": 8, "decoder_hidden": 8,
+                                                   "samples": 2, "batch_size": 8, "device": '"cpu"',
+                                                   "diag_images": 0, "grad_every": 0}.items()]
+    decisions = []
+    for jobs in (1, 2):
+        out = tmp_path / f"proto{jobs}"
+        assert P.main(["--set", f"w={path}", "--out", str(out), "--seeds", "1", "--schedules", "default",
+                       "--jobs", str(jobs), *opts]) == 0
+        decisions.append(json.loads((out / P.DECISION_FILE).read_text()))
+    assert len(decisions[0]["fits"]) == 3
+    assert decisions[0]["fits"] == decisions[1]["fits"] and decisions[0]["choice"] == decisions[1]["choice"]

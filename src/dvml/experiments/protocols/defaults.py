@@ -89,13 +89,35 @@ def _fit(cache: Path, out: Path, cand: Candidate, seed: int, extra: dict, **kw) 
     return fit(cfg)
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_fits(jobs: list[tuple], workers: int) -> None:
+    """Run ``_fit(*args, **kw)`` for every ``(args, kw)`` of ``jobs``: in this process (``workers`` 1) or in a pool
+    of ``workers`` processes of one thread each. A fit's result does not depend on the process that runs it (each
+    is seeded by its own config), and finished fits are read back, so a killed protocol resumes."""
+    if workers <= 1:
+        for args, kw in jobs:
+            _fit(*args, **kw)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+        for f in [pool.submit(_fit, *args, **kw) for args, kw in jobs]:
+            f.result()  # the first failure is raised here, naming its fit
+
+
 def _best_val(run: Path) -> float:
     vals = [r["val_recall@1"] for r in R.read_log(run) if "val_recall@1" in r]
     return float(max(vals))
 
 
 def validation(sets: dict[str, Path], out: Path, seeds: int, schedules: list[str], extra: dict,
-               candidates=CANDIDATES) -> dict:
+               candidates=CANDIDATES, workers: int = 1) -> dict:
     """Every validation fit; returns the decision dict (written to ``out/decision.json`` as it grows)."""
     dec_path = out / DECISION_FILE
     decision = {"rule": RULE, "candidates": {c.name: {"lambdas_phase2": list(c.lambdas_phase2),
@@ -104,18 +126,17 @@ def validation(sets: dict[str, Path], out: Path, seeds: int, schedules: list[str
                 "schedule_options": {s: SCHEDULES[s] for s in schedules}, "fit_options": extra,
                 "versions": R.versions(), "fits": [], "complete": False}
     files.write_json(decision, dec_path)  # the rule is on disk before the first fit
-    for set_name, cache in sets.items():
-        k = _val_classes(cache)
-        for sched in schedules:
-            for cand in candidates:
-                for seed in range(seeds):
-                    run = out / "runs" / f"{set_name}-{sched}-{cand.name}-s{seed}"
-                    _fit(cache, run, cand, seed, extra, val_classes=k, **SCHEDULES[sched])
-                    decision["fits"].append({"set": set_name, "schedule": sched, "candidate": cand.name,
-                                             "seed": seed, "val_classes": k, "val_recall@1": _best_val(run)})
-                    files.write_json(decision, dec_path)
-                    log.info("%s %s %s s%d: val R@1 %.4f", set_name, sched, cand.name, seed,
-                             decision["fits"][-1]["val_recall@1"])
+    plan = [(set_name, cache, _val_classes(cache), sched, cand, seed) for set_name, cache in sets.items()
+            for sched in schedules for cand in candidates for seed in range(seeds)]
+    runs = {p: out / "runs" / f"{p[0]}-{p[3]}-{p[4].name}-s{p[5]}" for p in plan}
+    _run_fits([((cache, runs[p], cand, seed, extra), {"val_classes": k, **SCHEDULES[sched]})
+               for p in plan for (_, cache, k, sched, cand, seed) in [p]], workers)
+    for p in plan:
+        set_name, _, k, sched, cand, seed = p
+        decision["fits"].append({"set": set_name, "schedule": sched, "candidate": cand.name, "seed": seed,
+                                 "val_classes": k, "val_recall@1": _best_val(runs[p])})
+        log.info("%s %s %s s%d: val R@1 %.4f", set_name, sched, cand.name, seed, decision["fits"][-1]["val_recall@1"])
+    files.write_json(decision, dec_path)
     scores: dict[str, dict[str, float]] = {}
     for f in decision["fits"]:
         scores.setdefault(f["candidate"], {}).setdefault(f"{f['set']}/{f['schedule']}", []).append(f["val_recall@1"])
@@ -127,7 +148,7 @@ def validation(sets: dict[str, Path], out: Path, seeds: int, schedules: list[str
 
 
 def test_check(decision: dict, sets: dict[str, Path], out: Path, seeds: int, extra: dict,
-               candidates=CANDIDATES) -> dict:
+               candidates=CANDIDATES, workers: int = 1) -> dict:
     """After the decision: the chosen, the paper's and the earlier default refit on the whole training split at
     the default schedule and scored on the test split; paired differences against the chosen one."""
     from dvml.evaluate import evaluate_target
@@ -137,15 +158,16 @@ def test_check(decision: dict, sets: dict[str, Path], out: Path, seeds: int, ext
     names = list(dict.fromkeys([decision["choice"], "paper", "earlier-default"]))
     result = {"choice": decision["choice"], "note": "reported whatever its sign; does not change the decision",
               "sets": {}}
-    for set_name, cache in sets.items():
+    schedule = {k: v for k, v in SCHEDULES["default"].items() if k != "eval_every"}
+    run_of = {(s, n, seed): out / "test_runs" / f"{s}-{n}-s{seed}"
+              for s in sets for n in names for seed in range(seeds)}
+    _run_fits([((sets[s], run, by_name[n], seed, extra), {"eval_every": 0, **schedule})
+               for (s, n, seed), run in run_of.items()], workers)
+    for set_name in sets:
         per: dict[str, list[float]] = {}
         for name in names:
             for seed in range(seeds):
-                run = out / "test_runs" / f"{set_name}-{name}-s{seed}"
-                _fit(cache, run, by_name[name], seed, extra, eval_every=0, **{k: v for k, v in
-                                                                             SCHEDULES["default"].items()
-                                                                             if k != "eval_every"})
-                m = evaluate_target(run, clustering=False)
+                m = evaluate_target(run_of[(set_name, name, seed)], clustering=False)
                 per.setdefault(name, []).append(float(m["recall@1"]))
         entry = {"test_recall@1": per}
         for name in names[1:]:
@@ -167,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a fit option for every fit (JSON value), e.g. samples=5")
     p.add_argument("--test-check", action="store_true", help="after the decision file: the test check")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fits run at once, each in its own one-thread process (results do not depend on it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sets = {}
@@ -188,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         decision = json.loads(dec_path.read_text())  # never rewritten: the test check reads the decision made
         log.info("decision already made: %s", decision["choice"])
     else:
-        decision = validation(sets, a.out, a.seeds, schedules, extra)
+        decision = validation(sets, a.out, a.seeds, schedules, extra, workers=a.jobs)
         log.info("decision: %s (scores %s)", decision["choice"], decision["mean_scores"])
     if a.test_check:
-        res = test_check(decision, sets, a.out, a.seeds, extra)
+        res = test_check(decision, sets, a.out, a.seeds, extra, workers=a.jobs)
         log.info("test check: %s", json.dumps(res["sets"]))
     return 0
 
