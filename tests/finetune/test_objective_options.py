@@ -79,6 +79,17 @@ def test_tiny_runs_record_the_options_and_train(tiny_cub: Path, tmp_path: Path):
         assert (heads.variance_space, heads.variance_scale) == (conf["variance_space"], conf["variance_scale"])
 
 
+def test_a_noise_arm_run_loads_back_as_the_noise_arm(tiny_cub: Path, tmp_path: Path):
+    """A finetune run trained with ``variance_source=noise`` (no μ, log σ² layers) is read back with that source:
+    its heads load (a learned-source model would miss nothing but have extra layers) and draw noise."""
+    out = tmp_path / "noise"
+    finetune(small_cfg(tiny_cub, out, epochs=1, steps_per_epoch=1, variance_source="noise"))
+    assert json.loads((out / R.CONFIG_FILE).read_text())["config"]["variance_source"] == "noise"
+    heads = load_finetuned(out, read_index=False).heads
+    assert heads.variance_source.value == "noise"
+    assert not any(k.startswith(("mu", "logvar")) for k in heads.state_dict())
+
+
 def test_bad_choices_and_standardize_are_refused(tiny_cub: Path, tmp_path: Path):
     runner = CliRunner()
     r = runner.invoke(app, ["finetune", *cli_args(tiny_cub, tmp_path / "a"), "--likelihood", "laplace"])

@@ -74,7 +74,8 @@ def load_finetuned(run_dir: str | Path, *, read_index: bool = True) -> Finetuned
     backbone = replace(backbone, preprocess=pre)
     cfgd = info.config
     recorded = {**LEGACY_HEAD_FIELDS, **cfgd}  # a run from before the DVML options: the paper's heads
-    heads = DVMLHeads(int(ckpt["in_dim"]), **{k: recorded[k] for k in HEADS_KWARGS})
+    heads = DVMLHeads(int(ckpt["in_dim"]), **{k: recorded[k] for k in HEADS_KWARGS},
+                      variance_source=recorded.get("variance_source", "learned"))  # older runs: learned
     heads.load_state_dict(ckpt["model"])
     heads.eval()
     index = None
