@@ -139,3 +139,44 @@ def test_a_trained_run_whose_encoder_is_swapped_for_noise_fails_the_checks(tmp_p
     assert swapped["checks"]["active_frac"]["ok"] is False  # and the posterior is the prior: nothing active
     assert {k: v["value"] for k, v in swapped["checks"].items()} != {k: v["value"] for k, v in
                                                                       trained["checks"].items()}
+
+
+def test_pair_hardness_matches_a_loop_over_npair_comparisons():
+    rng = np.random.default_rng(2)
+    z = torch.from_numpy(rng.normal(size=(2, 8, 3)))
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    batches = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    vals = []
+    for t, b in itertools.product(range(2), batches.tolist()):
+        zt = z[t].numpy()
+        for a, p, n in itertools.permutations(b, 3):
+            if y[a] == y[p] and y[n] != y[a]:
+                vals.append(max(0.0, zt[a] @ zt[n] - zt[a] @ zt[p]))  # raw dot products: N-pair's logits
+    vals = np.asarray(vals)
+    h = D.pair_hardness(z, y, batches)
+    assert h["per_active"] == pytest.approx(vals[vals > 0].mean())
+    assert h["active"] == pytest.approx(np.mean(vals > 0))
+    assert D.pair_hardness(3 * z, y, batches)["per_active"] == pytest.approx(9 * h["per_active"])  # not normalised
+
+
+def test_an_npair_run_reports_its_own_comparisons_and_its_noise_swap_fails(tmp_path):
+    """An N-pair DVML run's hardness is measured on N-pair's comparisons (logits); with its encoder swapped for the
+    prior the draws are noise and the learned-vs-noise hardness check fails."""
+    from dvml.extract.synth import SynthConfig, generate
+    from dvml.heads import FitConfig, fit
+
+    cache = generate(SynthConfig(n_classes=24, images_per_class=20, views=2, feature_dim=32, class_dim=16,
+                                 variation_dim=4, hidden_dim=32), tmp_path / "w.h5")
+    run = fit(FitConfig(cache=cache, out=tmp_path / "run", loss="npair", epochs=4, phase2_epoch=2,
+                        kl_warmup_epochs=2, embedding_size=16, decoder_hidden=16, samples=4, batch_size=24, lr=3e-3,
+                        eval_every=0, device="cpu"))
+    trained = BR.run_report(run)
+    assert trained["vs_noise"]["hardness"]["unit"] == "logits"
+    ckpt = R.load_checkpoint(run)
+    for k in ("mu.weight", "mu.bias", "logvar.weight", "logvar.bias"):
+        ckpt["model"][k].zero_()
+    torch.save(ckpt, run / R.HEADS_FILE)
+    swapped = BR.run_report(run)
+    assert swapped["vs_noise"]["hardness"]["unit"] == "logits"
+    assert swapped["checks"]["hardness_vs_noise"]["ok"] is False, swapped["checks"]["hardness_vs_noise"]
+    assert swapped["checks"]["consistency_vs_noise"]["ok"] is False

@@ -140,9 +140,11 @@ def _noise_rows(t: Table, vs: dict, checks: dict) -> None:
               f"{_fmt(c['real'], True)} / {_fmt(c['learned'], True)} / {_fmt(c['noise'], True)}", "")
     k = checks.get("consistency_vs_noise", {})
     t.add_row("  learned - noise", _fmt(k.get("value")), _check(k))
-    t.add_row(f"violation per active triplet (margins, m = {vs['margin']:g}; {vs['batches']} batches): z_I / "
-              "learned / noise", " / ".join(_fmt(h[n]["per_active"]) for n in ("real", "learned", "noise")), "")
-    t.add_row("  share of triplets active: z_I / learned / noise",
+    pairs = h.get("unit") == "logits"  # an N-pair run: its comparisons, in logits
+    what = "comparison (logits" if pairs else f"triplet (margins, m = {vs['margin']:g}"
+    t.add_row(f"violation per active {what}; {vs['batches']} batches): z_I / learned / noise",
+              " / ".join(_fmt(h[n]["per_active"]) for n in ("real", "learned", "noise")), "")
+    t.add_row(f"  share of {'comparisons' if pairs else 'triplets'} active: z_I / learned / noise",
               " / ".join(_fmt(h[n]["active"], True) for n in ("real", "learned", "noise")), "")
     k = checks.get("hardness_vs_noise", {})
     t.add_row("  learned / noise", _fmt(k.get("value")), _check(k))

@@ -14,7 +14,9 @@ margin :data:`CHECKS` states:
 * **hardness** (:func:`~dvml.heads.diagnostics.triplet_hardness`): mean violation per active triplet of
   class-balanced batches (the run's classes per batch × images per class; the draws batched on their own, as
   Lm(ẑ) does), in units of the margin (the loss's margin where it has one, else the triplet loss's 0.2), for
-  z_I, the learned draws and the noise. Any zero-mean perturbation makes triplets harder (the hinge is convex); the
+  z_I, the learned draws and the noise; for an N-pair run, its own comparisons instead
+  (:func:`~dvml.heads.diagnostics.pair_hardness`: per active anchor–positive–negative comparison of raw dot
+  products, in logits). Any zero-mean perturbation makes triplets harder (the hinge is convex); the
   learned draws must be harder than noise of their own size: learned / noise ≥ 1.10.
 * **gradient** (at the run's final weights, phase-2 λ, T draws, :data:`GRAD_BATCHES` batches): the
   cosine of the expected gradient of λ3·Lm(ẑ) + λ4·Lm(z_I) on the embedding layer with the *baseline's*
@@ -47,7 +49,8 @@ CHECKS = (
     ("active_frac", ">=", 0.10, "posterior not collapsed: share of dimensions with Var_x[mu_j] > 0.01"),
     ("kl_sum", ">=", 1.0, "KL(q(z_V|x) || N(0, I)) in nats per image, clearly above 0"),
     ("consistency_vs_noise", ">=", 0.02, "class consistency (leave-one-out centres): learned - noise"),
-    ("hardness_vs_noise", ">=", 1.10, "violation per active triplet: learned / noise"),
+    ("hardness_vs_noise", ">=", 1.10, "violation per active triplet (N-pair: per active comparison): "
+                                      "learned / noise"),
     ("grad_vs_noise", ">=", 0.01, "cos(noise's gradient, baseline's) - cos(learned's, baseline's), the smaller "
                                   "over two halves of the batches"),
 )
@@ -94,9 +97,14 @@ def noise_comparison(model, x: torch.Tensor, y: torch.Tensor, cfg, *, samples: i
                                                                              LossName.dr_triplet) \
             else LOSS_PARAM_DEFAULTS[LossName.triplet]["margin"]
         batches = D.class_balanced_batches(y, cfg.classes_per_batch, cfg.per_class, g)
-        hard = {"real": D.triplet_hardness(out.z_i, y, batches, margin),
-                "learned": D.triplet_hardness(out.z_syn, y, batches, margin),
-                "noise": D.triplet_hardness(noise, y, batches, margin)}
+        if cfg.loss is LossName.npair:  # its own comparisons: raw dot products, no margin
+            hardness = lambda z: D.pair_hardness(z, y, batches)  # noqa: E731
+            unit = "logits"
+        else:
+            hardness = lambda z: D.triplet_hardness(z, y, batches, margin)  # noqa: E731
+            unit = "margins"
+        hard = {"real": hardness(out.z_i), "learned": hardness(out.z_syn), "noise": hardness(noise),
+                "unit": unit}
         result = {"n_images": n, "samples": t, "margin": margin, "consistency": cons, "hardness": hard,
                   "batches": int(len(batches))}
         if metric is not None and len(batches):

@@ -306,6 +306,34 @@ def class_balanced_batches(labels: torch.Tensor, classes_per_batch: int, per_cla
 
 
 @torch.no_grad()
+def pair_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) -> dict[str, float]:
+    """How hard embeddings make the N-pair loss's comparisons of class-balanced batches, in logits.
+
+    z: (N, E) or (T, N, E) raw embeddings (N-pair compares raw dot products; each of the T sets batched on its own);
+    labels: (N,); batches: (K, B) rows. For every anchor a, positive p (y_p = y_a, p ≠ a) and negative n
+    (y_n ≠ y_a) of a batch, with s = the dot product, the violation is v = max(0, s(a, n) − s(a, p)): the logit by
+    which n outranks a's positive in the N-pair loss's softmax. Returns ``per_active`` = mean v over the comparisons
+    with v > 0 (in logits; the loss has no margin) and ``active`` = the share of comparisons with v > 0.
+    """
+    zz = z.float()
+    if zz.dim() == 2:
+        zz = zz[None]
+    total = active = 0.0
+    vsum = 0.0
+    for idx in batches:
+        y = labels[idx]
+        same = y[:, None] == y[None, :]
+        pos = same & ~torch.eye(len(idx), dtype=torch.bool, device=y.device)
+        mask = pos[:, :, None] & ~same[:, None, :]  # (B, B, B): a, p, n
+        zb = zz[:, idx]  # (T, B, E)
+        s = zb @ zb.transpose(1, 2)  # (T, B, B)
+        v = F.relu(s[:, :, None, :] - s[:, :, :, None])[:, mask]  # s(a, n) − s(a, p): (T, K_comparisons)
+        vsum += float(v.sum())
+        active += float((v > 0).sum())
+        total += v.numel()
+    return {"per_active": vsum / active if active else 0.0, "active": active / total if total else 0.0}
+
+
 def triplet_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor, margin: float
                      ) -> dict[str, float]:
     """How hard embeddings make the triplets of class-balanced batches, in units of the margin.
