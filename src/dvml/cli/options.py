@@ -10,6 +10,7 @@ import typer
 # The options of config fields are declared beside the fields and built by dvml.cli.bind; these names stay
 # importable from here.
 from dvml.cli.bind import check_field_types, format_numbers, merge_set, parse_set  # noqa: F401
+from dvml.extract.config import FeatureDtype, Interpolation  # noqa: F401  (extract, synth)
 
 #: A tuple of loss weights as ``--lambdas-phase1`` writes it (``1,1,0.1,1``).
 format_lambdas = format_numbers
@@ -19,22 +20,6 @@ def panel(name: str, option: typer.models.OptionInfo) -> typer.models.OptionInfo
     """``option``, shown in the --help panel ``name``: ``resize: int = panel(IMAGES, typer.Option(...))``."""
     option.rich_help_panel = name
     return option
-
-
-class FeatureDtype(str, Enum):
-    """On-disk dtype of cached features (extract, synth)."""
-
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Interpolation(str, Enum):
-    """Resize interpolation of extract's preprocessing (as :data:`dvml.extract.backbone.INTERPOLATIONS`)."""
-
-    nearest = "nearest"
-    nearest_exact = "nearest-exact"
-    bilinear = "bilinear"
-    bicubic = "bicubic"
 
 
 class TuneObjective(str, Enum):
