@@ -63,6 +63,9 @@ def format_numbers(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+
+
 def parse_numbers(text: str, flag: str, n: int) -> tuple[float, ...]:
     """``"0.8,1,0.2,0.8"`` -> a tuple of ``n`` floats; a ValueError naming ``flag`` otherwise."""
     try:
@@ -70,7 +73,7 @@ def parse_numbers(text: str, flag: str, n: int) -> tuple[float, ...]:
     except ValueError:
         values = ()
     if len(values) != n:
-        raise ValueError(f"{flag} must be {n} comma-separated numbers, got {text!r}")
+        raise ValueError(f"{flag} needs {_COUNTS.get(n, n)} comma-separated numbers, got {text!r}")
     return values
 
 
