@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors
-from dvml.cli.bind import bind, merge_set, parse_set
+from dvml.cli.bind import bind, from_command_line, merge_set, parse_set
 from dvml.cli.options import fit_overrides, panel
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
@@ -78,7 +78,7 @@ def ablate_cmd(
     if cache is None or out is None:
         raise ValueError("dvml ablate needs CACHE and --out (or --summarize DIR)")
     chosen = ablate.parse_methods(methods)
-    fit = merge_set(fit_overrides(**fit_fields), parse_set(set_))
+    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fit_fields)), parse_set(set_))
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               methods=chosen, fit=fit,

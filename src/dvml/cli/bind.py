@@ -93,7 +93,7 @@ def config_field(cls, name: str) -> dataclasses.Field:
 
 def field_option(cls, name: str, *, passthrough: bool = False) -> tuple[object, typer.models.OptionInfo]:
     """The annotation and typer option of ``cls``'s field ``name``, from its declared
-    :class:`~dvml.config_fields.OptionSpec`. ``passthrough``: the form the experiment commands (ablate, tune) give
+    :class:`~dvml.config_fields.OptionSpec`. ``passthrough``: the form the experiment commands (ablate, tune, demo) give
     a fit option: default None (= the fit's own default, said in the help), shown in the main panel."""
     f = config_field(cls, name)
     spec = option_spec(f)
@@ -152,8 +152,6 @@ def bind(cls, names: Iterable[str], *, passthrough: bool = False) -> Callable[[C
 
         command.__signature__ = sig.replace(parameters=[*own, *added] if passthrough else [*first, *added, *last])
         command.__annotations__ = {**typing.get_type_hints(fn), **{p.name: p.annotation for p in added}}
-        command.bound_config = cls  # what tests/cli/test_single_declaration.py checks
-        command.bound_names = tuple(options)
         return command
 
     return add
@@ -193,6 +191,9 @@ def _type_problem(value, tp) -> str | None:
         if len(value) != len(args) or any(_type_problem(v, a) for v, a in zip(value, args, strict=False)):
             return f"expected a list of {len(args)} numbers, got {value!r}"
         return None
+    if tp is LossName:  # any registered loss, as --loss takes it
+        names = list(loss_names())
+        return None if value in names else f"expected one of {', '.join(names)}, got {value!r}"
     if isinstance(tp, type) and issubclass(tp, Enum):
         names = [m.value for m in tp]
         return None if value in names or isinstance(value, tp) else f"expected one of {', '.join(names)}, got {value!r}"

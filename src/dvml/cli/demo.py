@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.bind import bind
+from dvml.cli.bind import bind, from_command_line
 from dvml.cli.options import fit_overrides
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.demo import DemoConfig
@@ -34,7 +34,7 @@ def demo_cmd(
     """
     from dvml.experiments import demo
 
-    cfg = demo.DemoConfig(out=out, quick=quick, fit=fit_overrides(**fit_fields))
+    cfg = demo.DemoConfig(out=out, quick=quick, fit=fit_overrides(**from_command_line(FitConfig, fit_fields)))
     s = cfg.size
     err_console.print(f"[bold]dvml demo{' --quick' if quick else ''}[/]: synth world of {s.world.n_classes} classes x "
                       f"{s.world.images_per_class} images ({s.world.n_classes // 2} unseen test classes), losses "

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.bind import bind, merge_set, parse_set
+from dvml.cli.bind import bind, from_command_line, merge_set, parse_set
 from dvml.cli.options import TuneObjective, choice_value, fit_overrides
 from dvml.experiments.tune import TuneConfig
 from dvml.heads.config import FitConfig
@@ -54,7 +54,7 @@ def tune_cmd(
     from dvml.experiments import tune
 
     objective = choice_value(objective)
-    fit = merge_set(fit_overrides(**fit_fields), parse_set(set_))
+    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fit_fields)), parse_set(set_))
     cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),
