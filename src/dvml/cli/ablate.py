@@ -7,17 +7,25 @@ from pathlib import Path
 import typer
 
 from dvml.cli.app import app, console, handle_errors
-from dvml.cli.options import FIT_DEFAULTS, FIT_HELP, DeviceOption, device_option, fit_overrides, merge_set, panel
+from dvml.cli.bind import bind, from_command_line, merge_set, parse_set
+from dvml.cli.options import fit_overrides, panel
 from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.ablate import AblateConfig
 from dvml.experiments.grid_storage import DEFAULT_HEARTBEAT_S
+from dvml.heads.config import FitConfig
 
 _D = AblateConfig  # option defaults are the config dataclass defaults
 SCALE_PANEL = "Speed and many workers"
 
 
+#: The fit options ablate offers as flags (any other: --set), each as fit-heads' (dvml.cli.bind, passthrough).
+ABLATE_FIT_FIELDS = ("epochs", "batch_size", "lr", "embedding_size", "samples", "phase2_epoch", "kl_warmup_epochs",
+                     "eval_every", "device")
+
+
 @app.command("ablate")
 @handle_errors
+@bind(FitConfig, ABLATE_FIT_FIELDS, passthrough=True)
 def ablate_cmd(
     cache: Path = typer.Argument(None, help="HDF5 feature cache (not with --summarize)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (rerun the same command to resume)."),
@@ -28,17 +36,6 @@ def ablate_cmd(
     methods: str = typer.Option("base,dvml", help="Comma-separated methods: base (--no-dvml), dvml, noise (the "
                                                   "control: DVML's training with z_V replaced by isotropic noise "
                                                   "of the same scale; the summary adds DVML − noise)."),
-    epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
-    batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
-                                                    "triplet, 128 otherwise; fitted to the data when it has fewer "
-                                                    "classes)."),
-    lr: float | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["lr"])),
-    embedding_size: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["embedding_size"])),
-    samples: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["samples"]) + " (T)"),
-    phase2_epoch: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["phase2_epoch"])),
-    kl_warmup_epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["kl_warmup_epochs"])),
-    eval_every: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["eval_every"])),
-    device: DeviceOption = device_option(),
     set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
                                           help="Any other fit-heads option as KEY=VALUE, KEY its "
                                                "flag without the dashes (repeatable), e.g. --set "
@@ -65,6 +62,7 @@ def ablate_cmd(
              "fit after another.")),
     stack_size: int = panel(SCALE_PANEL, typer.Option(_D.stack_size, min=2,
                                                       help="Most cells in one stack (bounds memory).")),
+    **fit_fields,
 ):
     """Grid of losses x {baseline, DVML[, noise control]} x seeds on one cache: results.csv, summary.md, chart,
     live table.
@@ -80,9 +78,7 @@ def ablate_cmd(
     if cache is None or out is None:
         raise ValueError("dvml ablate needs CACHE and --out (or --summarize DIR)")
     chosen = ablate.parse_methods(methods)
-    fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, lr=lr, embedding_size=embedding_size,
-                                  samples=samples, phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
-                                  eval_every=eval_every, device=device), set_)
+    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fit_fields)), parse_set(set_))
     cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
                               seeds=tuple(range(first_seed, first_seed + seeds)),
                               methods=chosen, fit=fit,

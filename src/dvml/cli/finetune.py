@@ -1,5 +1,6 @@
-"""``dvml finetune cub|cars196|sop|folder --root DIR --out RUN_DIR``: backbone + DVML heads end to end (see
-:mod:`dvml.finetune`). Multi-GPU: ``torchrun --standalone --nproc_per_node=N --no-python dvml finetune ...``.
+"""``dvml finetune DATASET --root DIR --out RUN_DIR`` (DATASET any entry of :mod:`dvml.extract.registry`): backbone
++ DVML heads end to end (see :mod:`dvml.finetune`).
+Multi-GPU: ``torchrun --standalone --nproc_per_node=N --no-python dvml finetune ...``.
 """
 
 from __future__ import annotations
@@ -10,88 +11,44 @@ import typer
 from rich.progress import TextColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors, make_progress
-from dvml.cli.options import (
-    HEAD_OPTS,
-    LOSS_OPTS,
-    SCHEDULE_PANEL,
-    objective,
-    panel,
-    parse_lambdas,
-    refuse_resume_with_overwrite,
-)
+from dvml.cli.bind import bind, resolve_config
+from dvml.cli.datasets import dataset_choice, metavar
+from dvml.cli.options import refuse_resume_with_overwrite
 from dvml.cli.render import format_terms
-from dvml.extract.datasets import DatasetName
-from dvml.finetune import FinetuneConfig
-from dvml.heads.config import DeviceChoice
-
-_F = FinetuneConfig  # option defaults are the config dataclass defaults
-IMAGES_PANEL = "Images and augmentation"
+from dvml.extract.registry import dataset_names
+from dvml.finetune.config import FinetuneConfig
 
 TORCHRUN = "torchrun --standalone --nproc_per_node=N --no-python dvml finetune ..."
+
+#: finetune's options: FinetuneConfig fields (the DATASET argument aside), in --help order. variance_source is
+#: reached through --set / --config.
+FINETUNE_FIELDS = ("root", "out", "loss", "dvml", "backbone", "weights", "init_heads", "backbone_lr", "lr", "proxy_lr",
+                   "weight_decay", "epochs", "steps_per_epoch", "phase2_epoch", "kl_warmup_epochs", "lambdas_phase1",
+                   "lambdas_phase2", "embedding_size", "decoder_hidden", "samples", "batch_size", "per_class",
+                   "margin", "gamma", "temperature", "label_smoothing", "freeze_bn", "amp", "resize", "crop",
+                   "train_classes", "transform_input", "checkpoint_every", "workers", "seed", "device", "resume",
+                   "overwrite", "skip_bad", "recon_share", "reduction", "metric_reduction", "likelihood",
+                   "standardize", "free_bits", "variance_space", "variance_scale", "variance_kappa",
+                   "metric_grad_to_variance", "centre_mu", "synthetic_pairs")
+OVERRIDES_PANEL = "Config file and overrides"
 
 
 @app.command("finetune", epilog=f"Multi-GPU (one process per GPU, DDP over NCCL; gloo on CPU): {TORCHRUN} "
                                 "--batch-size is the global batch and must be divisible by N.")
 @handle_errors
-@objective
+@bind(FinetuneConfig, FINETUNE_FIELDS)
 def finetune_cmd(
-    dataset: DatasetName = typer.Argument(..., help="Dataset format of --root."),
-    root: Path = typer.Option(..., "--root", help="Dataset directory (as for dvml extract)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory (heads.pt, backbone.pt, checkpoint.pt, "
-                             "config.json, log.jsonl)."),
-    loss: str = HEAD_OPTS["loss"],
-    dvml: bool = HEAD_OPTS["dvml"],
-    backbone: str = typer.Option(_F.backbone, help="googlenet (the paper's), any torchvision classification model "
-                                 "(resnet50, efficientnet_b0, vit_b_16, ...) or timm:NAME (pip install "
-                                 "'dvml\\[timm]'), as for dvml extract."),
-    weights: str = typer.Option(_F.weights, help="Backbone start: 'imagenet', 'none' (seeded random, tests) or a "
-                                "state-dict path for that backbone."),
-    init_heads: Path = typer.Option(None, "--init-heads", help="Start the heads from this fit-heads run "
-                                    "(cached-feature warm start)."),
-    backbone_lr: float = typer.Option(_F.backbone_lr, help="Adam learning rate of the backbone (the paper: 1e-4 "
-                                      "for the whole network; 1e-5 is gentler after --init-heads)."),
-    lr: float = HEAD_OPTS["lr"],
-    proxy_lr: float = HEAD_OPTS["proxy_lr"],
-    weight_decay: float = HEAD_OPTS["weight_decay"],
-    epochs: int = HEAD_OPTS["epochs"],
-    steps_per_epoch: int = panel(SCHEDULE_PANEL, typer.Option(None, help="Global batches per epoch (default: "
-                                                                          "N_train // batch-size).")),
-    phase2_epoch: int = HEAD_OPTS["phase2_epoch"],
-    kl_warmup_epochs: int = HEAD_OPTS["kl_warmup_epochs"],
-    lambdas_phase1: str = HEAD_OPTS["lambdas_phase1"],
-    lambdas_phase2: str = HEAD_OPTS["lambdas_phase2"],
-    embedding_size: int = HEAD_OPTS["embedding_size"],
-    decoder_hidden: int = HEAD_OPTS["decoder_hidden"],
-    samples: int = HEAD_OPTS["samples"],
-    batch_size: int = HEAD_OPTS["batch_size"],
-    per_class: int = HEAD_OPTS["per_class"],
-    margin: float = LOSS_OPTS["margin"],
-    gamma: float = LOSS_OPTS["gamma"],
-    temperature: float = LOSS_OPTS["temperature"],
-    label_smoothing: float = LOSS_OPTS["label_smoothing"],
-    freeze_bn: bool = panel(IMAGES_PANEL, typer.Option(_F.freeze_bn, "--freeze-bn/--train-bn",
-                                   help="Keep BatchNorm in eval mode with frozen affine parameters.")),
-    amp: bool = typer.Option(_F.amp, help="Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."),
-    resize: int = panel(IMAGES_PANEL, typer.Option(None, help="Shorter side after resizing (default: the "
-                                                              "backbone's, e.g. 256).")),
-    crop: int = panel(IMAGES_PANEL, typer.Option(None, help="Random-crop size (default: the backbone's input size, "
-                                                            "e.g. 224).")),
-    train_classes: int = panel(IMAGES_PANEL, typer.Option(None, help="folder only: number of (sorted) training "
-                                                                     "classes.")),
-    transform_input: bool = panel(IMAGES_PANEL, typer.Option(None, "--transform-input/--no-transform-input",
-                                         help="torchvision GoogLeNet input re-normalisation (default: the weights' "
-                                         "convention).")),
-    checkpoint_every: int = panel(SCHEDULE_PANEL, typer.Option(_F.checkpoint_every,
-                                         help="Also checkpoint every N steps (0 = epoch ends only).")),
-    workers: int = typer.Option(_F.workers, help="DataLoader worker processes per training process."),
-    seed: int = HEAD_OPTS["seed"],
-    device: DeviceChoice = typer.Option(_F.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps (under "
-                                                        "torchrun, cuda is each process's cuda:LOCAL_RANK)."),
-    resume: bool = HEAD_OPTS["resume"],
-    overwrite: bool = HEAD_OPTS["overwrite"],
-    skip_bad: bool = panel(IMAGES_PANEL, typer.Option(_F.skip_bad, help="Leave unreadable training images out (one "
-                                  "decoding pass before training; listed in config.json) instead of stopping.")),
-    **objective_opts,
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., callback=dataset_choice, metavar=metavar(dataset_names()),
+                                  help="Dataset format of --root (any registered dataset: dvml.extract.registry)."),
+    config: Path = typer.Option(None, "--config", rich_help_panel=OVERRIDES_PANEL,
+                                help="JSON file of finetune options (FinetuneConfig fields); options given on the "
+                                     "command line override it."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", rich_help_panel=OVERRIDES_PANEL,
+                                          help="An option as KEY=VALUE, KEY its flag without the dashes or the field "
+                                               "name (repeatable; e.g. --set variance-source=noise); checked against "
+                                               "the field's type. Wins over --config."),
+    **fields,
 ):
     """Train the backbone (GoogLeNet by default) and the DVML heads together from images (the paper's end-to-end
     setting).
@@ -100,18 +57,8 @@ def finetune_cmd(
     (and their defaults) as in fit-heads; --standardize is fit-heads only. Evaluate the result with
     `dvml evaluate RUN_DIR`. Interrupted? Rerun with --resume.
     """
-    cfg = FinetuneConfig(dataset=dataset, root=root, out=out, loss=loss, dvml=dvml, backbone=backbone, weights=weights,
-                         init_heads=init_heads, backbone_lr=backbone_lr, lr=lr, proxy_lr=proxy_lr,
-                         weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                         phase2_epoch=phase2_epoch, kl_warmup_epochs=kl_warmup_epochs,
-                         lambdas_phase1=parse_lambdas(lambdas_phase1, "--lambdas-phase1"),
-                         lambdas_phase2=parse_lambdas(lambdas_phase2, "--lambdas-phase2"),
-                         embedding_size=embedding_size, decoder_hidden=decoder_hidden, samples=samples,
-                         batch_size=batch_size, per_class=per_class, margin=margin, gamma=gamma,
-                         temperature=temperature, label_smoothing=label_smoothing, freeze_bn=freeze_bn, amp=amp,
-                         resize=resize, crop=crop, train_classes=train_classes, transform_input=transform_input,
-                         checkpoint_every=checkpoint_every, seed=seed, device=device.value, resume=resume,
-                         overwrite=overwrite, workers=workers, skip_bad=skip_bad, **objective_opts)
+    cfg = resolve_config(FinetuneConfig, ctx, fields, fixed={"dataset": dataset}, config_file=config,
+                         set_items=set_)
     refuse_resume_with_overwrite(cfg)
     from dvml.finetune import distributed as D  # torch: after the arguments are checked
     from dvml.finetune import finetune

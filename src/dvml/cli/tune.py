@@ -9,24 +9,22 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dvml.cli.app import app, console, err_console, handle_errors
-from dvml.cli.options import (
-    FIT_DEFAULTS,
-    FIT_HELP,
-    DeviceOption,
-    TuneObjective,
-    choice_value,
-    device_option,
-    fit_overrides,
-    merge_set,
-)
+from dvml.cli.bind import bind, from_command_line, merge_set, parse_set
+from dvml.cli.options import TuneObjective, choice_value, fit_overrides
 from dvml.experiments.tune import TuneConfig
+from dvml.heads.config import FitConfig
 from dvml.losses import LossName
 
 _D = TuneConfig  # option defaults are the config dataclass defaults
 
 
+#: The fit options tune offers as flags (any other: --set), each as fit-heads' (dvml.cli.bind, passthrough).
+TUNE_FIT_FIELDS = ("epochs", "batch_size", "device")
+
+
 @app.command("tune")
 @handle_errors
+@bind(FitConfig, TUNE_FIT_FIELDS, passthrough=True)
 def tune_cmd(
     cache: Path = typer.Argument(..., help="HDF5 feature cache (only its training split is read)."),
     loss: LossName = typer.Option(_D.loss, help="Metric loss Lm."),
@@ -42,11 +40,6 @@ def tune_cmd(
     search: str | None = typer.Option(None, help="Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, "
                                                  "recon_share (k: scales phase-2 lambda1 and lambda2 together, "
                                                  "0.25-64), samples, embedding_size (default all that apply)."),
-    epochs: int | None = typer.Option(None, help=FIT_HELP.format(FIT_DEFAULTS["epochs"])),
-    batch_size: int | None = typer.Option(None, help="Fit option (default depends on the loss: 120 for "
-                                                    "triplet, 128 otherwise; fitted to the data when it has fewer "
-                                                    "classes)."),
-    device: DeviceOption = device_option(),
     set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
                                           help="A fixed fit-heads option as KEY=VALUE, KEY its flag "
                                                "without the dashes (repeatable), e.g. --set "
@@ -55,12 +48,13 @@ def tune_cmd(
     timeout: float | None = typer.Option(_D.timeout, help="Stop this process after this many seconds."),
     keep_runs: bool = typer.Option(_D.keep_runs, "--keep-runs/--no-keep-runs",
                                    help="Keep every trial's run directory."),
+    **fit_fields,
 ):
     """Optuna search validated on classes held out from the training split (never the test classes)."""
     from dvml.experiments import tune
 
     objective = choice_value(objective)
-    fit = merge_set(fit_overrides(epochs=epochs, batch_size=batch_size, device=device), set_)
+    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fit_fields)), parse_set(set_))
     cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dvml.cache import schema as S
+from dvml.config_fields import option
 from dvml.devices import check_device_name
 from dvml.errors import DvmlError, FieldError
 from dvml.extract.registry import DatasetName, dataset_spec, resolve_dataset
@@ -23,6 +25,24 @@ DEFAULT_BACKBONE = "googlenet"
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 _FILE_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit", ".ptl")
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+PREPROCESS_PANEL = "Preprocessing (default: the backbone's own)"  # dvml extract --help panels
+DATA_PANEL = "Dataset and output"
+
+
+class FeatureDtype(str, Enum):
+    """On-disk dtype of cached features (extract, synth): :data:`dvml.cache.schema.FEATURE_DTYPES`."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Interpolation(str, Enum):
+    """Resize interpolation of extract's preprocessing (:data:`INTERPOLATIONS`)."""
+
+    nearest = "nearest"
+    nearest_exact = "nearest-exact"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
 
 
 def check_image_options(cfg) -> None:
@@ -50,27 +70,47 @@ class ExtractConfig:
     ``mean``, ``std``, ``interpolation`` ``None`` take the backbone's own preprocessing (GoogLeNet: 256 / 224)."""
 
     dataset: DatasetName | str  # a registered dataset (dvml.extract.registry); a plug-in's name is a DatasetKey
-    root: Path
-    out: Path
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    views: int = 10
-    test_flip: bool = False
-    seed: int = 0
-    batch_size: int = 32  # images per batch (each with P views)
-    workers: int = DEFAULT_WORKERS
-    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    amp: bool = True  # float16 autocast on CUDA and MPS (ignored on CPU)
-    resize: int | None = None
-    crop: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    interpolation: str | None = None
-    dtype: str = "float16"
-    train_classes: int | None = None  # folder only
-    transform_input: bool | None = None  # None: the weights' convention
-    skip_bad: bool = False
-    overwrite: bool = False
+    root: Path = field(metadata=option(
+        "Dataset directory (CUB_200_2011, the Cars196 directory with cars_annos.mat, Stanford_Online_Products, or a "
+        "<class>/<image> folder).", flags=("--root",)))
+    out: Path = field(metadata=option("Output HDF5 feature cache.", flags=("--out", "-o")))
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata=option(
+        "googlenet (the paper's), any torchvision classification model (resnet50, efficientnet_b0, convnext_tiny, "
+        "vit_b_16, ...), timm:NAME (pip install 'dvml\\[timm]'), or a model file: torch.export .pt2 or TorchScript "
+        ".pt (images in, features out; a model file is code: use only files you trust)."))
+    weights: str = field(default="imagenet", metadata=option(
+        "'imagenet' (the model's default pretrained weights; must be in the torch hub / Hugging Face cache "
+        "offline), a torchvision weights name (IMAGENET1K_V2), 'none' (seeded random init, for tests) or a path to "
+        "a state dict. Ignored for a TorchScript file."))
+    views: int = field(default=10, metadata=option(
+        "Views per training image: view 0 = centre crop, the rest seeded random crop + horizontal flip."))
+    test_flip: bool = field(default=False, metadata=option("Also store the flipped centre view of test images."))
+    seed: int = field(default=0, metadata=option("Seed of the random views."))
+    batch_size: int = field(default=32, metadata=option("Images per batch (each with all its views)."))
+    workers: int = field(default=DEFAULT_WORKERS, metadata=option(
+        "DataLoader worker processes decoding images (0 = main)."))
+    device: str = field(default="auto", metadata=option("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."))
+    amp: bool = field(default=True, metadata=option("float16 autocast on CUDA and MPS."))  # ignored on CPU
+    resize: int | None = field(default=None, metadata=option(
+        "Shorter side after resizing (default: the backbone's own, e.g. 256).", panel=PREPROCESS_PANEL))
+    crop: int | None = field(default=None, metadata=option(
+        "Crop size = network input size (default: the backbone's own, e.g. 224).", panel=PREPROCESS_PANEL))
+    mean: tuple[float, float, float] | None = field(default=None, metadata=option(
+        "Per-channel mean R,G,B on \\[0, 1] pixels (default: the backbone's own).", panel=PREPROCESS_PANEL))
+    std: tuple[float, float, float] | None = field(default=None, metadata=option(
+        "Per-channel std R,G,B (default: the backbone's own).", panel=PREPROCESS_PANEL))
+    interpolation: str | None = field(default=None, metadata=option(
+        "Resize interpolation (default: the backbone's own).", panel=PREPROCESS_PANEL, choices=Interpolation))
+    dtype: str = field(default="float16", metadata=option("On-disk feature dtype.", panel=DATA_PANEL,
+                                                          choices=FeatureDtype))
+    train_classes: int | None = field(default=None, metadata=option(
+        "folder only: number of (sorted) classes in the train split (default: half).", panel=DATA_PANEL))
+    transform_input: bool | None = field(default=None, metadata=option(  # None: the weights' convention
+        "torchvision GoogLeNet input re-normalisation (default: on for imagenet, off for none, for a file its "
+        "stored value or on).", panel=PREPROCESS_PANEL))
+    skip_bad: bool = field(default=False, metadata=option(
+        "Skip unreadable images (listed in the cache's extra) instead of stopping.", panel=DATA_PANEL))
+    overwrite: bool = field(default=False, metadata=option("Replace an existing complete output."))
 
     def __post_init__(self):
         object.__setattr__(self, "dataset", resolve_dataset(self.dataset))

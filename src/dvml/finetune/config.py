@@ -4,13 +4,21 @@ images, the backbone and how the run executes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dvml.config_fields import IMAGES_PANEL, SCHEDULE_PANEL, option
 from dvml.errors import FieldError
 from dvml.extract.config import DEFAULT_BACKBONE, DEFAULT_WORKERS, check_image_options, parse_spec
-from dvml.extract.datasets import DatasetName
-from dvml.heads.config import CONTROL_FIELDS, LEGACY_PHASE2_FIELDS, HeadsConfig
+from dvml.extract.registry import DatasetName, resolve_dataset
+from dvml.heads.config import (
+    CONTROL_FIELDS,
+    LEGACY_PHASE2_FIELDS,
+    OVERWRITE_OPTION,
+    RESUME_OPTION,
+    DeviceChoice,
+    HeadsConfig,
+)
 
 #: What a finetune run from before these fields were recorded trained with (the paper's heads and objective: L2
 #: reconstruction, raw z_V at unit scale; the triplet losses' pml ``nonzero`` reducer): read under its checkpoint's
@@ -58,34 +66,51 @@ class FinetuneConfig(HeadsConfig):
             ``config.json``'s ``skipped_images``) instead of stopping at the first (as ``dvml extract --skip-bad``).
     """
 
-    dataset: DatasetName
-    root: Path
-    out: Path
-    backbone_lr: float = 1e-4
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    transform_input: bool | None = None
-    init_heads: Path | None = None
-    freeze_bn: bool = True
-    amp: bool = True
-    resize: int | None = None
-    crop: int | None = None
-    train_classes: int | None = None
-    steps_per_epoch: int | None = None
-    checkpoint_every: int = 200
-    workers: int = DEFAULT_WORKERS
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    skip_bad: bool = False
+    dataset: DatasetName | str  # a registered dataset (dvml.extract.registry); a plug-in's name is a DatasetKey
+    root: Path = field(metadata=option("Dataset directory (as for dvml extract).", flags=("--root",)))
+    out: Path = field(metadata=option("Run directory (heads.pt, backbone.pt, checkpoint.pt, config.json, "
+                                      "log.jsonl).", flags=("--out", "-o")))
+    backbone_lr: float = field(default=1e-4, metadata=option(
+        "Adam learning rate of the backbone (the paper: 1e-4 for the whole network; 1e-5 is gentler after "
+        "--init-heads)."))
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata=option(
+        "googlenet (the paper's), any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...) "
+        "or timm:NAME (pip install 'dvml\\[timm]'), as for dvml extract."))
+    weights: str = field(default="imagenet", metadata=option(
+        "Backbone start: 'imagenet', 'none' (seeded random, tests) or a state-dict path for that backbone."))
+    transform_input: bool | None = field(default=None, metadata=option(
+        "torchvision GoogLeNet input re-normalisation (default: the weights' convention).", panel=IMAGES_PANEL))
+    init_heads: Path | None = field(default=None, metadata=option(
+        "Start the heads from this fit-heads run (cached-feature warm start)."))
+    freeze_bn: bool = field(default=True, metadata=option(
+        "Keep BatchNorm in eval mode with frozen affine parameters.", flags=("--freeze-bn/--train-bn",),
+        panel=IMAGES_PANEL))
+    amp: bool = field(default=True, metadata=option(
+        "Mixed precision on CUDA (bfloat16, else float16 + grad scaling)."))
+    resize: int | None = field(default=None, metadata=option(
+        "Shorter side after resizing (default: the backbone's, e.g. 256).", panel=IMAGES_PANEL))
+    crop: int | None = field(default=None, metadata=option(
+        "Random-crop size (default: the backbone's input size, e.g. 224).", panel=IMAGES_PANEL))
+    train_classes: int | None = field(default=None, metadata=option(
+        "folder only: number of (sorted) training classes.", panel=IMAGES_PANEL))
+    steps_per_epoch: int | None = field(default=None, metadata=option(
+        "Global batches per epoch (default: N_train // batch-size).", panel=SCHEDULE_PANEL))
+    checkpoint_every: int = field(default=200, metadata=option(
+        "Also checkpoint every N steps (0 = epoch ends only).", panel=SCHEDULE_PANEL))
+    workers: int = field(default=DEFAULT_WORKERS, metadata=option(
+        "DataLoader worker processes per training process."))
+    device: str = field(default="auto", metadata=option(
+        "auto (CUDA, then MPS, then CPU), cpu, cuda or mps (under torchrun, cuda is each process's "
+        "cuda:LOCAL_RANK).", choices=DeviceChoice))
+    resume: bool = field(default=False, metadata=RESUME_OPTION)
+    overwrite: bool = field(default=False, metadata=OVERWRITE_OPTION)
+    skip_bad: bool = field(default=False, metadata=option(
+        "Leave unreadable training images out (one decoding pass before training; listed in config.json) instead "
+        "of stopping.", panel=IMAGES_PANEL))
 
     def __post_init__(self):
         s = object.__setattr__
-        try:
-            s(self, "dataset", DatasetName(self.dataset))
-        except ValueError:
-            raise ValueError(f"dataset must be one of {', '.join(d.value for d in DatasetName)}, "
-                             f"got {self.dataset!r}") from None
+        s(self, "dataset", resolve_dataset(self.dataset))  # any registered dataset (FieldError otherwise)
         s(self, "root", Path(self.root))
         s(self, "out", Path(self.out))
         if self.init_heads is not None:

@@ -23,10 +23,11 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
+from dvml.config_fields import DIAGNOSTICS_PANEL, LOSS_PANEL, OBJECTIVE_PANEL, SCHEDULE_PANEL, option
 from dvml.errors import FieldError
 from dvml.losses.names import (
     CROSS_PAIR_NAMES,
-    LOSS_PARAM_DEFAULTS,  # noqa: F401  (importable from here, as before)
+    LOSS_PARAM_DEFAULTS,
     LOSS_PARAM_NAMES,
     LossName,
     MetricReduction,
@@ -205,6 +206,19 @@ def default_per_class(loss: LossName) -> int:
     return loss_spec(loss).per_class
 
 
+def loss_param_help(name: str) -> str:
+    """Help text of a loss parameter's option: which losses take it and their defaults."""
+    uses = ", ".join(f"{loss.value} {p[name]:.4g}" for loss, p in LOSS_PARAM_DEFAULTS.items() if name in p)
+    return f"Loss parameter, only for: {uses} (the defaults)."
+
+
+_LAMBDAS_HELP = "weights: KL, recon, Lm(z_hat), Lm(z_I)."
+#: The options of ``resume`` / ``overwrite``, declared once for the run configs that have them (fit-heads, finetune).
+RESUME_OPTION = option("Continue an interrupted run in --out.")
+OVERWRITE_OPTION = option("Replace a run already in --out (kept in OUT/.replaced-run until the new one finishes; back "
+                          "in place if it fails before its first checkpoint).")
+
+
 @dataclass(frozen=True)
 class HeadsConfig:
     """What trains the heads: the loss, the DVML objective and its schedule, the optimiser, the batches, the seed.
@@ -296,39 +310,83 @@ class HeadsConfig:
         seed: seeds initialisation, batches, views and the z_V noise.
     """
 
-    loss: LossName = LossName.triplet
-    dvml: bool = True
-    embedding_size: int = 512
-    decoder_hidden: int = 512
-    samples: int = 20
-    epochs: int = 60
-    phase2_epoch: int = 30
-    kl_warmup_epochs: int = 30
-    lambdas_phase1: tuple[float, float, float, float] = PHASE1_LAMBDAS
-    lambdas_phase2: tuple[float, float, float, float] = PHASE2_LAMBDAS
-    recon_share: float = DEFAULT_RECON_SHARE
-    reduction: Reduction | None = None
-    metric_reduction: MetricReduction | None = None
-    likelihood: Likelihood = Likelihood.gaussian
-    standardize: bool = False
-    free_bits: float = 0.0
-    variance_space: VarianceSpace | None = None
-    variance_scale: VarianceScale = VarianceScale.class_
-    variance_kappa: float = 1.0
-    metric_grad_to_variance: bool = False
-    centre_mu: bool = False
-    variance_source: VarianceSource = VarianceSource.learned
-    synthetic_pairs: SyntheticPairs | None = None
-    lr: float = 1e-4
-    proxy_lr: float | None = None
-    weight_decay: float = 0.0
-    batch_size: int | None = None
-    per_class: int | None = None
-    margin: float | None = None
-    gamma: float | None = None
-    temperature: float | None = None
-    label_smoothing: float | None = None
-    seed: int = 0
+    loss: LossName = field(default=LossName.triplet, metadata=option(
+        "Metric loss Lm (any registered loss: dvml.losses.registry)."))
+    dvml: bool = field(default=True, metadata=option(
+        "--no-dvml: the baseline, the same embedding layer trained with Lm(z_I) alone."))
+    embedding_size: int = field(default=512, metadata=option("Embedding size E (z_I, mu, log sigma^2)."))
+    decoder_hidden: int = field(default=512, metadata=option("Decoder hidden width.", panel=SCHEDULE_PANEL))
+    samples: int = field(default=20, metadata=option("T: z_V draws per image and step.", flags=("--samples", "-T")))
+    epochs: int = field(default=60, metadata=option("Training epochs."))
+    phase2_epoch: int = field(default=30, metadata=option(
+        "First (0-based) epoch of phase 2 (decoder gradient reaches z_I); >= --epochs keeps phase 1.",
+        panel=SCHEDULE_PANEL))
+    kl_warmup_epochs: int = field(default=30, metadata=option(
+        "KL weight rises linearly from 0 over this many epochs (0 = off).", panel=SCHEDULE_PANEL))
+    lambdas_phase1: tuple[float, float, float, float] = field(default=PHASE1_LAMBDAS, metadata=option(
+        "Phase-1 " + _LAMBDAS_HELP, panel=SCHEDULE_PANEL))
+    lambdas_phase2: tuple[float, float, float, float] = field(default=PHASE2_LAMBDAS, metadata=option(
+        "Phase-2 " + _LAMBDAS_HELP, panel=SCHEDULE_PANEL))
+    recon_share: float = field(default=DEFAULT_RECON_SHARE, metadata=option(
+        "k: multiplies the phase-2 KL and reconstruction weights together: how strongly the decoder's gradient "
+        "trains z_I against the metric loss (default 4, with the phase-2 Lm(z_hat) weight 3.2: chosen on validation "
+        "classes at the default schedule; the paper: 1 and 0.8,1,0.2,0.8). dvml tune searches it.",
+        panel=OBJECTIVE_PANEL))
+    reduction: Reduction | None = field(default=None, metadata=option(
+        "sum (the paper's eqs. 2, 4, 8, 9: KL over E, recon over D, triplet losses over their triplets) or mean "
+        "(per dimension / non-zero triplet) (default: sum for triplet and triplet-dws, mean for the other losses).",
+        panel=OBJECTIVE_PANEL))
+    metric_reduction: MetricReduction | None = field(default=None, metadata=option(
+        "Triplet losses over their triplets (default: sum with --reduction sum, else nonzero).",
+        panel=OBJECTIVE_PANEL))
+    likelihood: Likelihood = field(default=Likelihood.gaussian, metadata=option(
+        "Reconstruction term: l2 (the paper) or gaussian (calibrated decoder: NLL at the maximum-likelihood shared "
+        "variance, independent of the features' units).", panel=OBJECTIVE_PANEL))
+    standardize: bool = field(default=False, metadata=option(
+        "Reconstruct per-dimension standardised features (training statistics). fit-heads only: finetune refuses "
+        "it (its features change as the backbone trains).", panel=OBJECTIVE_PANEL))
+    free_bits: float = field(default=0.0, metadata=option(
+        "KL free bits: nats per dimension not charged (0 = off).", panel=OBJECTIVE_PANEL))
+    variance_space: VarianceSpace | None = field(default=None, metadata=option(
+        "raw: z_hat = z_I + s*z_V (the paper); normalized: z_hat = z_I/||z_I|| + s*z_V (default: where the metric "
+        "loss compares: normalized, raw for npair's dot products).", panel=OBJECTIVE_PANEL))
+    variance_scale: VarianceScale = field(default=VarianceScale.class_, metadata=option(
+        "s: unit (1, the paper) or class (the batch's within-class std per dimension of the embedding z_V is added "
+        "to).", panel=OBJECTIVE_PANEL))
+    variance_kappa: float = field(default=1.0, metadata=option("Multiplier of s.", panel=OBJECTIVE_PANEL))
+    metric_grad_to_variance: bool = field(default=False, metadata=option(
+        "Whether Lm(z_hat) trains mu and sigma too (the paper) or only z_I (mu, sigma then learn from the KL and "
+        "reconstruction; the default: through mu and sigma, Lm(z_hat) made its own samples easy and mu "
+        "input-independent).", panel=OBJECTIVE_PANEL))
+    centre_mu: bool = field(default=False, metadata=option(
+        "Centre the posterior mean within each class of the batch.", panel=OBJECTIVE_PANEL))
+    variance_source: VarianceSource = field(default=VarianceSource.learned, metadata=option(
+        "learned: z_V drawn from the learned posterior (DVML); noise: the control arm, trained exactly as DVML but "
+        "z_V is isotropic N(0, I) noise at the same per-batch scale (no encoder, KL 0; decoder and reconstruction "
+        "kept).", panel=OBJECTIVE_PANEL))
+    synthetic_pairs: SyntheticPairs | None = field(default=None, metadata=option(
+        "What Lm(z_hat) pairs: within (the paper's eq. 10: each synthetic batch alone) or cross (Lm(z_I)'s pairs "
+        "and triplets, anchors real z_I, positives and negatives synthetic; triplet, triplet-dws, npair) (default: "
+        "within).", panel=OBJECTIVE_PANEL))
+    lr: float = field(default=1e-4, metadata=option("Adam learning rate of the heads."))
+    proxy_lr: float | None = field(default=None, metadata=option(
+        f"Learning rate of a proxy loss's proxies (default: {DEFAULT_PROXY_LR:g}, whatever --lr is; only proxy "
+        "losses use it).", panel=SCHEDULE_PANEL))
+    weight_decay: float = field(default=0.0, metadata=option(
+        "Adam weight decay (heads; finetune: and backbone).", panel=SCHEDULE_PANEL))
+    batch_size: int | None = field(default=None, metadata=option(
+        "Images per batch (finetune: over all processes; default depends on the loss: 120 for triplet, 128 "
+        "otherwise; fitted to the data when it has fewer classes than that needs)."))
+    per_class: int | None = field(default=None, metadata=option(
+        "Images per class in a batch (default depends on the loss: 2 for npair, 4 otherwise).",
+        panel=SCHEDULE_PANEL))
+    margin: float | None = field(default=None, metadata=option(loss_param_help("margin"), panel=LOSS_PANEL))
+    gamma: float | None = field(default=None, metadata=option(loss_param_help("gamma"), panel=LOSS_PANEL))
+    temperature: float | None = field(default=None, metadata=option(loss_param_help("temperature"),
+                                                                    panel=LOSS_PANEL))
+    label_smoothing: float | None = field(default=None, metadata=option(loss_param_help("label_smoothing"),
+                                                                        panel=LOSS_PANEL))
+    seed: int = field(default=0, metadata=option("Seed (initialisation, batches, views / augmentation, z_V noise)."))
     #: Derived: whether ``batch_size`` was chosen (not ``None``) or is the loss's default, which a fit may fit to
     #: the data (:mod:`dvml.heads.batch`). Not recorded: a recorded config's batch was the one used.
     batch_size_given: bool = field(default=True, init=False, repr=False, compare=False, metadata=DERIVED)
@@ -482,17 +540,30 @@ class FitConfig(HeadsConfig):
             epoch and every this many global steps; 0 = off.
     """
 
-    cache: Path
-    out: Path
-    preset: Preset = Preset.dvml
-    triplet_input: bool = False
-    device: DeviceChoice = DeviceChoice.auto
-    eval_every: int = 5
-    val_classes: int = 0
-    diag_images: int = 2048
-    grad_every: int = 100
-    resume: bool = False
-    overwrite: bool = False
+    cache: Path  # the command's CACHE argument
+    out: Path = field(metadata=option("Run directory to write (heads.pt, config.json, log.jsonl).",
+                                      flags=("--out", "-o")))
+    preset: Preset = field(default=Preset.dvml, metadata=option(
+        "Defaults for the options not given: dvml (fit-heads' defaults, phase-2 weights chosen by the written "
+        "protocol, docs/protocol.md) or paper (every setting as the paper has it: phase-2 weights 0.8,1,0.2,0.8, "
+        "recon share 1, l2 reconstruction, raw z_I, unit scale, Lm(z_hat) trains mu and sigma). Recorded in "
+        "config.json."))
+    triplet_input: bool = field(default=False, metadata=option(
+        "triplet loss: batches of 40 explicit triplets (the paper's triplet input) instead of every triplet of a "
+        "class-balanced batch.", panel=SCHEDULE_PANEL))
+    device: DeviceChoice = field(default=DeviceChoice.auto, metadata=option(
+        "auto = CUDA, then MPS (Apple silicon), then CPU."))
+    eval_every: int = field(default=5, metadata=option(
+        "Log test Recall@1 (watch only) every N epochs and at the end; 0 = never."))
+    val_classes: int = field(default=0, metadata=option(
+        "Hold out K training classes; report the epoch best on them (default: the last epoch)."))
+    diag_images: int = field(default=2048, metadata=option(
+        "Training images (view 0, seeded subset) of the per-epoch diagnostics; 0 = off.", panel=DIAGNOSTICS_PANEL))
+    grad_every: int = field(default=100, metadata=option(
+        "Sample the per-term gradients on the embedding layer every N steps (and at each epoch's first step); "
+        "0 = off.", panel=DIAGNOSTICS_PANEL))
+    resume: bool = field(default=False, metadata=RESUME_OPTION)
+    overwrite: bool = field(default=False, metadata=OVERWRITE_OPTION)
 
     def __post_init__(self):
         s = object.__setattr__
