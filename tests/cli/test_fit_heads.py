@@ -62,8 +62,8 @@ def test_fit_heads_errors_are_one_line(tmp_path):
 def test_help_shows_the_defaults():
     r = runner.invoke(app, ["fit-heads", "--help"], terminal_width=200)
     assert r.exit_code == 0
-    for text in ("--no-dvml", "--resume", "--overwrite", "--val-classes", "1,1,0.1,1", "0.8,1,3.2,0.8", "0.0001",
-                 "--recon-share", "0.8,1,0.2,0.8"):  # the last: the paper's phase-2 weights, named in the help
+    for text in ("--no-dvml", "--resume", "--overwrite", "--val-classes", "1,1,0.1,1", "0.0001",
+                 "--recon-share", "0.8,1,0.2,0.8"):  # the last: the phase-2 weights (the paper's, the default)
         assert text in r.output, text
 
 
@@ -89,7 +89,7 @@ def test_fit_heads_branch_options_are_recorded_and_checked(tmp_path):
     c = json.loads((tmp_path / "d" / "config.json").read_text())["config"]
     assert (c["variance_space"], c["variance_scale"], c["likelihood"], c["reduction"], c["metric_reduction"],
             c["synthetic_pairs"]) == ("normalized", "class", "gaussian", "sum", "sum", "within")
-    assert c["recon_share"] == 4.0 and c["lambdas_phase2"] == [0.8, 1.0, 3.2, 0.8]
+    assert c["recon_share"] == 1.0 and c["lambdas_phase2"] == [0.8, 1.0, 0.2, 0.8]
     r = runner.invoke(app, ["fit-heads", str(cache), "--out", str(tmp_path / "k"), "--epochs", "2", *FAST,
                             "--recon-share", "4"])
     assert r.exit_code == 0, r.output

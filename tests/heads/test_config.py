@@ -21,12 +21,11 @@ def cfg(**kw):
 
 
 def test_paper_defaults():
-    """The paper's settings, but for the phase-2 weights (issue 14: λ3 = 3.2 and k = 4, chosen on validation
-    classes); the paper's phase-2 weights stay as constants (``dvml demo`` uses them)."""
+    """The paper's settings, the phase-2 weights included (the written protocol's choice: see the next test)."""
     c = cfg()
     assert (c.embedding_size, c.samples, c.lr) == (512, 20, 1e-4)
-    assert c.lambdas_phase1 == (1.0, 1.0, 0.1, 1.0) and c.lambdas_phase2 == (0.8, 1.0, 3.2, 0.8)
-    assert c.recon_share == DEFAULT_RECON_SHARE == 4.0
+    assert c.lambdas_phase1 == (1.0, 1.0, 0.1, 1.0) and c.lambdas_phase2 == (0.8, 1.0, 0.2, 0.8)
+    assert c.recon_share == DEFAULT_RECON_SHARE == 1.0
     assert PAPER_PHASE2_LAMBDAS == (0.8, 1.0, 0.2, 0.8) and PAPER_RECON_SHARE == 1.0
     paper = cfg(lambdas_phase2=PAPER_PHASE2_LAMBDAS, recon_share=PAPER_RECON_SHARE, phase2_epoch=2,
                 kl_warmup_epochs=0)
@@ -36,6 +35,22 @@ def test_paper_defaults():
     assert c.proxy_lr == DEFAULT_PROXY_LR == 0.1 and cfg(lr=1e-3).proxy_lr == 0.1
     assert cfg(proxy_lr=0.02).proxy_lr == 0.02
     assert c.loss is LossName.triplet
+
+
+def test_phase2_defaults_are_the_written_protocols_choice():
+    """fit-heads' phase-2 defaults are the candidate the committed decision file chose (results/protocol-defaults,
+    made by ``python -m dvml.experiments.protocols.defaults`` on validation classes before any test look)."""
+    import json
+    from pathlib import Path
+
+    from dvml.experiments.protocols.defaults import CANDIDATES, RULE, decide
+
+    dec = json.loads((Path(__file__).parents[2] / "results" / "protocol-defaults" / "decision.json").read_text())
+    assert dec["complete"] and dec["rule"] == RULE and decide(dec["scores"]) == dec["choice"]
+    chosen = {c.name: c for c in CANDIDATES}[dec["choice"]]
+    assert tuple(dec["candidates"][dec["choice"]]["lambdas_phase2"]) == chosen.lambdas_phase2
+    assert (PHASE2_LAMBDAS, DEFAULT_RECON_SHARE) == (chosen.lambdas_phase2, chosen.recon_share)
+    assert len(dec["fits"]) == len(CANDIDATES) * len(dec["sets"]) * len(dec["schedules"]) * dec["seeds"]
 
 
 def test_phase2_lambdas_differ_from_phase1():
