@@ -145,8 +145,9 @@ def test_what_does_not_stack_says_why(world, tmp_path):
     assert stack_reason(Later(loss="triplet", **base)) is None
     assert "noise_arm" in stack_reason(Later(loss="triplet", noise_arm=True, **base))
     assert group_key(FitConfig(loss="triplet", seed=1, **base)) == group_key(FitConfig(loss="triplet", seed=2, **base))
-    assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", lr=1e-3, **base))
-    with pytest.raises(ValueError, match="differ only in seed"):
-        StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", lr=1e-3, **base)], train, test)
+    assert group_key(FitConfig(loss="triplet", **base)) == group_key(FitConfig(loss="triplet", lr=1e-3, **base))
+    assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", samples=4, **base))
+    with pytest.raises(ValueError, match="differ only in seed, out, lr"):
+        StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", samples=4, **base)], train, test)
     with pytest.raises(ValueError, match="no stacked form"):
         StackedFit([FitConfig(loss="contrastive", **base)], train, test)
