@@ -154,6 +154,27 @@ class _Stack:
         return F.linear(x, self.w_in[i, :self.e], self.b_in[i, :self.e])
 
 
+class _SquaredError(torch.autograd.Function):
+    """Each member's summed squared error: x_hat (M, T, B, D), x (M, 1, B, D) (no gradient) → (M,).
+
+    What ``(x_hat - x).square().sum(dim=(1, 2, 3))`` computes, with one full-size temporary instead of four (the
+    difference; the norm is a reduction, and the backward is one product ``2 (x_hat − x) g``): on the CPU the
+    decoder's output is the stacked fit's largest tensor and these passes are memory-bound."""
+
+    @staticmethod
+    def forward(ctx, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise ValueError("the reconstruction target takes no gradient")
+        diff = x_hat - x
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff.reshape(diff.shape[0], -1), dim=1).square()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        return diff * (2.0 * grad).view(-1, *([1] * (diff.dim() - 1))), None
+
+
 class StackedFit:
     """M heads fits trained together (see the module docstring).
 
@@ -376,7 +397,7 @@ class StackedFit:
         cfg = self.cfg
         mm, t, b, d = x_hat.shape
         # no per-member slices of x_hat: each slice's backward would zero-fill a whole (M, T·B, D) gradient
-        total = (x_hat - x.unsqueeze(1)).square().sum(dim=(1, 2, 3))  # (M,)
+        total = _SquaredError.apply(x_hat, x.unsqueeze(1))  # (M,)
         if cfg.likelihood is Likelihood.gaussian:
             mse = total / (t * b * d)
             per_dim = 0.5 * (torch.log(mse.clamp_min(1e-12)) + 1.0 + _LOG_2PI)
