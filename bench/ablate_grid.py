@@ -2,7 +2,8 @@
 
 1. **Demo grid**: ``dvml demo``'s world and schedule (2 losses x {baseline, DVML} x 2 seeds = 8 cells, 40 epochs),
    the whole ablation (fits and evaluation) run ``--repeats`` times per path, the two paths interleaved (the order
-   alternating) because the machine is shared; prints each run's wall time, the medians and their ratio.
+   alternating) because the machine is shared; prints each run's wall and CPU time, each pair's ratio, the medians
+   and their ratio.
 2. **CUB-sized grid**: a synth cache with CUB-200's training shape (100 classes x 59 images = 5,900, 1024-D
    features, ``--cub-views`` views) and the paper's heads (E 512, decoder 512, T 20, batch 120/128); 3 losses x
    {baseline, DVML} x ``--cub-seeds`` seeds, each fit ``--cub-epochs`` epochs (the default schedule is 60; the
@@ -34,6 +35,7 @@ def demo_grid(root: Path, repeats: int, device: str) -> None:
     demo.world(dcfg)
     base = dcfg.ablation()
     times: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}  # this process's CPU seconds: less sensitive to sharing
     fits: dict[bool, list[float]] = {True: [], False: []}
     r1: dict[bool, list[float]] = {True: [], False: []}
     print(f"demo grid: {len(base.cells())} cells ({', '.join(base.losses)} x base/DVML x seeds {base.seeds}), "
@@ -42,18 +44,23 @@ def demo_grid(root: Path, repeats: int, device: str) -> None:
         for stack in ((True, False) if rep % 2 == 0 else (False, True)):
             cfg = ablate.AblateConfig(cache=base.cache, out=root / f"demo-{'stack' if stack else 'one'}-{rep}",
                                       losses=base.losses, seeds=base.seeds, fit=base.fit, stack=stack)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = ablate.run(cfg)
             dt = time.perf_counter() - t0
             times[stack].append(dt)
+            cpu[stack].append(time.process_time() - c0)
             fits[stack].append(sum(r["fit_seconds"] for r in result["rows"]))
             r1[stack].append(statistics.mean(r["recall@1"] for r in result["rows"]))
             print(f"  run {rep + 1} {'stacked   ' if stack else 'one-by-one'}: {dt:6.1f} s wall "
-                  f"(fits {fits[stack][-1]:6.1f} s), mean Recall@1 {100 * r1[stack][-1]:.2f}", flush=True)
+                  f"(fits {fits[stack][-1]:6.1f} s, {cpu[stack][-1]:6.1f} s CPU), mean Recall@1 "
+                  f"{100 * r1[stack][-1]:.2f}", flush=True)
+        print(f"  run {rep + 1} ratio (one-by-one / stacked): wall {times[False][-1] / times[True][-1]:.2f}x, CPU "
+              f"{cpu[False][-1] / cpu[True][-1]:.2f}x", flush=True)
     ms, mo = statistics.median(times[True]), statistics.median(times[False])
     fs, fo = statistics.median(fits[True]), statistics.median(fits[False])
+    cs, co = statistics.median(cpu[True]), statistics.median(cpu[False])
     print(f"demo grid medians over {repeats} runs: stacked {ms:.1f} s, one-by-one {mo:.1f} s wall -> {mo / ms:.2f}x "
-          f"(fits alone: {fs:.1f} s vs {fo:.1f} s -> {fo / fs:.2f}x)")
+          f"(fits alone: {fs:.1f} s vs {fo:.1f} s -> {fo / fs:.2f}x; CPU {cs:.1f} s vs {co:.1f} s -> {co / cs:.2f}x)")
 
 
 def cub_grid(root: Path, epochs: int, seeds: int, views: int, device: str, stack_size: int) -> None:

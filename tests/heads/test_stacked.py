@@ -145,8 +145,27 @@ def test_what_does_not_stack_says_why(world, tmp_path):
     assert stack_reason(Later(loss="triplet", **base)) is None
     assert "noise_arm" in stack_reason(Later(loss="triplet", noise_arm=True, **base))
     assert group_key(FitConfig(loss="triplet", seed=1, **base)) == group_key(FitConfig(loss="triplet", seed=2, **base))
-    assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", lr=1e-3, **base))
-    with pytest.raises(ValueError, match="differ only in seed"):
-        StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", lr=1e-3, **base)], train, test)
+    assert group_key(FitConfig(loss="triplet", **base)) == group_key(FitConfig(loss="triplet", lr=1e-3, **base))
+    assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", samples=4, **base))
+    with pytest.raises(ValueError, match="differ only in seed, out, lr"):
+        StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", samples=4, **base)], train, test)
     with pytest.raises(ValueError, match="no stacked form"):
         StackedFit([FitConfig(loss="contrastive", **base)], train, test)
+
+
+def test_the_squared_error_matches_its_autograd_reference():
+    """The stacked reconstruction's fused squared error against ``(x_hat - x).square().sum()`` and its autograd
+    gradient (float64: gradcheck), and it refuses a target that takes a gradient."""
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 1, 6, 5, generator=g, dtype=torch.float64)
+    got = stacked._SquaredError.apply(x_hat, x)
+    want = (x_hat - x).square().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    w = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    (ga,) = torch.autograd.grad((got * w).sum(), x_hat)
+    (gb,) = torch.autograd.grad((want * w).sum(), x_hat)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda a: stacked._SquaredError.apply(a, x), (x_hat,))
+    with pytest.raises(ValueError, match="no gradient"):
+        stacked._SquaredError.apply(x_hat, x.clone().requires_grad_(True))

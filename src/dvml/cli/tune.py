@@ -48,6 +48,10 @@ def tune_cmd(
     timeout: float | None = typer.Option(_D.timeout, help="Stop this process after this many seconds."),
     keep_runs: bool = typer.Option(_D.keep_runs, "--keep-runs/--no-keep-runs",
                                    help="Keep every trial's run directory."),
+    batch_trials: int = typer.Option(_D.batch_trials, min=1,
+                                     help="Ask this many trials at a time and train those that differ only in lr, "
+                                          "margin, lambdas or recon_share together, as one stacked model (1: one "
+                                          "trial after another)."),
     **fit_fields,
 ):
     """Optuna search validated on classes held out from the training split (never the test classes)."""
@@ -58,7 +62,7 @@ def tune_cmd(
     cfg = tune.TuneConfig(cache=cache, loss=loss.value, dvml=dvml, trials=trials, out=out, storage=storage,
                           study_name=study_name, val_fraction=val_fraction, objective=objective, fit=fit,
                           search=None if search is None else tuple(s.strip() for s in search.split(",")),
-                          seed=seed, timeout=timeout, keep_runs=keep_runs)
+                          seed=seed, timeout=timeout, keep_runs=keep_runs, batch_trials=batch_trials)
 
     # the overall bar (finished trials of the target, ETA) starts with the first finished trial: nothing is
     # drawn for a study that is refused before it starts

@@ -1,12 +1,13 @@
 """How an ablation runs its cells: stacked where they can be (:mod:`dvml.heads.stacked`), one by one otherwise.
 
-Cells whose fits differ only in their seed (same loss, same method, same fit options) form a *group*; a group is
-cut into stacks of at most ``stack_size`` cells, each trained as one stacked model. A cell whose fit cannot be
-stacked (:func:`dvml.heads.stacked.stack_reason`), would not gain from it (:func:`cpu_reason`: large DVML heads on
-the CPU), or would be alone in its stack, runs one by one as with
-``--no-stack``, and the reason is logged (a warning). Every cell ends as it does one by one: its run directory,
-``heads.pt``, ``log.jsonl``, then ``metrics.json`` written last (which marks it finished); its ``config.json``
-says which trainer ran (``"trainer"``). A stack's fit time is shared equally by its cells (``fit_seconds``).
+Cells whose fits differ only in their seed (same loss, same method, same fit options; in general, only in
+:data:`dvml.heads.stacked.MEMBER_FIELDS`) form a *group*; a group is cut into stacks of at most ``stack_size``
+cells, each trained as one stacked model. A cell whose fit cannot be stacked (:func:`dvml.heads.stacked.stack_reason`),
+would not gain from it (:func:`cpu_reason`: large DVML heads on the CPU), or would be alone in its stack, runs one by
+one as with ``--no-stack``, and the reason is logged (a warning). Every cell ends as it does one by one: its run
+directory, ``heads.pt``, ``log.jsonl``, then ``metrics.json`` written last (which marks it finished); its
+``config.json`` says which trainer ran (``"trainer"``). A stack's fit time is shared equally by its cells
+(``fit_seconds``).
 """
 
 from __future__ import annotations

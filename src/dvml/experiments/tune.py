@@ -78,6 +78,8 @@ class TuneConfig:
     objective: ``recall@1`` or ``map@r`` on the validation classes. fit: fixed FitConfig fields for every
     trial (epochs, batch_size, device, ...). search: names of the parameters to search (default: all that
     apply). seed: seeds the class split, the sampler and every trial's fit. timeout: seconds for this process.
+    batch_trials: ask the study for this many trials at a time and train those whose fits can stack together, as
+    one stacked model (:mod:`dvml.experiments.tune_batch`); 1 = one trial after another.
     """
 
     cache: Path
@@ -94,6 +96,7 @@ class TuneConfig:
     seed: int = 0
     timeout: float | None = None
     keep_runs: bool = False
+    batch_trials: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
@@ -101,6 +104,8 @@ class TuneConfig:
         object.__setattr__(self, "loss", resolve_loss(self.loss))  # a registered loss (FieldError otherwise)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.batch_trials < 1:
+            raise ValueError(f"batch_trials must be >= 1, got {self.batch_trials}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.objective not in OBJECTIVES:
@@ -250,6 +255,29 @@ def config_file_dict(fit_cfg: FitConfig) -> dict:
     return d
 
 
+def trial_dir(cfg: TuneConfig, number: int) -> Path:
+    """The run directory of trial ``number`` (``OUT/trials/<number>``)."""
+    return cfg.out / "trials" / f"{number:04d}"
+
+
+def clear_run(out: Path) -> None:
+    """Remove a trial's run directory left by an earlier, interrupted process (the trial is fitted afresh)."""
+    if out.exists():
+        shutil.rmtree(out)
+
+
+def fit_and_score(cfg: TuneConfig, fit_cfg: FitConfig, train: Split, val: Split) -> dict:
+    """Fit one trial one by one (:func:`dvml.heads.fit`) and score it on the validation classes; its run directory
+    is removed afterwards unless ``keep_runs``. Raises DvmlError when the fit fails (e.g. a diverging lr)."""
+    clear_run(fit_cfg.out)
+    try:
+        run_dir = fit(fit_cfg, train=train, test=val)
+        return score(Path(run_dir), val, cfg.objective)
+    finally:
+        if not cfg.keep_runs:
+            clear_run(fit_cfg.out)
+
+
 def score(run_dir: Path, val: Split, objective: str) -> dict:
     """Embed the validation split with a trial's heads and evaluate it (retrieval metrics only)."""
     emb = embed(run_dir, val.features[:, 0])
@@ -320,23 +348,17 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
     study, sampler_seed = _open_study(cfg, fp, val_classes, storage)
 
     def objective(trial) -> float:
-        params = suggest(trial, space)
-        out = cfg.out / "trials" / f"{trial.number:04d}"
-        if out.exists():
-            shutil.rmtree(out)
         t0 = time.perf_counter()
         try:
-            run_dir = fit(fit_config(cfg, params, out), train=train, test=val)
-            metrics = score(Path(run_dir), val, cfg.objective)
+            metrics = fit_and_score(cfg, fit_config(cfg, suggest(trial, space), trial_dir(cfg, trial.number)),
+                                    train, val)
         except DvmlError as e:  # e.g. a diverging lr: a failed trial, not a failed study
             log.warning("trial %d failed: %s", trial.number, e)
             raise optuna.TrialPruned(str(e)) from None
-        finally:
-            if not cfg.keep_runs and out.exists():
-                shutil.rmtree(out)
         value = float(metrics[cfg.objective])
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", float(f"{time.perf_counter() - t0:.3f}"))
+        trial.set_user_attr("trainer", "one-by-one")
         return value
 
     def on_trial(study_, trial) -> None:
@@ -347,7 +369,11 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
                       "n_complete": _n_complete(study_), "target": cfg.trials})
 
     remaining = cfg.trials - _n_complete(study)
-    if remaining > 0:
+    if remaining > 0 and cfg.batch_trials > 1:
+        from dvml.experiments import tune_batch
+
+        tune_batch.optimize(cfg, study, space, train, val, on_trial)
+    elif remaining > 0:
         stop = optuna.study.MaxTrialsCallback(cfg.trials, states=(optuna.trial.TrialState.COMPLETE,))
         study.optimize(objective, n_trials=remaining, timeout=cfg.timeout, callbacks=[on_trial, stop],
                        catch=())
@@ -397,13 +423,14 @@ def _write_results(cfg: TuneConfig, study, fp: str, fit_classes: np.ndarray, val
         "cache": str(cfg.cache.resolve()), "cache_fingerprint": fp, "loss": cfg.loss.value, "dvml": cfg.dvml,
         "objective": cfg.objective, "objective_split": "validation classes held out from the training split",
         "fit_classes": [int(c) for c in fit_classes], "val_classes": [int(c) for c in val_classes],
-        "search_space": space, "sampler_seed": sampler_seed,
+        "search_space": space, "sampler_seed": sampler_seed, "batch_trials": cfg.batch_trials,
         "fixed_fit_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.fit.items()},
         "best": {"number": best.number, "value": best.value, "params": best.params,
                  "metrics": best.user_attrs.get("metrics")},
         "best_config_file": str(cfg.out / BEST_CONFIG_FILE),
         "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                    "seconds": t.user_attrs.get("seconds")} for t in study.trials],
+                    "seconds": t.user_attrs.get("seconds"), "trainer": t.user_attrs.get("trainer")}
+                   for t in study.trials],
         "dvml_version": __version__, "versions": R.versions(),
     }
     files.write_json(summary, cfg.out / SUMMARY_FILE)

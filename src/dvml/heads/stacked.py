@@ -1,4 +1,5 @@
-"""Stacked heads fits: M fits that differ only in their seed, trained together as one model.
+"""Stacked heads fits: M fits that differ only in their seed and continuous hyper-parameters (:data:`MEMBER_FIELDS`),
+trained together as one model.
 
 Each parameter carries a leading member axis (M, …) and every layer is a batched matmul (``torch.baddbmm``), so
 M small fits cost about one fit's Python and kernel-launch overhead. Nothing couples the members:
@@ -10,8 +11,12 @@ M small fits cost about one fit's Python and kernel-launch overhead. Nothing cou
 * **noise**: member i's z_V draws and triplet-dws negatives come from its own device generator, in the one-by-one
   order (ε at the forward pass, then the negatives of Lm(z_I), then those of Lm(ẑ));
 * **optimiser**: one Adam over the stacked tensors, which is member i's own Adam (Adam is elementwise: per-member
-  moments, same step count, same lr); the losses are summed over members, so each member's gradient is its own
-  (no gradient clipping, no statistic shared across members);
+  moments, same step count); when the members' learning rates differ, the Adam has one parameter group per member
+  whose parameters are that member's slices of the stacked tensors (views: the update lands in the stack). The
+  losses are summed over members, so each member's gradient is its own (no gradient clipping, no statistic shared
+  across members);
+* **loss weights and margin**: member i's λ (both phases, ``recon_share``) and ``margin`` are its own (a value per
+  member where they differ); the schedule (``phase2_epoch``, the KL warm-up) is shared;
 * **batch statistics** (``variance_scale="class"``, the gaussian likelihood's s²): per member.
 
 Metric losses run in their dense block form (:mod:`dvml.losses.dense`): class-balanced batches hold their classes
@@ -47,7 +52,7 @@ from dvml.errors import DvmlError
 from dvml.files import make_dir
 from dvml.heads import diagnostics as diag
 from dvml.heads.batch import fit_batch
-from dvml.heads.config import FitConfig, Likelihood, Reduction, VarianceScale, VarianceSpace
+from dvml.heads.config import FitConfig, Lambdas, Likelihood, Reduction, VarianceScale, VarianceSpace
 from dvml.heads.core import Callback, FitEvent, dvml_loss, epoch_record, metric_loss, optimizer, start_log
 from dvml.heads.model import DVMLHeads
 from dvml.heads.objective import TERMS
@@ -61,8 +66,12 @@ log = logging.getLogger(__name__)
 
 #: The losses with a dense stacked form.
 STACKED_LOSSES = (LossName.triplet, LossName.npair, LossName.triplet_dws)
-#: Fields that may differ between the members of one stack (everything else must be equal).
-MEMBER_FIELDS = ("seed", "out")
+#: Fields that may differ between the members of one stack (everything else must be equal): the seed and run
+#: directory, and the continuous hyper-parameters ``dvml tune`` searches that change no shape: the learning rate
+#: (each member its own Adam parameter group), the λ of both phases and ``recon_share`` (a weight per member and
+#: term), and the metric loss's ``margin`` (a margin per member). The schedule (``phase2_epoch``, the KL warm-up)
+#: stays shared: it decides which parts of the graph carry gradient.
+MEMBER_FIELDS = ("seed", "out", "lr", "lambdas_phase1", "lambdas_phase2", "recon_share", "margin")
 #: The FitConfig fields the stacked trainer implements; a field added later (a new option of the heads) makes a fit
 #: fall back to one by one unless it has its default value, so a stack never silently ignores an option.
 STACKED_FIELDS = frozenset({
@@ -145,15 +154,36 @@ class _Stack:
         return F.linear(x, self.w_in[i, :self.e], self.b_in[i, :self.e])
 
 
+class _SquaredError(torch.autograd.Function):
+    """Each member's summed squared error: x_hat (M, T, B, D), x (M, 1, B, D) (no gradient) → (M,).
+
+    What ``(x_hat - x).square().sum(dim=(1, 2, 3))`` computes, with one full-size temporary instead of four (the
+    difference; the norm is a reduction, and the backward is one product ``2 (x_hat − x) g``): on the CPU the
+    decoder's output is the stacked fit's largest tensor and these passes are memory-bound."""
+
+    @staticmethod
+    def forward(ctx, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise ValueError("the reconstruction target takes no gradient")
+        diff = x_hat - x
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff.reshape(diff.shape[0], -1), dim=1).square()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        return diff * (2.0 * grad).view(-1, *([1] * (diff.dim() - 1))), None
+
+
 class StackedFit:
     """M heads fits trained together (see the module docstring).
 
     Args:
-        cfgs: the members' configs: each stackable (:func:`stack_reason`), equal but for seed and out.
+        cfgs: the members' configs: each stackable (:func:`stack_reason`), equal but for :data:`MEMBER_FIELDS`.
         train: the cache's training split, preloaded (features (N, P, D)).
         test: its test split (view 0 for the watch-only Recall@1); needed when ``eval_every`` > 0.
     Raises:
-        ValueError: a config that does not stack, or configs that differ in more than seed and out.
+        ValueError: a config that does not stack, or configs that differ in more than :data:`MEMBER_FIELDS`.
         DvmlError: as :func:`dvml.heads.fit` (bad cache, a run directory holding a run).
     """
 
@@ -165,7 +195,7 @@ class StackedFit:
             if why:
                 raise ValueError(f"{c.out}: {why}")
         if len({group_key(c) for c in cfgs}) != 1:
-            raise ValueError("stacked fits must differ only in seed and out")
+            raise ValueError(f"stacked fits must differ only in {', '.join(MEMBER_FIELDS)}")
         views = train.features.shape[1]
         fitted = [fit_batch(c, train.labels, where=str(c.cache), views=views) for c in cfgs]
         self.cfgs = [c for c, _ in fitted]
@@ -199,7 +229,8 @@ class StackedFit:
             self.samplers.append(ClassBalancedSampler(torch.from_numpy(self.y_mapped), c.batch_size, c.per_class,
                                                       g_cpu, views=p))
         self.stack = _Stack(self.models)
-        self.optimizer = optimizer(cfg, self.stack.params, [], fused=True)
+        self._optimizer_setup()
+        self.margin = self._per_member([c.margin for c in self.cfgs])
         self.steps = len(self.samplers[0])
         self.m = cfg.per_class
         self._diag_setup()
@@ -232,6 +263,51 @@ class StackedFit:
             idx = torch.sort(idx[:c.diag_images]).values.to(self.device)
             self.diag.append((self.feats[idx, 0].float(), self.labels[idx]) if len(idx) else None)
 
+    def _optimizer_setup(self) -> None:
+        """One Adam over the stacked tensors when the members share their lr; otherwise one parameter group per
+        member (``self.member_params[i]``: member i's views of the stacked tensors, its lr and weight decay)."""
+        self.member_params: list[list[torch.Tensor]] | None = None
+        if len({c.lr for c in self.cfgs}) == 1:
+            self.optimizer = optimizer(self.cfg, self.stack.params, [], fused=True)
+            return
+        self.member_params = [[p.detach()[i] for p in self.stack.params] for i in range(self.m_count)]
+        groups = [{"params": views, "lr": c.lr, "weight_decay": c.weight_decay}
+                  for c, views in zip(self.cfgs, self.member_params, strict=True)]
+        try:  # as dvml.heads.core.optimizer: the fused kernel where it exists
+            self.optimizer = torch.optim.Adam(groups, fused=True)
+        except (RuntimeError, TypeError):
+            self.optimizer = torch.optim.Adam(groups)
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.stack.params:  # with member groups the optimiser holds views, not the stacked tensors
+            p.grad = None
+
+    def _optimizer_step(self) -> None:
+        """Adam's step on the stacked gradients (each member's group reads its slice of them)."""
+        if self.member_params is not None:
+            for p_i, p in enumerate(self.stack.params):
+                for i, views in enumerate(self.member_params):
+                    views[p_i].grad = None if p.grad is None else p.grad[i]
+        self.optimizer.step()
+
+    def _per_member(self, values: list[float | None]) -> float | torch.Tensor | None:
+        """A value shared by every member as itself; differing values as an (M,) float32 tensor."""
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def lambdas(self, time_: float) -> Lambdas:
+        """The members' weights at (fractional) epoch ``time_``: the shared :class:`Lambdas` when they agree, else
+        each weight an (M,) tensor (the phase and the stopped reconstruction gradient are shared)."""
+        lams = [c.lambdas(time_) for c in self.cfgs]
+        if len(set(lams)) == 1:
+            return lams[0]
+        if len({(lam.stop_recon_grad, lam.phase) for lam in lams}) != 1:  # group_key makes the schedule shared
+            raise RuntimeError("the members of a stack are in different phases")
+        w = torch.tensor([lam[:4] for lam in lams], dtype=torch.float32, device=self.device).T  # (4, M)
+        return Lambdas(*w.unbind(0), stop_recon_grad=lams[0].stop_recon_grad, phase=lams[0].phase)
+
     def member_model(self, i: int) -> DVMLHeads:
         """Member i's current heads as a :class:`DVMLHeads` (a copy)."""
         model = self.models[i]
@@ -243,6 +319,12 @@ class StackedFit:
         """(M, T, B, E) standard-normal noise, member i's from its own generator."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.gen_dev])
 
+    def _margin(self, t: int, dims: int) -> float | torch.Tensor:
+        """The margin of each of the M·T batches, shaped to broadcast against a (M·T, …) tensor of ``dims`` dims."""
+        if not isinstance(self.margin, torch.Tensor):
+            return self.margin
+        return self.margin.repeat_interleave(t).view(-1, *([1] * (dims - 1)))
+
     def _metric(self, z: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
         """Lm of each member's T batches (M, T, B, E), mean over T → (M,)."""
         cfg, m = self.cfg, self.m
@@ -251,21 +333,22 @@ class StackedFit:
         anc = None if anchors is None else anchors[:, None].expand(mm, t, b, e).reshape(mm * t, b, e)
         if cfg.loss is LossName.npair:
             v = dense.block_npair(flat, anchors=anc)
-        elif cfg.loss is LossName.triplet:
-            v = dense.block_triplet(flat, m, margin=cfg.margin, squared=True, reducer=cfg.metric_reduction,
+        elif cfg.loss is LossName.triplet:  # the hinge is (M·T, C, m, m, B)
+            v = dense.block_triplet(flat, m, margin=self._margin(t, 5), squared=True, reducer=cfg.metric_reduction,
                                     anchors=anc)
         else:
             d = dense.distances(flat, squared=False, anchors=anc)
             n, valid = dense.dws_draws(d.detach().view(mm, t, b, b), m, e, self.gen_dev)
             k = n.shape[-1]
-            v = dense.dws_triplet(d, n.reshape(mm * t, k), valid.reshape(mm * t, k), m, margin=cfg.margin,
+            v = dense.dws_triplet(d, n.reshape(mm * t, k), valid.reshape(mm * t, k), m, margin=self._margin(t, 2),
                                   reducer=cfg.metric_reduction)
         return v.view(mm, t).mean(dim=1)
 
     def terms(self, x: torch.Tensor, y: torch.Tensor, lam, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Every member's loss terms for its batch: x (M, B, D), y (M, B) in class blocks → (M, 5) in
         :data:`~dvml.heads.objective.TERMS` order (``total`` is what is summed and backpropagated).
-        ``eps`` (M, T, B, E): noise to use instead of drawing it (DVML)."""
+        ``lam``: :meth:`lambdas` (floats, or (M,) tensors). ``eps`` (M, T, B, E): noise to use instead of drawing
+        it (DVML)."""
         cfg, st = self.cfg, self.stack
         e, mm, b = st.e, x.shape[0], x.shape[1]
         h = torch.baddbmm(st.b_in.unsqueeze(1), x, st.w_in.transpose(1, 2))  # (M, B, k·E)
@@ -314,7 +397,7 @@ class StackedFit:
         cfg = self.cfg
         mm, t, b, d = x_hat.shape
         # no per-member slices of x_hat: each slice's backward would zero-fill a whole (M, T·B, D) gradient
-        total = (x_hat - x.unsqueeze(1)).square().sum(dim=(1, 2, 3))  # (M,)
+        total = _SquaredError.apply(x_hat, x.unsqueeze(1))  # (M,)
         if cfg.likelihood is Likelihood.gaussian:
             mse = total / (t * b * d)
             per_dim = 0.5 * (torch.log(mse.clamp_min(1e-12)) + 1.0 + _LOG_2PI)
@@ -383,14 +466,14 @@ class StackedFit:
             idx = batches[:, step]  # (M, B)
             x = self.feats[idx, (views.gather(1, idx) + ranks[:, step]) % p].float()  # (M, B, D)
             y = self.labels[idx]
-            lam = cfg.lambdas(epoch + step / steps)
+            lam = self.lambdas(epoch + step / steps)
             if cfg.dvml and cfg.grad_every and (step == 0 or (epoch * steps + step) % cfg.grad_every == 0):
-                for i in range(mm):
-                    grads[i].append(self._step_gradients(i, x[i], y[i], lam))
+                for i, c in enumerate(self.cfgs):
+                    grads[i].append(self._step_gradients(i, x[i], y[i], c.lambdas(epoch + step / steps)))
             values = self.terms(x, y, lam)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             values[:, -1].sum().backward()
-            self.optimizer.step()
+            self._optimizer_step()
             values = values.detach()
             finite[step] = torch.isfinite(values).all(dim=1)
             sums += values
@@ -401,8 +484,8 @@ class StackedFit:
         if bad.numel():
             step, i = (int(v) for v in bad[0])
             raise DvmlError(f"{self.cfgs[i].out}: non-finite loss at epoch {epoch + 1}, step {step + 1} of {steps} "
-                            f"({cfg.loss.value}, lr {cfg.lr}, stacked with {mm - 1} other fit(s)); no checkpoint "
-                            "of this stack was written; check the features for NaN/inf or lower --lr")
+                            f"({cfg.loss.value}, lr {self.cfgs[i].lr}, stacked with {mm - 1} other fit(s)); no "
+                            "checkpoint of this stack was written; check the features for NaN/inf or lower --lr")
         return (sums / steps).tolist(), grads
 
     def _step_gradients(self, i: int, x: torch.Tensor, y: torch.Tensor, lam) -> dict:
@@ -440,15 +523,23 @@ class StackedFit:
         c, model = self.cfgs[i], self.member_model(i)
         names = [k for k, _ in model.named_parameters()]
         full = self.optimizer.state_dict()
-        by_id = {id(p): self.optimizer.state[p] for p in self.stack.params if p in self.optimizer.state}
+        if self.member_params is None:  # one group over the stacked tensors: member i's slice of each moment
+            group = full["param_groups"][0]
+            by_id = {id(p): self.optimizer.state[p] for p in self.stack.params if p in self.optimizer.state}
+        else:  # member i's group: its views' moments, each indexed by member like a stacked tensor
+            group = full["param_groups"][i]
+            by_id = {id(p): {k: {i: v} for k, v in self.optimizer.state[view].items()}
+                     for p, view in zip(self.stack.params, self.member_params[i], strict=True)
+                     if view in self.optimizer.state}
         one = optimizer(c, model.parameters(), [], fused=True).state_dict()
         if by_id:
             moments = {k: self.stack.member(i, {pid: s[k] for pid, s in by_id.items()})
                        for k in ("exp_avg", "exp_avg_sq")}
             step = next(iter(by_id.values()))["step"]
+            step = step[i] if isinstance(step, dict) else step
             one["state"] = {j: {"step": step.detach().clone(), "exp_avg": moments["exp_avg"][name],
                                 "exp_avg_sq": moments["exp_avg_sq"][name]} for j, name in enumerate(names)}
-        one["param_groups"][0].update({k: v for k, v in full["param_groups"][0].items() if k != "params"})
+        one["param_groups"][0].update({k: v for k, v in group.items() if k != "params"})
         return one
 
     def save(self, i: int, done: int) -> None:
