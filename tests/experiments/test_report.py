@@ -4,6 +4,7 @@ when their files change, and the repository's docs/results.md against its result
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,22 @@ def test_readme_tables_regenerate_from_the_kept_files():
     embedded = report.blocks(readme.read_text())
     assert embedded, "the README shows no result table rendered by dvml report"
     assert report.stale_blocks(readme, root=ROOT) == []
+
+
+def test_every_doc_with_report_blocks_regenerates_and_the_protocol_is_shown():
+    """Every report block under docs/ matches its kept directory; the defaults protocol's decision and test check
+    are among them, and its rendered scores are the decision file's (each score the mean of its row)."""
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    with_blocks = {d.name: d for d in docs if report.blocks(d.read_text())}
+    assert {"results.md", "protocol.md"} <= set(with_blocks)
+    for d in with_blocks.values():
+        assert report.stale_blocks(d, root=ROOT) == [], d
+    body = report.blocks(with_blocks["protocol.md"].read_text())["results/protocol-defaults"]
+    dec = json.loads((ROOT / "results" / "protocol-defaults" / "decision.json").read_text())
+    assert f"Choice: **{dec['choice']}**." in body and "Test check" in body
+    for name, per in dec["scores"].items():
+        row = next(line for line in body.splitlines() if line.startswith(f"| {name}") or line.startswith(
+            f"| **{name}**"))
+        cells = [float(c) for c in row.strip("|").split("|")[1:]]
+        assert cells[:-1] == [float(f"{100 * v:.2f}") for v in per.values()]
+        assert abs(cells[-1] - sum(cells[:-1]) / len(cells[:-1])) < 0.01

@@ -8,6 +8,10 @@ A results directory (``results/<name>/``) keeps only small files:
 * ``provenance.json`` (optional) — ``dvml ablate``'s ``ablation.json``: the cache's fingerprint, the fit options,
   the versions of dvml, torch and the rest.
 
+A directory of the defaults protocol (:mod:`dvml.experiments.protocols.defaults`) keeps its ``decision.json`` (and,
+once run, ``test_check.json``) in place of ``results.csv``; :func:`render` then gives its validation scores, its
+choice and the test check.
+
 :func:`render` turns them into markdown: per loss, one row per metric with every method's mean ± std over seeds and
 the paired differences DVML − baseline and DVML − noise with their 95% t-intervals (:mod:`dvml.experiments.stats`),
 an interval in bold when it excludes 0. A document embeds it between ``<!-- dvml report DIR -->`` and
@@ -70,12 +74,70 @@ def _diff(d: dict | None) -> str:
     return f"**{text}**" if pd.significant else text
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _interval(d: dict) -> str:
+    """``mean [low, high]`` in points from fractions, bold when the interval excludes 0."""
+    text = f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+    return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
+
+
+def render_protocol(results_dir: Path, shown_as: str) -> str:
+    """The markdown of a defaults-protocol directory: per candidate its mean validation Recall@1 over seeds for each
+    (set, schedule) and its score, the rule and the choice; then the test check, when its file exists."""
+    from dvml.experiments.protocols.defaults import DECISION_FILE, TEST_FILE
+
+    cmd_path = results_dir / COMMAND_FILE
+    if not cmd_path.is_file():
+        raise DvmlError(f"{results_dir}: no {COMMAND_FILE}: a kept table must name the command that made it")
+    try:
+        dec = json.loads((results_dir / DECISION_FILE).read_text())
+        scores, mean, choice = dec["scores"], dec["mean_scores"], dec["choice"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise DvmlError(f"{results_dir / DECISION_FILE}: not a complete decision file ({e})") from None
+    cols = list(next(iter(scores.values())))
+    v = dec.get("versions", {})
+    lines = [f"Regenerate: `dvml report {shown_as}`. Made by:", "", "```", cmd_path.read_text().strip(), "```", "",
+             f"Versions: {', '.join(f'{k} {v[k]}' for k in VERSION_KEYS if k in v)}. Fit options of every fit: "
+             f"`{json.dumps(dec.get('fit_options', {}))}`.", "",
+             f"Validation Recall@1 (%, classes held out of the training split), mean over {dec['seeds']} seeds; "
+             f"score = the mean over the columns. Rule: {dec['rule']}", "",
+             "| candidate (λ phase 2; k) | " + " | ".join(cols) + " | score |", "|---" * (len(cols) + 2) + "|"]
+    for name, per in scores.items():
+        c = dec["candidates"][name]
+        lam = ",".join(f"{x:g}" for x in c["lambdas_phase2"])
+        label = f"**{name}**" if name == choice else name
+        lines.append(f"| {label} ({lam}; {c['recon_share']:g}) | " + " | ".join(_pct(per[k]) for k in cols)
+                     + f" | {_pct(mean[name])} |")
+    lines += ["", f"Choice: **{choice}**.", ""]
+    test_path = results_dir / TEST_FILE
+    if test_path.is_file():
+        check = json.loads(test_path.read_text())
+        lines += ["Test check (after the decision; does not change it): test Recall@1 (%) per seed on each set's "
+                  "unseen classes, whole training split, default schedule; paired difference with its 95% "
+                  "t-interval.", "", "| set | " + " | ".join(f"{n}" for n in
+                                                                  next(iter(check["sets"].values()))["test_recall@1"])
+                  + " | Δ |", "|---" * (2 + len(next(iter(check["sets"].values()))["test_recall@1"])) + "|"]
+        for set_name, e in check["sets"].items():
+            per = e["test_recall@1"]
+            diffs = [(k, d) for k, d in e.items() if k != "test_recall@1"]
+            cells = [" / ".join(_pct(x) for x in vals) for vals in per.values()]
+            dtext = "; ".join(f"{k}: {_interval(d)}" for k, d in diffs)
+            lines.append(f"| {set_name} | " + " | ".join(cells) + f" | {dtext} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def render(results_dir: str | Path, *, shown_as: str | None = None) -> str:
     """The markdown of one kept results directory (what a document embeds between its markers), ending in a
     newline; its regenerate line names the directory as ``shown_as`` (default: as given). DvmlError when
-    ``results.csv`` or ``command.txt`` is missing or unreadable."""
+    ``results.csv`` (or a protocol's ``decision.json``) or ``command.txt`` is missing or unreadable."""
     results_dir = Path(results_dir)
     shown_as = shown_as or results_dir.as_posix()
+    if (results_dir / "decision.json").is_file() and not (results_dir / RESULTS_FILE).is_file():
+        return render_protocol(results_dir, shown_as)
     rows, command, prov = _read(results_dir)
     summary = summarize(rows)
     names = summary["methods"]
