@@ -57,10 +57,9 @@ DEMO_SIZES: dict[str, DemoSize] = {
     # that the 8 fits take about a minute on an idle 2-core CPU. lr 1e-3 instead of the paper's 1e-4: at
     # 1e-4 the 400 steps leave both methods far from converged (measured: triplet Recall@1 0.33 and still
     # rising after 30 epochs, vs 0.52 at 1e-3). Phase 2 and the KL warm-up scale with the epochs. The paper's
-    # phase-2 weights, not fit-heads' default ones: at this fast schedule the default's heavier synthetic term
-    # costs triplet about 9 points of validation Recall@1 (held-out training classes, seeds 0 / 1: 0.603 / 0.619
-    # against 0.691 / 0.709; N-pair 0.741 / 0.688 against 0.731 / 0.716), while at the default schedule it
-    # gains (docs/history.md).
+    # phase-2 weights, pinned (fit-heads' defaults too, as the written protocol chose them: docs/protocol.md) so
+    # that the demo does not move with a later default: at this fast schedule a heavier synthetic term (λ3 3.2,
+    # k 4) costs triplet about 9 points of validation Recall@1 (docs/history.md).
     "default": DemoSize(
         world=SynthConfig(n_classes=128, images_per_class=20, views=4, feature_dim=256, class_dim=64,
                           variation_dim=16, hidden_dim=128, seed=0),

@@ -148,7 +148,7 @@ def _fit_fields() -> set[str]:
 
 
 LAMBDA_NAMES = ("lambda1", "lambda2", "lambda3", "lambda4")  # searched as FitConfig.lambdas_phase2
-#: Log-uniform range of each searched phase-2 λ: holds the paper's (0.2-1) and dvml's default λ3 = 3.2.
+#: Log-uniform range of each searched phase-2 λ: holds the paper's (0.2-1) and dvml's earlier default λ3 = 3.2.
 LAMBDA_RANGE = (0.05, 8.0)
 #: The reconstruction's share k (:attr:`~dvml.heads.config.HeadsConfig.recon_share`): multiplies the phase-2 λ1
 #: and λ2 together (the variance branch's β = λ1/λ2 unchanged), i.e. how strongly the decoder's gradient trains

@@ -1,7 +1,7 @@
 """Named sets of fit-heads defaults (``--preset``): ``paper`` = every setting as the paper has it, dvml's measured
 deviations reverted; ``dvml`` = fit-heads' own defaults (:class:`~dvml.heads.config.HeadsConfig`'s field defaults,
-whose phase-2 weights the written protocol ``python -m dvml.experiments.protocols.defaults`` is to choose;
-docs/protocol.md says where that stands).
+whose phase-2 weights the written protocol ``python -m dvml.experiments.protocols.defaults`` chose: the paper's,
+docs/protocol.md; so the two presets differ in the other deviations).
 
 A preset only supplies values for options not given otherwise: fields given explicitly win.
 """
