@@ -116,3 +116,22 @@ def test_every_doc_with_report_blocks_regenerates_and_the_protocol_is_shown():
         cells = [float(c) for c in row.strip("|").split("|")[1:]]
         assert cells[:-1] == [float(f"{100 * v:.2f}") for v in per.values()]
         assert abs(cells[-1] - sum(cells[:-1]) / len(cells[:-1])) < 0.01
+
+
+def test_kept_analyses_render_their_learned_vs_noise_figures_and_checks(tmp_path):
+    d, _ = _kept(tmp_path)
+    assert "dvml analyze" not in report.render(d)  # no analyze/: no table
+    (d / "analyze").mkdir()
+    checks = {"active_frac": {"ok": True}, "consistency_vs_noise": {"ok": False}, "grad_vs_noise": {"ok": None}}
+    rep = {"variance_source": "learned", "checks": checks,
+           "vs_noise": {"consistency": {"real": 0.95, "learned": 0.9, "noise": 0.91},
+                        "hardness": {k: {"per_active": v} for k, v in (("real", 0.8), ("learned", 0.7),
+                                                                       ("noise", 0.65))} | {"unit": "margins"},
+                        "grad": {"cos_learned": 0.9, "cos_noise": 0.95}}}
+    (d / "analyze" / "triplet-dvml-s0.json").write_text(json.dumps({"dvml_branch": {"run": rep}}))
+    row = next(line for line in report.render(d).splitlines() if line.startswith("| triplet-dvml-s0"))
+    assert "95.0 / 90.0 / 91.0 %" in row and "0.800 / 0.700 / 0.650 margins" in row and "0.900 / 0.950" in row
+    assert "active_frac ok" in row and "consistency_vs_noise FAIL" in row and "grad_vs_noise n/a" in row
+    (d / "analyze" / "bad.json").write_text("{}")
+    with pytest.raises(report.DvmlError, match="bad.json"):
+        report.render(d)

@@ -6,7 +6,9 @@ A results directory (``results/<name>/``) keeps only small files:
 * ``results.csv``  — ``dvml ablate``'s one row per fit (loss, method, seed, every metric);
 * ``command.txt``  — the exact commands that made it (the data, then the ablation), as run;
 * ``provenance.json`` (optional) — ``dvml ablate``'s ``ablation.json``: the cache's fingerprint, the fit options,
-  the versions of dvml, torch and the rest.
+  the versions of dvml, torch and the rest;
+* ``analyze/<run>.json`` (optional) — ``dvml analyze``'s ``analysis.json`` of some of its runs: rendered as the
+  learned-vs-noise table (class consistency, hardness, gradient and every check) after the metrics.
 
 A directory of the defaults protocol (:mod:`dvml.experiments.protocols.defaults`) keeps its ``decision.json`` (and,
 once run, ``test_check.json``) in place of ``results.csv``; :func:`render` then gives its validation scores, its
@@ -158,7 +160,40 @@ def render(results_dir: str | Path, *, shown_as: str | None = None) -> str:
             lines.append(f"| {metric_label(k)} | " + " | ".join(_ms(m.get(x)) for x in names) + " | "
                          + " | ".join(_diff(m.get(key)) for key, _ in diffs) + " |")
         lines.append("")
+    lines += _analyses(results_dir)
     return "\n".join(lines)
+
+
+ANALYZE_DIR = "analyze"
+
+
+def _analyses(results_dir: Path) -> list[str]:
+    """The learned-vs-noise table of the kept ``analyze/*.json`` files (none: no lines)."""
+    paths = sorted((results_dir / ANALYZE_DIR).glob("*.json"))
+    if not paths:
+        return []
+    lines = ["`dvml analyze` of the runs kept in `analyze/` (training split; each figure for z_I / the learned draws "
+             "/ norm-matched isotropic noise; a check passes only when the learned draws beat the noise by its "
+             "margin):", "", "| run | class consistency (LOO centres) | hardness per active triplet or comparison |"
+             " cos with the baseline's gradient: learned / noise | checks |", "|---|---|---|---|---|"]
+    for path in paths:
+        try:
+            branch = json.loads(path.read_text())["dvml_branch"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise DvmlError(f"{path}: not a dvml analyze analysis.json with a DVML run ({e})") from None
+        for rep in branch.values():
+            vs, checks = rep.get("vs_noise") or {}, rep["checks"]
+            c, h, g = vs.get("consistency"), vs.get("hardness"), vs.get("grad")
+            cons = " / ".join(f"{100 * c[k]:.1f}" for k in ("real", "learned", "noise")) + " %" if c else "—"
+            hard = (" / ".join(f"{h[k]['per_active']:.3f}" for k in ("real", "learned", "noise"))
+                    + f" {h.get('unit', 'margins')}") if h else "—"
+            grad = f"{g['cos_learned']:.3f} / {g['cos_noise']:.3f}" if g else "—"
+            verdict = ", ".join(f"{k} {'ok' if v['ok'] else 'FAIL' if v['ok'] is False else 'n/a'}"
+                                for k, v in checks.items())
+            lines.append(f"| {path.stem} ({rep.get('variance_source', 'learned')}) | {cons} | {hard} | {grad} | "
+                         f"{verdict} |")
+    lines.append("")
+    return lines
 
 
 def blocks(text: str) -> dict[str, str]:
