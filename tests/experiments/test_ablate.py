@@ -12,7 +12,7 @@ from scipy import stats
 from dvml.cache import fingerprint
 from dvml.errors import DvmlError
 from dvml.evaluate.labels import metric_label
-from dvml.experiments import ablate
+from dvml.experiments import ablate, stacking
 from dvml.extract.synth import SynthConfig, generate
 
 # tiny and fast: 1 epoch of 2 steps per cell, no watch-only evaluation during the fit
@@ -203,11 +203,15 @@ def test_noise_arm_extends_a_grid_and_is_summarised_against_dvml(finished, tiny_
     three = ablate.AblateConfig(cache=tiny_cache, out=out, losses=("triplet",), seeds=(0, 1), fit=FIT,
                                 methods=ablate.parse_methods("base,dvml,noise"))
     calls = []
-    real_fit = ablate.fit
+    real_fit, real_stacked = ablate.fit, stacking.fit_stacked
     monkeypatch.setattr(ablate, "fit", lambda c, **kw: (calls.append((c.dvml, c.variance_source.value, c.seed)),
                                                         real_fit(c, **kw))[1])
+    monkeypatch.setattr(stacking, "fit_stacked", lambda cs, **kw: (
+        calls.extend((c.dvml, c.variance_source.value, c.seed) for c in cs), real_stacked(cs, **kw))[1])
     result = ablate.run(three)
     assert sorted(calls) == [(True, "noise", 0), (True, "noise", 1)]  # the base and dvml cells were kept
+    assert {json.loads((out / "runs" / f"triplet-noise-s{s}" / "config.json").read_text())["trainer"]
+            for s in (0, 1)} == {"stacked"}  # the two new noise cells, one stack
     rows = ablate.read_results_csv(out / ablate.RESULTS_FILE)
     assert [(r["method"], r["seed"]) for r in rows] == [("base", 0), ("dvml", 0), ("noise", 0), ("base", 1),
                                                          ("dvml", 1), ("noise", 1)]

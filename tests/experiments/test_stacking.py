@@ -141,3 +141,33 @@ def test_resume_after_sigkill_mid_stack(cache, both, tmp_path):
     for row in rows:
         assert trainer(row["run_dir"]) == "stacked"
         assert abs(row["recall@1"] - ref[(row["loss"], row["dvml"], row["seed"])]["recall@1"]) <= 0.005
+
+
+def test_a_grid_with_the_noise_arm_stacks_it_as_its_one_by_one_grid(cache, tmp_path):
+    """``--methods base,dvml,noise`` with 2 seeds: the noise cells train as one stack (``"trainer": "stacked"``,
+    never with the DVML cells) and end with ``--no-stack``'s numbers: every epoch's terms within 1e-5 relative (KL 0)
+    and Recall@1 within 0.5 points."""
+    args = ["--losses", "triplet,npair", "--seeds", "2", "--methods", "base,dvml,noise", "--epochs", "2",
+            "--batch-size", "16", "--embedding-size", "16", "--samples", "2", "--eval-every", "1", "--device", "cpu",
+            "--lr", "0.001", "--set", "decoder_hidden=16", "--no-clustering"]
+    for name, extra in (("st", []), ("one", ["--no-stack"])):
+        r = runner.invoke(app, ["ablate", str(cache), "--out", str(tmp_path / name), *args, *extra])
+        assert r.exit_code == 0, r.output
+    st, one = (ablate.read_results_csv(tmp_path / name / ablate.RESULTS_FILE) for name in ("st", "one"))
+    key = [(r["loss"], r["method"], r["seed"]) for r in one]
+    assert [(r["loss"], r["method"], r["seed"]) for r in st] == key and len(key) == 12
+    assert {m for _, m, _ in key} == {"base", "dvml", "noise"}
+    for a, b in zip(st, one, strict=True):
+        conf = json.loads((Path(a["run_dir"]) / R.CONFIG_FILE).read_text())
+        assert conf["trainer"] == "stacked" and trainer(b["run_dir"]) == "one-by-one"
+        assert conf["config"]["variance_source"] == ("noise" if a["method"] == "noise" else "learned")
+        if a["method"] == "noise":  # its stack holds the two noise cells of its loss, no DVML cell
+            assert conf["stack"]["members"] == [f"{a['loss']}-noise-s0", f"{a['loss']}-noise-s1"]
+        assert abs(a["recall@1"] - b["recall@1"]) <= 0.005, (a["run_dir"], a["recall@1"], b["recall@1"])
+        la, lb = R.read_log(a["run_dir"]), R.read_log(b["run_dir"])
+        assert len(la) == len(lb) == 2
+        for ra, rb in zip(la, lb, strict=True):
+            for k in ("kl", "recon", "metric_invariant", "metric_synthetic", "total"):
+                assert abs(ra[k] - rb[k]) <= 1e-5 * max(abs(rb[k]), 1e-12), (a["run_dir"], ra["epoch"], k)
+            if a["method"] == "noise":
+                assert ra["kl"] == 0.0 and ra["recon"] > 0

@@ -1,9 +1,9 @@
 """``dvml.heads.stacked``: a stack's members are the one-by-one fits of their seeds (:func:`dvml.heads.fit`).
 
-For each stacked loss, baseline and DVML: every epoch's loss terms within 1e-5 relative, the final test Recall@1
-within 0.5 points per member and 0.2 on the grid's mean, the same branch diagnostics and gradient statistics, and
-checkpoints (weights, Adam moments, generator states) that match. A mutation — the members sharing one noise draw
-— must break the match (checked).
+For each stacked loss, baseline, DVML and the noise control arm (``variance_source="noise"``): every epoch's loss
+terms within 1e-5 relative, the final test Recall@1 within 0.5 points per member and 0.2 on the grid's mean, the
+same branch diagnostics and gradient statistics, and checkpoints (weights, Adam moments, generator states) that
+match. A mutation — the members sharing one noise draw — must break the match (checked, DVML and the noise arm).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from dvml.heads.stacked import StackedFit, fit_stacked, group_key, stack_reason
 from dvml.heads.train import fit
 
 SEEDS = (0, 1)
-CASES = [(loss, dvml) for loss in ("triplet", "npair", "triplet-dws") for dvml in (False, True)]
+#: the ablation's three arms: the baseline, DVML, and DVML's training with z_V isotropic noise (the control)
+ARMS = ("base", "dvml", "noise")
+CASES = [(loss, arm) for loss in ("triplet", "npair", "triplet-dws") for arm in ARMS]
 TERM_KEYS = ("kl", "recon", "metric_invariant", "metric_synthetic", "total")
 
 
@@ -35,11 +37,12 @@ def world(tmp_path_factory):
     return path, load_split(path, "train"), load_split(path, "test")
 
 
-def configs(path, root, loss, dvml, tag):
-    kw = {"cache": path, "loss": loss, "dvml": dvml, "epochs": 3, "embedding_size": 16, "decoder_hidden": 16,
-          "samples": 4, "batch_size": 16 if loss == "npair" else 24, "lr": 1e-3, "eval_every": 1, "grad_every": 4,
-          "diag_images": 64, "device": "cpu"}
-    return [FitConfig(out=root / f"{loss}-{int(dvml)}-s{s}-{tag}", seed=s, **kw) for s in SEEDS]
+def configs(path, root, loss, arm, tag):
+    kw = {"cache": path, "loss": loss, "dvml": arm != "base",
+          "variance_source": "noise" if arm == "noise" else "learned", "epochs": 3, "embedding_size": 16,
+          "decoder_hidden": 16, "samples": 4, "batch_size": 16 if loss == "npair" else 24, "lr": 1e-3, "eval_every": 1,
+          "grad_every": 4, "diag_images": 64, "device": "cpu"}
+    return [FitConfig(out=root / f"{loss}-{arm}-s{s}-{tag}", seed=s, **kw) for s in SEEDS]
 
 
 def mismatches(stacked, one) -> list[str]:
@@ -67,20 +70,21 @@ def one_by_one(world, tmp_path_factory):
     path, train, test = world
     root = tmp_path_factory.mktemp("one")
     out = {}
-    for loss, dvml in CASES:
-        cfgs = configs(path, root, loss, dvml, "one")
+    for loss, arm in CASES:
+        cfgs = configs(path, root, loss, arm, "one")
         for c in cfgs:
             fit(c, train=train, test=test)
-        out[(loss, dvml)] = [c.out for c in cfgs]
+        out[(loss, arm)] = [c.out for c in cfgs]
     return out
 
 
-@pytest.mark.parametrize(("loss", "dvml"), CASES)
-def test_members_are_the_one_by_one_fits(world, one_by_one, tmp_path, loss, dvml):
+@pytest.mark.parametrize(("loss", "arm"), CASES)
+def test_members_are_the_one_by_one_fits(world, one_by_one, tmp_path, loss, arm):
     path, train, test = world
-    cfgs = configs(path, tmp_path, loss, dvml, "st")
+    cfgs = configs(path, tmp_path, loss, arm, "st")
+    dvml = arm != "base"
     outs = fit_stacked(cfgs, train=train, test=test)
-    ref = one_by_one[(loss, dvml)]
+    ref = one_by_one[(loss, arm)]
     assert mismatches(outs, ref) == []
     for a, b in zip(outs, ref, strict=True):
         la, lb = R.read_log(a)[-1], R.read_log(b)[-1]
@@ -101,12 +105,16 @@ def test_members_are_the_one_by_one_fits(world, one_by_one, tmp_path, loss, dvml
             assert float(sa["state"][j]["step"]) == float(sb["state"][j]["step"])
         for k in ("sampler", "noise", "torch"):  # each member consumed its generators as its own fit did
             assert torch.equal(ca["resume"]["rng"][k], cb["resume"]["rng"][k]), k
+        if arm == "noise":  # no encoder: KL 0 every epoch, no μ, log σ² layers in the checkpoint
+            assert all(r["kl"] == 0.0 for r in R.read_log(a))
+            assert not any(k.startswith(("mu.", "logvar.")) for k in ca["model"])
         conf_a, conf_b = (json.loads((d / R.CONFIG_FILE).read_text()) for d in (a, b))
         assert conf_a["trainer"] == "stacked" and conf_b["trainer"] == "one-by-one"
         assert conf_a["config"] == {**conf_b["config"], "out": str(a)} and conf_a["status"] == "finished"
 
 
-def test_a_shared_noise_draw_breaks_the_match(world, one_by_one, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arm", ["dvml", "noise"])
+def test_a_shared_noise_draw_breaks_the_match(world, one_by_one, tmp_path, monkeypatch, arm):
     """The mutation: every member gets member 0's noise. The members other than seed 0 then differ from their
     one-by-one fits, and :func:`mismatches` says so."""
     path, train, test = world
@@ -116,16 +124,16 @@ def test_a_shared_noise_draw_breaks_the_match(world, one_by_one, tmp_path, monke
         return eps.expand(len(self.gen_dev), *shape)
 
     monkeypatch.setattr(StackedFit, "draw_eps", shared)
-    outs = fit_stacked(configs(path, tmp_path, "triplet", True, "mut"), train=train, test=test)
-    bad = mismatches(outs, one_by_one[("triplet", True)])
+    outs = fit_stacked(configs(path, tmp_path, "triplet", arm, "mut"), train=train, test=test)
+    bad = mismatches(outs, one_by_one[("triplet", arm)])
     assert bad and all("-s0-" not in b for b in bad), bad
 
 
 def test_a_stacked_run_evaluates_as_its_one_by_one_twin(world, one_by_one, tmp_path):
     path, train, test = world
-    outs = fit_stacked(configs(path, tmp_path, "npair", True, "ev"), train=train, test=test)
+    outs = fit_stacked(configs(path, tmp_path, "npair", "dvml", "ev"), train=train, test=test)
     ma = evaluate_target(outs[0], clustering=False)
-    mb = evaluate_target(one_by_one[("npair", True)][0], clustering=False)
+    mb = evaluate_target(one_by_one[("npair", "dvml")][0], clustering=False)
     assert abs(ma["recall@1"] - mb["recall@1"]) <= 0.005 and abs(ma["map@r"] - mb["map@r"]) <= 0.005
 
 
@@ -149,6 +157,11 @@ def test_what_does_not_stack_says_why(world, tmp_path):
     assert group_key(FitConfig(loss="triplet", **base)) != group_key(FitConfig(loss="triplet", samples=4, **base))
     with pytest.raises(ValueError, match="differ only in seed, out, lr"):
         StackedFit([FitConfig(loss="triplet", **base), FitConfig(loss="triplet", samples=4, **base)], train, test)
+    noise = FitConfig(loss="triplet", variance_source="noise", **base)
+    assert stack_reason(noise) is None
+    assert group_key(noise) != group_key(FitConfig(loss="triplet", **base))  # a stack never mixes the sources
+    with pytest.raises(ValueError, match="differ only in seed, out, lr"):
+        StackedFit([FitConfig(loss="triplet", **base), noise], train, test)
     with pytest.raises(ValueError, match="no stacked form"):
         StackedFit([FitConfig(loss="contrastive", **base)], train, test)
 
@@ -169,3 +182,19 @@ def test_the_squared_error_matches_its_autograd_reference():
     assert torch.autograd.gradcheck(lambda a: stacked._SquaredError.apply(a, x), (x_hat,))
     with pytest.raises(ValueError, match="no gradient"):
         stacked._SquaredError.apply(x_hat, x.clone().requires_grad_(True))
+
+
+def test_the_noise_arms_stack_holds_no_encoder(world, tmp_path):
+    """A noise-arm stack's input layer is the embedding alone (k = 1: E rows per member, as the baseline's) beside
+    the decoder, and its KL term is exactly 0."""
+    path, train, test = world
+    fit_ = StackedFit(configs(path, tmp_path, "triplet", "noise", "k"), train, test)
+    e, d = fit_.cfg.embedding_size, fit_.dims[2]
+    assert not fit_.stack.learned and fit_.stack.w_in.shape == (len(SEEDS), e, d)
+    assert len(fit_.stack.params) == 6
+    assert set(fit_.stack.member(1)) == {n for n, _ in fit_.models[1].named_parameters()}
+    idx = fit_.samplers[0].epoch_with_ranks()[0][0]  # one class-balanced batch, given to every member
+    x = fit_.feats[idx, 0].float().expand(len(SEEDS), len(idx), d)
+    y = fit_.labels[idx].expand(len(SEEDS), len(idx))
+    terms = fit_.terms(x, y, fit_.lambdas(0.0))
+    assert terms[:, 0].tolist() == [0.0] * len(SEEDS) and bool((terms[:, 1] > 0).all())

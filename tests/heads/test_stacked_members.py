@@ -28,7 +28,8 @@ MEMBERS = [
     {"lr": 4e-4, "lambdas_phase1": (1.5, 0.5, 0.05, 2.0), "lambdas_phase2": (2.0, 0.3, 0.6, 3.0), "recon_share": 0.5,
      "margin": 0.4},
 ]
-CASES = [("triplet", True), ("npair", True), ("triplet-dws", True), ("triplet", False)]
+#: (loss, arm): "dvml", "base", or "noise" (DVML's training with z_V isotropic noise, the ablation's control)
+CASES = [("triplet", "dvml"), ("npair", "dvml"), ("triplet-dws", "dvml"), ("triplet", "base"), ("npair", "noise")]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,10 @@ def world(tmp_path_factory):
     return path, load_split(path, "train"), load_split(path, "test")
 
 
-def configs(path, root, loss, dvml, tag) -> list[FitConfig]:
-    kw = {"cache": path, "loss": loss, "dvml": dvml, "epochs": 3, "phase2_epoch": 1, "kl_warmup_epochs": 1,
+def configs(path, root, loss, arm, tag) -> list[FitConfig]:
+    dvml = arm != "base"
+    kw = {"cache": path, "loss": loss, "dvml": dvml, "variance_source": "noise" if arm == "noise" else "learned",
+          "epochs": 3, "phase2_epoch": 1, "kl_warmup_epochs": 1,
           "embedding_size": 16, "decoder_hidden": 16, "samples": 4, "batch_size": 16 if loss == "npair" else 24,
           "eval_every": 1, "grad_every": 4, "diag_images": 64, "device": "cpu", "seed": 0}
     out = []
@@ -47,7 +50,7 @@ def configs(path, root, loss, dvml, tag) -> list[FitConfig]:
         m = {k: v for k, v in member.items() if k != "margin" or loss != "npair"}  # npair takes no margin
         if not dvml:
             m = {k: v for k, v in m.items() if k in ("lr", "margin")}
-        out.append(FitConfig(out=root / f"{loss}-{int(dvml)}-m{j}-{tag}", **kw, **m))
+        out.append(FitConfig(out=root / f"{loss}-{arm}-m{j}-{tag}", **kw, **m))
     return out
 
 
@@ -72,28 +75,28 @@ def one_by_one(world, tmp_path_factory):
     path, train, test = world
     root = tmp_path_factory.mktemp("one")
     out = {}
-    for loss, dvml in CASES:
-        cfgs = configs(path, root, loss, dvml, "one")
+    for loss, arm in CASES:
+        cfgs = configs(path, root, loss, arm, "one")
         for c in cfgs:
             fit(c, train=train, test=test)
-        out[(loss, dvml)] = [c.out for c in cfgs]
+        out[(loss, arm)] = [c.out for c in cfgs]
     return out
 
 
 def test_the_searched_hyper_parameters_are_member_fields(world, tmp_path):
     path = world[0]
-    cfgs = configs(path, tmp_path, "triplet", True, "key")
+    cfgs = configs(path, tmp_path, "triplet", "dvml", "key")
     assert len({group_key(c) for c in cfgs}) == 1
     other = FitConfig(**{**cfgs[0].to_dict(), "samples": 8})  # a shape: never a member field
     assert group_key(other) != group_key(cfgs[0])
 
 
-@pytest.mark.parametrize(("loss", "dvml"), CASES)
+@pytest.mark.parametrize(("loss", "arm"), CASES)
 def test_members_with_their_own_hyper_parameters_are_their_one_by_one_fits(world, one_by_one, tmp_path, loss,
-                                                                           dvml):
+                                                                           arm):
     path, train, test = world
-    outs = fit_stacked(configs(path, tmp_path, loss, dvml, "st"), train=train, test=test)
-    ref = one_by_one[(loss, dvml)]
+    outs = fit_stacked(configs(path, tmp_path, loss, arm, "st"), train=train, test=test)
+    ref = one_by_one[(loss, arm)]
     assert mismatches(outs, ref) == []
     for a, b, member in zip(outs, ref, MEMBERS, strict=True):
         ca, cb = torch.load(a / R.HEADS_FILE, weights_only=True), torch.load(b / R.HEADS_FILE, weights_only=True)
@@ -135,6 +138,6 @@ def test_members_sharing_one_value_break_the_match(world, one_by_one, tmp_path, 
         monkeypatch.setattr(StackedFit, "lambdas", _shared_lambdas)
     else:  # the margin is the one value _per_member spreads
         monkeypatch.setattr(StackedFit, "_per_member", lambda self, values: values[0])
-    outs = fit_stacked(configs(path, tmp_path, "triplet", True, f"mut-{mutation}"), train=train, test=test)
-    bad = mismatches(outs, one_by_one[("triplet", True)])
+    outs = fit_stacked(configs(path, tmp_path, "triplet", "dvml", f"mut-{mutation}"), train=train, test=test)
+    bad = mismatches(outs, one_by_one[("triplet", "dvml")])
     assert bad and all("-m0-" not in b for b in bad), bad  # member 0 is unchanged, the others are not

@@ -9,7 +9,9 @@ M small fits cost about one fit's Python and kernel-launch overhead. Nothing cou
 * **batches and views**: member i has its own CPU generator and :class:`~dvml.heads.sampler.ClassBalancedSampler`,
   consumed in the same order (views, then the epoch's batches);
 * **noise**: member i's z_V draws and triplet-dws negatives come from its own device generator, in the one-by-one
-  order (ε at the forward pass, then the negatives of Lm(z_I), then those of Lm(ẑ));
+  order (ε at the forward pass, then the negatives of Lm(z_I), then those of Lm(ẑ)); in the noise control arm
+  (``variance_source="noise"``) ε itself is z_V, as in :class:`~dvml.heads.model.DVMLHeads` (μ ≡ 0, log σ² ≡ 0: no
+  encoder rows in the stack, KL 0), at the member's own per-batch scale; a stack never mixes the two sources;
 * **optimiser**: one Adam over the stacked tensors, which is member i's own Adam (Adam is elementwise: per-member
   moments, same step count); when the members' learning rates differ, the Adam has one parameter group per member
   whose parameters are that member's slices of the stacked tensors (views: the update lands in the stack). The
@@ -23,9 +25,9 @@ Metric losses run in their dense block form (:mod:`dvml.losses.dense`): class-ba
 in contiguous blocks of ``per_class`` rows, so every member's anchors, positives and negatives have one fixed shape.
 
 What stacks (:func:`stack_reason` says why not otherwise): the losses ``triplet``, ``npair`` and
-``triplet-dws``, base and DVML, with any variance space / scale, likelihood, reductions, synthetic pairs, free bits
-and metric-gradient option; not the triplet input, validation classes (the best-epoch selection), ``centre_mu``,
-standardised targets or proxy losses. Those fits run one by one.
+``triplet-dws``, base, DVML and the noise control arm, with any variance space / scale, likelihood, reductions,
+synthetic pairs, free bits and metric-gradient option; not the triplet input, validation classes (the best-epoch
+selection), ``centre_mu``, standardised targets or proxy losses. Those fits run one by one.
 
 Outputs per member are those of a one-by-one fit: ``config.json`` (plus ``"trainer": "stacked"`` and the group),
 ``log.jsonl`` (per-epoch terms, branch diagnostics, sampled gradient statistics, watch-only test Recall@1; the
@@ -52,7 +54,7 @@ from dvml.errors import DvmlError
 from dvml.files import make_dir
 from dvml.heads import diagnostics as diag
 from dvml.heads.batch import fit_batch
-from dvml.heads.config import FitConfig, Lambdas, Likelihood, Reduction, VarianceScale, VarianceSpace
+from dvml.heads.config import FitConfig, Lambdas, Likelihood, Reduction, VarianceScale, VarianceSource, VarianceSpace
 from dvml.heads.core import Callback, FitEvent, dvml_loss, epoch_record, metric_loss, optimizer, start_log
 from dvml.heads.model import DVMLHeads
 from dvml.heads.objective import TERMS
@@ -78,9 +80,9 @@ STACKED_FIELDS = frozenset({
     "loss", "dvml", "embedding_size", "decoder_hidden", "samples", "epochs", "phase2_epoch", "kl_warmup_epochs",
     "lambdas_phase1", "lambdas_phase2", "recon_share", "reduction", "metric_reduction", "likelihood", "standardize",
     "free_bits", "variance_space", "variance_scale", "variance_kappa", "metric_grad_to_variance", "centre_mu",
-    "synthetic_pairs", "lr", "proxy_lr", "weight_decay", "batch_size", "per_class", "margin", "gamma", "temperature",
-    "label_smoothing", "seed", "cache", "out", "triplet_input", "device", "eval_every", "val_classes", "diag_images",
-    "grad_every", "resume", "overwrite",
+    "variance_source", "synthetic_pairs", "lr", "proxy_lr", "weight_decay", "batch_size", "per_class", "margin",
+    "gamma", "temperature", "label_smoothing", "seed", "cache", "out", "triplet_input", "device", "eval_every",
+    "val_classes", "diag_images", "grad_every", "resume", "overwrite",
     "batch_size_given",  # derived from batch_size; fit_batch reads it for every member as fit() does
     "preset"})  # a label: the values it filled in are the fields above
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -113,12 +115,16 @@ def group_key(cfg: FitConfig) -> tuple:
 
 class _Stack:
     """The stacked parameters of M DVMLHeads: ``w_in`` (M, k·E, D) / ``b_in`` (M, k·E) hold the embedding, μ and
-    log σ² layers (k = 3; k = 1 for the baseline), ``w1, b1, w2, b2`` the decoder."""
+    log σ² layers (k = 3; k = 1 for the baseline and the noise arm, which have no μ, log σ² layers), ``w1, b1, w2,
+    b2`` the decoder (DVML and the noise arm). ``learned``: whether the members have the μ, log σ² layers."""
 
     def __init__(self, models: list[DVMLHeads]):
         first = models[0]
         self.dvml, self.e = first.dvml, first.embedding_size
-        layers = ["embedding", "mu", "logvar"] if self.dvml else ["embedding"]
+        self.learned = self.dvml and first.variance_source is VarianceSource.learned
+        if any((m.dvml, m.variance_source) != (first.dvml, first.variance_source) for m in models):
+            raise ValueError("the members of a stack share dvml and variance_source")
+        layers = ["embedding", "mu", "logvar"] if self.learned else ["embedding"]
 
         def stack(get):
             return torch.stack([get(m) for m in models]).detach().clone().requires_grad_(True)
@@ -142,9 +148,11 @@ class _Stack:
         e = self.e
         w, b = get(self.w_in), get(self.b_in)
         out = {"embedding.weight": w[:e], "embedding.bias": b[:e]}
-        if self.dvml:
+        if self.learned:
             out.update({"mu.weight": w[e:2 * e], "mu.bias": b[e:2 * e], "logvar.weight": w[2 * e:],
-                        "logvar.bias": b[2 * e:], "decoder.hidden.weight": get(self.w1),
+                        "logvar.bias": b[2 * e:]})
+        if self.dvml:
+            out.update({"decoder.hidden.weight": get(self.w1),
                         "decoder.hidden.bias": get(self.b1), "decoder.out.weight": get(self.w2),
                         "decoder.out.bias": get(self.b2)})
         return {k: v.detach().clone() for k, v in out.items()}
@@ -357,7 +365,10 @@ class StackedFit:
             m_inv = self._metric(z_i.unsqueeze(1), None)
             zero = m_inv.detach() * 0.0
             return torch.stack([zero, zero, m_inv, zero, m_inv], dim=1)
-        mu, logvar = h[..., e:2 * e], h[..., 2 * e:]
+        if st.learned:
+            mu, logvar = h[..., e:2 * e], h[..., 2 * e:]
+        else:  # the noise arm, as DVMLHeads computes it: μ ≡ 0, log σ² ≡ 0 (no gradient), so z_V = ε and KL = 0
+            mu = logvar = z_i.new_zeros(z_i.shape).detach()
         if eps is None:
             eps = self.draw_eps((cfg.samples, b, e))
         z_v = mu.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps  # (M, T, B, E)
