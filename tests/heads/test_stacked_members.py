@@ -18,6 +18,8 @@ from dvml.heads.config import FitConfig
 from dvml.heads.stacked import StackedFit, fit_stacked, group_key
 from dvml.heads.train import fit
 
+from .test_stacked import mismatches  # the acceptance's tolerances, one definition
+
 TERM_KEYS = ("kl", "recon", "metric_invariant", "metric_synthetic", "total")
 #: three trials of a study: each member its own lr, λ (both phases), reconstruction share and margin
 MEMBERS = [
@@ -52,22 +54,6 @@ def configs(path, root, loss, arm, tag) -> list[FitConfig]:
             m = {k: v for k, v in m.items() if k in ("lr", "margin")}
         out.append(FitConfig(out=root / f"{loss}-{arm}-m{j}-{tag}", **kw, **m))
     return out
-
-
-def mismatches(stacked, one) -> list[str]:
-    """Where stacked members differ from their one-by-one fits beyond the tolerances."""
-    bad = []
-    for a, b in zip(stacked, one, strict=True):
-        la, lb = R.read_log(a), R.read_log(b)
-        assert len(la) == len(lb) == 3
-        for ra, rb in zip(la, lb, strict=True):
-            for k in TERM_KEYS:
-                if abs(ra[k] - rb[k]) > 1e-5 * max(abs(rb[k]), 1e-12):
-                    bad.append(f"{a.name} epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}")
-        r_a, r_b = 100 * la[-1]["test_recall@1"], 100 * lb[-1]["test_recall@1"]
-        if abs(r_a - r_b) > 0.5:
-            bad.append(f"{a.name} Recall@1 {r_a:.2f} vs {r_b:.2f}")
-    return bad
 
 
 @pytest.fixture(scope="module")

@@ -305,6 +305,23 @@ def class_balanced_batches(labels: torch.Tensor, classes_per_batch: int, per_cla
     return torch.stack(batches).to(labels.device)
 
 
+def _violations(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor, violation) -> tuple[float, float, float]:
+    """Over the batches, the sum, the number of positive and the number of all entries of
+    ``violation(zb)[:, mask]``: ``zb`` (T, B, E) a batch's embeddings, ``violation`` returning (T, B, B, B) indexed
+    [t, a, p, n], ``mask`` the (a, p, n) with y_a = y_p, a ≠ p, y_n ≠ y_a."""
+    total = active = vsum = 0.0
+    for idx in batches:
+        y = labels[idx]
+        same = y[:, None] == y[None, :]
+        pos = same & ~torch.eye(len(idx), dtype=torch.bool, device=y.device)
+        mask = pos[:, :, None] & ~same[:, None, :]  # (B, B, B): a, p, n
+        v = violation(z[:, idx])[:, mask]  # (T, K)
+        vsum += float(v.sum())
+        active += float((v > 0).sum())
+        total += v.numel()
+    return vsum, active, total
+
+
 @torch.no_grad()
 def pair_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) -> dict[str, float]:
     """How hard embeddings make the N-pair loss's comparisons of class-balanced batches, in logits.
@@ -316,21 +333,13 @@ def pair_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) 
     with v > 0 (in logits; the loss has no margin) and ``active`` = the share of comparisons with v > 0.
     """
     zz = z.float()
-    if zz.dim() == 2:
-        zz = zz[None]
-    total = active = 0.0
-    vsum = 0.0
-    for idx in batches:
-        y = labels[idx]
-        same = y[:, None] == y[None, :]
-        pos = same & ~torch.eye(len(idx), dtype=torch.bool, device=y.device)
-        mask = pos[:, :, None] & ~same[:, None, :]  # (B, B, B): a, p, n
-        zb = zz[:, idx]  # (T, B, E)
+    zz = zz[None] if zz.dim() == 2 else zz
+
+    def violation(zb):
         s = zb @ zb.transpose(1, 2)  # (T, B, B)
-        v = F.relu(s[:, :, None, :] - s[:, :, :, None])[:, mask]  # s(a, n) − s(a, p): (T, K_comparisons)
-        vsum += float(v.sum())
-        active += float((v > 0).sum())
-        total += v.numel()
+        return F.relu(s[:, :, None, :] - s[:, :, :, None])  # s(a, n) − s(a, p)
+
+    vsum, active, total = _violations(zz, labels, batches, violation)
     return {"per_active": vsum / active if active else 0.0, "active": active / total if total else 0.0}
 
 
@@ -346,20 +355,11 @@ def triplet_hardness(z: torch.Tensor, labels: torch.Tensor, batches: torch.Tenso
     batch sizes, unlike a sum over a batch's triplets), and ``active`` = the share of triplets with v > 0.
     """
     u = F.normalize(z.float(), dim=-1)
-    if u.dim() == 2:
-        u = u[None]
-    total = active = 0.0
-    vsum = 0.0
-    for idx in batches:
-        y = labels[idx]
-        same = y[:, None] == y[None, :]
-        pos = same & ~torch.eye(len(idx), dtype=torch.bool, device=y.device)
-        neg = ~same
-        mask = pos[:, :, None] & neg[:, None, :]  # (B, B, B): a, p, n
-        ub = u[:, idx]  # (T, B, E)
+    u = u[None] if u.dim() == 2 else u
+
+    def violation(ub):
         d = (ub[:, :, None, :] - ub[:, None, :, :]).square().sum(-1)  # (T, B, B)
-        v = F.relu(d[:, :, :, None] - d[:, :, None, :] + margin)[:, mask]  # (T, K_triplets)
-        vsum += float(v.sum())
-        active += float((v > 0).sum())
-        total += v.numel()
+        return F.relu(d[:, :, :, None] - d[:, :, None, :] + margin)  # D(a, p) − D(a, n) + m
+
+    vsum, active, total = _violations(u, labels, batches, violation)
     return {"per_active": vsum / active / margin if active else 0.0, "active": active / total if total else 0.0}
