@@ -30,7 +30,7 @@ from pathlib import Path
 from dvml.errors import DvmlError
 from dvml.evaluate.labels import metric_label
 from dvml.experiments.ablate import RESULTS_FILE, metric_names, read_results_csv, summarize
-from dvml.experiments.stats import MeanStd, PairedDiff
+from dvml.experiments.stats import MeanStd, PairedDiff, paired_difference
 
 COMMAND_FILE = "command.txt"
 PROVENANCE_FILE = "provenance.json"
@@ -68,22 +68,20 @@ def _ms(d: dict | None) -> str:
     return "—" if d is None else MeanStd(**d).format(digits=2)
 
 
-def _diff(d: dict | None) -> str:
-    if d is None:
-        return "—"
-    pd = PairedDiff(**{k: (float("nan") if v is None else v) for k, v in d.items()})
+def _paired(pd: PairedDiff) -> str:
+    """``mean [low, high]`` in points, bold when the interval excludes 0."""
     text = pd.format(digits=2)
     return f"**{text}**" if pd.significant else text
 
 
+def _diff(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    return _paired(PairedDiff(**{k: (float("nan") if v is None else v) for k, v in d.items()}))
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
-
-
-def _interval(d: dict) -> str:
-    """``mean [low, high]`` in points from fractions, bold when the interval excludes 0."""
-    text = f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-    return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
 
 
 def render_protocol(results_dir: Path, shown_as: str) -> str:
@@ -123,10 +121,10 @@ def render_protocol(results_dir: Path, shown_as: str) -> str:
                                                                   next(iter(check["sets"].values()))["test_recall@1"])
                   + " | Δ |", "|---" * (2 + len(next(iter(check["sets"].values()))["test_recall@1"])) + "|"]
         for set_name, e in check["sets"].items():
-            per = e["test_recall@1"]
-            diffs = [(k, d) for k, d in e.items() if k != "test_recall@1"]
+            per = e["test_recall@1"]  # per-seed values, in seed order: the differences are paired from them
             cells = [" / ".join(_pct(x) for x in vals) for vals in per.values()]
-            dtext = "; ".join(f"{k}: {_interval(d)}" for k, d in diffs)
+            dtext = "; ".join(f"{choice} - {name}: {_paired(paired_difference(per[choice], per[name]))}"
+                              for name in per if name != choice)
             lines.append(f"| {set_name} | " + " | ".join(cells) + f" | {dtext} |")
         lines.append("")
     return "\n".join(lines)
