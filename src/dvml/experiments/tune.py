@@ -278,6 +278,14 @@ def fit_and_score(cfg: TuneConfig, fit_cfg: FitConfig, train: Split, val: Split)
             clear_run(fit_cfg.out)
 
 
+def record_trial(trial, metrics: dict, seconds: float, trainer: str) -> None:
+    """What a finished trial keeps beside its value (read by tune.json and the progress line): its validation
+    metrics, its seconds (a stacked trial: its share of the stack's) and the trainer that fitted it."""
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("seconds", float(f"{seconds:.3f}"))
+    trial.set_user_attr("trainer", trainer)
+
+
 def score(run_dir: Path, val: Split, objective: str) -> dict:
     """Embed the validation split with a trial's heads and evaluate it (retrieval metrics only)."""
     emb = embed(run_dir, val.features[:, 0])
@@ -355,11 +363,8 @@ def _run_study(cfg: TuneConfig, fp: str, fit_classes: np.ndarray, val_classes: n
         except DvmlError as e:  # e.g. a diverging lr: a failed trial, not a failed study
             log.warning("trial %d failed: %s", trial.number, e)
             raise optuna.TrialPruned(str(e)) from None
-        value = float(metrics[cfg.objective])
-        trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("seconds", float(f"{time.perf_counter() - t0:.3f}"))
-        trial.set_user_attr("trainer", "one-by-one")
-        return value
+        record_trial(trial, metrics, time.perf_counter() - t0, "one-by-one")
+        return float(metrics[cfg.objective])
 
     def on_trial(study_, trial) -> None:
         if callback is not None and trial.state == optuna.trial.TrialState.COMPLETE:

@@ -107,7 +107,7 @@ def _one(cfg, trial, fit_cfg: FitConfig, train, val) -> tuple:
         metrics = tune.fit_and_score(cfg, fit_cfg, train, val)
     except DvmlError as e:
         return trial, None, str(e)
-    _record(trial, metrics, time.perf_counter() - t0, "one-by-one")
+    tune.record_trial(trial, metrics, time.perf_counter() - t0, "one-by-one")
     return trial, metrics, None
 
 
@@ -136,11 +136,5 @@ def _stack(cfg, trials: list, fit_cfgs: list[FitConfig], train, val) -> Iterator
         finally:
             if not cfg.keep_runs:
                 tune.clear_run(c.out)
-        _record(trial, metrics, share + time.perf_counter() - t1, "stacked")
+        tune.record_trial(trial, metrics, share + time.perf_counter() - t1, "stacked")
         yield trial, metrics, None
-
-
-def _record(trial, metrics: dict, seconds: float, trainer: str) -> None:
-    trial.set_user_attr("metrics", metrics)
-    trial.set_user_attr("seconds", float(f"{seconds:.3f}"))
-    trial.set_user_attr("trainer", trainer)
