@@ -187,3 +187,63 @@ def test_merge_waits_for_every_shard_and_ignores_another_jobs_leftovers(tmp_path
     sharding.shard_path(out, 1, 2).unlink()
     _write_shard(out, spec, 1, 2, feats, labels)
     assert sharding.merge(out, spec, 2, token="t") == (7, 5, [])
+
+
+HOLD = """
+import sys, time
+from dvml import files
+with files.writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(tmp_path, target, seconds):
+    """Another process (standing in for a rank that checks the shards) holds ``target``'s writer lock."""
+    (tmp_path / "hold.py").write_text(HOLD)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "hold.py"), str(target), str(seconds)], env=ENV,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_rank_whose_shard_another_rank_is_checking_waits_and_writes_its_share(tmp_path, monkeypatch):
+    # rank 0 finished first and, checking whether every shard is done, holds rank 1's shard lock just as rank 1
+    # (re)starts: rank 1 must wait and write its rows, not take the lock for a merge of its share and leave
+    spec, (feats, labels) = dataclasses.replace(_spec(), test_views=1), _toy()
+    out = tmp_path / "out.h5"
+    _write_shard(out, spec, 0, 2, feats, labels)
+    monkeypatch.setattr(sharding, "rank", lambda: 1)
+    monkeypatch.setattr(sharding, "world_size", lambda: 2)
+    cfg = type("Cfg", (), {"batch_size": 2, "out": out, "overwrite": False})()
+    index = type("Index", (), {"split": staticmethod(lambda split: labels[split])})()
+
+    def extract_rows(writer, split, rows, skipped, progress):
+        rows = rows[writer.n_written(split):]
+        writer.append(split, feats[split][rows.start:rows.stop], labels[split][rows.start:rows.stop],
+                      [f"{split}/{i}.jpg" for i in rows])
+        return len(rows)
+
+    holder = _hold_lock(tmp_path, sharding.shard_path(out, 1, 2), 1.0)
+    try:
+        n_train, n_test, _, processed, merged = sharding.run_rank(cfg, index, spec, token="t",
+                                                                  extract_rows=extract_rows, extra={})
+    finally:
+        holder.wait(timeout=30)
+    assert processed == 3 + 3  # rank 1's share: train images 4..6, test images 2..4
+    assert merged == out and (n_train, n_test) == (7, 5)
+
+
+def test_a_merge_waits_for_a_rank_that_holds_the_output_lock_instead_of_giving_up(tmp_path):
+    # the last rank to finish finds the output locked by a rank that checked before the last shard was closed:
+    # giving up would leave no rank to merge
+    spec, (feats, labels) = dataclasses.replace(_spec(), test_views=1), _toy()
+    out = tmp_path / "out.h5"
+    for r in range(2):
+        _write_shard(out, spec, r, 2, feats, labels)
+    holder = _hold_lock(tmp_path, out, 1.0)
+    try:
+        assert sharding.merge(out, spec, 2, token="t") == (7, 5, [])
+    finally:
+        holder.wait(timeout=30)
+    assert read_info(out).complete and not sharding.parts_dir(out).exists()

@@ -13,12 +13,14 @@ images in its ``extra``); its ``writer_config`` is the job's plus the shard's pl
 world size or other settings is refused rather than mixed. A shard is never marked complete (readers refuse
 it); it is *done* when no process writes it and its rows plus its skipped images fill its share.
 
-Merge: when a rank finishes its shard it takes the writer lock of ``OUT``; if every shard is done, it copies
-the shards in rank order into ``OUT`` (again through :class:`~dvml.cache.CacheWriter`, so a merge killed
-half-way resumes at its ``n_written`` rows), marks it complete and deletes ``OUT.parts``. Of ranks finishing
-together at least one sees all shards done (each checks after closing its own), and the lock makes it exactly
-one; the others return at once. No collective runs after the start, so ranks that finish hours apart do
-not hit the process group's timeout.
+Merge: when a rank finishes its shard it takes the writer lock of ``OUT``, waiting while another rank holds it;
+if every shard is done, it copies the shards in rank order into ``OUT`` (again through
+:class:`~dvml.cache.CacheWriter`, so a merge killed half-way resumes at its ``n_written`` rows), marks it
+complete and deletes ``OUT.parts``. Checks are serialised by that lock and each rank checks after closing its
+own shard, so the last rank to finish sees every shard done: exactly one merges. A shard whose lock is held
+while the checker holds ``OUT``'s is being written by its rank, which merges later. A rank that finds its own
+shard locked (a checker reading it) waits for the lock rather than assuming its share was merged. No
+collective runs after the start, so ranks that finish hours apart do not hit the process group's timeout.
 
 Collectives: only at the start (:func:`agree`), to refuse ranks started with different arguments, or
 seeing different image lists, with one line on every rank instead of a hang.
@@ -35,6 +37,7 @@ import json
 import logging
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,7 @@ from dvml.errors import DvmlError
 log = logging.getLogger(__name__)
 
 MERGE_ROWS = 1024  # rows copied per append while merging
+LOCK_POLL_S = 0.2  # how often a rank waiting for a lock held by another rank tries again
 _SHARD_RE = re.compile(r"rank-(\d+)-of-(\d+)\.h5$")
 # options that do not change a single feature value: they may differ between ranks (per machine)
 PER_RANK_OPTIONS = ("device", "workers")
@@ -162,11 +166,8 @@ def run_rank(cfg, index, spec: CacheSpec, *, token: str, extract_rows: ExtractRo
     log.info("rank %d/%d: train images %d..%d, test images %d..%d -> %s", r, world, rows[S.TRAIN].start,
              rows[S.TRAIN].stop, rows[S.TEST].start, rows[S.TEST].stop, path)
     processed, skipped, counts = 0, [], [0, 0]
-    try:
-        writer = CacheWriter(path, _shard_spec(spec, rows, r, world), overwrite=cfg.overwrite)
-    except files.BusyError:  # the merging rank holds it: this share was done before this rank (re)started
-        log.info("rank %d: another rank is merging this share", r)
-        return counts[0], counts[1], skipped, processed, None
+    # held by another rank checking or merging the shards: wait; if it merged this share, `already` says so
+    writer = _waiting(lambda: CacheWriter(path, _shard_spec(spec, rows, r, world), overwrite=cfg.overwrite))
     with writer:
         # holding this shard's lock, no merge can start or be under way: a cache stamped with this run's token was
         # merged, from the earlier run's copy of this share, before this rank got here
@@ -187,6 +188,20 @@ def run_rank(cfg, index, spec: CacheSpec, *, token: str, extract_rows: ExtractRo
     if merged is not None:
         return merged[0], merged[1], merged[2], processed, cfg.out
     return counts[0], counts[1], skipped, processed, None
+
+
+def _waiting(acquire: Callable[[], object]):
+    """``acquire()`` (which raises :class:`~dvml.files.BusyError` while another process holds the lock it takes),
+    tried again every :data:`LOCK_POLL_S` seconds until it succeeds; logs once when it has to wait."""
+    told = False
+    while True:
+        try:
+            return acquire()
+        except files.BusyError as e:
+            if not told:
+                log.info("waiting: %s", e)
+                told = True
+            time.sleep(LOCK_POLL_S)
 
 
 def _merged_in_run(out: Path, token: str) -> bool:
@@ -220,12 +235,12 @@ def _shard_state(path: Path, spec: CacheSpec) -> tuple[dict, dict[str, int]] | N
 
 def merge(out: Path, spec: CacheSpec, world: int, *, token: str, overwrite: bool = False):
     """Copy every done shard into ``out`` in rank order and mark it complete (stamped with the run's ``token``);
-    returns ``(n_train, n_test, skipped)``, or None when a shard is not done yet, another rank is merging, or the
-    merge already happened. Holds the writer locks of ``out`` and of every shard throughout."""
+    returns ``(n_train, n_test, skipped)``, or None when a shard is not done yet or the merge already happened
+    (here or by another rank). Holds the writer locks of ``out`` (waiting for it while another rank checks or merges)
+    and of every shard throughout."""
     out = Path(out)
-    locks = []
+    locks = [_waiting(files.WriterLock(out).acquire)]
     try:
-        locks.append(files.WriterLock(out).acquire())
         if not parts_dir(out).is_dir():
             return None  # merged already
         shard_specs = []
@@ -261,7 +276,7 @@ def merge(out: Path, spec: CacheSpec, world: int, *, token: str, overwrite: bool
         shutil.rmtree(parts_dir(out))  # while holding the shards' locks: no rank reopens a shard half-deleted
         return counts[0], counts[1], skipped
     except files.BusyError:
-        return None  # another rank merges, or writes its shard
+        return None  # a rank writes its shard: it checks again when it is done
     finally:
         for lock in reversed(locks):
             lock.release()
