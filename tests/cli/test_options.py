@@ -43,11 +43,11 @@ def test_every_boolean_option_is_a_paired_flag():
 
 def test_losses_and_fit_devices_are_choices_with_the_same_values():
     for cmd, p in _options():
-        if p.name == "loss":  # LossName, or (fit-heads, finetune) any registered name, listed and checked on use
+        if p.name == "loss":  # LossName, or (bound from a config's loss field) any registered name, checked on use
             listed = "<" + "|".join(n.value for n in LossName) + ">"
             assert _annotation(p) is LossName or (_annotation(p) is str and p.metavar == listed), cmd
             if _annotation(p) is str:
-                assert cmd in ("fit-heads", "finetune"), cmd
+                assert cmd in ("fit-heads", "finetune", "tune"), cmd
         if p.name == "device" and cmd in ("fit-heads", "finetune", "ablate", "demo", "tune"):  # extract: cuda:N
             assert _annotation(p) in (DeviceChoice, DeviceChoice | None), cmd
         if p.name == "dvml":

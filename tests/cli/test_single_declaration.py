@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import dvml.cli
 from dvml.cli import app, root_command
-from dvml.cli.bind import bare, format_numbers, is_number_tuple
+from dvml.cli.bind import bare, format_names, format_numbers, is_name_tuple, is_number_tuple
 from dvml.config_fields import declared_options, option_spec
 from dvml.experiments.ablate import AblateConfig
 from dvml.experiments.demo import DemoConfig
@@ -33,17 +33,23 @@ def names(cls) -> set[str]:
 
 
 FIT = names(FitConfig)
-#: Per command: (its module, the config whose fields it offers, the fields it must take from that config's
-#: declarations, whether as an experiment's pass-through fit option). ablate, tune and demo declare their own
-#: config's options (out, loss, seed, ...) themselves; their fit options come from FitConfig.
+#: Per (command, config): its module, the fields of that config it must take from the config's declarations, and
+#: whether as an experiment's pass-through fit option. ablate, tune and demo bind both their own config's fields and
+#: FitConfig's; the fields a command offers in another form are left out (ablate: ``out``, optional with
+#: --summarize, and ``seeds``, offered as a count and a first seed).
 BOUND = {
-    "fit-heads": ("fit_heads.py", FitConfig, FIT, False),
-    "finetune": ("finetune.py", FinetuneConfig, names(FinetuneConfig), False),
-    "extract": ("extract.py", ExtractConfig, names(ExtractConfig), False),
-    "ablate": ("ablate.py", FitConfig, FIT - names(AblateConfig), True),
-    "tune": ("tune.py", FitConfig, FIT - names(TuneConfig), True),
-    "demo": ("demo.py", FitConfig, FIT - names(DemoConfig), True),
+    ("fit-heads", FitConfig): ("fit_heads.py", FIT, False),
+    ("finetune", FinetuneConfig): ("finetune.py", names(FinetuneConfig), False),
+    ("extract", ExtractConfig): ("extract.py", names(ExtractConfig), False),
+    ("ablate", FitConfig): ("ablate.py", FIT - names(AblateConfig), True),
+    ("ablate", AblateConfig): ("ablate.py", names(AblateConfig) - {"out", "seeds"}, False),
+    ("tune", FitConfig): ("tune.py", FIT - names(TuneConfig), True),
+    ("tune", TuneConfig): ("tune.py", names(TuneConfig), False),
+    ("demo", FitConfig): ("demo.py", FIT - names(DemoConfig), True),
+    ("demo", DemoConfig): ("demo.py", names(DemoConfig), False),
 }
+CASES = sorted(BOUND, key=lambda k: (k[0], k[1].__name__))
+IDS = [f"{command}-{cls.__name__}" for command, cls in CASES]
 #: Modules shared by several commands: they declare no option of any bound config's field.
 SHARED_MODULES = ("options.py", "bind.py", "app.py", "fields.py", "datasets.py")
 
@@ -54,16 +60,19 @@ def _shown_default(cls, name: str):
     d = None if f.default is dataclasses.MISSING else f.default
     if isinstance(d, enum.Enum):
         return d.value
-    return format_numbers(d) if isinstance(d, tuple) else d
+    if isinstance(d, tuple):
+        return format_numbers(d) if is_number_tuple(typing.get_type_hints(cls)[name]) else format_names(d)
+    return d
 
 
 def _flags(p) -> set[str]:
     return set(p.opts) | set(p.secondary_opts)
 
 
-@pytest.mark.parametrize("command", sorted(BOUND))
-def test_every_option_of_a_config_field_is_built_from_the_fields_declaration(command):
-    _, cls, fields_, passthrough = BOUND[command]
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_option_of_a_config_field_is_built_from_the_fields_declaration(case):
+    command, cls = case
+    _, fields_, passthrough = BOUND[case]
     params = {p.name: p for p in COMMANDS[command].params if p.param_type_name == "option"}
     checked = [n for n in params if n in fields_]
     assert checked, command
@@ -88,6 +97,8 @@ def test_every_option_of_a_config_field_is_built_from_the_fields_declaration(com
             assert ann is hint, name  # an enum field is a choice of that enum
         elif spec.choices is not None:
             assert ann is spec.choices, name
+        elif is_name_tuple(hint):
+            assert ann is str, name  # names written a,b,c
         elif not is_number_tuple(hint) and name != "loss":
             assert ann is hint, name
 
@@ -140,15 +151,16 @@ def second_declarations(source: str, fields_: set[str]) -> list[str]:
     return [f"line {line}: {name}" for name, line in declared_option_names(source) if name in fields_]
 
 
-@pytest.mark.parametrize("command", sorted(BOUND))
-def test_no_command_declares_an_option_of_its_configs_fields(command):
-    module, _, fields_, _ = BOUND[command]
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_no_command_declares_an_option_of_its_configs_fields(case):
+    module, fields_, _ = BOUND[case]
     assert second_declarations((CLI_DIR / module).read_text(), fields_) == [], module
 
 
 @pytest.mark.parametrize("module", SHARED_MODULES)
 def test_no_shared_cli_module_declares_a_config_fields_option(module):
-    every = FIT | names(FinetuneConfig) | names(ExtractConfig)
+    every = FIT | names(FinetuneConfig) | names(ExtractConfig) | names(AblateConfig) | names(TuneConfig) | \
+        names(DemoConfig)
     assert second_declarations((CLI_DIR / module).read_text(), every) == [], module
 
 
@@ -293,3 +305,18 @@ def test_finetune_takes_a_registered_dataset(tmp_path, monkeypatch):
         unregister_dataset("toy-set")
     r = CliRunner().invoke(app, ["finetune", "toy-set", "--root", str(tmp_path), "-o", str(tmp_path / "r")])
     assert r.exit_code == 2 and "'toy-set' is not one of cub, cars196" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["ablate", "{c}", "-o", "{o}", "--methods", "base,gauss"], "--methods"),
+    (["ablate", "{c}", "-o", "{o}", "--losses", ","], "--losses"),
+    (["ablate", "{c}", "-o", "{o}", "--stack-size", "1"], "--stack-size"),
+    (["tune", "{c}", "-o", "{o}", "--trials", "0"], "--trials"),
+    (["tune", "{c}", "-o", "{o}", "--val-fraction", "1.5"], "--val-fraction"),
+])
+def test_an_experiments_own_field_refused_by_its_config_is_one_error_naming_its_flag(argv, flag, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [a.format(c=tmp_path / "c.h5", o=out) for a in argv])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {flag} "), r.output
+    assert not out.exists()

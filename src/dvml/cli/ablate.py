@@ -10,40 +10,34 @@ from dvml.cli.app import app, console, handle_errors
 from dvml.cli.bind import bind, from_command_line, merge_set, parse_set
 from dvml.cli.options import fit_overrides, panel
 from dvml.cli.render import print_ablation_result, run_ablation
-from dvml.experiments.ablate import AblateConfig
+from dvml.experiments.ablate import SCALE_PANEL, AblateConfig
 from dvml.experiments.grid_storage import DEFAULT_HEARTBEAT_S
 from dvml.heads.config import FitConfig
 
-_D = AblateConfig  # option defaults are the config dataclass defaults
-SCALE_PANEL = "Speed and many workers"
-
-
+#: AblateConfig fields offered as flags, declared beside the fields (dvml.experiments.ablate.AblateConfig).
+ABLATE_FIELDS = ("losses", "methods", "clustering", "stack", "stack_size")
 #: The fit options ablate offers as flags (any other: --set), each as fit-heads' (dvml.cli.bind, passthrough).
 ABLATE_FIT_FIELDS = ("epochs", "batch_size", "lr", "embedding_size", "samples", "phase2_epoch", "kl_warmup_epochs",
                      "eval_every", "device")
+_SEEDS = AblateConfig.__dataclass_fields__["seeds"].default  # offered as a count and a first seed, not a list
 
 
 @app.command("ablate")
 @handle_errors
+@bind(AblateConfig, ABLATE_FIELDS)
 @bind(FitConfig, ABLATE_FIT_FIELDS, passthrough=True)
 def ablate_cmd(
     cache: Path = typer.Argument(None, help="HDF5 feature cache (not with --summarize)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (rerun the same command to resume)."),
-    losses: str = typer.Option(",".join(_D.losses), help="Comma-separated metric losses (any fit-heads --loss)."),
-    seeds: int = typer.Option(len(_D.seeds), metavar="N", help="How many seeds per (loss, method), a count: the "
-                                                               "seeds are --first-seed, --first-seed + 1, ..."),
-    first_seed: int = typer.Option(_D.seeds[0], metavar="SEED", help="The first seed's value."),
-    methods: str = typer.Option("base,dvml", help="Comma-separated methods: base (--no-dvml), dvml, noise (the "
-                                                  "control: DVML's training with z_V replaced by isotropic noise "
-                                                  "of the same scale; the summary adds DVML − noise)."),
+    seeds: int = typer.Option(len(_SEEDS), metavar="N", help="How many seeds per (loss, method), a count: the "
+                                                             "seeds are --first-seed, --first-seed + 1, ..."),
+    first_seed: int = typer.Option(_SEEDS[0], metavar="SEED", help="The first seed's value."),
     set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
                                           help="Any other fit-heads option as KEY=VALUE, KEY its "
                                                "flag without the dashes (repeatable), e.g. --set "
                                                "lambdas-phase2=0.8,1,0.2,0.8 or --set gamma=0.3 (a "
                                                "loss parameter must apply to every loss of "
                                                "--losses)."),
-    clustering: bool = typer.Option(_D.clustering, "--clustering/--no-clustering",
-                                    help="NMI/F1 (k-means) besides the retrieval metrics."),
     storage: str | None = panel(SCALE_PANEL, typer.Option(
         None, help="Share the grid among workers: an Optuna RDB storage URL (sqlite:///grid.db on one machine, "
                    "postgresql://... or mysql+pymysql://... across machines). Start the same command as many times "
@@ -55,14 +49,7 @@ def ablate_cmd(
     summarize: Path | None = panel(SCALE_PANEL, typer.Option(
         None, help="Write the summary of the finished grid in this --out directory from its run directories, and "
                    "run nothing.")),
-    stack: bool = panel(SCALE_PANEL, typer.Option(
-        _D.stack, "--stack/--no-stack",
-        help="Train the cells that differ only in their seed together, as one stacked model (same outputs, faster; "
-             "losses triplet, npair, triplet-dws; other cells run one by one, the reason logged). --no-stack: one "
-             "fit after another.")),
-    stack_size: int = panel(SCALE_PANEL, typer.Option(_D.stack_size, min=2,
-                                                      help="Most cells in one stack (bounds memory).")),
-    **fit_fields,
+    **fields,
 ):
     """Grid of losses x {baseline, DVML[, noise control]} x seeds on one cache: results.csv, summary.md, chart,
     live table.
@@ -77,12 +64,9 @@ def ablate_cmd(
         return
     if cache is None or out is None:
         raise ValueError("dvml ablate needs CACHE and --out (or --summarize DIR)")
-    chosen = ablate.parse_methods(methods)
-    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fit_fields)), parse_set(set_))
-    cfg = ablate.AblateConfig(cache=cache, out=out, losses=tuple(losses.split(",")),
-                              seeds=tuple(range(first_seed, first_seed + seeds)),
-                              methods=chosen, fit=fit,
-                              clustering=clustering, stack=stack, stack_size=stack_size)
+    own = from_command_line(AblateConfig, {k: fields.pop(k) for k in ABLATE_FIELDS})
+    fit = merge_set(fit_overrides(**from_command_line(FitConfig, fields)), parse_set(set_))
+    cfg = ablate.AblateConfig(cache=cache, out=out, seeds=tuple(range(first_seed, first_seed + seeds)), fit=fit, **own)
     if storage is None:
         result = run_ablation(ablate.run, cfg)
     else:

@@ -9,7 +9,8 @@ The CLI form of a field follows its annotation (``X | None`` offers ``X``):
 
 * an enum field is a choice of that enum; a ``str`` field with ``choices`` too (the config gets the value);
 * a :class:`~dvml.losses.LossName` field is any registered loss (``--loss``: checked on use, listed in --help);
-* a tuple of numbers is written ``a,b,c`` (``--lambdas-phase2 0.8,1,0.2,0.8``);
+* a tuple of numbers is written ``a,b,c`` (``--lambdas-phase2 0.8,1,0.2,0.8``); a tuple of names (``str`` or an
+  enum, any length) too (``--losses triplet,npair``, ``--methods base,dvml,noise``): the config checks the names;
 * a bool field is a ``--x/--no-x`` pair unless its :class:`~dvml.config_fields.OptionSpec` spells it otherwise;
 * anything else (int, float, str, Path) as it is.
 """
@@ -56,6 +57,23 @@ def bare(tp):
 
 def is_number_tuple(tp) -> bool:
     return typing.get_origin(tp) is tuple and all(a in (int, float) for a in typing.get_args(tp))
+
+
+def is_name_tuple(tp) -> bool:
+    """``tuple[str, ...]`` or ``tuple[SomeEnum, ...]``: names, any number of them."""
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis and (
+        args[0] is str or (isinstance(args[0], type) and issubclass(args[0], Enum)))
+
+
+def format_names(values) -> str:
+    """A tuple of names as its option writes it: ``base,dvml``."""
+    return ",".join(v.value if isinstance(v, Enum) else str(v) for v in values)
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"base, dvml,"`` -> ``("base", "dvml")`` (blanks dropped; the config checks each name)."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def format_numbers(values) -> str:
@@ -110,6 +128,9 @@ def field_option(cls, name: str, *, passthrough: bool = False) -> tuple[object, 
     elif is_number_tuple(tp):
         annotation = str
         default = format_numbers(default) if isinstance(default, tuple) else default
+    elif is_name_tuple(tp):
+        annotation = str if default is not None else str | None
+        default = format_names(default) if isinstance(default, tuple) else default
     elif spec.choices is not None:
         annotation = spec.choices
     else:
@@ -130,7 +151,8 @@ def bind(cls, names: Iterable[str], *, passthrough: bool = False) -> Callable[[C
     """Decorator: give a typer command the options of the fields ``names`` of the config dataclass ``cls``
     (:func:`field_option`), which it receives by field name in its ``**kwargs``. In ``--help``: the command's
     arguments, these options in the order of ``names``, then the command's own options (``passthrough``: the
-    command's own parameters first)."""
+    command's own parameters first). Binds stack: an experiment command takes its own config's fields with one
+    and FitConfig's pass-through fit options with another, and receives both in the one ``**kwargs``."""
     options = {name: field_option(cls, name, passthrough=passthrough) for name in names}
 
     def add(fn: Callable) -> Callable:
@@ -166,6 +188,8 @@ def from_command_line(cls, values: dict) -> dict:
         tp, spec = bare(hints[name]), option_spec(config_field(cls, name))
         if isinstance(value, str) and is_number_tuple(tp):
             value = parse_numbers(value, flag_of(name, spec), len(typing.get_args(tp)))
+        elif isinstance(value, str) and is_name_tuple(tp):
+            value = parse_names(value)
         elif spec is not None and spec.choices is not None and tp is not spec.choices and isinstance(value, Enum):
             value = value.value
         out[name] = value
@@ -185,6 +209,14 @@ def _type_problem(value, tp) -> str | None:
             return None
         probs = [_type_problem(value, a) for a in args if a is not type(None)]
         return None if any(p is None for p in probs) else probs[0]
+    if is_name_tuple(tp):
+        item = args[0]
+        names = None if item is str else [m.value for m in item]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and (names is None or v in names)
+                                                          for v in value):
+            what = "names" if names is None else f"names among {', '.join(names)}"
+            return f"expected a list of {what}, got {value!r}"
+        return None
     if origin is tuple:
         if not isinstance(value, list | tuple):
             return f"expected a list of {len(args)} numbers, got {value!r}"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import typer
 
 from dvml.cli.app import app, console, err_console, handle_errors
 from dvml.cli.bind import bind, from_command_line
@@ -14,18 +11,12 @@ from dvml.cli.render import print_ablation_result, run_ablation
 from dvml.experiments.demo import DemoConfig
 from dvml.heads.config import FitConfig
 
-_D = DemoConfig  # option defaults are the config dataclass defaults
-
 
 @app.command("demo")
 @handle_errors
+@bind(DemoConfig, ("out", "quick"))
 @bind(FitConfig, ("device",), passthrough=True)
-def demo_cmd(
-    out: Path = typer.Option(_D.out, "--out", "-o", help="Directory for the world, runs and tables."),
-    quick: bool = typer.Option(_D.quick, "--quick/--full", help="A seconds-long smoke run: checks that the pipeline "
-                                                              "runs here and compares nothing (no table)."),
-    **fit_fields,
-):
+def demo_cmd(**fields):
     """No download, no arguments: a synth world, triplet and N-pair with and without DVML, 2 seeds.
 
     About a minute on an idle 2-core CPU. On a busy machine torch's threads spin-wait and it can take ten times
@@ -34,7 +25,8 @@ def demo_cmd(
     """
     from dvml.experiments import demo
 
-    cfg = demo.DemoConfig(out=out, quick=quick, fit=fit_overrides(**from_command_line(FitConfig, fit_fields)))
+    out, quick = fields.pop("out"), fields.pop("quick")
+    cfg = demo.DemoConfig(out=out, quick=quick, fit=fit_overrides(**from_command_line(FitConfig, fields)))
     s = cfg.size
     err_console.print(f"[bold]dvml demo{' --quick' if quick else ''}[/]: synth world of {s.world.n_classes} classes x "
                       f"{s.world.images_per_class} images ({s.world.n_classes // 2} unseen test classes), losses "

@@ -22,13 +22,6 @@ def panel(name: str, option: typer.models.OptionInfo) -> typer.models.OptionInfo
     return option
 
 
-class TuneObjective(str, Enum):
-    """What dvml tune maximises on the held-out validation classes."""
-
-    recall_at_1 = "recall@1"
-    map_at_r = "map@r"
-
-
 def choice_value(value) -> str | None:
     """An enum option's value as the config takes it (a plain string; None stays None)."""
     return None if value is None else getattr(value, "value", value)

@@ -47,6 +47,7 @@ from dvml import files
 from dvml import runs as R
 from dvml._lazy import lazy_function
 from dvml.cache import CacheError, fingerprint, load_labels, load_split, read_info
+from dvml.config_fields import option
 from dvml.errors import DvmlError, FieldError
 from dvml.evaluate import evaluate_target
 from dvml.evaluate.labels import metric_label
@@ -68,6 +69,7 @@ CHART_FILE = "ablation.png"
 CHART_METRICS = ("recall@1", "nmi", "map@r")
 PER_CLASS_FILE = "per_class.csv"  # in each run directory and, gathered, in OUT
 PER_CLASS_COMPARE_FILE = "per_class_compare.csv"
+SCALE_PANEL = "Speed and many workers"  # the --help panel of the options that spread or stack the grid
 
 
 class Method(str, Enum):
@@ -84,14 +86,18 @@ METHOD_TITLES = {Method.base: "baseline", Method.dvml: "DVML", Method.noise: "no
 DIFFS = {"diff": (Method.dvml, Method.base), "diff_noise": (Method.dvml, Method.noise)}
 
 
-def parse_methods(text: str) -> tuple[Method, ...]:
-    """``"base,dvml,noise"`` → the methods (ValueError naming ``--methods`` and the choices otherwise)."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in Method._value2member_map_]
+def parse_methods(methods: str | Sequence) -> tuple[Method, ...]:
+    """``"base,dvml,noise"`` or a sequence of names / :class:`Method` (a bool: True = dvml, False = base) → the
+    methods, duplicates dropped (a FieldError naming `methods` and the choices otherwise)."""
+    items = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names = [m if isinstance(m, bool | Method) else str(m).strip() for m in items]
+    names = [m for m in names if m != ""]
+    bad = [m for m in names if not isinstance(m, bool | Method) and m not in Method._value2member_map_]
     if not names or bad:
+        shown = methods if isinstance(methods, str) else ",".join(str(getattr(m, "value", m)) for m in items)
         raise FieldError(f"`methods` must be a comma-separated subset of {', '.join(m.value for m in Method)}; "
-                         f"got {text!r}")
-    return tuple(Method(m) for m in dict.fromkeys(names))
+                         f"got {shown!r}")
+    return tuple(dict.fromkeys(Cell("", m, 0).method for m in names))
 
 
 @dataclass(frozen=True)
@@ -138,33 +144,38 @@ class AblateConfig:
 
     cache: Path
     out: Path
-    losses: tuple[str, ...] = ("triplet", "npair")
+    losses: tuple[str, ...] = field(default=("triplet", "npair"), metadata=option(
+        "Comma-separated metric losses (any fit-heads --loss)."))
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[Method, ...] = (Method.base, Method.dvml)
+    methods: tuple[Method, ...] = field(default=(Method.base, Method.dvml), metadata=option(
+        "Comma-separated methods: base (--no-dvml), dvml, noise (the control: DVML's training with z_V replaced by "
+        "isotropic noise of the same scale; the summary adds DVML − noise)."))
     fit: dict[str, Any] = field(default_factory=dict)
     ks: tuple[int, ...] | None = None
-    clustering: bool = True
+    clustering: bool = field(default=True, metadata=option("NMI/F1 (k-means) besides the retrieval metrics."))
     kmeans_runs: int = 1
     confidence: float = 0.95
-    stack: bool = True
-    stack_size: int = 8
+    stack: bool = field(default=True, metadata=option(
+        "Train the cells that differ only in their seed together, as one stacked model (same outputs, faster; "
+        "losses triplet, npair, triplet-dws; other cells run one by one, the reason logged). --no-stack: one fit "
+        "after another.", panel=SCALE_PANEL))
+    stack_size: int = field(default=8, metadata=option("Most cells in one stack (bounds memory; at least 2).",
+                                                       panel=SCALE_PANEL))
 
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "losses", tuple(dict.fromkeys(s.strip() for s in self.losses if s.strip())))
         object.__setattr__(self, "seeds", tuple(dict.fromkeys(int(s) for s in self.seeds)))
-        object.__setattr__(self, "methods", tuple(dict.fromkeys(Cell("", m, 0).method for m in self.methods)))
+        object.__setattr__(self, "methods", parse_methods(self.methods))
         if not self.losses:
-            raise ValueError("losses must name at least one metric loss")
+            raise FieldError("`losses` must name at least one metric loss")
         if not self.seeds:
-            raise ValueError("seeds must contain at least one seed")
-        if not self.methods:
-            raise ValueError("methods must name at least one of base, dvml, noise")
+            raise FieldError("`seeds` must contain at least one seed")
         if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+            raise FieldError(f"`confidence` must be in (0, 1), got {self.confidence}")
         if self.stack_size < 2:
-            raise ValueError(f"stack_size must be >= 2 (a stack of one is a one-by-one fit), got {self.stack_size}")
+            raise FieldError(f"`stack_size` must be >= 2 (a stack of one is a one-by-one fit), got {self.stack_size}")
         reserved = {"cache", "out", "loss", "seed", "dvml", "variance_source", "resume", "overwrite"} & set(self.fit)
         if reserved:
             raise ValueError(f"fit options {sorted(reserved)} are set per cell by the ablation; remove them")

@@ -29,6 +29,7 @@ from typing import Any
 
 from dvml import files
 from dvml.cache import read_info
+from dvml.config_fields import option
 from dvml.errors import DvmlError
 from dvml.experiments import ablate
 from dvml.extract.synth import SynthConfig, generate
@@ -81,8 +82,11 @@ class DemoConfig:
     """out: directory for everything the demo writes. quick: the seconds-long smoke size.
     fit: extra fit options on top of the size's (e.g. ``{"device": "cuda"}``)."""
 
-    out: Path = Path("dvml-demo")
-    quick: bool = False
+    out: Path = dataclasses.field(default=Path("dvml-demo"), metadata=option(
+        "Directory for the world, runs and tables.", flags=("--out", "-o")))
+    quick: bool = dataclasses.field(default=False, metadata=option(
+        "A seconds-long smoke run: checks that the pipeline runs here and compares nothing (no table).",
+        flags=("--quick/--full",)))
     fit: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

@@ -35,6 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from dvml import __version__, files
 from dvml import runs as R
 from dvml._lazy import lazy_function
 from dvml.cache import CacheError, Split, fingerprint, load_labels, load_split, read_info
-from dvml.errors import DvmlError
+from dvml.config_fields import option
+from dvml.errors import DvmlError, FieldError
 from dvml.evaluate import evaluate_embeddings
 from dvml.experiments.gridlog import GridWarnings
 from dvml.heads import FitConfig
@@ -62,7 +64,16 @@ log = logging.getLogger(__name__)
 
 BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_FILE = "tune.json"
-OBJECTIVES = ("recall@1", "map@r")
+
+
+class Objective(str, Enum):
+    """What a study maximises on the held-out validation classes."""
+
+    recall_at_1 = "recall@1"
+    map_at_r = "map@r"
+
+
+OBJECTIVES = tuple(o.value for o in Objective)
 EMBEDDING_SIZES = (64, 128, 256, 512)
 
 
@@ -83,33 +94,42 @@ class TuneConfig:
     """
 
     cache: Path
-    loss: LossName | str = LossName.triplet
-    dvml: bool = True
-    trials: int = 20
-    out: Path = Path("dvml-tune")
-    storage: str | None = None
-    study_name: str | None = None
-    val_fraction: float = 0.25
-    objective: str = "recall@1"
+    loss: LossName = field(default=LossName.triplet, metadata=option("Metric loss Lm."))
+    dvml: bool = field(default=True, metadata=option("--no-dvml: tune the baseline (no λ/T to search)."))
+    trials: int = field(default=20, metadata=option(
+        "Finished trials the study should reach (continues an existing study)."))
+    out: Path = field(default=Path("dvml-tune"), metadata=option("Output directory.", flags=("--out", "-o")))
+    storage: str | None = field(default=None, metadata=option(
+        "Optuna storage URL (default sqlite:///OUT/optuna.db); give several machines the same RDB URL to share one "
+        "study."))
+    study_name: str | None = field(default=None, metadata=option(
+        "Study name (default dvml-<loss>-<dvml|base>-<cache>-s<seed>)."))
+    val_fraction: float = field(default=0.25, metadata=option("Share of TRAINING classes held out for validation."))
+    objective: str = field(default=Objective.recall_at_1.value, metadata=option(
+        "What to maximise on the held-out validation classes.", choices=Objective))
     fit: dict[str, Any] = field(default_factory=dict)
-    search: tuple[str, ...] | None = None
-    seed: int = 0
-    timeout: float | None = None
-    keep_runs: bool = False
-    batch_trials: int = 1
+    search: tuple[str, ...] | None = field(default=None, metadata=option(
+        "Comma-separated subset of: lr, margin, gamma, lambda1..lambda4, recon_share (k: scales phase-2 lambda1 and "
+        "lambda2 together, 0.25-64), samples, embedding_size (default all that apply)."))
+    seed: int = field(default=0, metadata=option("Seed of the class split, the sampler and each fit."))
+    timeout: float | None = field(default=None, metadata=option("Stop this process after this many seconds."))
+    keep_runs: bool = field(default=False, metadata=option("Keep every trial's run directory."))
+    batch_trials: int = field(default=1, metadata=option(
+        "Ask this many trials at a time and train those that differ only in lr, margin, lambdas or recon_share "
+        "together, as one stacked model (1: one trial after another)."))
 
     def __post_init__(self):
         object.__setattr__(self, "cache", Path(self.cache))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "loss", resolve_loss(self.loss))  # a registered loss (FieldError otherwise)
         if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
+            raise FieldError(f"`trials` must be >= 1, got {self.trials}")
         if self.batch_trials < 1:
-            raise ValueError(f"batch_trials must be >= 1, got {self.batch_trials}")
+            raise FieldError(f"`batch_trials` must be >= 1, got {self.batch_trials}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise FieldError(f"`val_fraction` must be in (0, 1), got {self.val_fraction}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise FieldError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}")
         reserved = {"cache", "out", "loss", "seed", "dvml", "resume", "overwrite"} & set(self.fit)
         if reserved:
             raise ValueError(f"fit options {sorted(reserved)} are set by tune; remove them")
