@@ -185,21 +185,30 @@ class AblateConfig:
         return [Cell(loss, m, seed) for loss in self.losses for seed in self.seeds for m in self.methods]
 
 
+class AblateEventKind(str, Enum):
+    """What an :class:`AblateEvent` reports."""
+
+    start = "start"  # the grid is known: ``cells`` lists every cell
+    cell_start = "cell_start"
+    epoch = "epoch"  # fit progress: ``info`` is what the fit reported
+    cell_done = "cell_done"  # ``row`` holds the metrics and seconds
+    cell_skipped = "cell_skipped"  # finished before: ``row`` read back
+    done = "done"  # ``summary`` set
+
+
 @dataclass(frozen=True)
 class AblateEvent:
-    """What the ablation reports to its callback.
+    """What the ablation reports to its callback; ``kind``: :class:`AblateEventKind` (or its value)."""
 
-    kind: ``"start"`` (grid known; ``cells`` lists every cell), ``"cell_start"``, ``"epoch"`` (fit progress;
-    ``info`` is what fit reported), ``"cell_done"`` (``row`` holds metrics and seconds), ``"cell_skipped"``
-    (already finished; ``row`` read back), ``"done"`` (``summary`` set).
-    """
-
-    kind: str
+    kind: AblateEventKind
     cell: Cell | None = None
     cells: tuple[Cell, ...] = ()
     row: dict | None = None
     info: dict | None = None
     summary: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", AblateEventKind(self.kind))
 
 
 AblateCallback = Callable[[AblateEvent], None]

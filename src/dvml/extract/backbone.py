@@ -66,6 +66,7 @@ from torch import nn
 from dvml.errors import DvmlError
 from dvml.extract.config import DEFAULT_BACKBONE as DEFAULT_BACKBONE  # re-exported: the light home of these
 from dvml.extract.config import INTERPOLATIONS as INTERPOLATIONS
+from dvml.extract.config import BackboneKind as BackboneKind
 from dvml.extract.config import BackboneSpec as BackboneSpec
 from dvml.extract.config import parse_spec as parse_spec
 
@@ -580,12 +581,12 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, weights: str | Path = "im
             be loaded offline (the message names the file or hub entry and the directory it must be in).
     """
     parsed = parse_spec(spec)
-    if parsed.kind == "torchvision":
+    if parsed.kind is BackboneKind.torchvision:
         bb = _torchvision_backbone(parsed.name, str(weights), transform_input, init_seed)
-    elif parsed.kind == "timm":
+    elif parsed.kind is BackboneKind.timm:
         bb = _timm_backbone(parsed.name, str(weights), init_seed)
     else:
-        bb = _model_file_backbone(Path(parsed.name), str(weights), exported=parsed.kind == "exported")
+        bb = _model_file_backbone(Path(parsed.name), str(weights), exported=parsed.kind is BackboneKind.exported)
     if transform_input is not None and bb.transform_input is None:
         raise DvmlError(f"`transform_input` applies to torchvision googlenet and inception_v3 only, not {bb.name}")
     if bb.name == "torchvision.googlenet":

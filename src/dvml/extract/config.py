@@ -140,13 +140,24 @@ class ExtractConfig:
 
 # --------------------------------------------------------------------------- spec parsing
 
+class BackboneKind(str, Enum):
+    """Where a backbone comes from."""
+
+    torchvision = "torchvision"  # a torchvision classification model, by name
+    timm = "timm"  # a timm model, by name (the optional extra)
+    exported = "exported"  # a torch.export .pt2 file
+    torchscript = "torchscript"  # a TorchScript file
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A parsed ``--backbone``: ``kind`` is ``torchvision``, ``timm``, ``exported`` (a ``.pt2`` file) or
-    ``torchscript``."""
+    """A parsed ``--backbone``: ``kind`` (:class:`BackboneKind`, or its value) and the model name or file path."""
 
-    kind: str
-    name: str  # model name, or the file path for torchscript
+    kind: BackboneKind
+    name: str  # model name, or the file path for a model file
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", BackboneKind(self.kind))
 
 
 def parse_spec(spec: str | Path) -> BackboneSpec:

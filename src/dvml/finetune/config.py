@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dvml.config_fields import IMAGES_PANEL, SCHEDULE_PANEL, option
 from dvml.errors import FieldError
-from dvml.extract.config import DEFAULT_BACKBONE, DEFAULT_WORKERS, check_image_options, parse_spec
+from dvml.extract.config import DEFAULT_BACKBONE, DEFAULT_WORKERS, BackboneKind, check_image_options, parse_spec
 from dvml.extract.registry import DatasetName, resolve_dataset
 from dvml.heads.config import (
     CONTROL_FIELDS,
@@ -123,7 +123,7 @@ class FinetuneConfig(HeadsConfig):
             raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
         check_image_options(self)
         s(self, "backbone", str(self.backbone))
-        if parse_spec(self.backbone).kind == "torchscript":
+        if parse_spec(self.backbone).kind is BackboneKind.torchscript:
             raise FieldError(f"`backbone` {self.backbone}: finetune trains torchvision or timm backbones; a "
                              "TorchScript file is for extraction (dvml extract)")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
