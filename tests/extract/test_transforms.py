@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dvml.extract.backbone import imagenet_preprocess
+from dvml.extract.backbone import load_backbone
 from dvml.extract.datasets import Sample
 from dvml.extract.transforms import BadImageError, ViewDataset, ViewSpec, load_rgb, resize_shorter
 
@@ -21,7 +21,7 @@ def test_against_torchvision_transforms(cub_sized_jpeg):
     """View 0, normalised on the device side, is exactly GoogLeNet_Weights.IMAGENET1K_V1.transforms()."""
     from torchvision.models import GoogLeNet_Weights
 
-    pre = imagenet_preprocess()
+    pre = load_backbone("googlenet", "none").preprocess
     assert (pre.resize, pre.crop) == (256, 224)
     ds = ViewDataset(cub_sized_jpeg.parent, [Sample("bird.jpg", 7)], "test", pre, ViewSpec(crop=224, test_flip=True))
     item = ds[0]
@@ -80,7 +80,7 @@ def test_bad_images_name_the_file(tmp_path, image_writer):
         with pytest.raises(BadImageError, match=msg) as err:
             load_rgb(tmp_path / name)
         assert str(tmp_path / name) in str(err.value)
-    ds = ViewDataset(tmp_path, [Sample("truncated.jpg", 0)], "train", imagenet_preprocess(), ViewSpec(crop=224,
-                                                                                                      train_views=2))
+    pre = load_backbone("googlenet", "none").preprocess
+    ds = ViewDataset(tmp_path, [Sample("truncated.jpg", 0)], "train", pre, ViewSpec(crop=224, train_views=2))
     item = ds[0]  # returned, not raised: the loop decides
     assert "truncated.jpg" in item["error"] and item["views"].shape == (2, 3, 224, 224)

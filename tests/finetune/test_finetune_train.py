@@ -54,10 +54,10 @@ def cli_args(root: Path, out: Path, **kw) -> list[str]:
 
 def _centre_batch(root: Path, crop: int, resize: int):
     """All training images, centre view, normalised, with 0-based labels: a fixed batch."""
-    from dvml.extract.backbone import imagenet_preprocess
+    from dvml.extract.backbone import load_backbone
 
     index = read_dataset("cub", root)
-    pre = imagenet_preprocess().with_sizes(resize, crop)
+    pre = load_backbone("googlenet", "none").preprocess.with_sizes(resize, crop)
     items = [ViewDataset(root, index.train, "train", pre, ViewSpec(crop=crop, train_views=1))[i]
              for i in range(len(index.train))]
     batch = collate_views(items)

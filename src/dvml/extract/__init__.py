@@ -8,8 +8,7 @@ Public API (also for end-to-end fine-tuning, which trains from the same images):
   ``.preprocess`` (:class:`Preprocess`), ``.feature_dim``, ``.name``, ``.weights``) for googlenet, any torchvision
   classifier, ``timm:NAME`` or a TorchScript file; :func:`save_torchscript` (a model + its preprocessing in one
   file), :func:`backbone_from_cache` (``backbone_from_cache(read_info(cache)).load()``: the network that wrote a
-  cache, with its preprocessing), :func:`build_backbone` (GoogLeNet-first spelling),
-  :func:`imagenet_preprocess`, :func:`imagenet_checkpoint_path`;
+  cache, with its preprocessing);
 * views: :func:`load_rgb`, :func:`resize_shorter`, :class:`ViewSpec`, :class:`ViewDataset`,
   :func:`collate_views`, :class:`BadImageError`;
 * the stage: :class:`ExtractConfig`, :func:`run` -> :class:`ExtractResult`;
@@ -22,8 +21,7 @@ from dvml._lazy import lazy_exports
 # imported on first use: importing a light submodule (e.g. a config) must not import torch
 __getattr__, __dir__ = lazy_exports(__name__, {
     "dvml.extract.backbone": ["BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone",
-        "Preprocess", "backbone_from_cache", "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess",
-        "load_backbone", "save_exported", "save_torchscript"],
+        "Preprocess", "backbone_from_cache", "load_backbone", "save_exported", "save_torchscript"],
     "dvml.extract.datasets": ["DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset",
         "read_folder", "read_inshop", "read_sop"],
     "dvml.extract.extractor": ["ExtractConfig", "ExtractResult", "FeatureModel", "run"],
@@ -34,8 +32,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = [
     "BACKBONE_NAME", "DEFAULT_BACKBONE", "FEATURE_DIM", "Backbone", "CacheBackbone", "Preprocess",
     "backbone_from_cache",
-    "build_backbone", "imagenet_checkpoint_path", "imagenet_preprocess", "load_backbone", "save_exported",
-    "save_torchscript",
+    "load_backbone", "save_exported", "save_torchscript",
     "DatasetIndex", "DatasetName", "Sample", "read_cars196", "read_cub", "read_dataset", "read_folder",
     "read_inshop", "read_sop", "ExtractConfig", "ExtractResult", "FeatureModel", "run", "BadImageError",
     "ViewDataset", "ViewSpec", "collate_views", "load_rgb", "resize_shorter",

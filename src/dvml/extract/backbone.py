@@ -153,21 +153,6 @@ def preprocess_from_options(resize: int | None, crop: int | None, mean, std,
                       interpolation=interpolation or "bilinear")
 
 
-def imagenet_preprocess() -> Preprocess:
-    """The preprocessing that belongs to ``GoogLeNet_Weights.IMAGENET1K_V1`` (read from its transforms())."""
-    from torchvision.models import GoogLeNet_Weights
-
-    return _tv_preprocess(GoogLeNet_Weights.IMAGENET1K_V1)
-
-
-def imagenet_checkpoint_path(name: str = "googlenet") -> Path:
-    """Where torchvision looks for (and downloads) the DEFAULT weights file of model ``name``."""
-    from torchvision.models import get_model_weights
-
-    filename = get_model_weights(name).DEFAULT.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
 @dataclass
 class Backbone:
     """A ready feature extractor. ``model(x)`` maps normalised (B, 3, crop, crop) to (B, ``feature_dim``).
@@ -598,12 +583,6 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, weights: str | Path = "im
     log.info("backbone %s, weights %s%s", bb.name, bb.weights,
              "" if bb.transform_input is None else f", transform_input={bb.transform_input}")
     return bb
-
-
-def build_backbone(weights: str | Path = "imagenet", *, transform_input: bool | None = None,
-                   init_seed: int = 0, backbone: str | Path = DEFAULT_BACKBONE) -> Backbone:
-    """:func:`load_backbone` with the weights first (GoogLeNet by default): the original entry point."""
-    return load_backbone(backbone, weights, transform_input=transform_input, init_seed=init_seed)
 
 
 @dataclass(frozen=True)
