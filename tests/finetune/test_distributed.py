@@ -123,6 +123,7 @@ def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tens
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    del ddp, emb, z3, g3, loss  # as finetune does: the DDP wrapper is gone before the group (see shutdown)
     shutdown(ctx)
 
 
