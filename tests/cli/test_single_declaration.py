@@ -230,30 +230,27 @@ def test_a_field_without_a_flag_is_reached_through_set_and_config(tmp_path, monk
 
 # -- the override path ----------------------------------------------------------------------------------------
 
-def _capture_fit(monkeypatch) -> list:
-    import dvml.heads
+def _capture(monkeypatch, module: str, name: str) -> list:
+    """Replace the training function ``module.name`` (fit, finetune) by one that records the config it is given;
+    returns the list of configs seen."""
+    import importlib
 
     seen: list = []
 
-    def fake_fit(cfg, callback=None):
+    def fake(cfg, callback=None):
         seen.append(cfg)
         return cfg.out
 
-    monkeypatch.setattr(dvml.heads, "fit", fake_fit, raising=False)
+    monkeypatch.setattr(importlib.import_module(module), name, fake, raising=False)
     return seen
+
+
+def _capture_fit(monkeypatch) -> list:
+    return _capture(monkeypatch, "dvml.heads", "fit")
 
 
 def _capture_finetune(monkeypatch) -> list:
-    import dvml.finetune
-
-    seen: list = []
-
-    def fake_finetune(cfg, callback=None):
-        seen.append(cfg)
-        return cfg.out
-
-    monkeypatch.setattr(dvml.finetune, "finetune", fake_finetune, raising=False)
-    return seen
+    return _capture(monkeypatch, "dvml.finetune", "finetune")
 
 
 def test_precedence_default_preset_config_file_set_and_flags(tmp_path, monkeypatch):

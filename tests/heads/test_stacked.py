@@ -65,17 +65,22 @@ def mismatches(stacked, one) -> list[str]:
     return bad
 
 
-@pytest.fixture(scope="module")
-def one_by_one(world, tmp_path_factory):
+def fit_one_by_one(world, root, cases, make_configs) -> dict:
+    """Each case's configs (``make_configs(path, root, loss, arm, "one")``) fitted one after another: (loss, arm) ->
+    their run directories."""
     path, train, test = world
-    root = tmp_path_factory.mktemp("one")
     out = {}
-    for loss, arm in CASES:
-        cfgs = configs(path, root, loss, arm, "one")
+    for loss, arm in cases:
+        cfgs = make_configs(path, root, loss, arm, "one")
         for c in cfgs:
             fit(c, train=train, test=test)
         out[(loss, arm)] = [c.out for c in cfgs]
     return out
+
+
+@pytest.fixture(scope="module")
+def one_by_one(world, tmp_path_factory):
+    return fit_one_by_one(world, tmp_path_factory.mktemp("one"), CASES, configs)
 
 
 @pytest.mark.parametrize(("loss", "arm"), CASES)

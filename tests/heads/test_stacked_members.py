@@ -16,9 +16,8 @@ from dvml.cache import load_split
 from dvml.extract.synth import SynthConfig, generate
 from dvml.heads.config import FitConfig
 from dvml.heads.stacked import StackedFit, fit_stacked, group_key
-from dvml.heads.train import fit
 
-from .test_stacked import mismatches  # the acceptance's tolerances, one definition
+from .test_stacked import fit_one_by_one, mismatches  # the acceptance's tolerances, one definition
 
 TERM_KEYS = ("kl", "recon", "metric_invariant", "metric_synthetic", "total")
 #: three trials of a study: each member its own lr, λ (both phases), reconstruction share and margin
@@ -58,15 +57,7 @@ def configs(path, root, loss, arm, tag) -> list[FitConfig]:
 
 @pytest.fixture(scope="module")
 def one_by_one(world, tmp_path_factory):
-    path, train, test = world
-    root = tmp_path_factory.mktemp("one")
-    out = {}
-    for loss, arm in CASES:
-        cfgs = configs(path, root, loss, arm, "one")
-        for c in cfgs:
-            fit(c, train=train, test=test)
-        out[(loss, arm)] = [c.out for c in cfgs]
-    return out
+    return fit_one_by_one(world, tmp_path_factory.mktemp("one"), CASES, configs)
 
 
 def test_the_searched_hyper_parameters_are_member_fields(world, tmp_path):
